@@ -1,0 +1,163 @@
+"""The ``kdcache`` command: a thin layer that parses options, calls the library, and turns errors
+into one line."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Any, Callable
+
+import click
+
+from kdcache import __version__
+from kdcache.errors import KdcacheError
+
+
+def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a KdcacheError (and a few OS errors a user causes) into ``Error: ...`` and exit 1."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KdcacheError as e:
+            raise click.ClickException(str(e)) from None
+        except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+            raise click.ClickException(f"{e.strerror}: {e.filename}") from None
+    return wrapper
+
+
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint=name) from None
+
+
+def _ints(text: str | None, name: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers", param_hint=name) from None
+
+
+data_root_option = click.option("--data-root", type=click.Path(file_okay=False), default=None,
+                                help="Where built-in datasets are looked for [default: $KDCACHE_DATA or ./data].")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="kdcache")
+def cli() -> None:
+    """Run a teacher once, cache its raw logits, distil any number of students from them.
+
+    \b
+    kdcache dump-logits --teacher runs/teacher --dataset mnist:train --out teacher.zarr
+    kdcache inspect teacher.zarr
+    kdcache train-student --dataset mnist:train --store teacher.zarr --student mlp:800,800 \\
+        --temperature 2,5,20 --out runs/students
+    """
+
+
+@cli.command("dump-logits")
+@click.option("--teacher", "teachers", multiple=True, required=True,
+              help="Model spec; repeat for an ensemble: mlp:1200,1200, pkg.mod:fn, a checkpoint or TorchScript file.")
+@click.option("--dataset", required=True, help="Dataset spec: mnist:train, synthetic:N, FILE.npz, pkg.mod:fn.")
+@click.option("--out", required=True, help="Store path: DIR.zarr, FILE.h5, or an fsspec URL.")
+@click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]), default=None,
+              help="Backend [default: from the suffix of --out].")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=512, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", show_default=True)
+@click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="DataLoader workers.")
+@click.option("--chunk-rows", type=click.IntRange(1), default=None, help="Rows per chunk [default: about 1 MB].")
+@click.option("--subset", default=None,
+              help="Transfer set: START:STOP, exclude-classes:C[,C], or an index file (.npy/.txt).")
+@click.option("--compression", type=click.Choice(["none", "zstd", "gzip"]), default="none", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace a complete store at --out.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
+@data_root_option
+@_friendly
+def dump_logits_cmd(**kw: Any) -> None:
+    """Run the teacher(s) once over a dataset and store their raw logits.
+
+    Killed at any point, the same command resumes from the chunks already written. Under
+    ``torchrun --nproc-per-node N --no-python kdcache dump-logits ...`` the ranks split the chunks.
+
+    \b
+    kdcache dump-logits --teacher runs/teacher --dataset mnist:train --out teacher.zarr
+    kdcache dump-logits --teacher a.safetensors --teacher b.safetensors --dataset mnist:train \\
+        --subset exclude-classes:3 --out ensemble.h5
+    """
+    from kdcache.dump import DumpConfig, dump_logits
+    kw["teachers"] = list(kw["teachers"])
+    kw["format"] = kw.pop("fmt")
+    summary = dump_logits(DumpConfig(**kw))
+    import os
+    if int(os.environ.get("RANK", "0")) == 0:
+        for line in summary.lines():
+            click.echo(line)
+
+
+@cli.command("inspect")
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]), default=None)
+@_friendly
+def inspect_cmd(store: str, as_json: bool, fmt: str | None) -> None:
+    """Show a store's manifest, size, completion and statistics of its logits.
+
+    \b
+    kdcache inspect teacher.zarr
+    kdcache inspect teacher.zarr --json | jq .accuracy
+    """
+    from kdcache.summary import format_inspect, inspect_store
+    info = inspect_store(store, fmt)
+    click.echo(json.dumps(info, indent=2) if as_json else format_inspect(info))
+
+
+@cli.command("verify")
+@click.argument("store")
+@click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]), default=None)
+@_friendly
+def verify_cmd(store: str, fmt: str | None) -> None:
+    """Check a store: complete, well-formed, finite, every chunk matching its sha256. Exit 0 only if so."""
+    from kdcache.store import open_store
+    s = open_store(store, fmt, allow_partial=True)
+    problems = s.verify()
+    s.close()
+    if problems:
+        raise click.ClickException(f"{store}: " + "; ".join(problems))
+    click.echo(f"{store}: ok ({s.manifest.num_samples} rows, {s.manifest.num_chunks} chunks verified)")
+
+
+@cli.command("convert")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default=None, help="[default: as SRC]")
+@click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]), default=None, help="Format of DST.")
+@click.option("--compression", type=click.Choice(["none", "zstd", "gzip"]), default=None)
+@click.option("--chunk-rows", type=click.IntRange(1), default=None)
+@click.option("--overwrite", is_flag=True)
+@_friendly
+def convert_cmd(src: str, dst: str, dtype: str | None, fmt: str | None, compression: str | None,
+                chunk_rows: int | None, overwrite: bool) -> None:
+    """Copy a store to another backend, dtype or codec, streaming block by block.
+
+    \b
+    kdcache convert teacher.zarr teacher.h5
+    kdcache convert teacher.h5 teacher-fp32.zarr --dtype float32
+    """
+    from kdcache.summary import convert_store
+    t = convert_store(src, dst, dtype, fmt, compression, overwrite, chunk_rows)
+    click.echo(f"wrote {dst} ({t.manifest.num_samples} rows, {t.manifest.dtype}, {t.format})")
+    t.close()
+
+
+def main() -> None:  # pragma: no cover - console entry point alias
+    cli(prog_name="kdcache")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(cli())

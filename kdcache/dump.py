@@ -1,0 +1,334 @@
+"""Stage one: run the teacher (or every member of an ensemble) once over a dataset and fill a store."""
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from kdcache.datasets import ResolvedDataset, get_batch, load_dataset
+from kdcache.distributed import DistInfo, init_distributed, resolve_device, shutdown
+from kdcache.errors import KdcacheError, SpecError
+from kdcache.specs import ResolvedModel, load_model
+from kdcache.store import LogitStore, Manifest, create_store, default_chunk_rows, detect_format, open_store
+from kdcache.subset import resolve_subset
+
+QUEUE_BATCHES = 8
+
+
+@dataclass
+class DumpConfig:
+    teachers: list[str]
+    dataset: str
+    out: str
+    format: str | None = None
+    dtype: str = "float16"
+    batch_size: int = 512
+    device: str = "auto"
+    amp: str = "off"
+    workers: int = 0
+    chunk_rows: int | None = None
+    subset: str | None = None
+    overwrite: bool = False
+    data_root: str | None = None
+    compression: str = "none"
+    progress: bool | None = None  # None: a bar when stderr is a terminal
+
+
+@dataclass
+class DumpSummary:
+    path: str
+    rows: int
+    rows_written: int
+    seconds: float
+    bytes_on_disk: int
+    member_accuracy: list[float | None] = field(default_factory=list)
+    ensemble_accuracy: float | None = None
+    resumed_chunks: int = 0
+
+    def lines(self) -> list[str]:
+        acc = ""
+        if self.ensemble_accuracy is not None:
+            per = ", ".join(f"{a:.4f}" for a in self.member_accuracy if a is not None)
+            acc = f"; teacher accuracy {self.ensemble_accuracy:.4f}" + (f" (members {per})" if len(self.member_accuracy) > 1 else "")
+        rate = self.rows_written / self.seconds if self.seconds > 0 else float("nan")
+        resumed = f", {self.resumed_chunks} chunks kept from an earlier run" if self.resumed_chunks else ""
+        return [f"wrote {self.rows_written} of {self.rows} rows to {self.path} in {self.seconds:.1f}s "
+                f"({rate:,.0f} rows/s, {self.bytes_on_disk / 1e6:.1f} MB on disk{resumed}){acc}"]
+
+
+class _Batches(Dataset):
+    """Map-style wrapper whose items are whole batches: index arrays in, ``(x, y, idx)`` out."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int, np.ndarray]) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+        chunk, pos, indices = item
+        x, y = get_batch(self.dataset, indices)
+        return chunk, pos, x, y
+
+
+class _ChunkBatches(Sampler):
+    """Batches cut from each chunk's start, so a chunk always sees the same batches (bitwise resume)."""
+
+    def __init__(self, rows: np.ndarray, chunks: list[int], chunk_rows: int, batch_size: int) -> None:
+        self.rows, self.chunks, self.chunk_rows, self.batch_size = rows, chunks, chunk_rows, batch_size
+
+    def __iter__(self) -> Iterator[tuple[int, int, np.ndarray]]:
+        for c in self.chunks:
+            start, stop = c * self.chunk_rows, min((c + 1) * self.chunk_rows, len(self.rows))
+            for a in range(start, stop, self.batch_size):
+                yield c, a - start, self.rows[a:min(a + self.batch_size, stop)]
+
+    def __len__(self) -> int:
+        return sum(-(-(min((c + 1) * self.chunk_rows, len(self.rows)) - c * self.chunk_rows) // self.batch_size)
+                   for c in self.chunks)
+
+
+class _Writer(threading.Thread):
+    """Assembles batches into chunks and writes them, so the teacher never waits on the disk."""
+
+    def __init__(self, store: LogitStore, rows: np.ndarray, num_members: int) -> None:
+        super().__init__(daemon=True, name="kdcache-writer")
+        self.store, self.rows = store, rows
+        self.q: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
+        self.error: BaseException | None = None
+        self.rows_written = 0
+        self.correct = np.zeros(num_members + 1, dtype=np.int64)
+        self.labelled = 0
+        self._parts: list[Any] = []
+
+    def put(self, item: Any) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.q.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def run(self) -> None:
+        try:
+            while (item := self.q.get()) is not None:
+                self._take(*item)
+        except BaseException as e:  # surfaced on the main thread by put() / finish()
+            self.error = e
+            while self.q.get() is not None:  # drain, so the producer never blocks
+                pass
+
+    def _take(self, chunk: int, pos: int, logits: torch.Tensor, labels: torch.Tensor,
+              event: Any, last: bool) -> None:
+        if event is not None:
+            event.synchronize()
+        self._parts.append((logits.numpy(), labels.numpy()))
+        if not last:
+            return
+        cr = self.store.manifest.chunk_rows
+        start = chunk * cr
+        z = np.concatenate([p[0] for p in self._parts])
+        y = np.concatenate([p[1] for p in self._parts])
+        self._parts = []
+        ids = self.rows[start:start + len(z)]
+        self.store.write_block(start, z, ids, y)
+        self.rows_written += len(z)
+        has = y >= 0
+        if has.any():
+            zl, yl = z[has].astype(np.float32), y[has]
+            self.correct[:-1] += (zl.argmax(-1) == yl[:, None]).sum(0)
+            self.correct[-1] += (_mean_prob(zl).argmax(-1) == yl).sum()
+            self.labelled += int(has.sum())
+
+    def finish(self) -> None:
+        self.q.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _mean_prob(z: np.ndarray) -> np.ndarray:
+    """The mean of the members' softmax at T=1. ``z``: ``[rows, members, classes]``."""
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return (e / e.sum(-1, keepdims=True)).mean(1)
+
+
+def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    if amp == "off":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    if dtype is None:
+        raise KdcacheError(f"--amp {amp!r}: use off, bf16 or fp16")
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _num_classes(members: list[ResolvedModel], dataset: ResolvedDataset, device: torch.device) -> int:
+    x, _ = get_batch(dataset.dataset, np.arange(min(2, len(dataset))))
+    counts = []
+    with torch.inference_mode():
+        for m in members:
+            out = m.module(x.to(device))
+            if out.ndim != 2:
+                raise SpecError(f"teacher {m.spec!r} returns shape {tuple(out.shape)}; a teacher must return "
+                                f"[batch, classes] logits")
+            counts.append(out.shape[1])
+    if len(set(counts)) > 1:
+        first = counts[0]
+        bad = next(i for i, c in enumerate(counts) if c != first)
+        raise SpecError(f"ensemble members disagree on the number of classes: teacher {members[bad].spec!r} "
+                        f"(member {bad}) gives {counts[bad]}, teacher {members[0].spec!r} gives {first}")
+    if dataset.num_classes is not None and counts[0] < dataset.num_classes:
+        raise SpecError(f"teacher {members[0].spec!r} gives {counts[0]} classes but dataset {dataset.spec!r} "
+                        f"has {dataset.num_classes}")
+    return counts[0]
+
+
+def prepare(cfg: DumpConfig, device: torch.device) -> tuple[ResolvedDataset, list[ResolvedModel], Manifest, np.ndarray]:
+    """Resolve the dataset, subset and teachers, and build the manifest the store must carry."""
+    if not cfg.teachers:
+        raise SpecError("give at least one --teacher")
+    dataset = load_dataset(cfg.dataset, cfg.data_root)
+    rows, subset_desc = resolve_subset(cfg.subset, dataset.dataset)
+    input_shape = dataset.input_shape
+    members = []
+    for spec in cfg.teachers:
+        m = load_model(spec, input_shape, dataset.num_classes)
+        m.module.eval().to(device)
+        members.append(m)
+    num_classes = _num_classes(members, dataset, device)
+    dtype = cfg.dtype
+    chunk_rows = cfg.chunk_rows or default_chunk_rows(len(members), num_classes, dtype)
+    names = dataset.class_names if dataset.class_names and len(dataset.class_names) == num_classes else None
+    described = []
+    for i, m in enumerate(members):
+        d = m.describe()
+        d["name"] = f"{i}:{d['name']}"
+        described.append(d)
+    manifest = Manifest(
+        num_samples=len(rows), num_classes=num_classes, num_members=len(members), dtype=dtype,
+        chunk_rows=chunk_rows, members=described,
+        dataset={**dataset.describe(), "subset": subset_desc}, compression=cfg.compression, class_names=names)
+    return dataset, members, manifest, rows
+
+
+def _rank_path(out: str, fmt: str, info: DistInfo) -> str:
+    """Where this rank writes: Zarr ranks share one store, HDF5 ranks other than 0 write a part file."""
+    if fmt == "zarr" or info.rank == 0:
+        return out
+    return f"{out}.rank{info.rank}-of-{info.world_size}.h5"
+
+
+def dump_logits(cfg: DumpConfig) -> DumpSummary:
+    """Fill ``cfg.out`` with the teachers' raw logits; resumes an interrupted dump of the same thing."""
+    t0 = time.perf_counter()
+    fmt = detect_format(cfg.out, cfg.format)
+    device = resolve_device(cfg.device)
+    info = init_distributed(device)
+    try:
+        dataset, members, manifest, rows = prepare(cfg, device)
+        path = _rank_path(cfg.out, fmt, info)
+        if fmt == "zarr":
+            if info.is_main:
+                store = create_store(path, manifest, fmt, overwrite=cfg.overwrite)
+            info.barrier()
+            if not info.is_main:
+                store = LogitStore(path, fmt, allow_partial=True, writable=True)
+        else:
+            store = create_store(path, manifest, fmt, overwrite=cfg.overwrite)
+        written = store.written_chunks()
+        mine = [c for c in range(manifest.num_chunks) if c % info.world_size == info.rank and not written[c]]
+        resumed = int(sum(written[c] for c in range(manifest.num_chunks) if c % info.world_size == info.rank))
+        writer = _Writer(store, rows, len(members))
+        writer.start()
+        sampler = _ChunkBatches(rows, mine, manifest.chunk_rows, cfg.batch_size)
+        loader = DataLoader(_Batches(dataset.dataset), sampler=sampler, batch_size=None, num_workers=cfg.workers,
+                            pin_memory=device.type == "cuda", persistent_workers=False,
+                            prefetch_factor=4 if cfg.workers else None)
+        show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+        bar = _progress(sum(min((c + 1) * manifest.chunk_rows, len(rows)) - c * manifest.chunk_rows for c in mine),
+                        show and info.is_main)
+        modules = [m.module for m in members]
+        try:
+            with torch.inference_mode(), _autocast(device, cfg.amp):
+                for chunk, pos, x, y in loader:
+                    x = x.to(device, non_blocking=True)
+                    logits = torch.stack([mod(x) for mod in modules], dim=1).float()
+                    event = None
+                    if device.type == "cuda":
+                        host = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=True)
+                        host.copy_(logits, non_blocking=True)
+                        event = torch.cuda.Event()
+                        event.record()
+                        logits = host
+                    last = pos + len(y) >= min(manifest.chunk_rows, len(rows) - chunk * manifest.chunk_rows)
+                    writer.put((chunk, pos, logits, y, event, last))
+                    bar.update(len(y))
+        finally:
+            bar.close()
+            writer.finish()
+        info.barrier()
+        if info.is_main:
+            if fmt == "hdf5" and info.enabled:
+                _merge_hdf5_parts(store, cfg.out, info.world_size)
+            store.mark_complete()
+        info.barrier()
+        accuracy = _gather_accuracy(writer, info)
+        nbytes = store.nbytes_on_disk()
+        store.close()
+        if fmt == "hdf5" and info.enabled and not info.is_main:
+            info.barrier()  # rank 0 has merged this part; now remove it
+            os.remove(path)
+        elif fmt == "hdf5" and info.enabled:
+            info.barrier()
+        return DumpSummary(cfg.out, len(rows), writer.rows_written, time.perf_counter() - t0, nbytes,
+                           accuracy[:-1], accuracy[-1], resumed)
+    finally:
+        shutdown(info)
+
+
+def _gather_accuracy(writer: _Writer, info: DistInfo) -> list[float | None]:
+    counts = torch.tensor(list(writer.correct) + [writer.labelled], dtype=torch.float64)
+    if info.enabled:
+        import torch.distributed as dist
+        dist.all_reduce(counts)
+    n = counts[-1].item()
+    return [float(c / n) if n else None for c in counts[:-1].tolist()]
+
+
+def _merge_hdf5_parts(store: LogitStore, out: str, world_size: int) -> None:
+    """Rank 0 copies every chunk the other ranks wrote into the final HDF5 file."""
+    for r in range(1, world_size):
+        part_path = f"{out}.rank{r}-of-{world_size}.h5"
+        part = open_store(part_path, "hdf5", allow_partial=True)
+        done = part.written_chunks() & ~store.written_chunks()
+        for c in np.flatnonzero(done):
+            a, b = part.manifest.chunk_range(int(c))
+            blk = part.read(a, b)
+            store.write_block(a, blk.logits, blk.sample_ids, blk.labels)
+        part.close()
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, show: bool) -> Any:
+    if not show:
+        return _NoBar()
+    from tqdm import tqdm
+    return tqdm(total=total, unit="rows", unit_scale=True, desc="dump-logits", file=sys.stderr)

@@ -1,0 +1,152 @@
+"""Model specs: ``mlp:1200,1200``, ``package.module:callable``, a kdcache checkpoint, a TorchScript file.
+
+Weights never load through pickle: checkpoints are safetensors with a JSON header describing the
+architecture, so a checkpoint written by ``train-student`` is accepted by ``--teacher`` and ``--student``.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from kdcache.errors import SpecError
+from kdcache.models import MLP
+
+CHECKPOINT_NAME = "model.safetensors"
+CHECKPOINT_KEY = "kdcache"
+
+
+@dataclass
+class ResolvedModel:
+    module: nn.Module
+    spec: str          # what the user passed
+    arch: str          # the architecture spec a checkpoint records (e.g. "mlp:800,800")
+    name: str
+
+    def describe(self) -> dict[str, str]:
+        return {"name": self.name, "spec": self.spec, "sha256": weights_sha256(self.module)}
+
+
+def import_callable(spec: str, what: str) -> Callable[..., Any]:
+    mod_name, _, attr = spec.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise SpecError(f"{what} spec {spec!r}: cannot import module {mod_name!r} ({e}); "
+                        f"is it installed or on PYTHONPATH?") from None
+    obj = mod
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise SpecError(f"{what} spec {spec!r}: module {mod_name!r} has no attribute {attr!r}")
+    if not callable(obj):
+        raise SpecError(f"{what} spec {spec!r}: {attr!r} is not callable")
+    return obj
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """sha256 of the state dict: names, dtypes, shapes and bytes, in key order."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k};{t.dtype};{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _build_arch(arch: str, input_shape: tuple[int, ...] | None, num_classes: int | None,
+                dropout: float, input_dropout: float = 0.0) -> nn.Module:
+    kind, _, rest = arch.partition(":")
+    if kind == "mlp":
+        if input_shape is None or num_classes is None:
+            raise SpecError(f"model spec {arch!r} takes its input and output sizes from the dataset, "
+                            f"and the dataset did not say its number of classes")
+        try:
+            hidden = [int(h) for h in rest.split(",") if h.strip()]
+        except ValueError:
+            raise SpecError(f"model spec {arch!r}: hidden sizes must be integers, e.g. mlp:1200,1200") from None
+        if any(h < 1 for h in hidden):
+            raise SpecError(f"model spec {arch!r}: hidden sizes must be positive")
+        return MLP(input_shape, hidden, num_classes, dropout, input_dropout)
+    if ":" in arch and "." in kind or kind.isidentifier() and rest:
+        model = import_callable(arch, "model")()
+        if not isinstance(model, nn.Module):
+            raise SpecError(f"model spec {arch!r} returned {type(model).__name__}, not a torch.nn.Module")
+        return model
+    raise SpecError(f"unknown model spec {arch!r}; use mlp:H1,H2,..., package.module:callable, "
+                    f"a kdcache checkpoint ({CHECKPOINT_NAME} or its run directory) or a TorchScript file")
+
+
+def load_model(spec: str, input_shape: tuple[int, ...] | None = None, num_classes: int | None = None,
+               dropout: float = 0.0, input_dropout: float = 0.0, seed: int = 0) -> ResolvedModel:
+    """Build (fresh, initialised from ``seed``) or load (checkpoint, TorchScript) the model a spec names."""
+    path = Path(spec)
+    if path.is_dir() and (path / CHECKPOINT_NAME).exists():
+        path = path / CHECKPOINT_NAME
+    if path.suffix == ".safetensors":
+        return load_checkpoint(path, spec)
+    if path.suffix in (".pt", ".pth", ".ts", ".torchscript", ".jit"):
+        if not path.exists():
+            raise SpecError(f"model file {spec!r} does not exist")
+        try:
+            module = torch.jit.load(str(path), map_location="cpu")
+        except Exception as e:
+            raise SpecError(f"{spec} is not a TorchScript file ({str(e).splitlines()[0]}); save models with "
+                            f"torch.jit.save, or use a kdcache checkpoint ({CHECKPOINT_NAME})") from None
+        return ResolvedModel(module, spec, spec, path.stem)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # a fresh built-in model is the same model on every run and rank
+        module = _build_arch(spec, input_shape, num_classes, dropout, input_dropout)
+    return ResolvedModel(module, spec, spec, spec)
+
+
+def save_checkpoint(module: nn.Module, path: str | os.PathLike, arch: str, input_shape: tuple[int, ...],
+                    num_classes: int, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``module``'s weights as safetensors with the architecture in the header."""
+    from safetensors.torch import save_file
+    from kdcache import __version__
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path / CHECKPOINT_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"arch": arch, "input_shape": list(input_shape), "num_classes": num_classes,
+            "kdcache_version": __version__, **(extra or {})}
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata={CHECKPOINT_KEY: json.dumps(meta)})
+    tmp.replace(path)
+    return path
+
+
+def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except FileNotFoundError:
+        raise SpecError(f"checkpoint {str(path)!r} does not exist") from None
+    except Exception as e:
+        raise SpecError(f"{path} is not a readable safetensors file ({e})") from None
+    if CHECKPOINT_KEY not in meta:
+        raise SpecError(f"{path} has no kdcache header; it was not written by kdcache train-student, "
+                        f"so its architecture is unknown: load it from your own package.module:callable")
+    return json.loads(meta[CHECKPOINT_KEY])
+
+
+def load_checkpoint(path: str | os.PathLike, spec: str | None = None) -> ResolvedModel:
+    from safetensors.torch import load_file
+    meta = read_checkpoint_meta(path)
+    module = _build_arch(meta["arch"], tuple(meta["input_shape"]), meta["num_classes"], meta.get("dropout", 0.0))
+    state = load_file(str(path))
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        raise SpecError(f"{path}: weights do not fit architecture {meta['arch']!r} ({str(e).splitlines()[0]})") from None
+    return ResolvedModel(module, spec or str(path), meta["arch"], Path(path).parent.name or meta["arch"])

@@ -1,0 +1,335 @@
+"""The logit store: format logic shared by every backend (create, resume, read, write, verify)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+
+from kdcache.errors import StoreError
+from kdcache.store.format import (ARRAYS, DIGEST_BYTES, FORMAT_VERSION, Manifest, chunk_digest)
+from kdcache.store.hdf5_store import HDF5Backend
+from kdcache.store.zarr_store import ZarrBackend
+
+BACKENDS = {"zarr": ZarrBackend, "hdf5": HDF5Backend}
+
+
+def detect_format(path: str, fmt: str | None = None) -> str:
+    """The backend for ``path``: ``fmt`` when given, else from the suffix."""
+    if fmt:
+        if fmt not in BACKENDS:
+            raise StoreError(f"unknown store format {fmt!r}; use zarr or hdf5")
+        return fmt
+    p = str(path).rstrip("/")
+    if p.endswith(".zarr"):
+        return "zarr"
+    if p.endswith((".h5", ".hdf5")):
+        return "hdf5"
+    if "://" in p:
+        return "zarr"
+    raise StoreError(f"cannot tell the format of store {str(path)!r} from its name; "
+                     f"end it in .zarr, .h5 or .hdf5, or pass --format zarr|hdf5")
+
+
+@dataclass
+class Block:
+    """Rows ``start:stop`` of a store. ``logits`` is ``[rows, members, classes]``."""
+
+    start: int
+    logits: np.ndarray
+    sample_ids: np.ndarray
+    labels: np.ndarray
+
+
+class LogitStore:
+    """An open logit store. Pickles as its path, so DataLoader workers reopen it themselves."""
+
+    def __init__(self, path: str, fmt: str | None = None, *, allow_partial: bool = False,
+                 writable: bool = False, _backend: Any = None) -> None:
+        self.path = str(path)
+        self.format = detect_format(self.path, fmt)
+        self.allow_partial = allow_partial
+        self.writable = writable
+        cls = BACKENDS[self.format]
+        if _backend is None:
+            if not cls.exists(self.path):
+                raise StoreError(f"store {self.path!r} does not exist; create it with `kdcache dump-logits`")
+            try:
+                _backend = cls(self.path, "r+" if writable else "r")
+            except StoreError:
+                raise
+            except Exception as e:
+                raise StoreError(f"{self.path}: cannot be opened as a {self.format} store ({e}); "
+                                 f"is it a kdcache store, and was it written completely?") from None
+        self._b = _backend
+        raw = self._b.read_manifest()
+        if raw is None:
+            raise StoreError(f"{self.path}: no {('kdcache')!r} manifest attribute; this is not a kdcache store "
+                             f"(or its creation was interrupted: re-dump with --overwrite)")
+        self.manifest = Manifest.from_dict(raw, self.path)
+        self._check_arrays()
+        if not self.manifest.complete and not allow_partial:
+            done = int(self.written_chunks().sum())
+            raise StoreError(
+                f"{self.path}: store is incomplete ({done} of {self.manifest.num_chunks} chunks written); "
+                f"run the same dump-logits command again to resume it, or accept a partial store explicitly")
+
+    # -- structure ---------------------------------------------------------------------------
+    def _expected(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        m = self.manifest
+        return {
+            "logits": ((m.num_samples, m.num_members, m.num_classes), m.dtype),
+            "sample_ids": ((m.num_samples,), "int64"),
+            "labels": ((m.num_samples,), "int64"),
+            "chunk_sha256": ((m.num_chunks, DIGEST_BYTES), "uint8"),
+        }
+
+    def _check_arrays(self) -> None:
+        for name, (shape, dtype) in self._expected().items():
+            if not self._b.has(name):
+                raise StoreError(f"{self.path}: array {name!r} is missing; the store is damaged, re-dump it")
+            a = self._b.array(name)
+            if tuple(a.shape) != shape or np.dtype(a.dtype) != np.dtype(dtype):
+                raise StoreError(f"{self.path}: array {name!r} has shape {tuple(a.shape)} {np.dtype(a.dtype)}, "
+                                 f"the manifest implies {shape} {dtype}; the store is damaged, re-dump it")
+
+    @property
+    def num_samples(self) -> int:
+        return self.manifest.num_samples
+
+    @property
+    def num_members(self) -> int:
+        return self.manifest.num_members
+
+    @property
+    def num_classes(self) -> int:
+        return self.manifest.num_classes
+
+    def __len__(self) -> int:
+        return self.manifest.num_samples
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (f"LogitStore({self.path!r}, {self.format}, {m.num_samples}x{m.num_members}x{m.num_classes} "
+                f"{m.dtype}, complete={m.complete})")
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "format": self.format, "allow_partial": self.allow_partial}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], state["format"], allow_partial=state["allow_partial"])
+
+    def close(self) -> None:
+        self._b.close()
+
+    def __enter__(self) -> "LogitStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def nbytes_on_disk(self) -> int:
+        return self._b.nbytes_on_disk()
+
+    # -- reading -----------------------------------------------------------------------------
+    def read(self, start: int, stop: int) -> Block:
+        """Rows ``start:stop`` in one call per array. Read large blocks: each call has a fixed cost."""
+        stop = min(stop, self.num_samples)
+        if not 0 <= start <= stop:
+            raise StoreError(f"{self.path}: rows {start}:{stop} are outside 0:{self.num_samples}")
+        return Block(start, self._b.read_into("logits", start, stop),
+                     self._b.read_into("sample_ids", start, stop), self._b.read_into("labels", start, stop))
+
+    def iter_blocks(self, block_rows: int | None = None) -> Iterator[Block]:
+        """Every row in order, in chunk-aligned blocks of about ``block_rows`` (default 8 chunks)."""
+        step = self._aligned(block_rows)
+        for start in range(0, self.num_samples, step):
+            yield self.read(start, start + step)
+
+    def _aligned(self, block_rows: int | None) -> int:
+        cr = self.manifest.chunk_rows
+        rows = block_rows or 8 * cr
+        return max(cr, rows // cr * cr)
+
+    def digests(self) -> np.ndarray:
+        return np.asarray(self._b.array("chunk_sha256")[:])
+
+    def written_chunks(self) -> np.ndarray:
+        """Bool per chunk: True once the chunk's rows and digest are written (a zero digest is unwritten)."""
+        return self.digests().any(axis=1)
+
+    # -- writing -----------------------------------------------------------------------------
+    def write_block(self, start: int, logits: np.ndarray, sample_ids: np.ndarray, labels: np.ndarray) -> None:
+        """Write whole chunks starting at row ``start``; a chunk's digest is written after its rows.
+
+        Non-finite logits are refused, naming the sample ids, before anything is written.
+        """
+        if not self.writable:
+            raise StoreError(f"{self.path}: opened read-only")
+        m = self.manifest
+        n = len(logits)
+        stop = start + n
+        if start % m.chunk_rows or (stop % m.chunk_rows and stop != m.num_samples) or stop > m.num_samples:
+            raise StoreError(f"{self.path}: block {start}:{stop} is not aligned to chunks of {m.chunk_rows} rows")
+        if logits.shape[1:] != (m.num_members, m.num_classes) or len(sample_ids) != n or len(labels) != n:
+            raise StoreError(f"{self.path}: block has logits {logits.shape}, {len(sample_ids)} ids and "
+                             f"{len(labels)} labels; expected [{n}, {m.num_members}, {m.num_classes}] and {n} each")
+        logits = np.ascontiguousarray(logits, dtype=m.dtype)
+        finite = np.isfinite(logits).reshape(n, -1).all(axis=1)
+        if not finite.all():
+            bad = np.asarray(sample_ids)[~finite]
+            shown = ", ".join(str(i) for i in bad[:10]) + (" ..." if len(bad) > 10 else "")
+            raise StoreError(f"non-finite teacher logits (NaN/inf, or too large for {m.dtype}) for "
+                             f"{len(bad)} sample(s), sample ids {shown}; check the teacher and its inputs"
+                             + ("" if m.dtype == "float32" else ", or dump with --dtype float32"))
+        sample_ids = np.ascontiguousarray(sample_ids, dtype=np.int64)
+        labels = np.ascontiguousarray(labels, dtype=np.int64)
+        self._b.array("logits")[start:stop] = logits
+        self._b.array("sample_ids")[start:stop] = sample_ids
+        self._b.array("labels")[start:stop] = labels
+        first = start // m.chunk_rows
+        digests = np.stack([
+            chunk_digest(logits[a:a + m.chunk_rows], sample_ids[a:a + m.chunk_rows], labels[a:a + m.chunk_rows])
+            for a in range(0, n, m.chunk_rows)])
+        self._b.flush()
+        self._b.array("chunk_sha256")[first:first + len(digests)] = digests
+        self._b.flush()
+
+    def mark_complete(self) -> None:
+        """Set ``complete`` once every chunk is written: the manifest is the last thing written."""
+        missing = np.flatnonzero(~self.written_chunks())
+        if len(missing):
+            raise StoreError(f"{self.path}: cannot mark complete, chunks {_ranges(missing)} are not written")
+        self.manifest.complete = True
+        self._b.write_manifest(self.manifest.to_dict())
+
+    def set_attrs(self, **fields: Any) -> None:
+        for k, v in fields.items():
+            setattr(self.manifest, k, v)
+        self._b.write_manifest(self.manifest.to_dict())
+
+    # -- verification ------------------------------------------------------------------------
+    def verify(self, block_rows: int | None = None) -> list[str]:
+        """Problems found by re-reading every chunk; an empty list means the store is sound."""
+        m = self.manifest
+        problems = []
+        if not m.complete:
+            problems.append("store is not marked complete")
+        written = self.written_chunks()
+        if not written.all():
+            problems.append(f"chunks {_ranges(np.flatnonzero(~written))} are not written")
+        stored = self.digests()
+        bad_digest, bad_finite = [], []
+        seen = np.zeros(0, dtype=np.int64)
+        ids_all = []
+        for block in self.iter_blocks(block_rows):
+            for a in range(0, len(block.logits), m.chunk_rows):
+                c = (block.start + a) // m.chunk_rows
+                sl = slice(a, a + m.chunk_rows)
+                if not written[c]:
+                    continue
+                if not np.array_equal(chunk_digest(block.logits[sl], block.sample_ids[sl], block.labels[sl]),
+                                      stored[c]):
+                    bad_digest.append(c)
+                if not np.isfinite(block.logits[sl]).all():
+                    bad_finite.append(c)
+            ids_all.append(block.sample_ids)
+        if bad_digest:
+            problems.append(f"chunks {_ranges(np.array(bad_digest))} do not match their stored sha256")
+        if bad_finite:
+            problems.append(f"chunks {_ranges(np.array(bad_finite))} hold non-finite logits")
+        if ids_all and written.all():
+            seen = np.concatenate(ids_all)
+            length = m.dataset.get("length")
+            if seen.min() < 0 or (length is not None and seen.max() >= length):
+                problems.append(f"sample_ids fall outside 0:{length}")
+            if len(np.unique(seen)) != len(seen):
+                problems.append("sample_ids repeat a sample")
+        return problems
+
+
+def _ranges(idx: np.ndarray) -> str:
+    """``[0,1,2,5]`` -> ``"0-2, 5"`` (at most a few ranges shown)."""
+    out, idx = [], sorted(int(i) for i in idx)
+    start = prev = idx[0]
+    for i in idx[1:] + [None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        out.append(str(start) if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ", ".join(out[:8]) + (f" (+{len(out) - 8} more ranges)" if len(out) > 8 else "")
+
+
+def open_store(path: str | os.PathLike, fmt: str | None = None, *, allow_partial: bool = False) -> LogitStore:
+    """Open a store for reading. Refuses incomplete stores unless ``allow_partial``."""
+    return LogitStore(str(path), fmt, allow_partial=allow_partial)
+
+
+def create_store(path: str | os.PathLike, manifest: Manifest, fmt: str | None = None, *,
+                 overwrite: bool = False) -> LogitStore:
+    """Create a store for ``manifest``, or reopen an incomplete one that holds the same thing.
+
+    A complete store at ``path`` is refused unless ``overwrite``; an incomplete one is resumed
+    when its identity matches ``manifest`` and refused otherwise. Something at ``path`` that is
+    not a kdcache store is never deleted.
+    """
+    path = str(path)
+    fmt = detect_format(path, fmt)
+    cls = BACKENDS[fmt]
+    if cls.exists(path):
+        try:
+            existing = LogitStore(path, fmt, allow_partial=True, writable=True)
+        except StoreError as e:
+            if _is_kdcache_leftover(cls, path):  # no manifest yet, so no chunk was written
+                cls.remove(path)
+                existing = None
+            else:
+                raise StoreError(f"{path} exists and is not a readable kdcache store ({e}); "
+                                 f"move it away or choose another --out") from None
+        if existing is not None:
+            if overwrite:
+                existing.close()
+                cls.remove(path)
+            elif existing.manifest.complete:
+                existing.close()
+                raise StoreError(f"{path} already holds a complete store; pass --overwrite to replace it "
+                                 f"or choose another --out")
+            else:
+                ours, theirs = manifest.identity(), existing.manifest.identity()
+                diff = [k for k in ours if ours[k] != theirs[k]]
+                if diff:
+                    existing.close()
+                    raise StoreError(
+                        f"{path} holds an incomplete store of something else (differs in {', '.join(diff)}); "
+                        f"pass --overwrite to start it again or choose another --out")
+                return existing
+    m = manifest
+    arrays = {
+        "logits": ((m.num_samples, m.num_members, m.num_classes), (m.chunk_rows, m.num_members, m.num_classes),
+                   m.dtype, 0),
+        "sample_ids": ((m.num_samples,), (m.chunk_rows,), "int64", -1),
+        "labels": ((m.num_samples,), (m.chunk_rows,), "int64", -1),
+        "chunk_sha256": ((m.num_chunks, DIGEST_BYTES), (1, DIGEST_BYTES), "uint8", 0),
+    }
+    backend = cls.create(path, arrays, m.compression)
+    m.complete = False
+    backend.write_manifest(m.to_dict())  # written after the arrays: a store with a manifest has all arrays
+    return LogitStore(path, fmt, allow_partial=True, writable=True, _backend=backend)
+
+
+def _is_kdcache_leftover(cls: Any, path: str) -> bool:
+    """True when ``path`` looks like a store whose creation was cut short (arrays, no manifest)."""
+    try:
+        b = cls(path, "r")
+    except Exception:
+        return False
+    try:
+        return not b.has_manifest() and any(b.has(a) for a in ARRAYS)
+    finally:
+        b.close()
+
+
+__all__ = ["Block", "LogitStore", "open_store", "create_store", "detect_format", "FORMAT_VERSION"]

@@ -1,0 +1,64 @@
+"""Transfer-set selection: which rows of a dataset a store (or a training run) covers."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdcache.datasets import get_batch
+from kdcache.errors import SpecError
+
+
+def dataset_labels(dataset: Any, block: int = 8192) -> np.ndarray:
+    labels = getattr(dataset, "labels", None)
+    if labels is not None:
+        return np.asarray(labels, dtype=np.int64)
+    n = len(dataset)
+    return np.concatenate([get_batch(dataset, np.arange(a, min(a + block, n)))[1].numpy()
+                           for a in range(0, n, block)]) if n else np.zeros(0, np.int64)
+
+
+def resolve_subset(spec: str | None, dataset: Any) -> tuple[np.ndarray, str | None]:
+    """Row indices and a canonical description for ``spec``.
+
+    ``None``: every row. ``START:STOP``: a range. ``exclude-classes:3[,5]``: rows whose label is not
+    listed (the paper's transfer set without 3s). ``FILE.npy`` / ``FILE.txt``: explicit indices, in order.
+    """
+    n = len(dataset)
+    if not spec:
+        return np.arange(n, dtype=np.int64), None
+    if spec.startswith("exclude-classes:"):
+        try:
+            classes = sorted({int(c) for c in spec.split(":", 1)[1].split(",") if c.strip()})
+        except ValueError:
+            raise SpecError(f"--subset {spec!r}: classes must be integers, e.g. exclude-classes:3") from None
+        labels = dataset_labels(dataset)
+        idx = np.flatnonzero(~np.isin(labels, classes)).astype(np.int64)
+        desc = f"exclude-classes:{','.join(map(str, classes))}"
+    elif spec.endswith((".npy", ".txt")):
+        path = Path(spec)
+        if not path.exists():
+            raise SpecError(f"--subset index file {spec!r} does not exist")
+        idx = (np.load(path, allow_pickle=False) if path.suffix == ".npy" else np.loadtxt(path, dtype=np.int64, ndmin=1))
+        idx = np.asarray(idx, dtype=np.int64).ravel()
+        import hashlib
+        desc = f"indices:{path.name}:sha256={hashlib.sha256(idx.tobytes()).hexdigest()[:16]}"
+        if len(np.unique(idx)) != len(idx):
+            raise SpecError(f"--subset index file {spec!r} repeats indices; each row may appear once")
+    elif ":" in spec:
+        a, _, b = spec.partition(":")
+        try:
+            start, stop = int(a or 0), int(b or n)
+        except ValueError:
+            raise SpecError(f"--subset {spec!r}: expected START:STOP, exclude-classes:C or an index file") from None
+        stop = min(stop, n)
+        idx = np.arange(start, stop, dtype=np.int64)
+        desc = f"range:{start}:{stop}"
+    else:
+        raise SpecError(f"--subset {spec!r}: expected START:STOP, exclude-classes:C[,C...] or an index file (.npy/.txt)")
+    if len(idx) == 0:
+        raise SpecError(f"--subset {spec!r} selects no rows of a dataset of {n}")
+    if idx.min() < 0 or idx.max() >= n:
+        raise SpecError(f"--subset {spec!r} has indices outside 0:{n}")
+    return idx, desc
