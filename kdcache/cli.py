@@ -100,6 +100,62 @@ def dump_logits_cmd(**kw: Any) -> None:
             click.echo(line)
 
 
+@cli.command("train-student")
+@click.option("--dataset", required=True, help="Training dataset spec (the one the store was dumped from).")
+@click.option("--student", required=True, help="Model spec: mlp:800,800, pkg.mod:fn, or a checkpoint to start from.")
+@click.option("--store", default=None, help="Logit store of the teacher; without it, plain supervised training.")
+@click.option("--out", required=True, help="Directory for the run (a sub-directory per run in a sweep).")
+@click.option("--temperature", "temperatures", default=None, help="T, or a list T1,T2,... for a sweep [default: 4].")
+@click.option("--alpha", "alphas", default=None,
+              help="Weight of the soft term, or a list [default: 0.9 with --store, 0 without].")
+@click.option("--seed", "seeds", default="0", show_default=True, help="Seed, or a list for a sweep.")
+@click.option("--ensemble", type=click.Choice(["mean-prob", "mean-logit"]), default="mean-prob", show_default=True)
+@click.option("--members", default=None, help="Use only these ensemble members, e.g. 0,2.")
+@click.option("--epochs", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True)
+@click.option("--lr", type=float, default=0.05, show_default=True)
+@click.option("--momentum", type=float, default=0.9, show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True)
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
+@click.option("--input-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
+@click.option("--jitter", type=click.IntRange(0), default=0, show_default=True,
+              help="Shift images by up to N pixels (teacher training only: not with --store).")
+@click.option("--subset", default=None, help="Train on part of the dataset (without --store).")
+@click.option("--eval-dataset", default=None, help="Dataset for test accuracy and error count after each epoch.")
+@click.option("--eval-store", default=None, help="Teacher logits on the eval dataset, for student-teacher agreement.")
+@click.option("--data-seed", type=int, default=0, show_default=True, help="Seed of the data order.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--workers", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace results already in --out.")
+@click.option("--progress/--no-progress", default=None, help="Progress bars [default: on a terminal].")
+@data_root_option
+@_friendly
+def train_student_cmd(**kw: Any) -> None:
+    """Train students from cached teacher logits, temperature applied at load time.
+
+    Lists of temperatures, alphas and seeds train one student per combination, all in one pass
+    over the stream. Under ``torchrun --nproc-per-node N --no-python kdcache train-student ...``
+    each rank streams its share of the store (DistributedDataParallel).
+
+    \b
+    kdcache train-student --dataset mnist:train --student mlp:1200,1200 --dropout 0.5 --jitter 2 \\
+        --eval-dataset mnist:test --out runs/teacher
+    kdcache train-student --dataset mnist:train --store teacher.zarr --student mlp:800,800 \\
+        --temperature 1,2,5,10,20 --eval-dataset mnist:test --out runs/distilled
+    """
+    import os
+    from kdcache.train import TrainConfig, format_table, train_students
+    kw["temperatures"] = _floats(kw["temperatures"], "--temperature") if kw["temperatures"] else None
+    kw["alphas"] = _floats(kw["alphas"], "--alpha") if kw["alphas"] else None
+    kw["seeds"] = _ints(kw["seeds"], "--seed")
+    kw["members"] = _ints(kw["members"], "--members")
+    results = train_students(TrainConfig(**kw))
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(format_table(results))
+
+
 @cli.command("inspect")
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")

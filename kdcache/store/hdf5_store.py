@@ -36,7 +36,11 @@ class HDF5Backend:
             raise StoreError("zstd is not available for HDF5 stores without a plugin; use gzip or none, or a .zarr store")
         self = cls(path, "w")
         for name, (shape, chunks, dtype, fill) in arrays.items():
-            kw = {"compression": "gzip", "compression_opts": 4} if compression == "gzip" and name == "logits" else {}
+            kw: dict[str, Any] = {}
+            if name == "logits" and compression == "gzip":
+                kw = {"compression": "gzip", "compression_opts": 4}
+            elif name in ("sample_ids", "labels"):
+                kw = {"compression": "lzf", "shuffle": True}  # built into h5py; ids compress to almost nothing
             self.file.create_dataset(name, shape=shape, chunks=chunks, dtype=dtype, fillvalue=fill, **kw)
         return self
 

@@ -1,0 +1,83 @@
+"""Temperature and the distillation loss, in exactly one place."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from kdcache.errors import KdcacheError
+
+ENSEMBLE_REDUCTIONS = ("mean-prob", "mean-logit")
+
+
+def teacher_log_probs(teacher_logits: torch.Tensor, temperature: float, ensemble: str = "mean-prob",
+                      members: Sequence[int] | None = None) -> torch.Tensor:
+    """Log soft targets ``log p_T`` from raw stored logits.
+
+    Args:
+        teacher_logits: ``[batch, members, classes]`` raw logits at T=1 (any float dtype).
+        temperature: T > 0; the logits are divided by it before the softmax.
+        ensemble: ``mean-prob`` (the paper's: the mean of the members' ``softmax(z/T)``) or
+            ``mean-logit`` (softmax of the members' mean logit over T: a geometric mean).
+        members: indices of the members to use; all when None.
+
+    Returns:
+        ``[batch, classes]`` float32 log-probabilities.
+    """
+    if temperature <= 0:
+        raise KdcacheError(f"temperature must be positive, got {temperature}")
+    if teacher_logits.ndim != 3:
+        raise KdcacheError(f"teacher_logits must be [batch, members, classes], got shape {tuple(teacher_logits.shape)}")
+    z = teacher_logits.float()
+    if members is not None:
+        bad = [m for m in members if not 0 <= m < z.shape[1]]
+        if bad or not members:
+            raise KdcacheError(f"members {list(members)} asked for, the store has members 0..{z.shape[1] - 1}")
+        z = z[:, list(members)]
+    if ensemble == "mean-prob":
+        logp = F.log_softmax(z / temperature, dim=-1)
+        return torch.logsumexp(logp, dim=1) - math.log(z.shape[1])
+    if ensemble == "mean-logit":
+        return F.log_softmax(z.mean(dim=1) / temperature, dim=-1)
+    raise KdcacheError(f"ensemble reduction {ensemble!r} is unknown; use one of {', '.join(ENSEMBLE_REDUCTIONS)}")
+
+
+def soft_targets(teacher_logits: torch.Tensor, temperature: float, ensemble: str = "mean-prob",
+                 members: Sequence[int] | None = None) -> torch.Tensor:
+    """``p_T`` ``[batch, classes]``: the probabilities of :func:`teacher_log_probs`."""
+    return teacher_log_probs(teacher_logits, temperature, ensemble, members).exp()
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
+                      temperature: float = 1.0, alpha: float = 0.0, ensemble: str = "mean-prob",
+                      members: Sequence[int] | None = None) -> torch.Tensor:
+    """``alpha * T^2 * KL(p_T(teacher) || p_T(student)) + (1 - alpha) * CE(student, label)``.
+
+    The ``T^2`` keeps the soft term's gradient the same size as T changes (Hinton et al. 2015, sec. 2).
+    The KL is averaged over the batch (``batchmean``); the cross-entropy over the rows that have a
+    label (label -1 rows contribute only the soft term).
+
+    Args:
+        student_logits: ``[batch, classes]``.
+        teacher_logits: ``[batch, members, classes]`` raw stored logits, or None when ``alpha`` is 0.
+        labels: ``[batch]`` int64, -1 where there is no label.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise KdcacheError(f"alpha must be in [0, 1], got {alpha}")
+    loss = student_logits.new_zeros(())
+    if alpha > 0:
+        if teacher_logits is None:
+            raise KdcacheError("alpha > 0 needs teacher logits: pass a store")
+        target = teacher_log_probs(teacher_logits, temperature, ensemble, members)
+        student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+        kl = F.kl_div(student, target, log_target=True, reduction="batchmean")
+        loss = loss + alpha * temperature ** 2 * kl
+    if alpha < 1:
+        labelled = labels >= 0
+        n = int(labelled.sum())
+        if n:
+            ce = F.cross_entropy(student_logits.float(), labels.clamp(min=0), reduction="none")
+            loss = loss + (1 - alpha) * (ce * labelled).sum() / n
+    return loss

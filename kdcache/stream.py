@@ -1,0 +1,155 @@
+"""Stage two's reading: stream a store paired with its dataset, shuffled by blocks then in a window."""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from kdcache.datasets import ResolvedDataset, fingerprint, get_batch
+from kdcache.errors import StoreError
+from kdcache.store import LogitStore, open_store
+
+DEFAULT_WINDOW_BYTES = 64 << 20
+MIN_BLOCKS = 64
+
+
+def check_pairing(store: LogitStore, dataset: Any, spec: str | None = None) -> None:
+    """Refuse a dataset that is not the one the store was dumped from (length, then fingerprint)."""
+    want = store.manifest.dataset
+    name = spec or getattr(dataset, "spec", None) or type(dataset).__name__
+    data = dataset.dataset if isinstance(dataset, ResolvedDataset) else dataset
+    if len(data) != want["length"]:
+        raise StoreError(
+            f"store {store.path!r} was written from {want['length']} samples of {want['spec']!r} but the dataset "
+            f"given ({name}) has {len(data)}; pass the dataset the store was dumped from")
+    fp = dataset.fingerprint if isinstance(dataset, ResolvedDataset) else fingerprint(data)
+    if fp != want["fingerprint"]:
+        raise StoreError(
+            f"store {store.path!r} was written from {want['spec']!r} with fingerprint {want['fingerprint'][:16]} "
+            f"but the dataset given ({name}) has fingerprint {fp[:16]}: different data, order or preprocessing; "
+            f"pass the dataset the store was dumped from, or dump a new store")
+
+
+def _shard() -> tuple[int, int]:
+    """(index, count) of this reader among DataLoader workers times torch.distributed ranks."""
+    rank, world = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    w = get_worker_info()
+    wid, nw = (w.id, w.num_workers) if w is not None else (0, 1)
+    return rank * nw + wid, world * nw
+
+
+class DistillStream(IterableDataset):
+    """Yields ``(inputs, labels, teacher_logits)`` batches for the rows of a store.
+
+    ``teacher_logits`` are the raw stored logits ``[batch, members, classes]`` (float32) of exactly
+    the samples in ``inputs``, matched through the store's ``sample_ids``. Each epoch reads the
+    store in blocks whose order is shuffled, then shuffles rows within a window of blocks held in
+    memory; the order depends only on ``seed`` and the epoch (``set_epoch``). Blocks are dealt
+    round-robin to DataLoader workers and torchrun ranks, so an epoch sees every row exactly once
+    over all of them. Use it with ``DataLoader(stream, batch_size=None)``.
+
+    Args:
+        store: a path or an open :class:`LogitStore`.
+        dataset: the dataset the store was dumped from (checked by length and fingerprint);
+            ``None`` yields ``(None, labels, teacher_logits)`` for label-free uses.
+        window_bytes: logits held in memory for the in-window shuffle (bounds memory).
+        return_ids: also yield the batch's dataset indices, as a fourth element.
+    """
+
+    def __init__(self, store: str | LogitStore, dataset: Any, batch_size: int = 128, *, shuffle: bool = True,
+                 seed: int = 0, drop_last: bool = False, block_rows: int | None = None,
+                 window_bytes: int = DEFAULT_WINDOW_BYTES, check: bool = True, return_ids: bool = False) -> None:
+        self.store = store if isinstance(store, LogitStore) else open_store(store)
+        m = self.store.manifest
+        if dataset is not None and check:
+            check_pairing(self.store, dataset)
+        self.dataset = dataset.dataset if isinstance(dataset, ResolvedDataset) else dataset
+        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        self.block_rows = block_rows or min(m.chunk_rows, max(1024, math.ceil(m.num_samples / MIN_BLOCKS)))
+        row_bytes = m.num_members * m.num_classes * (2 if m.dtype == "float16" else 4) + 16
+        self.window_blocks = max(1, window_bytes // (row_bytes * self.block_rows))
+        self.return_ids = return_ids
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def blocks(self, shard: int = 0, num_shards: int = 1) -> list[tuple[int, int]]:
+        """The ``(start, stop)`` row blocks this shard reads this epoch, in reading order."""
+        n = self.store.num_samples
+        starts = np.arange(0, n, self.block_rows)
+        if self.shuffle:
+            starts = np.random.default_rng([self.seed, self.epoch]).permutation(starts)
+        return [(int(s), int(min(s + self.block_rows, n))) for s in starts[shard::num_shards]]
+
+    def __len__(self) -> int:
+        shard, shards = _shard()
+        rows = sum(b - a for a, b in self.blocks(shard, shards))
+        return rows // self.batch_size if self.drop_last else math.ceil(rows / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Any, torch.Tensor, torch.Tensor]]:
+        shard, shards = _shard()
+        blocks = self.blocks(shard, shards)
+        rng = np.random.default_rng([self.seed, self.epoch, shard, 1])
+        carry: list[np.ndarray] | None = None
+        for w in range(0, len(blocks), self.window_blocks):
+            reads = [self.store.read(a, b) for a, b in blocks[w:w + self.window_blocks]]
+            z = np.concatenate([r.logits for r in reads])
+            ids = np.concatenate([r.sample_ids for r in reads])
+            y = np.concatenate([r.labels for r in reads])
+            if carry is not None:
+                z, ids, y = (np.concatenate([c, v]) for c, v in zip(carry, (z, ids, y)))
+            order = rng.permutation(len(z)) if self.shuffle else np.arange(len(z))
+            full = len(order) // self.batch_size * self.batch_size
+            for a in range(0, full, self.batch_size):
+                yield self._batch(z, ids, y, order[a:a + self.batch_size])
+            rest = order[full:]
+            carry = [z[rest], ids[rest], y[rest]]
+        if carry is not None and len(carry[0]) and not self.drop_last:
+            yield self._batch(*carry, np.arange(len(carry[0])))
+
+    def _batch(self, z: np.ndarray, ids: np.ndarray, y: np.ndarray, sel: np.ndarray) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        sid = ids[sel]
+        x = None if self.dataset is None else get_batch(self.dataset, sid)[0]
+        out = (x, torch.from_numpy(y[sel]), torch.from_numpy(z[sel].astype(np.float32)))
+        return (*out, torch.from_numpy(sid)) if self.return_ids else out
+
+
+class DatasetStream(IterableDataset):
+    """Plain supervised batches ``(inputs, labels, None)`` over ``indices`` of a dataset, sharded like
+    :class:`DistillStream` (ranks and workers), shuffled per epoch from ``seed``."""
+
+    def __init__(self, dataset: Any, batch_size: int = 128, *, indices: np.ndarray | None = None,
+                 shuffle: bool = True, seed: int = 0, drop_last: bool = False, return_ids: bool = False) -> None:
+        self.dataset = dataset.dataset if isinstance(dataset, ResolvedDataset) else dataset
+        self.return_ids = return_ids
+        self.indices = np.arange(len(self.dataset)) if indices is None else np.asarray(indices)
+        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _rows(self) -> np.ndarray:
+        shard, shards = _shard()
+        idx = self.indices
+        if self.shuffle:
+            idx = idx[np.random.default_rng([self.seed, self.epoch]).permutation(len(idx))]
+        return idx[shard::shards]
+
+    def __len__(self) -> int:
+        n = len(self._rows())
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, None]]:
+        rows = self._rows()
+        stop = len(rows) // self.batch_size * self.batch_size if self.drop_last else len(rows)
+        for a in range(0, stop, self.batch_size):
+            ids = rows[a:a + self.batch_size]
+            x, y = get_batch(self.dataset, ids)
+            yield (x, y, None, torch.from_numpy(ids)) if self.return_ids else (x, y, None)
