@@ -208,7 +208,7 @@ def prepare(cfg: DumpConfig, device: torch.device) -> tuple[ResolvedDataset, lis
         members.append(m)
     num_classes = _num_classes(members, dataset, device)
     dtype = cfg.dtype
-    chunk_rows = cfg.chunk_rows or default_chunk_rows(len(members), num_classes, dtype)
+    chunk_rows = cfg.chunk_rows or default_chunk_rows(len(members), num_classes, dtype, len(rows))
     names = dataset.class_names if dataset.class_names and len(dataset.class_names) == num_classes else None
     described = []
     for i, m in enumerate(members):

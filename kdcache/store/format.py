@@ -30,10 +30,17 @@ IDENTITY_FIELDS = (
 )
 
 
-def default_chunk_rows(num_members: int, num_classes: int, dtype: str) -> int:
-    """Rows per chunk so that one logits chunk is about 1 MB."""
+def default_chunk_rows(num_members: int, num_classes: int, dtype: str, num_samples: int | None = None) -> int:
+    """Rows per chunk so that one logits chunk is at most about 1 MB.
+
+    With ``num_samples`` the rows are spread evenly over the chunks, so the last chunk (which
+    both backends store at full size) is not mostly padding.
+    """
     row_bytes = num_members * num_classes * np.dtype(dtype).itemsize
-    return max(1, TARGET_CHUNK_BYTES // row_bytes)
+    rows = max(1, TARGET_CHUNK_BYTES // row_bytes)
+    if num_samples:
+        rows = -(-num_samples // -(-num_samples // rows))
+    return rows
 
 
 def _now() -> str:

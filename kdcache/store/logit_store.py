@@ -175,7 +175,8 @@ class LogitStore:
         if logits.shape[1:] != (m.num_members, m.num_classes) or len(sample_ids) != n or len(labels) != n:
             raise StoreError(f"{self.path}: block has logits {logits.shape}, {len(sample_ids)} ids and "
                              f"{len(labels)} labels; expected [{n}, {m.num_members}, {m.num_classes}] and {n} each")
-        logits = np.ascontiguousarray(logits, dtype=m.dtype)
+        with np.errstate(over="ignore"):  # an overflow to inf is reported below, by sample id
+            logits = np.ascontiguousarray(logits, dtype=m.dtype)
         finite = np.isfinite(logits).reshape(n, -1).all(axis=1)
         if not finite.all():
             bad = np.asarray(sample_ids)[~finite]
