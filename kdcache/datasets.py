@@ -155,8 +155,11 @@ def default_data_root() -> Path:
     return Path(os.environ.get("KDCACHE_DATA") or "data")
 
 
-def load_mnist(split: str, data_root: str | os.PathLike | None = None, download: bool = True) -> ArrayDataset:
-    """MNIST from ``mnist.npz`` or the four IDX files under ``data_root``; downloaded if absent and reachable."""
+def load_mnist(split: str, data_root: str | os.PathLike | None = None, download: bool | None = None) -> ArrayDataset:
+    """MNIST from ``mnist.npz`` or the four IDX files under ``data_root``; downloaded (md5-checked) if
+    absent and reachable, unless ``download`` is False or KDCACHE_NO_DOWNLOAD is set."""
+    if download is None:
+        download = not os.environ.get("KDCACHE_NO_DOWNLOAD")
     if split not in ("train", "test"):
         raise SpecError(f"MNIST has splits 'train' and 'test', not {split!r}; use mnist:train or mnist:test")
     root = Path(data_root) if data_root else default_data_root()

@@ -248,7 +248,7 @@ def dump_logits(cfg: DumpConfig) -> DumpSummary:
             store = create_store(path, manifest, fmt, overwrite=cfg.overwrite)
         written = store.written_chunks()
         mine = [c for c in range(manifest.num_chunks) if c % info.world_size == info.rank and not written[c]]
-        resumed = int(sum(written[c] for c in range(manifest.num_chunks) if c % info.world_size == info.rank))
+        resumed = int(written.sum()) if info.is_main else 0
         writer = _Writer(store, rows, len(members))
         writer.start()
         sampler = _ChunkBatches(rows, mine, manifest.chunk_rows, cfg.batch_size)
@@ -277,33 +277,33 @@ def dump_logits(cfg: DumpConfig) -> DumpSummary:
         finally:
             bar.close()
             writer.finish()
+        part = fmt == "hdf5" and info.enabled and not info.is_main
+        if part:
+            store.close()  # HDF5 locks open files: rank 0 can merge this part only once it is closed
         info.barrier()
         if info.is_main:
             if fmt == "hdf5" and info.enabled:
                 _merge_hdf5_parts(store, cfg.out, info.world_size)
             store.mark_complete()
-        info.barrier()
-        accuracy = _gather_accuracy(writer, info)
-        nbytes = store.nbytes_on_disk()
-        store.close()
-        if fmt == "hdf5" and info.enabled and not info.is_main:
-            info.barrier()  # rank 0 has merged this part; now remove it
+        accuracy, rows_written = _gather_counts(writer, info)  # a collective: every rank waits for the merge
+        if part:
             os.remove(path)
-        elif fmt == "hdf5" and info.enabled:
-            info.barrier()
-        return DumpSummary(cfg.out, len(rows), writer.rows_written, time.perf_counter() - t0, nbytes,
+        nbytes = store.nbytes_on_disk() if info.is_main else 0
+        store.close()
+        return DumpSummary(cfg.out, len(rows), rows_written, time.perf_counter() - t0, nbytes,
                            accuracy[:-1], accuracy[-1], resumed)
     finally:
         shutdown(info)
 
 
-def _gather_accuracy(writer: _Writer, info: DistInfo) -> list[float | None]:
-    counts = torch.tensor(list(writer.correct) + [writer.labelled], dtype=torch.float64)
+def _gather_counts(writer: _Writer, info: DistInfo) -> tuple[list[float | None], int]:
+    """Accuracy per member then for the ensemble, and rows written, summed over ranks."""
+    counts = torch.tensor(list(writer.correct) + [writer.labelled, writer.rows_written], dtype=torch.float64)
     if info.enabled:
         import torch.distributed as dist
         dist.all_reduce(counts)
-    n = counts[-1].item()
-    return [float(c / n) if n else None for c in counts[:-1].tolist()]
+    n = counts[-2].item()
+    return [float(c / n) if n else None for c in counts[:-2].tolist()], int(counts[-1].item())
 
 
 def _merge_hdf5_parts(store: LogitStore, out: str, world_size: int) -> None:

@@ -18,8 +18,9 @@ class HDF5Backend:
     def __init__(self, path: str, mode: str) -> None:
         import h5py
         self.path = path
-        # libver="latest" lifts the 64 KiB limit on attributes (long class_names lists).
-        self.file = h5py.File(path, {"r": "r", "r+": "r+", "w": "w"}[mode], libver="latest")
+        # The 1.8 format allows attributes over 64 KiB (long class_names lists). Newer formats add a
+        # "file is open for write" flag that a killed writer leaves set, which would block the resume.
+        self.file = h5py.File(path, {"r": "r", "r+": "r+", "w": "w"}[mode], libver=("v108", "v108"))
 
     @staticmethod
     def exists(path: str) -> bool:
