@@ -126,6 +126,8 @@ def dump_logits_cmd(**kw: Any) -> None:
 @click.option("--eval-dataset", default=None, help="Dataset for test accuracy and error count after each epoch.")
 @click.option("--eval-store", default=None, help="Teacher logits on the eval dataset, for student-teacher agreement.")
 @click.option("--data-seed", type=int, default=0, show_default=True, help="Seed of the data order.")
+@click.option("--sweep-dirs/--no-sweep-dirs", default=None,
+              help="One sub-directory per run [default: only when there are several runs].")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--workers", type=click.IntRange(0), default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace results already in --out.")
@@ -154,6 +156,51 @@ def train_student_cmd(**kw: Any) -> None:
     results = train_students(TrainConfig(**kw))
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(format_table(results))
+
+
+@cli.command("report")
+@click.argument("run_dirs", nargs=-1, required=True)
+@click.option("--out", default=None, help="Write the markdown here as well as to the terminal.")
+@click.option("--plot", "plot_path", default=None, help="PNG of test error against T (needs matplotlib).")
+@click.option("--role", "roles", multiple=True, help="ROLE=DIR for --paper: teacher, baseline, distilled.")
+@click.option("--paper", default=None, help="Put a paper's figures side by side: hinton-mnist.")
+@_friendly
+def report_cmd(run_dirs: tuple[str, ...], out: str | None, plot_path: str | None, roles: tuple[str, ...],
+               paper: str | None) -> None:
+    """A markdown table of runs (and a plot of test error against temperature).
+
+    \b
+    kdcache report runs/teacher runs/student runs/distilled --plot runs/report.png --out runs/report.md
+    """
+    from kdcache.report import write_report
+    role_map = {}
+    for r in roles:
+        k, sep, v = r.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{r!r} is not ROLE=DIR", param_hint="--role")
+        role_map[k] = v
+    click.echo(write_report(list(run_dirs), out, plot_path, role_map, paper))
+
+
+@cli.command("run")
+@click.argument("pipeline_file", metavar="PIPELINE.yaml")
+@click.option("--profile", default=None, help="A profile of the file, e.g. quick.")
+@click.option("--quick", is_flag=True, help="Same as --profile quick.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and the commands, run nothing.")
+@_friendly
+def run_cmd(pipeline_file: str, profile: str | None, quick: bool, dry_run: bool) -> None:
+    """Run a pipeline of kdcache commands; steps whose inputs did not change are skipped.
+
+    \b
+    kdcache run pipelines/mnist_hinton.yaml --quick
+    kdcache run pipelines/mnist_hinton.yaml --dry-run
+    """
+    from kdcache.pipeline import Runner, load_pipeline
+    if quick:
+        if profile and profile != "quick":
+            raise click.UsageError("--quick and --profile name different profiles; give one")
+        profile = "quick"
+    Runner(load_pipeline(pipeline_file, profile)).run(dry_run=dry_run, echo=click.echo)
 
 
 @cli.command("inspect")

@@ -15,14 +15,11 @@ class MLP(nn.Module):
     def __init__(self, input_shape: tuple[int, ...], hidden: list[int], num_classes: int,
                  dropout: float = 0.0, input_dropout: float = 0.0) -> None:
         super().__init__()
-        layers: list[nn.Module] = [nn.Flatten()]
-        if input_dropout:
-            layers.append(nn.Dropout(input_dropout))
+        # Dropout layers are always present (p may be 0) so that parameter names do not depend on it.
+        layers: list[nn.Module] = [nn.Flatten(), nn.Dropout(input_dropout)]
         width = math.prod(input_shape)
         for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
-            if dropout:
-                layers.append(nn.Dropout(dropout))
+            layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
             width = h
         layers.append(nn.Linear(width, num_classes))
         self.net = nn.Sequential(*layers)

@@ -57,6 +57,7 @@ class TrainConfig:
     eval_dataset: str | None = None
     eval_store: str | None = None
     data_seed: int = 0
+    sweep_dirs: bool | None = None            # a sub-directory per run; default: when there are several
     device: str = "auto"
     workers: int = 0
     data_root: str | None = None
@@ -216,9 +217,12 @@ def train_students(cfg: TrainConfig) -> list[dict[str, Any]]:
 def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[str, Any]]:
     out = Path(c.out)
     combos = list(itertools.product(c.temperatures, c.alphas, c.seeds))
-    sweep = len(combos) > 1
+    sweep = len(combos) > 1 if c.sweep_dirs is None else c.sweep_dirs
     if info.is_main:
-        existing = [p for p in [out / "config.json", out / "summary.json"] if p.exists()]
+        names = [_run_name(t, a, s, c) for t, a, s in combos]
+        existing = [p for p in [out / "config.json", *(out / n / "config.json" for n in names)] if p.exists()]
+        if not sweep and (out / "summary.json").exists():
+            existing.append(out / "summary.json")
         if existing and not c.overwrite:
             raise KdcacheError(f"{out} already holds training results ({existing[0].name}); pass --overwrite "
                                f"to replace them or choose another --out")
@@ -350,7 +354,14 @@ def _write_run(r: _Run, c: TrainConfig, arch: str, input_shape: tuple[int, ...],
 
 
 def _write_summary(out: Path, results: list[dict[str, Any]], c: TrainConfig) -> None:
+    """summary.json and summary.md of the runs in ``out``: runs trained earlier into the same sweep
+    directory (and not retrained now) are kept."""
     out.mkdir(parents=True, exist_ok=True)
+    old = out / "summary.json"
+    if old.exists():
+        new = {r["run"] for r in results}
+        kept = [r for r in json.loads(old.read_text()) if r["run"] not in new and Path(r["dir"]).exists()]
+        results = sorted(kept + results, key=lambda r: (r["temperature"] or 0, r["alpha"], r["seed"]))
     (out / "summary.json").write_text(json.dumps(results, indent=2))
     (out / "summary.md").write_text(format_table(results) + "\n")
 

@@ -1,0 +1,344 @@
+"""``kdcache run PIPELINE.yaml``: named steps, each one CLI command with its options, skipped when
+their inputs have not changed since they last ran."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+import yaml
+
+from kdcache.errors import ConfigError, KdcacheError
+
+TOP_KEYS = {"pipeline", "description", "vars", "profiles", "steps", "state_dir"}
+STEP_KEYS = {"name", "command", "with"}
+COMMANDS = ("train-student", "dump-logits", "report", "convert", "inspect", "verify")
+LIST_OPTIONS = {"temperatures", "alphas", "seeds", "members"}  # comma-separated on the command line
+REF = re.compile(r"\$\{(vars|steps)\.([A-Za-z0-9_-]+)(?:\.([A-Za-z0-9_-]+))?\}")
+
+
+@dataclass
+class Step:
+    name: str
+    command: str
+    options: dict[str, Any]
+    line: int
+    needs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Pipeline:
+    path: str
+    name: str
+    steps: list[Step]
+    state_dir: Path
+
+    def step(self, name: str) -> Step:
+        return next(s for s in self.steps if s.name == name)
+
+
+def _lines(node: Any, path: tuple = ()) -> dict[tuple, int]:
+    """(key path) -> 1-based line, from a composed YAML node tree."""
+    out = {path: node.start_mark.line + 1}
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            out.update(_lines(v, path + (k.value,)))
+            out[path + (k.value,)] = k.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            out.update(_lines(v, path + (i,)))
+    return out
+
+
+def _command(name: str) -> click.Command:
+    from kdcache.cli import cli
+    return cli.commands[name]
+
+
+def _params(cmd: click.Command) -> dict[str, click.Parameter]:
+    """Accepted option keys (``batch-size``, ``batch_size``, and ``temperature`` for ``temperatures``)."""
+    out: dict[str, click.Parameter] = {}
+    for p in cmd.params:
+        if p.name in ("help",):
+            continue
+        out[p.name] = p
+        for o in getattr(p, "opts", []):
+            out[o.lstrip("-").replace("-", "_")] = p
+    return out
+
+
+def load_pipeline(path: str, profile: str | None = None) -> Pipeline:
+    """Parse and validate a pipeline file; every error names the file, the key and the line."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"pipeline file {path!r} does not exist")
+    text = p.read_text()
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    lines = _lines(node) if node is not None else {}
+
+    def err(keys: tuple, msg: str) -> ConfigError:
+        line = next((lines[keys[:i]] for i in range(len(keys), -1, -1) if keys[:i] in lines), 1)
+        dotted = ".".join(str(k) if not isinstance(k, int) else f"[{k}]" for k in keys).replace(".[", "[")
+        return ConfigError(f"{path}:{line}: {dotted or 'file'}: {msg}")
+
+    if not isinstance(data, dict):
+        raise err((), "expected a mapping with 'pipeline' and 'steps'")
+    for k in data:
+        if k not in TOP_KEYS:
+            raise err((k,), f"unknown key; expected one of {', '.join(sorted(TOP_KEYS))}")
+    if not isinstance(data.get("pipeline"), str):
+        raise err(("pipeline",), "expected the pipeline's name, a string")
+    variables = dict(data.get("vars") or {})
+    if not isinstance(data.get("vars", {}), dict):
+        raise err(("vars",), "expected a mapping of names to values")
+    profiles = data.get("profiles") or {}
+    if profile:
+        if profile not in profiles:
+            raise ConfigError(f"{path}: no profile {profile!r}; the file has {', '.join(profiles) or 'none'}")
+        for k, v in (profiles[profile] or {}).items():
+            if k not in variables:
+                raise err(("profiles", profile, k), f"sets a variable that vars does not declare")
+            variables[k] = v
+    steps_raw = data.get("steps")
+    if not isinstance(steps_raw, list) or not steps_raw:
+        raise err(("steps",), "expected a non-empty list of steps")
+    steps: list[Step] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(steps_raw):
+        if not isinstance(raw, dict):
+            raise err(("steps", i), "expected a mapping with name, command and with")
+        for k in raw:
+            if k not in STEP_KEYS:
+                raise err(("steps", i, k), f"unknown key; expected one of {', '.join(sorted(STEP_KEYS))}")
+        name = raw.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            raise err(("steps", i, "name"), "expected a name of letters, digits, - and _")
+        if name in seen:
+            raise err(("steps", i, "name"), f"step {name!r} is defined twice")
+        command = raw.get("command")
+        if command not in COMMANDS:
+            raise err(("steps", i, "command"), f"{command!r} is not a step command; use one of {', '.join(COMMANDS)}")
+        cmd = _command(command)
+        params = _params(cmd)
+        opts_raw = raw.get("with") or {}
+        if not isinstance(opts_raw, dict):
+            raise err(("steps", i, "with"), "expected a mapping of option names to values")
+        needs: list[str] = []
+
+        def resolve(value: Any, keys: tuple) -> Any:
+            if isinstance(value, list):
+                return [resolve(v, keys) for v in value]
+            if not isinstance(value, str):
+                return value
+            whole = REF.fullmatch(value)
+            def sub(m: re.Match) -> Any:
+                kind, ref, attr = m.groups()
+                if kind == "vars":
+                    if ref not in variables:
+                        raise err(keys, f"refers to ${{vars.{ref}}}, which vars does not declare")
+                    return variables[ref]
+                if ref not in seen:
+                    later = any(isinstance(s, dict) and s.get("name") == ref for s in steps_raw)
+                    raise err(keys, f"refers to step {ref!r}, which is " + ("defined later; steps may only use "
+                              "earlier steps" if later else "not defined"))
+                if ref not in needs:
+                    needs.append(ref)
+                target = next(s for s in steps if s.name == ref)
+                key = attr or "out"
+                if key not in target.options:
+                    raise err(keys, f"refers to ${{steps.{ref}.{key}}}, but step {ref!r} has no option {key!r}")
+                return target.options[key]
+            if whole:
+                return sub(whole)
+            return REF.sub(lambda m: str(sub(m)), value)
+
+        options: dict[str, Any] = {}
+        for k, v in opts_raw.items():
+            keys = ("steps", i, "with", k)
+            param = params.get(str(k).replace("-", "_"))
+            if param is None:
+                known = sorted({o.lstrip("-") for p in cmd.params for o in getattr(p, "opts", []) if o != "--help"})
+                raise err(keys, f"{command} has no option {k!r}; known: {', '.join(known)}")
+            v = resolve(v, keys)
+            options[param.name] = _check_value(param, v, lambda m: err(keys, m))
+        for param in cmd.params:
+            if param.required and param.name not in options:
+                raise err(("steps", i, "with"), f"{command} needs {param.opts[0] if param.opts else param.name}")
+        steps.append(Step(name, command, options, lines.get(("steps", i), 1), needs))
+        seen.add(name)
+    state = Path(data.get("state_dir") or Path("runs") / ".pipeline" / data["pipeline"])
+    if profile:
+        state = state / profile
+    return Pipeline(str(path), data["pipeline"], steps, state)
+
+
+def _check_value(param: click.Parameter, value: Any, err: Callable[[str], ConfigError]) -> Any:
+    """Validate ``value`` with the click type the command itself uses; lists for repeatable and list options."""
+    if param.name in LIST_OPTIONS:
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if isinstance(item, (list, dict)) or (item is not None and not isinstance(item, (int, float)) and
+                                                  not re.fullmatch(r"[-+0-9.eE,]+", str(item))):
+                raise err(f"expected a number or a list of numbers, got {item!r}")
+        return items
+    if getattr(param, "multiple", False) or param.nargs == -1:
+        items = value if isinstance(value, list) else [value]
+        return [_convert(param, v, err) for v in items]
+    if isinstance(value, (list, dict)):
+        raise err(f"expected a single value, got {type(value).__name__}")
+    if getattr(param, "is_flag", False) and not getattr(param, "secondary_opts", None):
+        if not isinstance(value, bool):
+            raise err(f"expected true or false, got {value!r}")
+        return value
+    return _convert(param, value, err)
+
+
+def _convert(param: click.Parameter, value: Any, err: Callable[[str], ConfigError]) -> Any:
+    if isinstance(param.type, (click.types.IntParamType, click.types.FloatParamType)) and isinstance(value, bool):
+        raise err(f"expected a number, got {value!r}")
+    if isinstance(param.type, click.types.IntParamType) and isinstance(value, float):
+        raise err(f"expected an integer, got {value!r}")
+    if isinstance(param.type, click.types.StringParamType) and isinstance(value, (dict, list)):
+        raise err(f"expected a string, got {value!r}")
+    try:
+        return param.type.convert(value, param, None)
+    except click.BadParameter as e:
+        raise err(e.message) from None
+
+
+def argv(step: Step) -> list[str]:
+    """The command line a step runs (what ``--dry-run`` prints)."""
+    cmd = _command(step.command)
+    out = [step.command]
+    for p in cmd.params:
+        if p.name not in step.options:
+            continue
+        v = step.options[p.name]
+        if isinstance(p, click.Argument):
+            out += [str(x) for x in (v if isinstance(v, list) else [v])]
+            continue
+        opt = p.opts[0]
+        if p.name in LIST_OPTIONS:
+            out += [opt, ",".join(format(x, "g") if isinstance(x, float) else str(x) for x in v)]
+        elif getattr(p, "is_flag", False):
+            if p.secondary_opts:
+                out.append(opt if v else p.secondary_opts[0])
+            elif v:
+                out.append(opt)
+        elif getattr(p, "multiple", False):
+            for x in v:
+                out += [opt, str(x)]
+        else:
+            out += [opt, str(v)]
+    return out
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class Action:
+    step: Step
+    status: str              # "run", "rerun", "skip", "partial"
+    digest: str
+    base: str = ""           # the digest without the temperature list (train-student sweeps)
+    todo: list[float] | None = None  # temperatures still to train, for a partial sweep
+    detail: str = ""
+
+
+class Runner:
+    """Plans and runs a pipeline, keeping one stamp file per step under ``state_dir``."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.p = pipeline
+        self.digests: dict[str, str] = {}
+
+    def _stamp(self, step: Step) -> Path:
+        return self.p.state_dir / f"{step.name}.json"
+
+    def _read_stamp(self, step: Step) -> dict[str, Any] | None:
+        f = self._stamp(step)
+        return json.loads(f.read_text()) if f.exists() else None
+
+    def plan(self) -> list[Action]:
+        actions = []
+        changed: set[str] = set()
+        for step in self.p.steps:
+            opts = {k: v for k, v in step.options.items() if k != "temperatures"}
+            base = _digest({"command": step.command, "options": opts, "needs": [self.digests[n] for n in step.needs]})
+            temps = step.options.get("temperatures") if step.command == "train-student" else None
+            digest = _digest([base, temps])
+            self.digests[step.name] = digest
+            stamp = self._read_stamp(step)
+            out = step.options.get("out") or step.options.get("dst")
+            exists = out is not None and Path(str(out)).exists()
+            if step.command in ("report", "inspect", "verify"):
+                actions.append(Action(step, "run", digest, base, detail="always runs (cheap)"))
+                continue
+            if stamp is None:
+                if exists:
+                    raise KdcacheError(f"{self.p.path}: step {step.name!r}: {out} exists but this pipeline did not "
+                                       f"make it; move it away or change the step's out")
+                actions.append(Action(step, "run", digest, base))
+            elif temps and len(temps) > 0 and stamp.get("base") == base and exists:
+                done = set(stamp.get("temperatures", []))
+                todo = [t for t in temps if t not in done]
+                actions.append(Action(step, "partial" if todo else "skip", digest, base, todo or None,
+                                      f"new temperatures {', '.join(map(str, todo))}" if todo else "up to date"))
+            elif stamp.get("digest") == digest and exists:
+                actions.append(Action(step, "skip", digest, base, detail="up to date"))
+            else:
+                why = "its inputs changed" if stamp.get("digest") != digest else "its output is missing"
+                if set(step.needs) & changed:
+                    why = f"step {sorted(set(step.needs) & changed)[0]!r} reran"
+                actions.append(Action(step, "rerun", digest, base, detail=why))
+            if actions[-1].status != "skip":
+                changed.add(step.name)
+        return actions
+
+    def run(self, dry_run: bool = False, echo: Callable[[str], None] = print) -> list[Action]:
+        from kdcache.cli import cli
+        actions = self.plan()
+        for a in actions:
+            args = argv(a.step)
+            if a.status == "partial":
+                i = args.index("--temperature")
+                args[i + 1] = ",".join(format(float(t), "g") for t in a.todo)
+            if a.status in ("rerun",) and a.step.command in ("train-student", "dump-logits", "convert"):
+                args.append("--overwrite")
+            o = a.step.options
+            if a.step.command == "train-student" and (o.get("temperatures") or len(o.get("seeds") or []) > 1
+                                                      or len(o.get("alphas") or []) > 1):
+                args.append("--sweep-dirs")  # stable layout: adding a temperature later adds a directory
+            label = {"run": "run", "rerun": "rerun", "skip": "skip", "partial": "run part"}[a.status]
+            echo(f"[{a.step.name}] {label}" + (f" ({a.detail})" if a.detail else "") +
+                 ("" if a.status == "skip" else ": kdcache " + " ".join(args)))
+            if dry_run or a.status == "skip":
+                continue
+            t0 = time.perf_counter()
+            try:
+                cli.main(args=args, prog_name="kdcache", standalone_mode=False)
+            except click.ClickException as e:
+                raise KdcacheError(f"step {a.step.name!r} ({a.step.command}) failed: {e.format_message()}") from None
+            stamp: dict[str, Any] = {"digest": a.digest, "argv": args, "seconds": time.perf_counter() - t0,
+                                     "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            if a.step.command == "train-student":
+                old = self._read_stamp(a.step) or {}
+                temps = a.step.options.get("temperatures") or []
+                kept = old.get("temperatures", []) if a.status == "partial" else []
+                stamp.update(base=a.base, temperatures=sorted(set(kept) | set(temps)))
+            self.p.state_dir.mkdir(parents=True, exist_ok=True)
+            self._stamp(a.step).write_text(json.dumps(stamp, indent=2))
+        return actions

@@ -1,0 +1,121 @@
+"""``kdcache report``: a markdown table of runs and a plot of test error against temperature."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from kdcache.errors import KdcacheError
+
+PAPERS = {
+    "hinton-mnist": {
+        "title": "Hinton, Vinyals, Dean (2015), MNIST, test errors out of 10,000",
+        "rows": {"teacher": 67, "baseline": 146, "distilled": 74},
+        "labels": {"teacher": "teacher 784-1200-1200-10", "baseline": "student 784-800-800-10 alone",
+                   "distilled": "student 784-800-800-10 distilled"},
+    },
+}
+
+
+def collect_runs(dirs: list[str]) -> list[dict[str, Any]]:
+    """Every run under ``dirs``: a run directory (metrics.json) or a sweep (sub-directories of runs)."""
+    runs = []
+    for d in map(Path, dirs):
+        found = [d] if (d / "metrics.json").exists() else sorted(p.parent for p in d.glob("*/metrics.json"))
+        if not found:
+            raise KdcacheError(f"{d} holds no kdcache run (no metrics.json in it or its sub-directories); "
+                               f"pass the --out directory of train-student")
+        for r in found:
+            config = json.loads((r / "config.json").read_text())
+            metrics = json.loads((r / "metrics.json").read_text())
+            last = metrics[-1]
+            ident = config.get("store_identity") or {}
+            teacher = ", ".join(m["spec"] for m in ident.get("members", [])) or "-"
+            runs.append({
+                "dir": str(r), "group": str(d), "student": config["arch"], "teacher": teacher,
+                "distilled": bool(config.get("store")) and config["alpha"] > 0,
+                "temperature": config["temperature"] if config.get("store") else None, "alpha": config["alpha"],
+                "seed": config["seed"], "epochs": len(metrics), "test_errors": last.get("eval_errors"),
+                "test_accuracy": last.get("eval_accuracy"), "teacher_agreement": last.get("teacher_agreement"),
+                "wall_seconds": sum(m["seconds"] for m in metrics)})
+    runs.sort(key=lambda r: (dirs.index(r["group"]), r["temperature"] or 0, r["alpha"], r["seed"]))
+    return runs
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def markdown(runs: list[dict[str, Any]], roles: dict[str, str] | None = None, paper: str | None = None) -> str:
+    lines = ["| run | teacher | student | T | alpha | test errors | accuracy | agreement | epochs | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {r['dir']} | {r['teacher']} | {r['student']} | {_fmt(r['temperature'], 'g')} | "
+                     f"{r['alpha']:g} | {_fmt(r['test_errors'], 'd')} | {_fmt(r['test_accuracy'], '.4f')} | "
+                     f"{_fmt(r['teacher_agreement'], '.4f')} | {r['epochs']} | {r['wall_seconds']:.0f} |")
+    if paper:
+        if paper not in PAPERS:
+            raise KdcacheError(f"--paper {paper!r} is unknown; known: {', '.join(PAPERS)}")
+        ref = PAPERS[paper]
+        lines += ["", f"Side by side with {ref['title']}:", "",
+                  "| model | paper | kdcache (best run) | kdcache runs |", "|---|---|---|---|"]
+        for role, paper_errors in ref["rows"].items():
+            group = (roles or {}).get(role)
+            mine = [r for r in runs if group and (r["group"] == group or r["dir"] == group)
+                    and r["test_errors"] is not None]
+            best = min(mine, key=lambda r: r["test_errors"]) if mine else None
+            best_s = "-" if best is None else (f"{best['test_errors']}" + (
+                f" (T={best['temperature']:g})" if best["temperature"] is not None else "") + f", {best['epochs']} epochs")
+            every = ", ".join(f"T={r['temperature']:g}: {r['test_errors']}" if r["temperature"] is not None
+                              else str(r["test_errors"]) for r in mine) or "-"
+            lines.append(f"| {ref['labels'][role]} | {paper_errors} | {best_s} | {every} |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict[str, Any]], path: str) -> bool:
+    """Test error against temperature, one line per student architecture; False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    by_arch: dict[str, list[tuple[float, int]]] = {}
+    for r in runs:
+        if r["distilled"] and r["temperature"] is not None and r["test_errors"] is not None:
+            by_arch.setdefault(r["student"], []).append((r["temperature"], r["test_errors"]))
+    for arch, pts in sorted(by_arch.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=arch)
+    for r in runs:
+        if not r["distilled"] and r["test_errors"] is not None and r["teacher"] == "-":
+            ax.axhline(r["test_errors"], linestyle="--", linewidth=0.8, color="grey")
+            ax.annotate(f"{r['student']} (no distillation)", (ax.get_xlim()[0], r["test_errors"]), fontsize=7,
+                        va="bottom")
+    ax.set_xscale("log")
+    ax.set_xlabel("temperature T")
+    ax.set_ylabel("test errors")
+    ax.set_title("Distilled students: test error against temperature")
+    if by_arch:
+        ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_report(dirs: list[str], out: str | None, plot_path: str | None, roles: dict[str, str] | None = None,
+                 paper: str | None = None) -> str:
+    runs = collect_runs(dirs)
+    text = "# kdcache report\n\n" + markdown(runs, roles, paper) + "\n"
+    if plot_path:
+        if plot(runs, plot_path):
+            text += f"\n![test error against temperature]({Path(plot_path).name})\n"
+        else:
+            text += "\n(no plot: matplotlib is not installed; `pip install 'kdcache[plot]'` adds it)\n"
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+    return text
