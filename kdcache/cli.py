@@ -203,6 +203,32 @@ def run_cmd(pipeline_file: str, profile: str | None, quick: bool, dry_run: bool)
     Runner(load_pipeline(pipeline_file, profile)).run(dry_run=dry_run, echo=click.echo)
 
 
+@cli.command("bench")
+@click.option("--quick", is_flag=True, help="Small sizes, under a minute: checks that every benchmark runs.")
+@click.option("--json", "json_path", default=None, help="Write the results as JSON here.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--only", multiple=True,
+              type=click.Choice(["store_read", "dump", "train", "sweep", "online", "storage"]),
+              help="Run only these benchmarks (repeatable).")
+@data_root_option
+@_friendly
+def bench_cmd(quick: bool, json_path: str | None, device: str, only: tuple[str, ...], data_root: str | None) -> None:
+    """Time every stage side by side with its physical limit, and cached against online distillation.
+
+    Each benchmark alternates its two sides over several repetitions and reports medians and
+    their ratio. Uses MNIST from --data-root.
+
+    \b
+    kdcache bench --quick
+    kdcache bench --json bench.json
+    """
+    import os
+    from kdcache.bench import run_bench
+    if data_root:
+        os.environ["KDCACHE_DATA"] = data_root
+    run_bench(quick, list(only) or None, device, json_path, echo=click.echo)
+
+
 @cli.command("inspect")
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")

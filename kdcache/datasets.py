@@ -1,6 +1,7 @@
 """Built-in datasets, the dataset spec parser, and dataset fingerprints."""
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import os
@@ -165,8 +166,7 @@ def load_mnist(split: str, data_root: str | os.PathLike | None = None, download:
     root = Path(data_root) if data_root else default_data_root()
     npz = root / "mnist.npz"
     if npz.exists():
-        with np.load(npz, allow_pickle=False) as f:
-            return ArrayDataset(f[f"x_{split}"], f[f"y_{split}"])
+        return ArrayDataset(*_npz_arrays(str(npz.resolve()), npz.stat().st_mtime_ns, f"x_{split}", f"y_{split}"))
     prefix = "train" if split == "train" else "t10k"
     names = [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
     paths = []
@@ -180,6 +180,16 @@ def load_mnist(split: str, data_root: str | os.PathLike | None = None, download:
                 f"the four IDX files (e.g. {name}.gz) there, or pass --data-root / set KDCACHE_DATA")
         paths.append(found[0])
     return ArrayDataset(_read_idx(paths[0]), _read_idx(paths[1]))
+
+
+@functools.lru_cache(maxsize=4)
+def _npz_arrays(path: str, mtime_ns: int, *keys: str) -> tuple[np.ndarray, ...]:
+    """Decompressed arrays of an .npz, kept for the process (a pipeline opens MNIST once per step)."""
+    with np.load(path, allow_pickle=False) as f:
+        out = tuple(f[k] for k in keys)
+    for a in out:
+        a.setflags(write=False)
+    return out
 
 
 def _read_idx(path: Path) -> np.ndarray:

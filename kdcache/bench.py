@@ -1,0 +1,335 @@
+"""``kdcache bench``: every stage timed side by side with its physical limit, in one run.
+
+Each benchmark interleaves its two sides over several repetitions and reports medians and their
+ratio: these machines are noisy, so the ratio is what counts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from kdcache import __version__
+
+BENCHES = ("store_read", "dump", "train", "sweep", "online", "storage")
+
+
+@dataclass
+class Profile:
+    reps: int
+    read_rows: int
+    read_classes: int
+    mnist_rows: int
+    epochs: int
+    rss_rows: int
+    online_k: tuple[int, ...]
+
+
+QUICK = Profile(reps=3, read_rows=100_000, read_classes=100, mnist_rows=6_000, epochs=1, rss_rows=4_000,
+                online_k=(1, 4))
+FULL = Profile(reps=5, read_rows=1_000_000, read_classes=100, mnist_rows=60_000, epochs=1, rss_rows=20_000,
+               online_k=(1, 4, 16))
+
+
+def interleave(a: Callable[[], Any], b: Callable[[], Any], reps: int) -> tuple[float, float]:
+    """Median seconds of ``a`` and of ``b``, run alternately ``reps`` times after one warm-up each."""
+    a(), b()
+    ta, tb = [], []
+    for _ in range(reps):
+        t = time.perf_counter(); a(); ta.append(time.perf_counter() - t)
+        t = time.perf_counter(); b(); tb.append(time.perf_counter() - t)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def _quiet(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return fn
+
+
+# -- 1. store read ------------------------------------------------------------------------------
+def bench_store_read(p: Profile, work: Path) -> list[dict[str, Any]]:
+    from kdcache.store import Manifest, create_store, open_store
+    from kdcache.stream import DistillStream
+    n, c = p.read_rows, p.read_classes
+    rng = np.random.default_rng(0)
+    rows = []
+    variants = [("zarr", "float16", "none"), ("zarr", "float32", "none"), ("zarr", "float16", "zstd"),
+                ("hdf5", "float16", "none"), ("hdf5", "float32", "none"), ("hdf5", "float16", "gzip")]
+    for backend, dtype, codec in variants:
+        data = rng.normal(0, 3, (n, 1, c)).astype(dtype)
+        raw = work / f"raw-{dtype}.npy"
+        if not raw.exists():
+            np.save(raw, data)
+        path = str(work / f"read-{dtype}-{codec}.{'zarr' if backend == 'zarr' else 'h5'}")
+        m = Manifest(num_samples=n, num_classes=c, num_members=1, dtype=dtype, chunk_rows=4096, compression=codec,
+                     members=[{"name": "bench", "spec": "bench", "sha256": "0" * 64}],
+                     dataset={"spec": "bench", "name": "bench", "split": None, "length": n, "fingerprint": "0",
+                              "subset": None})
+        s = create_store(path, m, overwrite=True)
+        for a in range(0, n, 16 * 4096):
+            s.write_block(a, data[a:a + 16 * 4096], np.arange(a, min(a + 16 * 4096, n)), np.zeros(min(16 * 4096, n - a)))
+        s.mark_complete()
+        s.close()
+        store = open_store(path)
+        mm = np.load(raw, mmap_mode="r")
+        block = 16 * 4096
+
+        def read_store() -> None:
+            for a in range(0, n, block):
+                store.read(a, a + block)
+
+        def read_mm() -> None:
+            for a in range(0, n, block):
+                np.array(mm[a:a + block])
+
+        ts, tm = interleave(read_store, read_mm, p.reps)
+        stream = DistillStream(store, None, batch_size=1024, seed=0)
+
+        def read_stream() -> None:
+            for _ in stream:
+                pass
+
+        def mm_shuffled() -> None:
+            # the same bytes, the same block shuffle and window, from np.memmap: the ceiling for the stream
+            order = np.random.default_rng(0).permutation(np.arange(0, n, stream.block_rows))
+            for w in range(0, len(order), stream.window_blocks):
+                z = np.concatenate([np.array(mm[a:a + stream.block_rows]) for a in order[w:w + stream.window_blocks]])
+                perm = np.random.default_rng(1).permutation(len(z))
+                for a in range(0, len(z), 1024):
+                    torch.from_numpy(z[perm[a:a + 1024]].astype(np.float32))
+
+        tst, tms = interleave(read_stream, mm_shuffled, p.reps)
+        mb = data.nbytes / 1e6
+        rows.append({"backend": backend, "dtype": dtype, "compression": codec, "rows": n, "classes": c,
+                     "block_MBps": mb / ts, "memmap_MBps": mb / tm, "block_ratio": ts / tm,
+                     "stream_rows_per_s": n / tst, "memmap_stream_rows_per_s": n / tms, "stream_ratio": tst / tms})
+        store.close()
+    return rows
+
+
+# -- 2. dump -------------------------------------------------------------------------------------
+def bench_dump(p: Profile, work: Path, device: str) -> list[dict[str, Any]]:
+    from kdcache.dump import DumpConfig, _autocast, _Batches, _ChunkBatches, dump_logits, prepare
+    from kdcache.distributed import resolve_device
+    from torch.utils.data import DataLoader
+    dev = resolve_device(device)
+    out = []
+    for name, teachers in (("mnist 1200-1200", ["mlp:1200,1200"]), ("3-member ensemble", ["mlp:1200,1200"] * 3)):
+        cfg = DumpConfig(teachers=teachers, dataset="mnist:train", out=str(work / "dump.zarr"),
+                         subset=f"0:{p.mnist_rows}", overwrite=True, device=device, progress=False)
+        dataset, members, manifest, rows = prepare(cfg, dev)
+        modules = [m.module for m in members]
+
+        def bare() -> None:
+            sampler = _ChunkBatches(rows, list(range(manifest.num_chunks)), manifest.chunk_rows, cfg.batch_size)
+            loader = DataLoader(_Batches(dataset.dataset), sampler=sampler, batch_size=None,
+                                pin_memory=dev.type == "cuda")
+            with torch.inference_mode(), _autocast(dev, cfg.amp):
+                for _, _, x, _ in loader:
+                    z = torch.stack([mod(x.to(dev, non_blocking=True)) for mod in modules], 1).float().cpu()
+            del z
+
+        ta, tb = interleave(lambda: dump_logits(cfg), bare, p.reps)
+        out.append({"teacher": name, "rows": p.mnist_rows, "dump_s": ta, "bare_inference_s": tb, "ratio": ta / tb,
+                    "goal": 1.10})
+    return out
+
+
+def peak_rss(rows: int, work: Path, device: str) -> dict[str, Any]:
+    """Peak RSS of a dump-logits process over ``rows`` and ``10 * rows`` synthetic rows (O(1) dataset memory)."""
+    res = {}
+    for n in (rows, 10 * rows):
+        cmd = [sys.executable, "-m", "kdcache", "dump-logits", "--teacher", "mlp:512", "--dataset",
+               f"synthetic:n={n},dim=256,classes=1000", "--out", str(work / f"rss-{n}.zarr"), "--overwrite",
+               "--chunk-rows", "512", "--device", device, "--no-progress"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(proc.pid, 0)
+        if status != 0:
+            raise RuntimeError(f"rss dump failed: {proc.stderr.read().decode()[-500:]}")
+        res[n] = usage.ru_maxrss / 1024  # KiB -> MiB on Linux
+    return {"rows": list(res), "peak_rss_MiB": list(res.values()), "ratio_10N_over_N": res[10 * rows] / res[rows],
+            "store_MB_at_10N": 10 * rows * 1000 * 2 / 1e6}
+
+
+# -- 3/4. distilled training and sweeps --------------------------------------------------------
+def _teacher_store(p: Profile, work: Path, device: str) -> str:
+    from kdcache.dump import DumpConfig, dump_logits
+    path = str(work / "teacher.zarr")
+    dump_logits(DumpConfig(teachers=["mlp:1200,1200"], dataset="mnist:train", out=path, subset=f"0:{p.mnist_rows}",
+                           overwrite=True, device=device, progress=False))
+    return path
+
+
+def _train(work: Path, device: str, p: Profile, store: str | None, temps: list[float] | None, tag: str) -> None:
+    from kdcache.train import TrainConfig, train_students
+    train_students(TrainConfig(dataset="mnist:train", student="mlp:800,800", out=str(work / tag), store=store,
+                               temperatures=temps, subset=None if store else f"0:{p.mnist_rows}",
+                               epochs=p.epochs, device=device, overwrite=True, progress=False))
+
+
+def bench_train(p: Profile, work: Path, device: str, store: str) -> dict[str, Any]:
+    ta, tb = interleave(lambda: _train(work, device, p, store, [4.0], "distilled"),
+                        lambda: _train(work, device, p, None, None, "plain"), p.reps)
+    return {"student": "mlp:800,800", "rows": p.mnist_rows, "epochs": p.epochs, "distilled_s": ta,
+            "supervised_s": tb, "ratio": ta / tb, "goal": 1.10}
+
+
+def bench_sweep(p: Profile, work: Path, device: str, store: str, k: int = 4) -> dict[str, Any]:
+    temps = [1.0, 2.0, 5.0, 20.0][:k]
+
+    def separate() -> None:
+        for t in temps:
+            _train(work, device, p, store, [t], f"sep-{t:g}")
+
+    ta, tb = interleave(lambda: _train(work, device, p, store, temps, "sweep"), separate, max(1, p.reps - 1))
+    return {"students": k, "one_pass_s": ta, "separate_runs_s": tb, "ratio": ta / tb, "goal": "<= 1.0 (CPU)"}
+
+
+# -- 5. cached against online -------------------------------------------------------------------
+def _online(k: int, p: Profile, device: str) -> float:
+    """The way other libraries distil: each student its own run, the teacher in every step (no_grad)."""
+    from kdcache.datasets import load_dataset
+    from kdcache.distributed import resolve_device
+    from kdcache.losses import distillation_loss
+    from kdcache.specs import load_model
+    from kdcache.stream import DatasetStream
+    dev = resolve_device(device)
+    data = load_dataset("mnist:train")
+    teacher = load_model("mlp:1200,1200", (28, 28), 10).module.to(dev).eval()
+    t0 = time.perf_counter()
+    for s in range(k):
+        student = load_model("mlp:800,800", (28, 28), 10, seed=s).module.to(dev)
+        opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
+        stream = DatasetStream(data, 128, indices=np.arange(p.mnist_rows), seed=0)
+        for _ in range(p.epochs):
+            for x, y, _ in stream:
+                x, y = x.to(dev), y.to(dev)
+                with torch.no_grad():
+                    z = teacher(x)[:, None]
+                loss = distillation_loss(student(x), z, y, 4.0, 0.9)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    return time.perf_counter() - t0
+
+
+def bench_online(p: Profile, work: Path, device: str) -> dict[str, Any]:
+    from kdcache.dump import DumpConfig, dump_logits
+    rows = []
+    temps_all = [1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 14.0, 16.0, 18.0, 20.0, 25.0, 30.0]
+    for k in p.online_k:
+        def cached() -> None:
+            path = str(work / "online-teacher.zarr")
+            dump_logits(DumpConfig(teachers=["mlp:1200,1200"], dataset="mnist:train", out=path, overwrite=True,
+                                   subset=f"0:{p.mnist_rows}", device=device, progress=False))
+            _train(work, device, p, path, temps_all[:k], f"cached-{k}")
+        tc, to = interleave(cached, lambda: _online(k, p, device), 1 if k > 4 else max(1, p.reps - 1))
+        rows.append({"K": k, "cached_s": tc, "online_s": to, "ratio": tc / to})
+    # per-student costs from the two smallest K, and the K from which caching wins
+    (k1, c1, o1), (k2, c2, o2) = [(r["K"], r["cached_s"], r["online_s"]) for r in rows[:2]]
+    cached_per, online_per = (c2 - c1) / (k2 - k1), (o2 - o1) / (k2 - k1)
+    fixed = c1 - cached_per * k1
+    breakeven = None if online_per <= cached_per else max(1, int(np.ceil(fixed / (online_per - cached_per))))
+    if 16 not in [r["K"] for r in rows]:
+        rows.append({"K": 16, "cached_s": fixed + 16 * cached_per, "online_s": 16 * online_per,
+                     "ratio": (fixed + 16 * cached_per) / (16 * online_per), "extrapolated": True})
+    return {"teacher": "mlp:1200,1200 (784-1200-1200-10)", "student": "mlp:800,800 (784-800-800-10)",
+            "rows": p.mnist_rows, "epochs": p.epochs, "by_K": rows, "caching_wins_from_K": breakeven}
+
+
+# -- 6. storage ---------------------------------------------------------------------------------
+def bench_storage(p: Profile, work: Path, device: str) -> list[dict[str, Any]]:
+    """Bytes per sample on real logits of a briefly trained MNIST teacher."""
+    from kdcache.dump import DumpConfig, dump_logits
+    from kdcache.train import TrainConfig, train_students
+    teacher = work / "storage-teacher"
+    train_students(TrainConfig(dataset="mnist:train", student="mlp:1200,1200", out=str(teacher), epochs=1,
+                               subset=f"0:{p.mnist_rows}", device=device, overwrite=True, progress=False))
+    out = []
+    for fmt, dtype, codec in (("zarr", "float16", "none"), ("zarr", "float16", "zstd"), ("zarr", "float32", "none"),
+                              ("zarr", "float32", "zstd"), ("hdf5", "float16", "none"), ("hdf5", "float16", "gzip")):
+        path = work / f"storage-{dtype}-{codec}.{'zarr' if fmt == 'zarr' else 'h5'}"
+        s = dump_logits(DumpConfig(teachers=[str(teacher)], dataset="mnist:test", out=str(path), dtype=dtype,
+                                   compression=codec, overwrite=True, device=device, progress=False))
+        out.append({"backend": fmt, "dtype": dtype, "compression": codec, "rows": s.rows,
+                    "bytes_per_sample": s.bytes_on_disk / s.rows, "reference_C_x_M_x_2": 10 * 1 * 2})
+    return out
+
+
+def run_bench(quick: bool = False, only: list[str] | None = None, device: str = "auto",
+              json_path: str | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the benchmarks named in ``only`` (all by default), print a table each, return (and write) JSON."""
+    p = QUICK if quick else FULL
+    chosen = only or list(BENCHES)
+    unknown = [b for b in chosen if b not in BENCHES]
+    if unknown:
+        from kdcache.errors import KdcacheError
+        raise KdcacheError(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHES)}")
+    result: dict[str, Any] = {
+        "kdcache_version": __version__, "date": time.strftime("%Y-%m-%d"), "quick": quick, "device": device,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}}
+    t_all = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="kdcache-bench-") as tmp:
+        work = Path(tmp)
+        store = None
+        for name in chosen:
+            t0 = time.perf_counter()
+            if name == "store_read":
+                r: Any = bench_store_read(p, work)
+                echo(_table("store read: block reads and shuffled stream, against np.memmap of the same bytes", r,
+                            ["backend", "dtype", "compression", "block_MBps", "memmap_MBps", "block_ratio",
+                             "stream_rows_per_s", "memmap_stream_rows_per_s", "stream_ratio"]))
+            elif name == "dump":
+                r = {"ratio": bench_dump(p, work, device), "memory": peak_rss(p.rss_rows, work, device)}
+                echo(_table("dump-logits against a bare teacher-inference loop over the same DataLoader (goal <= 1.10)",
+                            r["ratio"], ["teacher", "rows", "dump_s", "bare_inference_s", "ratio"]))
+                mem = r["memory"]
+                echo(f"  peak RSS: {mem['peak_rss_MiB'][0]:.0f} MiB at {mem['rows'][0]} rows, "
+                     f"{mem['peak_rss_MiB'][1]:.0f} MiB at {mem['rows'][1]} rows (1000 classes; the 10N store is "
+                     f"{mem['store_MB_at_10N']:.0f} MB); ratio {mem['ratio_10N_over_N']:.2f}\n")
+            elif name in ("train", "sweep"):
+                store = store or _teacher_store(p, work, device)
+                r = bench_train(p, work, device, store) if name == "train" else bench_sweep(p, work, device, store)
+                title = ("distilled training from a store against plain supervised training (goal <= 1.10)"
+                         if name == "train" else "a sweep of 4 temperatures in one pass against 4 separate runs")
+                echo(_table(title, [r], list(r)))
+            elif name == "online":
+                r = bench_online(p, work, device)
+                echo(_table(f"cached (one dump + K students from the store) against online distillation "
+                            f"(teacher {r['teacher']}, student {r['student']}, {r['rows']} rows, {r['epochs']} epoch)",
+                            r["by_K"], ["K", "cached_s", "online_s", "ratio", "extrapolated"]))
+                echo(f"  caching wins from K = {r['caching_wins_from_K']}\n")
+            elif name == "storage":
+                r = bench_storage(p, work, device)
+                echo(_table("storage: bytes per sample on real MNIST teacher logits (10 classes, 1 member)", r,
+                            ["backend", "dtype", "compression", "bytes_per_sample", "reference_C_x_M_x_2"]))
+            result[name] = r
+            result.setdefault("seconds", {})[name] = time.perf_counter() - t0
+    result["total_seconds"] = time.perf_counter() - t_all
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _table(title: str, rows: list[dict[str, Any]], cols: list[str]) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:,.3f}" if abs(v) < 100 else f"{v:,.0f}"
+        return "-" if v is None else str(v)
+    cells = [[fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = [title, "  " + "  ".join(c.rjust(w) for c, w in zip(cols, widths))]
+    lines += ["  " + "  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines) + "\n"
