@@ -273,12 +273,18 @@ def load_dataset(spec: str, data_root: str | os.PathLike | None = None) -> Resol
         ds = _load_npz(path, rest or None)
         classes = int(ds.labels.max()) + 1 if ds.labels is not None and len(ds.labels) else None
         return ResolvedDataset(ds, spec, path.stem, rest or None, classes)
+    known = "use mnist:train, mnist:test, synthetic:N, a .npz file or package.module:callable"
     if rest and "." in name or (rest and name.isidentifier()):
         from kdcache.specs import import_callable
-        obj = import_callable(spec, "dataset")()
+        try:
+            fn = import_callable(spec, "dataset")
+        except SpecError:
+            if "." in name:
+                raise
+            raise SpecError(f"unknown dataset spec {spec!r} (and no module {name!r} to import); {known}") from None
+        obj = fn()
         if not hasattr(obj, "__getitem__") or not hasattr(obj, "__len__"):
             raise SpecError(f"{spec} returned {type(obj).__name__}, not a map-style Dataset with __len__ and __getitem__")
         classes = getattr(obj, "num_classes", None)
         return ResolvedDataset(obj, spec, name, None, classes, getattr(obj, "class_names", None))
-    raise SpecError(f"unknown dataset spec {spec!r}; use mnist:train, mnist:test, synthetic:N, a .npz file "
-                    f"or package.module:callable")
+    raise SpecError(f"unknown dataset spec {spec!r}; {known}")

@@ -1,0 +1,26 @@
+"""`kdcache bench --quick` runs every benchmark; its output is checked for shape, never for speed."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import run_kdcache
+
+
+@pytest.mark.slow
+def test_quick_bench_reports_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    p = run_kdcache("bench", "--quick", "--json", str(out))
+    r = json.loads(out.read_text())
+    assert r["quick"] is True
+    assert {row["backend"] for row in r["store_read"]} == {"zarr", "hdf5"}
+    assert all(row["block_ratio"] > 0 and row["stream_ratio"] > 0 for row in r["store_read"])
+    assert [row["teacher"] for row in r["dump"]["ratio"]] == ["mnist 1200-1200", "3-member ensemble"]
+    assert len(r["dump"]["memory"]["peak_rss_MiB"]) == 2
+    assert r["train"]["ratio"] > 0 and r["sweep"]["students"] == 4
+    assert [row["K"] for row in r["online"]["by_K"]] == [1, 4, 16]
+    assert {row["dtype"] for row in r["storage"]} == {"float16", "float32"}
+    for title in ("store read", "dump-logits against a bare", "distilled training", "a sweep of 4",
+                  "cached (one dump", "storage: bytes per sample"):
+        assert title in p.stdout
