@@ -88,17 +88,17 @@ def plot(runs: list[dict[str, Any]], path: str) -> bool:
     for arch, pts in sorted(by_arch.items()):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=arch)
+    styles = iter([":", "--", "-.", (0, (1, 3))] * 8)
     for r in runs:
-        if not r["distilled"] and r["test_errors"] is not None and r["teacher"] == "-":
-            ax.axhline(r["test_errors"], linestyle="--", linewidth=0.8, color="grey")
-            ax.annotate(f"{r['student']} (no distillation)", (ax.get_xlim()[0], r["test_errors"]), fontsize=7,
-                        va="bottom")
+        if not r["distilled"] and r["test_errors"] is not None:
+            ax.axhline(r["test_errors"], linestyle=next(styles), linewidth=1, color="grey",
+                       label=f"{r['student']} without distillation")
     ax.set_xscale("log")
     ax.set_xlabel("temperature T")
     ax.set_ylabel("test errors")
     ax.set_title("Distilled students: test error against temperature")
-    if by_arch:
-        ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
