@@ -75,6 +75,15 @@ def cli() -> None:
 @click.option("--subset", default=None,
               help="Transfer set: START:STOP, exclude-classes:C[,C], or an index file (.npy/.txt).")
 @click.option("--compression", type=click.Choice(["none", "zstd", "gzip"]), default="none", show_default=True)
+@click.option("--layout", type=click.Choice(["dense", "topk", "sampled"]), default="dense", show_default=True,
+              help="dense: every logit; topk: the k largest plus exact tail normalisers; sampled: ids drawn "
+                   "from the teacher (random-sampling KD).")
+@click.option("--k", type=click.IntRange(1), default=None, help="topk: logits kept per row and member.")
+@click.option("--temperatures", default=None,
+              help="Sparse layouts: temperatures served exactly [default: 1,2,4,8,20].")
+@click.option("--samples", type=click.IntRange(1, 65535), default=None, help="sampled: ids drawn per row.")
+@click.option("--sampling-temperature", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="sampled: seed of the draws.")
 @click.option("--overwrite", is_flag=True, help="Replace a complete store at --out.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
 @data_root_option
@@ -92,6 +101,7 @@ def dump_logits_cmd(**kw: Any) -> None:
     """
     from kdcache.dump import DumpConfig, dump_logits
     kw["teachers"] = list(kw["teachers"])
+    kw["temperatures"] = _floats(kw["temperatures"], "--temperatures") if kw["temperatures"] else None
     kw["format"] = kw.pop("fmt")
     summary = dump_logits(DumpConfig(**kw))
     import os
@@ -126,6 +136,8 @@ def dump_logits_cmd(**kw: Any) -> None:
 @click.option("--eval-dataset", default=None, help="Dataset for test accuracy and error count after each epoch.")
 @click.option("--eval-store", default=None, help="Teacher logits on the eval dataset, for student-teacher agreement.")
 @click.option("--data-seed", type=int, default=0, show_default=True, help="Seed of the data order.")
+@click.option("--allow-interpolation", is_flag=True,
+              help="Sparse stores: serve a temperature between grid points, interpolated (not exact).")
 @click.option("--sweep-dirs/--no-sweep-dirs", default=None,
               help="One sub-directory per run [default: only when there are several runs].")
 @click.option("--device", default="auto", show_default=True)
@@ -268,18 +280,30 @@ def verify_cmd(store: str, fmt: str | None) -> None:
 @click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]), default=None, help="Format of DST.")
 @click.option("--compression", type=click.Choice(["none", "zstd", "gzip"]), default=None)
 @click.option("--chunk-rows", type=click.IntRange(1), default=None)
+@click.option("--layout", type=click.Choice(["dense", "topk", "sampled"]), default=None,
+              help="Sparsify a dense store [default: as SRC].")
+@click.option("--k", type=click.IntRange(1), default=None)
+@click.option("--temperatures", default=None)
+@click.option("--samples", type=click.IntRange(1, 65535), default=None)
+@click.option("--sampling-temperature", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True)
 @_friendly
 def convert_cmd(src: str, dst: str, dtype: str | None, fmt: str | None, compression: str | None,
-                chunk_rows: int | None, overwrite: bool) -> None:
-    """Copy a store to another backend, dtype or codec, streaming block by block.
+                chunk_rows: int | None, layout: str | None, k: int | None, temperatures: str | None,
+                samples: int | None, sampling_temperature: float, seed: int, overwrite: bool) -> None:
+    """Copy a store to another backend, dtype, codec or (from dense) sparse layout, streaming.
 
     \b
     kdcache convert teacher.zarr teacher.h5
     kdcache convert teacher.h5 teacher-fp32.zarr --dtype float32
+    kdcache convert teacher.zarr teacher-top5.zarr --layout topk --k 5 --temperatures 1,2,4,8,20
     """
     from kdcache.summary import convert_store
-    t = convert_store(src, dst, dtype, fmt, compression, overwrite, chunk_rows)
+    temps = _floats(temperatures, "--temperatures") if temperatures else None
+    t = convert_store(src, dst, dtype, fmt, compression, overwrite, chunk_rows,
+                      layout=layout, k=k, temperatures=temps, samples=samples,
+                      sampling_temperature=sampling_temperature, seed=seed)
     click.echo(f"wrote {dst} ({t.manifest.num_samples} rows, {t.manifest.dtype}, {t.format})")
     t.close()
 

@@ -186,10 +186,7 @@ def load_mnist(split: str, data_root: str | os.PathLike | None = None, download:
 def _npz_arrays(path: str, mtime_ns: int, *keys: str) -> tuple[np.ndarray, ...]:
     """Decompressed arrays of an .npz, kept for the process (a pipeline opens MNIST once per step)."""
     with np.load(path, allow_pickle=False) as f:
-        out = tuple(f[k] for k in keys)
-    for a in out:
-        a.setflags(write=False)
-    return out
+        return tuple(f[k] for k in keys)  # shared: ArrayDataset only ever reads them
 
 
 def _read_idx(path: Path) -> np.ndarray:

@@ -40,6 +40,12 @@ class DumpConfig:
     overwrite: bool = False
     data_root: str | None = None
     compression: str = "none"
+    layout: str = "dense"
+    k: int | None = None                      # topk: entries kept per row and member
+    temperatures: list[float] | None = None   # sparse: grid of exact temperatures
+    samples: int | None = None                # sampled: draws per row and member
+    sampling_temperature: float = 1.0         # sampled: the T the ids are drawn at
+    seed: int = 0                             # sampled: draws are seeded per chunk from this
     progress: bool | None = None  # None: a bar when stderr is a terminal
 
 
@@ -102,6 +108,7 @@ class _Writer(threading.Thread):
 
     def __init__(self, store: LogitStore, rows: np.ndarray, num_members: int) -> None:
         super().__init__(daemon=True, name="kdcache-writer")
+        self.encode = layout_encoder(store.manifest)
         self.store, self.rows = store, rows
         self.q: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
         self.error: BaseException | None = None
@@ -142,7 +149,7 @@ class _Writer(threading.Thread):
         y = np.concatenate([p[1] for p in self._parts])
         self._parts = []
         ids = self.rows[start:start + len(z)]
-        self.store.write_block(start, z, ids, y)
+        self.store.write_block(start, self.encode(chunk, z), ids, y)
         self.rows_written += len(z)
         has = y >= 0
         if has.any():
@@ -156,6 +163,46 @@ class _Writer(threading.Thread):
         self.join()
         if self.error is not None:
             raise self.error
+
+
+def layout_encoder(m: Manifest) -> Any:
+    """``(chunk, dense logits [rows, members, classes])`` -> what the store's layout writes."""
+    p = m.layout_params
+    if m.layout == "dense":
+        return lambda chunk, z: z
+    from kdcache.sparse import sampled_rows, topk_rows
+    if m.layout == "topk":
+        return lambda chunk, z: topk_rows(torch.from_numpy(np.asarray(z, np.float32)), p["k"], p["temperatures"])
+
+    def sample(chunk: int, z: np.ndarray) -> dict[str, np.ndarray]:
+        g = torch.Generator().manual_seed(p["seed"] * 1_000_003 + chunk)  # the same draws on resume and any rank
+        return sampled_rows(torch.from_numpy(np.asarray(z, np.float32)), p["samples"], p["sampling_temperature"],
+                            p["temperatures"], g)
+    return sample
+
+
+def layout_params(layout: str, num_classes: int, k: int | None, temperatures: list[float] | None,
+                  samples: int | None, sampling_temperature: float, seed: int) -> dict[str, Any]:
+    """The manifest's ``layout_params`` for the dump options, with the defaults filled in."""
+    from kdcache.sparse import DEFAULT_TEMPERATURES
+    if layout == "dense":
+        if k or samples or temperatures:
+            raise SpecError("--k, --samples and --temperatures apply to --layout topk or sampled, not dense")
+        return {}
+    temps = sorted(set(float(t) for t in (temperatures or DEFAULT_TEMPERATURES)))
+    if layout == "topk":
+        if k is None:
+            raise SpecError("--layout topk needs --k, the number of logits kept per row")
+        if not 1 <= k <= num_classes:
+            raise SpecError(f"--k {k} but the teacher has {num_classes} classes; k must be between 1 and {num_classes}")
+        return {"k": k, "temperatures": temps}
+    if layout == "sampled":
+        if samples is None:
+            raise SpecError("--layout sampled needs --samples, the number of ids drawn per row")
+        # the sampling temperature joins the grid: re-weighting to another T needs its normaliser
+        return {"samples": samples, "sampling_temperature": float(sampling_temperature),
+                "temperatures": sorted(set(temps) | {float(sampling_temperature)}), "seed": seed}
+    raise SpecError(f"--layout {layout!r}: use dense, topk or sampled")
 
 
 def _mean_prob(z: np.ndarray) -> np.ndarray:
@@ -208,7 +255,8 @@ def prepare(cfg: DumpConfig, device: torch.device) -> tuple[ResolvedDataset, lis
         members.append(m)
     num_classes = _num_classes(members, dataset, device)
     dtype = cfg.dtype
-    chunk_rows = cfg.chunk_rows or default_chunk_rows(len(members), num_classes, dtype, len(rows))
+    params = layout_params(cfg.layout, num_classes, cfg.k, cfg.temperatures, cfg.samples, cfg.sampling_temperature,
+                           cfg.seed)
     names = dataset.class_names if dataset.class_names and len(dataset.class_names) == num_classes else None
     described = []
     for i, m in enumerate(members):
@@ -217,8 +265,10 @@ def prepare(cfg: DumpConfig, device: torch.device) -> tuple[ResolvedDataset, lis
         described.append(d)
     manifest = Manifest(
         num_samples=len(rows), num_classes=num_classes, num_members=len(members), dtype=dtype,
-        chunk_rows=chunk_rows, members=described,
+        chunk_rows=cfg.chunk_rows or 1, members=described, layout=cfg.layout, layout_params=params,
         dataset={**dataset.describe(), "subset": subset_desc}, compression=cfg.compression, class_names=names)
+    if not cfg.chunk_rows:
+        manifest.chunk_rows = default_chunk_rows(manifest.row_bytes(), len(rows))
     return dataset, members, manifest, rows
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +50,7 @@ def soft_targets(teacher_logits: torch.Tensor, temperature: float, ensemble: str
     return teacher_log_probs(teacher_logits, temperature, ensemble, members).exp()
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: Any, labels: torch.Tensor,
                       temperature: float = 1.0, alpha: float = 0.0, ensemble: str = "mean-prob",
                       members: Sequence[int] | None = None) -> torch.Tensor:
     """``alpha * T^2 * KL(p_T(teacher) || p_T(student)) + (1 - alpha) * CE(student, label)``.
@@ -61,7 +61,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
     Args:
         student_logits: ``[batch, classes]``.
-        teacher_logits: ``[batch, members, classes]`` raw stored logits, or None when ``alpha`` is 0.
+        teacher_logits: ``[batch, members, classes]`` raw stored logits, a batch of sparse targets
+            (:class:`kdcache.sparse.SparseTargets`, from a top-k or sampled store), or None when ``alpha`` is 0.
         labels: ``[batch]`` int64, -1 where there is no label.
     """
     if not 0.0 <= alpha <= 1.0:
@@ -70,9 +71,13 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     if alpha > 0:
         if teacher_logits is None:
             raise KdcacheError("alpha > 0 needs teacher logits: pass a store")
-        target = teacher_log_probs(teacher_logits, temperature, ensemble, members)
-        student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-        kl = F.kl_div(student, target, log_target=True, reduction="batchmean")
+        if isinstance(teacher_logits, torch.Tensor):
+            target = teacher_log_probs(teacher_logits, temperature, ensemble, members)
+            student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+            kl = F.kl_div(student, target, log_target=True, reduction="batchmean")
+        else:
+            from kdcache.sparse import sparse_kl
+            kl = sparse_kl(student_logits, teacher_logits.member(members), temperature)
         loss = loss + alpha * temperature ** 2 * kl
     if alpha < 1:
         labelled = labels >= 0

@@ -10,7 +10,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from kdcache.datasets import ResolvedDataset, fingerprint, get_batch
 from kdcache.errors import StoreError
-from kdcache.store import LogitStore, open_store
+from kdcache.store import Block, LogitStore, open_store
 
 DEFAULT_WINDOW_BYTES = 64 << 20
 MIN_BLOCKS = 64
@@ -47,7 +47,7 @@ class DistillStream(IterableDataset):
     """Yields ``(inputs, labels, teacher_logits)`` batches for the rows of a store.
 
     ``teacher_logits`` are the raw stored logits ``[batch, members, classes]`` (float32) of exactly
-    the samples in ``inputs``, matched through the store's ``sample_ids``. Each epoch reads the
+    the samples in ``inputs`` (for a top-k or sampled store, a :class:`kdcache.sparse.SparseTargets`), matched through the store's ``sample_ids``. Each epoch reads the
     store in blocks whose order is shuffled, then shuffles rows within a window of blocks held in
     memory; the order depends only on ``seed`` and the epoch (``set_epoch``). Blocks are dealt
     round-robin to DataLoader workers and torchrun ranks, so an epoch sees every row exactly once
@@ -59,11 +59,13 @@ class DistillStream(IterableDataset):
             ``None`` yields ``(None, labels, teacher_logits)`` for label-free uses.
         window_bytes: logits held in memory for the in-window shuffle (bounds memory).
         return_ids: also yield the batch's dataset indices, as a fourth element.
+        allow_interpolation: sparse stores only: serve temperatures between the grid's, interpolated.
     """
 
     def __init__(self, store: str | LogitStore, dataset: Any, batch_size: int = 128, *, shuffle: bool = True,
                  seed: int = 0, drop_last: bool = False, block_rows: int | None = None,
-                 window_bytes: int = DEFAULT_WINDOW_BYTES, check: bool = True, return_ids: bool = False) -> None:
+                 window_bytes: int = DEFAULT_WINDOW_BYTES, check: bool = True, return_ids: bool = False,
+                 allow_interpolation: bool = False) -> None:
         self.store = store if isinstance(store, LogitStore) else open_store(store)
         m = self.store.manifest
         if dataset is not None and check:
@@ -71,9 +73,11 @@ class DistillStream(IterableDataset):
         self.dataset = dataset.dataset if isinstance(dataset, ResolvedDataset) else dataset
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.block_rows = block_rows or min(m.chunk_rows, max(1024, math.ceil(m.num_samples / MIN_BLOCKS)))
-        row_bytes = m.num_members * m.num_classes * (2 if m.dtype == "float16" else 4) + 16
+        row_bytes = sum(int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
+                        for name, (shape, _, dtype, _) in m.arrays().items() if name != "chunk_sha256")
         self.window_blocks = max(1, window_bytes // (row_bytes * self.block_rows))
         self.return_ids = return_ids
+        self.allow_interpolation = allow_interpolation
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -92,32 +96,39 @@ class DistillStream(IterableDataset):
         rows = sum(b - a for a, b in self.blocks(shard, shards))
         return rows // self.batch_size if self.drop_last else math.ceil(rows / self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[Any, torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
         shard, shards = _shard()
         blocks = self.blocks(shard, shards)
         rng = np.random.default_rng([self.seed, self.epoch, shard, 1])
-        carry: list[np.ndarray] | None = None
+        carry = None
         for w in range(0, len(blocks), self.window_blocks):
             reads = [self.store.read(a, b) for a, b in blocks[w:w + self.window_blocks]]
-            z = np.concatenate([r.logits for r in reads])
-            ids = np.concatenate([r.sample_ids for r in reads])
-            y = np.concatenate([r.labels for r in reads])
             if carry is not None:
-                z, ids, y = (np.concatenate([c, v]) for c, v in zip(carry, (z, ids, y)))
-            order = rng.permutation(len(z)) if self.shuffle else np.arange(len(z))
+                reads.insert(0, carry)
+            window = Block(0, {k: np.concatenate([r.data[k] for r in reads]) for k in reads[0].data},
+                           np.concatenate([r.sample_ids for r in reads]), np.concatenate([r.labels for r in reads]))
+            order = rng.permutation(len(window)) if self.shuffle else np.arange(len(window))
             full = len(order) // self.batch_size * self.batch_size
             for a in range(0, full, self.batch_size):
-                yield self._batch(z, ids, y, order[a:a + self.batch_size])
-            rest = order[full:]
-            carry = [z[rest], ids[rest], y[rest]]
-        if carry is not None and len(carry[0]) and not self.drop_last:
-            yield self._batch(*carry, np.arange(len(carry[0])))
+                yield self._batch(window, order[a:a + self.batch_size])
+            carry = window.rows(order[full:])
+        if carry is not None and len(carry) and not self.drop_last:
+            yield self._batch(carry, np.arange(len(carry)))
 
-    def _batch(self, z: np.ndarray, ids: np.ndarray, y: np.ndarray, sel: np.ndarray) -> tuple[Any, torch.Tensor, torch.Tensor]:
-        sid = ids[sel]
+    def _batch(self, window: Block, sel: np.ndarray) -> tuple[Any, ...]:
+        sid = window.sample_ids[sel]
         x = None if self.dataset is None else get_batch(self.dataset, sid)[0]
-        out = (x, torch.from_numpy(y[sel]), torch.from_numpy(z[sel].astype(np.float32)))
+        out = (x, torch.from_numpy(window.labels[sel]), self._targets(window, sel))
         return (*out, torch.from_numpy(sid)) if self.return_ids else out
+
+    def _targets(self, window: Block, sel: np.ndarray) -> Any:
+        """Dense: raw logits ``[batch, members, classes]`` float32. Sparse: :class:`SparseTargets`."""
+        m = self.store.manifest
+        d = window.data
+        if m.layout == "dense":
+            return torch.from_numpy(d["logits"][sel].astype(np.float32))
+        from kdcache.sparse import targets_from_arrays
+        return targets_from_arrays(m, {k: v[sel] for k, v in d.items()}, self.allow_interpolation, self.store.path)
 
 
 class DatasetStream(IterableDataset):

@@ -1,12 +1,13 @@
 """What ``kdcache inspect`` and ``convert`` compute, streaming over a store's blocks."""
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
 
 from kdcache.errors import StoreError
-from kdcache.store import LogitStore, Manifest, create_store, open_store
+from kdcache.store import LogitStore, Manifest, create_store, default_chunk_rows, open_store
 
 ENTROPY_TEMPERATURES = (1.0, 2.0, 4.0, 10.0, 20.0)
 
@@ -27,21 +28,34 @@ def inspect_store(path: str, fmt: str | None = None, allow_partial: bool = True)
     entropy = np.zeros(len(ENTROPY_TEMPERATURES))
     agree = np.zeros((M, M), np.int64)
     all_agree = 0
+    grid = m.layout_params.get("temperatures", [])
+    tail = np.zeros(len(grid))
     for block in store.iter_blocks():
         first = block.start // m.chunk_rows
-        keep = np.repeat(written[first:first + -(-len(block.logits) // m.chunk_rows)], m.chunk_rows)[:len(block.logits)]
-        z = block.logits[keep].astype(np.float32)
-        y = block.labels[keep]
-        if not len(z):
+        keep = np.repeat(written[first:first + -(-len(block) // m.chunk_rows)], m.chunk_rows)[:len(block)]
+        part = block.rows(keep)
+        y = part.labels
+        if not len(y):
             continue
-        rows += len(z)
-        top = z.argmax(-1)  # [rows, members]
-        for ti, t in enumerate(ENTROPY_TEMPERATURES):
-            logp = _log_softmax(z / t)
-            mean_p = np.exp(logp).mean(1)
-            entropy[ti] += float(-(mean_p * np.log(np.clip(mean_p, 1e-30, None))).sum(-1).sum())
-            if t == 1.0:
-                ens_top = mean_p.argmax(-1)
+        rows += len(y)
+        if m.layout == "dense":
+            z = part.logits.astype(np.float32)
+            top = z.argmax(-1)  # [rows, members]
+            for ti, t in enumerate(ENTROPY_TEMPERATURES):
+                mean_p = np.exp(_log_softmax(z / t)).mean(1)
+                entropy[ti] += float(-(mean_p * np.log(np.clip(mean_p, 1e-30, None))).sum(-1).sum())
+                if t == 1.0:
+                    ens_top = mean_p.argmax(-1)
+        else:
+            from kdcache.sparse import targets_from_arrays
+            targets = targets_from_arrays(m, part.data)
+            top = targets.top1().numpy()
+            ens_top = top[:, 0] if M == 1 else np.full(len(y), -1)
+            if m.layout == "topk":
+                for gi, t in enumerate(grid):
+                    p = np.exp(part.data["topk_values"].astype(np.float64) / t
+                               - part.data["log_normalizers"][..., gi:gi + 1])
+                    tail[gi] += float(np.clip(1 - p.sum(-1), 0, 1).mean(-1).sum())
         has = y >= 0
         labelled += int(has.sum())
         correct[:M] += (top[has] == y[has, None]).sum(0)
@@ -56,13 +70,18 @@ def inspect_store(path: str, fmt: str | None = None, allow_partial: bool = True)
         "bytes_per_sample": store.nbytes_on_disk() / m.num_samples,
         "chunks_written": int(written.sum()), "num_chunks": m.num_chunks,
         "rows_inspected": rows,
-        "accuracy": None, "mean_entropy": None, "member_agreement": None,
+        "accuracy": None, "mean_entropy": None, "mean_tail_mass": None, "member_agreement": None,
     }
     if labelled:
         info["accuracy"] = {"members": [float(c / labelled) for c in correct[:M]],
                             "ensemble_mean_prob": float(correct[M] / labelled), "labelled_rows": labelled}
-    if rows:
+    if labelled and m.layout != "dense" and M > 1:
+        info["accuracy"]["ensemble_mean_prob"] = None  # needs every member's full distribution
+    if rows and m.layout == "topk":
+        info["mean_tail_mass"] = {f"T={t:g}": float(v / rows) for t, v in zip(grid, tail)}
+    if rows and m.layout == "dense":
         info["mean_entropy"] = {f"T={t:g}": float(e / rows) for t, e in zip(ENTROPY_TEMPERATURES, entropy)}
+    if rows:
         info["member_agreement"] = {"all": all_agree / rows, "pairwise": (agree / rows).round(6).tolist()}
     store.close()
     return info
@@ -73,6 +92,7 @@ def format_inspect(info: dict[str, Any]) -> str:
         f"{info['path']} ({info['backend']}, format v{info['format_version']}, layout {info['layout']})",
         f"  logits      {info['shape'][0]} samples x {info['shape'][1]} members x {info['shape'][2]} classes, "
         f"{info['dtype']}, chunks of {info['chunk_rows']} rows, compression {info['compression']}",
+        *([f"  layout      {info['layout']} {json.dumps(info['layout_params'])}"] if info["layout"] != "dense" else []),
         f"  on disk     {info['bytes_on_disk'] / 1e6:.2f} MB ({info['bytes_per_sample']:.1f} bytes/sample)",
         f"  complete    {info['complete']} ({info['chunks_written']}/{info['num_chunks']} chunks written)",
         f"  dataset     {info['dataset']['spec']} (length {info['dataset']['length']}, subset "
@@ -84,8 +104,12 @@ def format_inspect(info: dict[str, Any]) -> str:
     acc = info.get("accuracy")
     if acc:
         per = ", ".join(f"{a:.4f}" for a in acc["members"])
-        lines.append(f"  accuracy    ensemble {acc['ensemble_mean_prob']:.4f}; members {per} "
+        ens = acc["ensemble_mean_prob"]
+        lines.append(f"  accuracy    ensemble {'-' if ens is None else format(ens, '.4f')}; members {per} "
                      f"({acc['labelled_rows']} labelled rows)")
+    if info.get("mean_tail_mass"):
+        lines.append("  tail mass   " + ", ".join(f"{k} {v:.4f}" for k, v in info["mean_tail_mass"].items())
+                     + " (mean probability outside the kept top-k)")
     if info.get("mean_entropy"):
         lines.append("  entropy     " + ", ".join(f"{k} {v:.3f}" for k, v in info["mean_entropy"].items())
                      + " nats (ensemble mean of softmax(z/T))")
@@ -95,23 +119,41 @@ def format_inspect(info: dict[str, Any]) -> str:
 
 
 def convert_store(src: str, dst: str, dtype: str | None = None, fmt: str | None = None,
-                  compression: str | None = None, overwrite: bool = False,
-                  chunk_rows: int | None = None) -> LogitStore:
-    """Copy a complete store to another backend, dtype or codec, block by block."""
+                  compression: str | None = None, overwrite: bool = False, chunk_rows: int | None = None, *,
+                  layout: str | None = None, k: int | None = None, temperatures: list[float] | None = None,
+                  samples: int | None = None, sampling_temperature: float = 1.0, seed: int = 0) -> LogitStore:
+    """Copy a complete store to another backend, dtype or codec, or a dense store to a sparse layout,
+    block by block."""
+    from kdcache.dump import layout_encoder, layout_params
     source = open_store(src)
     m = source.manifest
     d = m.to_dict()
-    d.update(dtype=dtype or m.dtype, compression=compression or m.compression,
-             chunk_rows=chunk_rows or m.chunk_rows, complete=False)
     d.pop("created_at"), d.pop("kdcache_version")
-    target = create_store(dst, Manifest(**d), fmt, overwrite=overwrite)
+    d.update(dtype=dtype or m.dtype, compression=compression or m.compression, complete=False)
+    if layout and layout != m.layout:
+        if m.layout != "dense":
+            raise StoreError(f"{src} is a {m.layout} store; only a dense store can be converted to another layout")
+        d.update(layout=layout, layout_params=layout_params(layout, m.num_classes, k, temperatures, samples,
+                                                            sampling_temperature, seed))
+    manifest = Manifest(**d)
+    if chunk_rows or layout:
+        manifest.chunk_rows = chunk_rows or (m.chunk_rows if manifest.layout == m.layout
+                                             else default_chunk_rows(manifest.row_bytes(), m.num_samples))
+    target = create_store(dst, manifest, fmt, overwrite=overwrite)
     if target.written_chunks().any():
         raise StoreError(f"{dst} holds a partial conversion; pass --overwrite to start again")
     tm = target.manifest
+    encode = layout_encoder(tm) if tm.layout != m.layout else None
     step = max(tm.chunk_rows, (8 * m.chunk_rows) // tm.chunk_rows * tm.chunk_rows)
     for start in range(0, m.num_samples, step):
         blk = source.read(start, start + step)
-        target.write_block(start, blk.logits, blk.sample_ids, blk.labels)
+        if encode is None:
+            target.write_block(start, blk.data, blk.sample_ids, blk.labels)
+            continue
+        for a in range(0, len(blk), tm.chunk_rows):  # encode per target chunk: sampled draws are seeded by chunk
+            part = blk.rows(slice(a, a + tm.chunk_rows))
+            target.write_block(start + a, encode((start + a) // tm.chunk_rows, part.logits), part.sample_ids,
+                               part.labels)
     target.mark_complete()
     source.close()
     return target

@@ -57,6 +57,7 @@ class TrainConfig:
     eval_dataset: str | None = None
     eval_store: str | None = None
     data_seed: int = 0
+    allow_interpolation: bool = False
     sweep_dirs: bool | None = None            # a sub-directory per run; default: when there are several
     device: str = "auto"
     workers: int = 0
@@ -151,8 +152,7 @@ class _Evaluator:
             check_pairing(store, self.data, cfg.eval_dataset)
             pred = np.full(len(self.data), -1, dtype=np.int64)
             for blk in store.iter_blocks():
-                logp = teacher_log_probs(torch.from_numpy(blk.logits), 1.0, cfg.ensemble, cfg.members)
-                pred[blk.sample_ids] = logp.argmax(-1).numpy()
+                pred[blk.sample_ids] = teacher_top1(store, blk, cfg.ensemble, cfg.members).numpy()
             self.teacher_pred = torch.from_numpy(pred)
             store.close()
 
@@ -181,6 +181,30 @@ class _Evaluator:
         if with_teacher:
             out["teacher_agreement"] = agree / with_teacher
         return out
+
+
+def teacher_top1(store: Any, blk: Any, ensemble: str, members: list[int] | None) -> torch.Tensor:
+    """The teacher's (ensemble's) predicted class for each row of a block, for any layout."""
+    if store.manifest.layout == "dense":
+        return teacher_log_probs(torch.from_numpy(blk.logits), 1.0, ensemble, members).argmax(-1)
+    from kdcache.sparse import targets_from_arrays
+    return targets_from_arrays(store.manifest, blk.data).member(members).top1()[:, 0]
+
+
+def _check_sparse_settings(store: Any, c: TrainConfig) -> None:
+    """Refuse, before training starts, what a sparse store cannot serve."""
+    m = store.manifest
+    if m.layout == "dense":
+        return
+    from kdcache.sparse import SparseTargets
+    empty = torch.zeros(1, m.num_members, 1)
+    probe = SparseTargets(m.layout, empty.long(), empty, torch.zeros(1, m.num_members, len(m.layout_params["temperatures"])),
+                          tuple(m.layout_params["temperatures"]), empty.long(), m.layout_params.get("sampling_temperature"),
+                          c.allow_interpolation)
+    probe.member(c.members)
+    for t in c.temperatures:
+        if any(a > 0 for a in c.alphas):
+            probe.log_normalizer(t)
 
 
 def _store_identity(path: str) -> dict[str, Any]:
@@ -235,7 +259,9 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
         num_classes = store.num_classes
         if c.members is not None:
             teacher_log_probs(torch.zeros(1, store.num_members, num_classes), 1.0, c.ensemble, c.members)
-        stream: Any = DistillStream(store, data, c.batch_size, seed=c.data_seed, check=False, return_ids=True)
+        stream: Any = DistillStream(store, data, c.batch_size, seed=c.data_seed, check=False, return_ids=True,
+                                    allow_interpolation=c.allow_interpolation)
+        _check_sparse_settings(store, c)
         expected_ids = np.concatenate([store.read(a, a + (1 << 20)).sample_ids for a in range(0, len(store), 1 << 20)])
         store_ident = _store_identity(c.store)
     else:

@@ -16,28 +16,33 @@ from kdcache.errors import StoreError
 
 FORMAT_VERSION = 1
 MANIFEST_KEY = "kdcache"
-LAYOUTS = ("dense",)  # reserved for later: "topk", "sampled", per-token rows
+LAYOUTS = ("dense", "topk", "sampled")  # reserved for later: per-token rows for sequence models
 DTYPES = ("float16", "float32")
 COMPRESSIONS = ("none", "zstd", "gzip")
-ARRAYS = ("logits", "sample_ids", "labels", "chunk_sha256")
+# The per-row data arrays of each layout, in the order the chunk digest hashes them.
+LAYOUT_ARRAYS = {
+    "dense": ("logits",),
+    "topk": ("topk_values", "topk_ids", "log_normalizers"),
+    "sampled": ("sampled_ids", "sampled_counts", "sampled_values", "log_normalizers"),
+}
+ARRAYS = tuple(sorted({a for v in LAYOUT_ARRAYS.values() for a in v})) + ("sample_ids", "labels", "chunk_sha256")
 DIGEST_BYTES = 32
 TARGET_CHUNK_BYTES = 1 << 20
 
 # Manifest fields that identify what a store holds; a resumed writer must match all of them.
 IDENTITY_FIELDS = (
-    "format_version", "layout", "num_samples", "num_classes", "num_members", "class_names",
+    "format_version", "layout", "layout_params", "num_samples", "num_classes", "num_members", "class_names",
     "dtype", "chunk_rows", "compression", "members", "dataset",
 )
 
 
-def default_chunk_rows(num_members: int, num_classes: int, dtype: str, num_samples: int | None = None) -> int:
-    """Rows per chunk so that one logits chunk is at most about 1 MB.
+def default_chunk_rows(row_bytes: int, num_samples: int | None = None) -> int:
+    """Rows per chunk so that one chunk of the main array is at most about 1 MB.
 
     With ``num_samples`` the rows are spread evenly over the chunks, so the last chunk (which
     both backends store at full size) is not mostly padding.
     """
-    row_bytes = num_members * num_classes * np.dtype(dtype).itemsize
-    rows = max(1, TARGET_CHUNK_BYTES // row_bytes)
+    rows = max(1, TARGET_CHUNK_BYTES // max(1, row_bytes))
     if num_samples:
         rows = -(-num_samples // -(-num_samples // rows))
     return rows
@@ -71,6 +76,7 @@ class Manifest:
     compression: str = "none"
     class_names: list[str] | None = None
     layout: str = "dense"
+    layout_params: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     kdcache_version: str = field(default_factory=_version)
     created_at: str = field(default_factory=_now)
@@ -91,9 +97,58 @@ class Manifest:
                 f"chunk_rows={self.chunk_rows}")
         if len(self.members) != self.num_members:
             raise StoreError(f"manifest lists {len(self.members)} members but num_members is {self.num_members}")
+        self._check_layout_params()
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             raise StoreError(
                 f"{len(self.class_names)} class names given for {self.num_classes} classes")
+
+    def _check_layout_params(self) -> None:
+        p = self.layout_params
+        want = {"dense": set(), "topk": {"k", "temperatures"},
+                "sampled": {"samples", "sampling_temperature", "temperatures", "seed"}}[self.layout]
+        if set(p) != want:
+            raise StoreError(f"layout {self.layout!r} takes parameters {sorted(want) or 'none'}, got {sorted(p)}")
+        if "temperatures" in p:
+            t = p["temperatures"]
+            if not t or any(not isinstance(x, (int, float)) or x <= 0 for x in t) or sorted(t) != list(t):
+                raise StoreError(f"temperatures {t!r}: give an increasing list of positive numbers")
+        if self.layout == "topk" and not (isinstance(p["k"], int) and 1 <= p["k"] <= self.num_classes):
+            raise StoreError(f"k={p['k']} but the teacher has {self.num_classes} classes; "
+                             f"k must be between 1 and {self.num_classes}")
+        if self.layout == "sampled" and not (isinstance(p["samples"], int) and 1 <= p["samples"] <= 65535):
+            raise StoreError(f"samples={p['samples']}: draw between 1 and 65535 ids per row")
+        if self.layout == "sampled" and not p["sampling_temperature"] > 0:
+            raise StoreError(f"sampling_temperature {p['sampling_temperature']} must be positive")
+
+    def row_bytes(self) -> int:
+        """Bytes of the largest per-row data array (what a chunk size is chosen for)."""
+        return max(int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
+                   for name, (shape, _, dtype, _) in self.arrays().items() if name in self.data_arrays)
+
+    def arrays(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], str, Any]]:
+        """Every array: name -> (shape, chunk shape, dtype, fill value)."""
+        n, m, c, r = self.num_samples, self.num_members, self.num_classes, self.chunk_rows
+        p = self.layout_params
+        row: dict[str, tuple[tuple[int, ...], str, Any]] = {}
+        if self.layout == "dense":
+            row["logits"] = ((m, c), self.dtype, 0)
+        elif self.layout == "topk":
+            k, g = p["k"], len(p["temperatures"])
+            row.update(topk_values=((m, k), self.dtype, 0), topk_ids=((m, k), "int32", -1),
+                       log_normalizers=((m, g), "float32", 0))
+        else:
+            s, g = p["samples"], len(p["temperatures"])
+            row.update(sampled_ids=((m, s), "int32", -1), sampled_counts=((m, s), "uint16", 0),
+                       sampled_values=((m, s), self.dtype, 0), log_normalizers=((m, g), "float32", 0))
+        out = {name: ((n, *tail), (r, *tail), dtype, fill) for name, (tail, dtype, fill) in row.items()}
+        out["sample_ids"] = ((n,), (r,), "int64", -1)
+        out["labels"] = ((n,), (r,), "int64", -1)
+        out["chunk_sha256"] = ((self.num_chunks, DIGEST_BYTES), (1, DIGEST_BYTES), "uint8", 0)
+        return out
+
+    @property
+    def data_arrays(self) -> tuple[str, ...]:
+        return LAYOUT_ARRAYS[self.layout]
 
     @property
     def num_chunks(self) -> int:
@@ -134,10 +189,11 @@ class Manifest:
             raise StoreError(f"{where}: manifest is malformed ({e}); re-dump the store") from None
 
 
-def chunk_digest(logits: np.ndarray, sample_ids: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """sha256 of one chunk's rows: logits, then sample_ids, then labels, little-endian, C order."""
+def chunk_digest(*arrays: np.ndarray) -> np.ndarray:
+    """sha256 of one chunk's rows: the layout's data arrays in order, then sample_ids, then labels,
+    each little-endian and C-ordered in its stored dtype."""
     h = hashlib.sha256()
-    for a in (logits, sample_ids, labels):
+    for a in arrays:
         a = np.ascontiguousarray(a)
         if a.dtype.byteorder == ">":
             a = a.byteswap().view(a.dtype.newbyteorder("<"))

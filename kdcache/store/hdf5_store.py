@@ -31,14 +31,14 @@ class HDF5Backend:
         os.remove(path)
 
     @classmethod
-    def create(cls, path: str, arrays: dict[str, tuple], compression: str) -> "HDF5Backend":
+    def create(cls, path: str, arrays: dict[str, tuple], compression: str, data_arrays: tuple[str, ...]) -> "HDF5Backend":
         if compression == "zstd":
             from kdcache.errors import StoreError
             raise StoreError("zstd is not available for HDF5 stores without a plugin; use gzip or none, or a .zarr store")
         self = cls(path, "w")
         for name, (shape, chunks, dtype, fill) in arrays.items():
             kw: dict[str, Any] = {}
-            if name == "logits" and compression == "gzip":
+            if name in data_arrays and compression == "gzip":
                 kw = {"compression": "gzip", "compression_opts": 4}
             elif name in ("sample_ids", "labels"):
                 kw = {"compression": "lzf", "shuffle": True}  # built into h5py; ids compress to almost nothing

@@ -8,7 +8,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from kdcache.errors import StoreError
-from kdcache.store.format import (ARRAYS, DIGEST_BYTES, FORMAT_VERSION, Manifest, chunk_digest)
+from kdcache.store.format import ARRAYS, FORMAT_VERSION, Manifest, chunk_digest
 from kdcache.store.hdf5_store import HDF5Backend
 from kdcache.store.zarr_store import ZarrBackend
 
@@ -34,12 +34,27 @@ def detect_format(path: str, fmt: str | None = None) -> str:
 
 @dataclass
 class Block:
-    """Rows ``start:stop`` of a store. ``logits`` is ``[rows, members, classes]``."""
+    """Rows ``start:stop`` of a store: the layout's data arrays by name, ``sample_ids`` and ``labels``.
+
+    For a dense store ``logits`` is ``data["logits"]``, ``[rows, members, classes]``.
+    """
 
     start: int
-    logits: np.ndarray
+    data: dict[str, np.ndarray]
     sample_ids: np.ndarray
     labels: np.ndarray
+
+    @property
+    def logits(self) -> np.ndarray:
+        if "logits" not in self.data:
+            raise StoreError(f"this is a sparse store (arrays {', '.join(self.data)}), it has no dense logits")
+        return self.data["logits"]
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def rows(self, sl: slice | np.ndarray) -> "Block":
+        return Block(self.start, {k: v[sl] for k, v in self.data.items()}, self.sample_ids[sl], self.labels[sl])
 
 
 class LogitStore:
@@ -76,17 +91,8 @@ class LogitStore:
                 f"run the same dump-logits command again to resume it, or accept a partial store explicitly")
 
     # -- structure ---------------------------------------------------------------------------
-    def _expected(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        m = self.manifest
-        return {
-            "logits": ((m.num_samples, m.num_members, m.num_classes), m.dtype),
-            "sample_ids": ((m.num_samples,), "int64"),
-            "labels": ((m.num_samples,), "int64"),
-            "chunk_sha256": ((m.num_chunks, DIGEST_BYTES), "uint8"),
-        }
-
     def _check_arrays(self) -> None:
-        for name, (shape, dtype) in self._expected().items():
+        for name, (shape, _, dtype, _) in self.manifest.arrays().items():
             if not self._b.has(name):
                 raise StoreError(f"{self.path}: array {name!r} is missing; the store is damaged, re-dump it")
             a = self._b.array(name)
@@ -138,8 +144,8 @@ class LogitStore:
         stop = min(stop, self.num_samples)
         if not 0 <= start <= stop:
             raise StoreError(f"{self.path}: rows {start}:{stop} are outside 0:{self.num_samples}")
-        return Block(start, self._b.read_into("logits", start, stop),
-                     self._b.read_into("sample_ids", start, stop), self._b.read_into("labels", start, stop))
+        data = {a: self._b.read_into(a, start, stop) for a in self.manifest.data_arrays}
+        return Block(start, data, self._b.read_into("sample_ids", start, stop), self._b.read_into("labels", start, stop))
 
     def iter_blocks(self, block_rows: int | None = None) -> Iterator[Block]:
         """Every row in order, in chunk-aligned blocks of about ``block_rows`` (default 8 chunks)."""
@@ -160,42 +166,70 @@ class LogitStore:
         return self.digests().any(axis=1)
 
     # -- writing -----------------------------------------------------------------------------
-    def write_block(self, start: int, logits: np.ndarray, sample_ids: np.ndarray, labels: np.ndarray) -> None:
+    def write_block(self, start: int, data: np.ndarray | dict[str, np.ndarray], sample_ids: np.ndarray,
+                    labels: np.ndarray) -> None:
         """Write whole chunks starting at row ``start``; a chunk's digest is written after its rows.
 
-        Non-finite logits are refused, naming the sample ids, before anything is written.
+        ``data`` is the dense ``logits`` array, or a dict of the layout's arrays. Non-finite values
+        and class ids out of range are refused, naming the sample ids, before anything is written.
         """
         if not self.writable:
             raise StoreError(f"{self.path}: opened read-only")
         m = self.manifest
-        n = len(logits)
+        if not isinstance(data, dict):
+            data = {"logits": data}
+        n = len(sample_ids)
         stop = start + n
         if start % m.chunk_rows or (stop % m.chunk_rows and stop != m.num_samples) or stop > m.num_samples:
             raise StoreError(f"{self.path}: block {start}:{stop} is not aligned to chunks of {m.chunk_rows} rows")
-        if logits.shape[1:] != (m.num_members, m.num_classes) or len(sample_ids) != n or len(labels) != n:
-            raise StoreError(f"{self.path}: block has logits {logits.shape}, {len(sample_ids)} ids and "
-                             f"{len(labels)} labels; expected [{n}, {m.num_members}, {m.num_classes}] and {n} each")
-        with np.errstate(over="ignore"):  # an overflow to inf is reported below, by sample id
-            logits = np.ascontiguousarray(logits, dtype=m.dtype)
-        finite = np.isfinite(logits).reshape(n, -1).all(axis=1)
-        if not finite.all():
-            bad = np.asarray(sample_ids)[~finite]
-            shown = ", ".join(str(i) for i in bad[:10]) + (" ..." if len(bad) > 10 else "")
-            raise StoreError(f"non-finite teacher logits (NaN/inf, or too large for {m.dtype}) for "
-                             f"{len(bad)} sample(s), sample ids {shown}; check the teacher and its inputs"
-                             + ("" if m.dtype == "float32" else ", or dump with --dtype float32"))
+        spec = m.arrays()
+        if set(data) != set(m.data_arrays):
+            raise StoreError(f"{self.path}: a {m.layout} store takes arrays {', '.join(m.data_arrays)}, "
+                             f"got {', '.join(data)}")
+        clean = {}
+        for name in m.data_arrays:
+            shape, _, dtype, _ = spec[name]
+            a = data[name]
+            if tuple(a.shape) != (n, *shape[1:]) or len(labels) != n:
+                raise StoreError(f"{self.path}: block has {name} {tuple(a.shape)}, {n} ids and {len(labels)} labels; "
+                                 f"expected {(n, *shape[1:])} and {n} each")
+            with np.errstate(over="ignore"):  # an overflow to inf is reported below, by sample id
+                clean[name] = np.ascontiguousarray(a, dtype=dtype)
+        self._refuse_bad_rows(clean, np.asarray(sample_ids))
         sample_ids = np.ascontiguousarray(sample_ids, dtype=np.int64)
         labels = np.ascontiguousarray(labels, dtype=np.int64)
-        self._b.array("logits")[start:stop] = logits
+        for name, a in clean.items():
+            self._b.array(name)[start:stop] = a
         self._b.array("sample_ids")[start:stop] = sample_ids
         self._b.array("labels")[start:stop] = labels
         first = start // m.chunk_rows
-        digests = np.stack([
-            chunk_digest(logits[a:a + m.chunk_rows], sample_ids[a:a + m.chunk_rows], labels[a:a + m.chunk_rows])
-            for a in range(0, n, m.chunk_rows)])
+        cr = m.chunk_rows
+        digests = np.stack([chunk_digest(*(clean[k][a:a + cr] for k in m.data_arrays), sample_ids[a:a + cr],
+                                         labels[a:a + cr]) for a in range(0, n, cr)])
         self._b.flush()
         self._b.array("chunk_sha256")[first:first + len(digests)] = digests
         self._b.flush()
+
+    def _refuse_bad_rows(self, data: dict[str, np.ndarray], sample_ids: np.ndarray) -> None:
+        m = self.manifest
+        n = len(sample_ids)
+        bad = np.zeros(n, dtype=bool)
+        for name, a in data.items():
+            if a.dtype.kind == "f":
+                bad |= ~np.isfinite(a).reshape(n, -1).all(axis=1)
+        if bad.any():
+            ids = sample_ids[bad]
+            shown = ", ".join(str(i) for i in ids[:10]) + (" ..." if len(ids) > 10 else "")
+            raise StoreError(f"non-finite teacher logits (NaN/inf, or too large for {m.dtype}) for "
+                             f"{len(ids)} sample(s), sample ids {shown}; check the teacher and its inputs"
+                             + ("" if m.dtype == "float32" else ", or dump with --dtype float32"))
+        for name in ("topk_ids", "sampled_ids"):
+            if name in data:
+                a = data[name]
+                ok = (a < m.num_classes) & ((a >= 0) if name == "topk_ids" else (a >= -1))
+                if not ok.all():
+                    raise StoreError(f"{self.path}: {name} outside 0..{m.num_classes - 1} for sample ids "
+                                     f"{sample_ids[~ok.reshape(n, -1).all(axis=1)][:10].tolist()}")
 
     def mark_complete(self) -> None:
         """Set ``complete`` once every chunk is written: the manifest is the last thing written."""
@@ -221,32 +255,42 @@ class LogitStore:
         if not written.all():
             problems.append(f"chunks {_ranges(np.flatnonzero(~written))} are not written")
         stored = self.digests()
-        bad_digest, bad_finite = [], []
-        seen = np.zeros(0, dtype=np.int64)
-        ids_all = []
+        bad_digest, bad_finite, bad_ids = [], [], []
+        length = m.dataset.get("length") or 0
+        seen = np.zeros(length, dtype=bool)  # one byte per dataset row, not the whole store
+        out_of_range = repeated = False
         for block in self.iter_blocks(block_rows):
-            for a in range(0, len(block.logits), m.chunk_rows):
+            for a in range(0, len(block), m.chunk_rows):
                 c = (block.start + a) // m.chunk_rows
-                sl = slice(a, a + m.chunk_rows)
                 if not written[c]:
                     continue
-                if not np.array_equal(chunk_digest(block.logits[sl], block.sample_ids[sl], block.labels[sl]),
-                                      stored[c]):
+                part = block.rows(slice(a, a + m.chunk_rows))
+                if not np.array_equal(chunk_digest(*(part.data[k] for k in m.data_arrays), part.sample_ids,
+                                                   part.labels), stored[c]):
                     bad_digest.append(c)
-                if not np.isfinite(block.logits[sl]).all():
+                if not all(np.isfinite(v).all() for v in part.data.values() if v.dtype.kind == "f"):
                     bad_finite.append(c)
-            ids_all.append(block.sample_ids)
+                for name in ("topk_ids", "sampled_ids"):
+                    if name in part.data and ((part.data[name] >= m.num_classes)
+                                              | (part.data[name] < (0 if name == "topk_ids" else -1))).any():
+                        bad_ids.append(c)
+            ids = block.sample_ids[np.repeat(written[block.start // m.chunk_rows:][:-(-len(block) // m.chunk_rows)],
+                                             m.chunk_rows)[:len(block)]]
+            if len(ids) and (ids.min() < 0 or ids.max() >= length):
+                out_of_range = True
+                continue
+            repeated |= bool(seen[ids].any()) or len(np.unique(ids)) != len(ids)
+            seen[ids] = True
+        if bad_ids:
+            problems.append(f"chunks {_ranges(np.array(bad_ids))} hold class ids outside 0..{m.num_classes - 1}")
         if bad_digest:
             problems.append(f"chunks {_ranges(np.array(bad_digest))} do not match their stored sha256")
         if bad_finite:
             problems.append(f"chunks {_ranges(np.array(bad_finite))} hold non-finite logits")
-        if ids_all and written.all():
-            seen = np.concatenate(ids_all)
-            length = m.dataset.get("length")
-            if seen.min() < 0 or (length is not None and seen.max() >= length):
-                problems.append(f"sample_ids fall outside 0:{length}")
-            if len(np.unique(seen)) != len(seen):
-                problems.append("sample_ids repeat a sample")
+        if out_of_range:
+            problems.append(f"sample_ids fall outside 0:{length}")
+        if repeated:
+            problems.append("sample_ids repeat a sample")
         return problems
 
 
@@ -308,14 +352,7 @@ def create_store(path: str | os.PathLike, manifest: Manifest, fmt: str | None = 
                         f"pass --overwrite to start it again or choose another --out")
                 return existing
     m = manifest
-    arrays = {
-        "logits": ((m.num_samples, m.num_members, m.num_classes), (m.chunk_rows, m.num_members, m.num_classes),
-                   m.dtype, 0),
-        "sample_ids": ((m.num_samples,), (m.chunk_rows,), "int64", -1),
-        "labels": ((m.num_samples,), (m.chunk_rows,), "int64", -1),
-        "chunk_sha256": ((m.num_chunks, DIGEST_BYTES), (1, DIGEST_BYTES), "uint8", 0),
-    }
-    backend = cls.create(path, arrays, m.compression)
+    backend = cls.create(path, m.arrays(), m.compression, m.data_arrays)
     m.complete = False
     backend.write_manifest(m.to_dict())  # written after the arrays: a store with a manifest has all arrays
     return LogitStore(path, fmt, allow_partial=True, writable=True, _backend=backend)
