@@ -22,7 +22,7 @@ import torch
 
 from kdcache import __version__
 
-BENCHES = ("store_read", "dump", "train", "sweep", "online", "storage")
+BENCHES = ("store_read", "dump", "train", "sweep", "online", "storage", "sparse")
 
 
 @dataclass
@@ -248,13 +248,10 @@ def bench_online(p: Profile, work: Path, device: str) -> dict[str, Any]:
 
 
 # -- 6. storage ---------------------------------------------------------------------------------
-def bench_storage(p: Profile, work: Path, device: str) -> list[dict[str, Any]]:
-    """Bytes per sample on real logits of a briefly trained MNIST teacher."""
+def bench_storage(p: Profile, work: Path, device: str, teacher: str | None) -> list[dict[str, Any]]:
+    """Bytes per sample on real logits of an MNIST teacher (``teacher``, or one trained briefly here)."""
     from kdcache.dump import DumpConfig, dump_logits
-    from kdcache.train import TrainConfig, train_students
-    teacher = work / "storage-teacher"
-    train_students(TrainConfig(dataset="mnist:train", student="mlp:1200,1200", out=str(teacher), epochs=1,
-                               subset=f"0:{p.mnist_rows}", device=device, overwrite=True, progress=False))
+    teacher = teacher or str(_bench_teacher(p, work, device))
     out = []
     for fmt, dtype, codec in (("zarr", "float16", "none"), ("zarr", "float16", "zstd"), ("zarr", "float32", "none"),
                               ("zarr", "float32", "zstd"), ("hdf5", "float16", "none"), ("hdf5", "float16", "gzip")):
@@ -266,8 +263,83 @@ def bench_storage(p: Profile, work: Path, device: str) -> list[dict[str, Any]]:
     return out
 
 
+# -- 7. sparse layouts: what top-k keeps, with and without the exact tail ------------------------
+def long_tail_logits(rows: int, classes: int, seed: int = 0) -> np.ndarray:
+    """A synthetic teacher with a realistic long tail: Gaussian logits (std 2.5) over every class plus
+    a handful of strongly preferred classes per row."""
+    g = np.random.default_rng(seed)
+    z = g.normal(0, 2.5, (rows, classes))
+    for j in range(5):
+        z[np.arange(rows), g.integers(0, classes, rows)] += g.uniform(4, 10, rows) / (j + 1)
+    return z.astype(np.float32)
+
+
+def topk_fidelity(z: np.ndarray, ks: list[int], temperatures: list[float]) -> list[dict[str, Any]]:
+    """For each k and T: bytes per row; KL(p_T || p^) where p^ keeps the top-k exactly and spreads the exact
+    tail mass evenly (kdcache), and KL(p^_renorm || p_T) for top-k renormalised without a tail (other
+    tools; KL(p_T || p^_renorm) is infinite: the tail gets probability zero)."""
+    out = []
+    rows, classes = z.shape
+    z64 = z.astype(np.float64)
+    order = np.argsort(-z64, axis=1)
+    for k in ks:
+        if k > classes:
+            continue
+        kept = order[:, :k]
+        for t in temperatures:
+            logp = z64 / t - _lse(z64 / t)[:, None]
+            p = np.exp(logp)
+            pk = np.take_along_axis(p, kept, 1)
+            tail = np.clip(1 - pk.sum(1), 0, 1)
+            mask = np.ones_like(p, dtype=bool)
+            np.put_along_axis(mask, kept, False, 1)
+            if k < classes:
+                spread = np.where(mask, (tail / (classes - k))[:, None], 0.0)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    kl_tail = np.where(mask & (p > 0), p * (logp - np.log(np.maximum(spread, 1e-300))), 0.0).sum(1)
+            else:
+                kl_tail = np.zeros(rows)
+            kl_renorm = -np.log(np.clip(1 - tail, 1e-300, None))
+            out.append({"k": k, "T": t, "bytes_per_row_topk": k * (2 + 4) + len(temperatures) * 4,
+                        "bytes_per_row_dense": classes * 2, "tail_mass": float(tail.mean()),
+                        "kl_full_vs_topk_with_tail": float(kl_tail.mean()),
+                        "kl_topk_renormalised_vs_full": float(kl_renorm.mean()),
+                        "kl_full_vs_topk_renormalised": float("inf") if tail.max() > 0 else 0.0})
+    return out
+
+
+def _lse(a: np.ndarray) -> np.ndarray:
+    m = a.max(1)
+    return m + np.log(np.exp(a - m[:, None]).sum(1))
+
+
+def bench_sparse(p: Profile, work: Path, device: str, teacher: str | None) -> dict[str, Any]:
+    from kdcache.dump import DumpConfig, dump_logits
+    from kdcache.store import open_store
+    temps = [1.0, 2.0, 4.0, 8.0, 20.0]
+    if teacher is None:
+        teacher = str(_bench_teacher(p, work, device))
+    path = str(work / "sparse-mnist.zarr")
+    dump_logits(DumpConfig(teachers=[teacher], dataset="mnist:test", out=path, dtype="float32", overwrite=True,
+                           device=device, progress=False))
+    z_mnist = open_store(path).read(0, 10_000).logits[:, 0]
+    z_tail = long_tail_logits(1000 if p is QUICK else 4000, 5000)
+    return {"mnist_teacher": teacher, "mnist": topk_fidelity(z_mnist, [1, 5], temps),
+            "long_tail_5000": topk_fidelity(z_tail, [1, 5, 20, 100], temps)}
+
+
+def _bench_teacher(p: Profile, work: Path, device: str) -> Path:
+    from kdcache.train import TrainConfig, train_students
+    teacher = work / "bench-teacher"
+    if not (teacher / "model.safetensors").exists():
+        train_students(TrainConfig(dataset="mnist:train", student="mlp:1200,1200", out=str(teacher), epochs=1,
+                                   subset=f"0:{p.mnist_rows}", device=device, overwrite=True, progress=False))
+    return teacher
+
+
 def run_bench(quick: bool = False, only: list[str] | None = None, device: str = "auto",
-              json_path: str | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
+              json_path: str | None = None, echo: Callable[[str], None] = print,
+              teacher: str | None = None) -> dict[str, Any]:
     """Run the benchmarks named in ``only`` (all by default), print a table each, return (and write) JSON."""
     p = QUICK if quick else FULL
     chosen = only or list(BENCHES)
@@ -310,8 +382,17 @@ def run_bench(quick: bool = False, only: list[str] | None = None, device: str = 
                             f"(teacher {r['teacher']}, student {r['student']}, {r['rows']} rows, {r['epochs']} epoch)",
                             r["by_K"], ["K", "cached_s", "online_s", "ratio", "extrapolated"]))
                 echo(f"  caching wins from K = {r['caching_wins_from_K']}\n")
+            elif name == "sparse":
+                r = bench_sparse(p, work, device, teacher)
+                for key, title in (("mnist", "MNIST teacher, 10 classes"), ("long_tail_5000", "synthetic long-tail "
+                                                                                            "teacher, 5000 classes")):
+                    echo(_table(f"sparse top-k ({title}): KL to the full p_T, with the exact tail bucket against "
+                                f"top-k renormalised without it", r[key],
+                                ["k", "T", "bytes_per_row_topk", "bytes_per_row_dense", "tail_mass",
+                                 "kl_full_vs_topk_with_tail", "kl_topk_renormalised_vs_full",
+                                 "kl_full_vs_topk_renormalised"]))
             elif name == "storage":
-                r = bench_storage(p, work, device)
+                r = bench_storage(p, work, device, teacher)
                 echo(_table("storage: bytes per sample on real MNIST teacher logits (10 classes, 1 member)", r,
                             ["backend", "dtype", "compression", "bytes_per_sample", "reference_C_x_M_x_2"]))
             result[name] = r

@@ -220,11 +220,14 @@ def run_cmd(pipeline_file: str, profile: str | None, quick: bool, dry_run: bool)
 @click.option("--json", "json_path", default=None, help="Write the results as JSON here.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--only", multiple=True,
-              type=click.Choice(["store_read", "dump", "train", "sweep", "online", "storage"]),
+              type=click.Choice(["store_read", "dump", "train", "sweep", "online", "storage", "sparse"]),
               help="Run only these benchmarks (repeatable).")
+@click.option("--teacher", default=None,
+              help="An MNIST teacher for the storage and sparse figures [default: one trained briefly].")
 @data_root_option
 @_friendly
-def bench_cmd(quick: bool, json_path: str | None, device: str, only: tuple[str, ...], data_root: str | None) -> None:
+def bench_cmd(quick: bool, json_path: str | None, device: str, only: tuple[str, ...], teacher: str | None,
+              data_root: str | None) -> None:
     """Time every stage side by side with its physical limit, and cached against online distillation.
 
     Each benchmark alternates its two sides over several repetitions and reports medians and
@@ -238,7 +241,7 @@ def bench_cmd(quick: bool, json_path: str | None, device: str, only: tuple[str, 
     from kdcache.bench import run_bench
     if data_root:
         os.environ["KDCACHE_DATA"] = data_root
-    run_bench(quick, list(only) or None, device, json_path, echo=click.echo)
+    run_bench(quick, list(only) or None, device, json_path, echo=click.echo, teacher=teacher)
 
 
 @cli.command("inspect")
