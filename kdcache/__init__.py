@@ -21,6 +21,7 @@ _LAZY = {
     "load_model": "kdcache.specs", "save_checkpoint": "kdcache.specs",
     "DumpConfig": "kdcache.dump", "dump_logits": "kdcache.dump",
     "TrainConfig": "kdcache.train", "train_students": "kdcache.train",
+    "SparseTargets": "kdcache.sparse",
 }
 
 __all__ = ["__version__", "KdcacheError", "StoreError", "SpecError", "ConfigError", "FORMAT_VERSION",

@@ -52,10 +52,6 @@ def interleave(a: Callable[[], Any], b: Callable[[], Any], reps: int) -> tuple[f
     return statistics.median(ta), statistics.median(tb)
 
 
-def _quiet(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return fn
-
-
 # -- 1. store read ------------------------------------------------------------------------------
 def bench_store_read(p: Profile, work: Path) -> list[dict[str, Any]]:
     from kdcache.store import Manifest, create_store, open_store
