@@ -310,13 +310,13 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
             for x, y, z, ids in loader:
                 if c.jitter:
                     x = jitter(x, c.jitter, gen)
+                idf = ids.double()  # coverage is counted on the host, before the copy: no device sync
+                seen += torch.stack([torch.tensor(float(len(ids))), (y >= 0).sum().double(), idf.sum(),
+                                     (idf ** 2).sum()])
                 x = x.to(device, non_blocking=True)
                 y = y.to(device, non_blocking=True)
                 z = z.to(device, non_blocking=True) if z is not None else None
-                idf = ids.double()
-                seen += torch.stack([torch.tensor(float(len(ids))), (y >= 0).sum().double().cpu(), idf.sum(),
-                                     (idf ** 2).sum()])
-                labelled = (y >= 0)
+                labelled = y >= 0
                 for i, r in enumerate(runs):
                     logits = r.model(x)
                     loss = distillation_loss(logits, z, y, r.temperature, r.alpha, c.ensemble, c.members)
