@@ -78,8 +78,7 @@ def test_torchrun_two_ranks_equals_single_process(tmp_path, suffix):
     run_kdcache(*args, "--out", single)
     multi = str(tmp_path / f"multi{suffix}")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "KDCACHE_DATA": DATA_ROOT}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                "--master-port", str(29500 + os.getpid() % 1000), "-m", "kdcache"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kdcache"]
     p = subprocess.run([*torchrun, *args, "--out", multi], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.count("wrote 2000 of 2000 rows") == 1  # only rank 0 reports, with both ranks' rows

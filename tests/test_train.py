@@ -97,8 +97,7 @@ def test_refusals_are_one_line(teacher_store, tmp_path):
 def test_torchrun_ddp_sees_every_sample_once_per_epoch(teacher_store):
     out = teacher_store / "ddp"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "KDCACHE_DATA": DATA_ROOT}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", str(30500 + os.getpid() % 1000), "-m", "kdcache", "train-student",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kdcache", "train-student",
            "--dataset", SYNTH, "--store", str(teacher_store / "t.zarr"), "--student", "mlp:16",
            "--temperature", "2,4", "--epochs", "2", "--batch-size", "64", "--device", "cpu", "--out", str(out)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
