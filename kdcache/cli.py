@@ -14,7 +14,7 @@ from kdcache.errors import KdcacheError
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a KdcacheError (and a few OS errors a user causes) into ``Error: ...`` and exit 1."""
+    """Turn a KdcacheError (and a few OS errors a user causes) into `Error: ...` and exit 1."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -150,7 +150,7 @@ def train_student_cmd(**kw: Any) -> None:
     """Train students from cached teacher logits, temperature applied at load time.
 
     Lists of temperatures, alphas and seeds train one student per combination, all in one pass
-    over the stream. Under ``torchrun --nproc-per-node N --no-python kdcache train-student ...``
+    over the stream. Under `torchrun --standalone --nproc-per-node N --no-python kdcache train-student ...`
     each rank streams its share of the store (DistributedDataParallel).
 
     \b
