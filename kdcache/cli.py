@@ -92,7 +92,7 @@ def dump_logits_cmd(**kw: Any) -> None:
     """Run the teacher(s) once over a dataset and store their raw logits.
 
     Killed at any point, the same command resumes from the chunks already written. Under
-    ``torchrun --nproc-per-node N --no-python kdcache dump-logits ...`` the ranks split the chunks.
+    `torchrun --standalone --nproc-per-node N --no-python kdcache dump-logits ...` the ranks split the chunks.
 
     \b
     kdcache dump-logits --teacher runs/teacher --dataset mnist:train --out teacher.zarr
