@@ -18,6 +18,7 @@ from kdcache.datasets import ResolvedDataset, get_batch, load_dataset
 from kdcache.distributed import DistInfo, init_distributed, resolve_device, shutdown
 from kdcache.errors import KdcacheError, SpecError
 from kdcache.specs import ResolvedModel, load_model
+from kdcache.store.format import INDEX_CHUNK_FACTOR
 from kdcache.store import LogitStore, Manifest, create_store, default_chunk_rows, detect_format, open_store
 from kdcache.subset import resolve_subset
 
@@ -297,7 +298,9 @@ def dump_logits(cfg: DumpConfig) -> DumpSummary:
         else:
             store = create_store(path, manifest, fmt, overwrite=cfg.overwrite)
         written = store.written_chunks()
-        mine = [c for c in range(manifest.num_chunks) if c % info.world_size == info.rank and not written[c]]
+        # ranks own groups of INDEX_CHUNK_FACTOR chunks: one chunk of sample_ids/labels has one writer
+        mine = [c for c in range(manifest.num_chunks)
+                if (c // INDEX_CHUNK_FACTOR) % info.world_size == info.rank and not written[c]]
         resumed = int(written.sum()) if info.is_main else 0
         writer = _Writer(store, rows, len(members))
         writer.start()

@@ -73,7 +73,7 @@ def test_kill_minus_nine_then_resume_gives_identical_store(tmp_path, suffix):
 @pytest.mark.parametrize("suffix", [".zarr", ".h5"])
 def test_torchrun_two_ranks_equals_single_process(tmp_path, suffix):
     args = ["dump-logits", "--teacher", SLOW, "--teacher", "tests.helpers:other_teacher", "--dataset", SYNTH,
-            "--chunk-rows", "150", "--batch-size", "64", "--device", "cpu"]
+            "--chunk-rows", "50", "--batch-size", "32", "--device", "cpu"]
     single = str(tmp_path / f"single{suffix}")
     run_kdcache(*args, "--out", single)
     multi = str(tmp_path / f"multi{suffix}")

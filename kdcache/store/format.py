@@ -28,6 +28,9 @@ LAYOUT_ARRAYS = {
 ARRAYS = tuple(sorted({a for v in LAYOUT_ARRAYS.values() for a in v})) + ("sample_ids", "labels", "chunk_sha256")
 DIGEST_BYTES = 32
 TARGET_CHUNK_BYTES = 1 << 20
+# sample_ids and labels are chunked 16 row chunks at a time: zarr pays per chunk read, and these
+# arrays are small. A writer process therefore owns whole groups of 16 row chunks (see dump.py).
+INDEX_CHUNK_FACTOR = 16
 
 # Manifest fields that identify what a store holds; a resumed writer must match all of them.
 IDENTITY_FIELDS = (
@@ -141,8 +144,9 @@ class Manifest:
             row.update(sampled_ids=((m, s), "int32", -1), sampled_counts=((m, s), "uint16", 0),
                        sampled_values=((m, s), self.dtype, 0), log_normalizers=((m, g), "float32", 0))
         out = {name: ((n, *tail), (r, *tail), dtype, fill) for name, (tail, dtype, fill) in row.items()}
-        out["sample_ids"] = ((n,), (r,), "int64", -1)
-        out["labels"] = ((n,), (r,), "int64", -1)
+        index_rows = min(r * INDEX_CHUNK_FACTOR, max(r, n))  # HDF5 refuses chunks larger than the array
+        out["sample_ids"] = ((n,), (index_rows,), "int64", -1)
+        out["labels"] = ((n,), (index_rows,), "int64", -1)
         out["chunk_sha256"] = ((self.num_chunks, DIGEST_BYTES), (1, DIGEST_BYTES), "uint8", 0)
         return out
 
