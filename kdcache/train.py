@@ -116,6 +116,17 @@ class _Run:
         return getattr(self.model, "module", self.model)
 
 
+def _id_sums(id_blocks: Any) -> tuple[int, int, float]:
+    """(count, sum, sum of squares) of the sample ids an epoch must see, read block by block."""
+    n = total = 0
+    squares = 0.0
+    for ids in id_blocks:
+        n += len(ids)
+        total += int(ids.sum())
+        squares += float((ids.astype(np.float64) ** 2).sum())
+    return n, total, squares
+
+
 def _run_name(t: float, a: float, s: int, c: TrainConfig) -> str:
     if c.store is None:
         return f"supervised-s{s}"
@@ -262,7 +273,7 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
         stream: Any = DistillStream(store, data, c.batch_size, seed=c.data_seed, check=False, return_ids=True,
                                     allow_interpolation=c.allow_interpolation)
         _check_sparse_settings(store, c)
-        expected_ids = np.concatenate([store.read(a, a + (1 << 20)).sample_ids for a in range(0, len(store), 1 << 20)])
+        expected = _id_sums(store.read(a, a + (1 << 20)).sample_ids for a in range(0, len(store), 1 << 20))
         store_ident = _store_identity(c.store)
     else:
         if data.num_classes is None:
@@ -270,8 +281,7 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
         num_classes = data.num_classes
         rows, _ = resolve_subset(c.subset, data.dataset)
         stream = DatasetStream(data, c.batch_size, indices=rows, seed=c.data_seed, return_ids=True)
-        expected_ids = rows
-    expected = (len(expected_ids), int(expected_ids.sum()), int((expected_ids.astype(np.float64) ** 2).sum()))
+        expected = _id_sums([rows])
     input_shape = data.input_shape
     loader = DataLoader(stream, batch_size=None, num_workers=c.workers, pin_memory=device.type == "cuda",
                         persistent_workers=c.workers > 0)
