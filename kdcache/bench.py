@@ -141,18 +141,31 @@ def bench_dump(p: Profile, work: Path, device: str) -> list[dict[str, Any]]:
     return out
 
 
+_RSS_CHILD = """
+import sys
+from kdcache.cli import cli
+cli.main(args=sys.argv[1:], prog_name="kdcache", standalone_mode=False)
+status = open("/proc/self/status").read()
+print("VmHWM", next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
+"""
+
+
 def peak_rss(rows: int, work: Path, device: str) -> dict[str, Any]:
-    """Peak RSS of a dump-logits process over ``rows`` and ``10 * rows`` synthetic rows (O(1) dataset memory)."""
+    """Peak RSS of a dump-logits process over ``rows`` and ``10 * rows`` synthetic rows (O(1) dataset memory).
+
+    The process reports its own VmHWM: a parent's ``ru_maxrss`` would count the pages a forked
+    child shares with this (large) benchmark process before it execs.
+    """
     res = {}
     for n in (rows, 10 * rows):
-        cmd = [sys.executable, "-m", "kdcache", "dump-logits", "--teacher", "mlp:512", "--dataset",
-               f"synthetic:n={n},dim=256,classes=1000", "--out", str(work / f"rss-{n}.zarr"), "--overwrite",
-               "--chunk-rows", "512", "--device", device, "--no-progress"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _, status, usage = os.wait4(proc.pid, 0)
-        if status != 0:
-            raise RuntimeError(f"rss dump failed: {proc.stderr.read().decode()[-500:]}")
-        res[n] = usage.ru_maxrss / 1024  # KiB -> MiB on Linux
+        args = ["dump-logits", "--teacher", "mlp:512", "--dataset", f"synthetic:n={n},dim=256,classes=1000",
+                "--out", str(work / f"rss-{n}.zarr"), "--overwrite", "--chunk-rows", "512", "--device", device,
+                "--no-progress"]
+        p = subprocess.run([sys.executable, "-c", _RSS_CHILD, *args], capture_output=True, text=True)
+        line = [x for x in p.stdout.splitlines() if x.startswith("VmHWM")]
+        if p.returncode != 0 or not line:
+            raise RuntimeError(f"rss dump failed: {p.stderr[-500:]}")
+        res[n] = int(line[0].split()[1]) / 1024  # kB -> MiB
     return {"rows": list(res), "peak_rss_MiB": list(res.values()), "ratio_10N_over_N": res[10 * rows] / res[rows],
             "store_MB_at_10N": 10 * rows * 1000 * 2 / 1e6}
 
