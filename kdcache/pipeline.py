@@ -108,7 +108,7 @@ def load_pipeline(path: str, profile: str | None = None) -> Pipeline:
             raise ConfigError(f"{path}: no profile {profile!r}; the file has {', '.join(profiles) or 'none'}")
         for k, v in (profiles[profile] or {}).items():
             if k not in variables:
-                raise err(("profiles", profile, k), f"sets a variable that vars does not declare")
+                raise err(("profiles", profile, k), "sets a variable that vars does not declare")
             variables[k] = v
     steps_raw = data.get("steps")
     if not isinstance(steps_raw, list) or not steps_raw:
