@@ -151,3 +151,15 @@ def test_second_dump_is_refused_then_overwritten(tmp_path):
     run_kdcache("dump-logits", "--teacher", "tests.helpers:other_teacher", "--dataset", SYNTH, "--out", out,
                 "--overwrite")
     assert arrays(out)[4].members[0]["spec"] == "tests.helpers:other_teacher"
+
+
+def test_dataloader_workers_give_the_same_store_and_amp_stays_close(tmp_path):
+    args = ["dump-logits", "--teacher", "mlp:64", "--dataset", SYNTH, "--chunk-rows", "300", "--dtype", "float32",
+            "--batch-size", "100"]
+    run_kdcache(*args, "--out", str(tmp_path / "plain.zarr"))
+    run_kdcache(*args, "--workers", "2", "--out", str(tmp_path / "workers.zarr"))
+    assert_same_store(str(tmp_path / "plain.zarr"), str(tmp_path / "workers.zarr"))
+    run_kdcache(*args, "--amp", "bf16", "--out", str(tmp_path / "bf16.zarr"))
+    a, b = arrays(str(tmp_path / "plain.zarr"))[0], arrays(str(tmp_path / "bf16.zarr"))[0]
+    assert not np.array_equal(a, b)  # autocast really ran in bfloat16 ...
+    np.testing.assert_allclose(a, b, atol=0.1 * np.abs(a).max())  # ... and stays close to float32
