@@ -107,3 +107,19 @@ def test_torchrun_ddp_sees_every_sample_once_per_epoch(teacher_store):
         assert [m["samples_seen"] for m in metrics] == [2000, 2000]
         assert all(m["coverage_ok"] for m in metrics)
     assert p.stdout.count("| T2-a0.9-s0 |") == 1  # only rank 0 reports
+
+
+def test_adam_weight_decay_unlabelled_rows_and_a_student_checkpoint_as_start(teacher_store, tmp_path):
+    """Options beyond the defaults run end to end; a run can start from another run's checkpoint."""
+    out = tmp_path / "adam"
+    run_kdcache("train-student", "--dataset", SYNTH, "--store", str(teacher_store / "t.zarr"), "--student", "mlp:16",
+                "--optimizer", "adam", "--lr", "0.003", "--weight-decay", "0.0001", "--schedule", "constant",
+                "--alpha", "1", "--temperature", "3", "--epochs", "2", "--workers", "2", "--out", str(out))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics[-1]["loss"] < metrics[0]["loss"] and all(m["lr"] == 0.003 for m in metrics)
+    again = tmp_path / "again"
+    run_kdcache("train-student", "--dataset", SYNTH, "--store", str(teacher_store / "t.zarr"), "--student", str(out),
+                "--alpha", "1", "--temperature", "3", "--epochs", "1", "--lr", "0.0001", "--optimizer", "adam",
+                "--out", str(again))
+    first = json.loads((again / "metrics.json").read_text())[0]["loss"]
+    assert first < metrics[0]["loss"]  # it started from the trained weights, not from scratch
