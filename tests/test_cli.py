@@ -95,3 +95,16 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 1 and len(lines) == 1 and lines[0].startswith("Error:") and message in lines[0], \
             (args, p.stderr)
+
+
+def test_remote_store_without_its_filesystem_package_is_one_line():
+    pytest.importorskip("fsspec")
+    try:
+        import s3fs  # noqa: F401
+        pytest.skip("s3fs is installed: the URL would be tried for real")
+    except ImportError:
+        pass
+    p = run_kdcache("inspect", "s3://bucket/teacher.zarr", check=False)
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+        "Error: cannot open 's3://bucket/teacher.zarr': Install s3fs to access S3 (e.g. pip install s3fs for s3://, "
+        "gcsfs for gs://)"]

@@ -21,6 +21,16 @@ def _is_url(path: str) -> bool:
     return "://" in path
 
 
+def _url_fs(path: str) -> tuple[Any, str]:
+    """The fsspec filesystem of a URL; a missing filesystem package is a user error, not a crash."""
+    import fsspec
+    try:
+        return fsspec.core.url_to_fs(path)
+    except (ImportError, ValueError) as e:
+        from kdcache.errors import StoreError
+        raise StoreError(f"cannot open {path!r}: {e} (e.g. pip install s3fs for s3://, gcsfs for gs://)") from None
+
+
 class ZarrBackend:
     """A zarr group holding the store's arrays, the manifest in the group's attributes."""
 
@@ -34,16 +44,14 @@ class ZarrBackend:
     @staticmethod
     def exists(path: str) -> bool:
         if _is_url(path):
-            import fsspec
-            fs, p = fsspec.core.url_to_fs(path)
+            fs, p = _url_fs(path)
             return fs.exists(p)
         return os.path.exists(path)
 
     @staticmethod
     def remove(path: str) -> None:
         if _is_url(path):
-            import fsspec
-            fs, p = fsspec.core.url_to_fs(path)
+            fs, p = _url_fs(path)
             fs.rm(p, recursive=True)
         elif os.path.isdir(path):
             shutil.rmtree(path)
@@ -79,8 +87,7 @@ class ZarrBackend:
 
     def nbytes_on_disk(self) -> int:
         if _is_url(self.path):
-            import fsspec
-            fs, p = fsspec.core.url_to_fs(self.path)
+            fs, p = _url_fs(self.path)
             return int(fs.du(p))
         total = 0
         for root, _, files in os.walk(self.path):
