@@ -123,7 +123,7 @@ def bench_dump(p: Profile, work: Path, device: str) -> list[dict[str, Any]]:
     for name, teachers in (("mnist 1200-1200", ["mlp:1200,1200"]), ("3-member ensemble", ["mlp:1200,1200"] * 3)):
         cfg = DumpConfig(teachers=teachers, dataset="mnist:train", out=str(work / "dump.zarr"),
                          subset=f"0:{p.mnist_rows}", overwrite=True, device=device, progress=False)
-        dataset, members, manifest, rows = prepare(cfg, dev)
+        dataset, members, manifest, rows, _ = prepare(cfg, dev)
         modules = [m.module for m in members]
 
         def bare() -> None:

@@ -247,7 +247,7 @@ def _parse_kv(text: str, positional: tuple[str, ...]) -> dict[str, str]:
 
 def load_dataset(spec: str, data_root: str | os.PathLike | None = None) -> ResolvedDataset:
     """Resolve a dataset spec: ``mnist:train``, ``synthetic:N[,dim=D,classes=C,seed=S]``,
-    ``file.npz[:split]`` or ``package.module:callable`` (returning a map-style Dataset)."""
+    ``text:PATH[,split=,seq=,vocab=,test_every=]`` (see :mod:`kdcache.text`), ``file.npz[:split]`` or ``package.module:callable`` (returning a map-style Dataset)."""
     name, _, rest = spec.partition(":")
     if name == "mnist":
         return ResolvedDataset(load_mnist(rest or "train", data_root), spec, "mnist", rest or "train", 10,
@@ -263,6 +263,8 @@ def load_dataset(spec: str, data_root: str | os.PathLike | None = None) -> Resol
             raise SpecError(f"synthetic dataset spec {spec!r}: unknown keys {sorted(kv)}; known: n, dim, classes, seed")
         ds = SyntheticDataset(n, **args)
         return ResolvedDataset(ds, spec, "synthetic", None, ds.classes)
+    if name == "text":
+        return _load_text(spec, rest, data_root)
     if name.endswith(".npz"):
         path = Path(name)
         if not path.is_absolute() and not path.exists() and data_root:
@@ -270,7 +272,7 @@ def load_dataset(spec: str, data_root: str | os.PathLike | None = None) -> Resol
         ds = _load_npz(path, rest or None)
         classes = int(ds.labels.max()) + 1 if ds.labels is not None and len(ds.labels) else None
         return ResolvedDataset(ds, spec, path.stem, rest or None, classes)
-    known = "use mnist:train, mnist:test, synthetic:N, a .npz file or package.module:callable"
+    known = "use mnist:train, mnist:test, synthetic:N, text:PATH, a .npz file or package.module:callable"
     if rest and "." in name or (rest and name.isidentifier()):
         from kdcache.specs import import_callable
         try:
@@ -285,3 +287,22 @@ def load_dataset(spec: str, data_root: str | os.PathLike | None = None) -> Resol
         classes = getattr(obj, "num_classes", None)
         return ResolvedDataset(obj, spec, name, None, classes, getattr(obj, "class_names", None))
     raise SpecError(f"unknown dataset spec {spec!r}; {known}")
+
+
+def _load_text(spec: str, rest: str, data_root: str | os.PathLike | None) -> ResolvedDataset:
+    from kdcache.text import TextSequences
+    kv = _parse_kv(rest, ("path",))
+    path = kv.pop("path", "")
+    if not path:
+        raise SpecError(f"dataset spec {spec!r}: give the text, e.g. text:corpus.txt,split=train,seq=64,vocab=8192")
+    if not Path(path).is_absolute() and not Path(path).exists() and data_root:
+        path = str(Path(data_root) / path)
+    split = kv.pop("split", "train")
+    try:
+        args = {k: int(kv.pop(k)) for k in ("seq", "vocab", "test_every") if k in kv}
+    except ValueError:
+        raise SpecError(f"dataset spec {spec!r}: seq, vocab and test_every are integers") from None
+    if kv:
+        raise SpecError(f"dataset spec {spec!r}: unknown keys {sorted(kv)}; known: split, seq, vocab, test_every")
+    ds = TextSequences(path, split, **args)
+    return ResolvedDataset(ds, spec, "text", split, ds.num_classes, ds.class_names)

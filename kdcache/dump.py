@@ -18,7 +18,8 @@ from kdcache.datasets import ResolvedDataset, get_batch, load_dataset
 from kdcache.distributed import DistInfo, init_distributed, resolve_device, shutdown
 from kdcache.errors import KdcacheError, SpecError
 from kdcache.specs import ResolvedModel, load_model
-from kdcache.store.format import INDEX_CHUNK_FACTOR
+from kdcache.store.format import INDEX_CHUNK_FACTOR, sequence_lengths_digest
+from kdcache.text import is_sequence_dataset
 from kdcache.store import LogitStore, Manifest, create_store, default_chunk_rows, detect_format, open_store
 from kdcache.subset import resolve_subset
 
@@ -104,13 +105,55 @@ class _ChunkBatches(Sampler):
                    for c in self.chunks)
 
 
+class _SequenceChunkBatches(Sampler):
+    """A per-token store's batches: the sequences whose positions fall in each chunk, ``batch_size``
+    sequences at a time from the chunk's first one (a sequence cut by a chunk boundary is run for
+    both chunks, each keeping its own positions), so a chunk always sees the same batches."""
+
+    def __init__(self, index: "SequenceIndex", chunks: list[int], chunk_rows: int, batch_size: int) -> None:
+        self.index, self.chunks, self.chunk_rows, self.batch_size = index, chunks, chunk_rows, batch_size
+
+    def _span(self, c: int) -> tuple[int, int]:
+        off = self.index.offsets
+        a, b = c * self.chunk_rows, min((c + 1) * self.chunk_rows, int(off[-1]))
+        return int(np.searchsorted(off, a, side="right")) - 1, int(np.searchsorted(off, b, side="left"))
+
+    def __iter__(self) -> Iterator[tuple[int, tuple[int, int], np.ndarray]]:
+        for c in self.chunks:
+            first, stop = self._span(c)
+            for s in range(first, stop, self.batch_size):
+                e = min(s + self.batch_size, stop)
+                yield c, (s, e), self.index.ids[s:e]
+
+    def __len__(self) -> int:
+        return sum(-(-(b - a) // self.batch_size) for a, b in map(self._span, self.chunks))
+
+
+@dataclass
+class SequenceIndex:
+    """Where a per-token store's rows come from: sequence ``i`` is dataset item ``ids[i]`` and owns
+    rows ``offsets[i]:offsets[i + 1]``, one per position."""
+
+    ids: np.ndarray
+    offsets: np.ndarray
+
+    def sample_ids(self, start: int, stop: int) -> np.ndarray:
+        return self.ids[np.searchsorted(self.offsets, np.arange(start, stop), side="right") - 1]
+
+    def positions(self, first: int, stop: int, width: int) -> torch.Tensor:
+        """``[stop - first, width]`` bool: the real (stored) positions of sequences ``first:stop``."""
+        lengths = torch.from_numpy(np.diff(self.offsets[first:stop + 1]))
+        return torch.arange(width)[None, :] < lengths[:, None]
+
+
 class _Writer(threading.Thread):
     """Assembles batches into chunks and writes them, so the teacher never waits on the disk."""
 
-    def __init__(self, store: LogitStore, rows: np.ndarray, num_members: int) -> None:
+    def __init__(self, store: LogitStore, rows: np.ndarray, num_members: int,
+                 index: SequenceIndex | None = None) -> None:
         super().__init__(daemon=True, name="kdcache-writer")
         self.encode = layout_encoder(store.manifest)
-        self.store, self.rows = store, rows
+        self.store, self.rows, self.index = store, rows, index
         self.q: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
         self.error: BaseException | None = None
         self.rows_written = 0
@@ -149,7 +192,7 @@ class _Writer(threading.Thread):
         z = np.concatenate([p[0] for p in self._parts])
         y = np.concatenate([p[1] for p in self._parts])
         self._parts = []
-        ids = self.rows[start:start + len(z)]
+        ids = self.rows[start:start + len(z)] if self.index is None else self.index.sample_ids(start, start + len(z))
         self.store.write_block(start, self.encode(chunk, z), ids, y)
         self.rows_written += len(z)
         has = y >= 0
@@ -223,14 +266,16 @@ def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManag
 
 def _num_classes(members: list[ResolvedModel], dataset: ResolvedDataset, device: torch.device) -> int:
     x, _ = get_batch(dataset.dataset, np.arange(min(2, len(dataset))))
+    per_token = is_sequence_dataset(dataset.dataset)
     counts = []
     with torch.inference_mode():
         for m in members:
             out = m.module(x.to(device))
-            if out.ndim != 2:
-                raise SpecError(f"teacher {m.spec!r} returns shape {tuple(out.shape)}; a teacher must return "
-                                f"[batch, classes] logits")
-            counts.append(out.shape[1])
+            if out.ndim != (3 if per_token else 2) or per_token and out.shape[1] != x.shape[1]:
+                want = ("[batch, length, classes] logits for a sequence dataset (inputs " + str(tuple(x.shape)) + ")"
+                        if per_token else "[batch, classes] logits")
+                raise SpecError(f"teacher {m.spec!r} returns shape {tuple(out.shape)}; a teacher must return {want}")
+            counts.append(out.shape[-1])
     if len(set(counts)) > 1:
         first = counts[0]
         bad = next(i for i, c in enumerate(counts) if c != first)
@@ -242,8 +287,12 @@ def _num_classes(members: list[ResolvedModel], dataset: ResolvedDataset, device:
     return counts[0]
 
 
-def prepare(cfg: DumpConfig, device: torch.device) -> tuple[ResolvedDataset, list[ResolvedModel], Manifest, np.ndarray]:
-    """Resolve the dataset, subset and teachers, and build the manifest the store must carry."""
+def prepare(cfg: DumpConfig, device: torch.device
+            ) -> tuple[ResolvedDataset, list[ResolvedModel], Manifest, np.ndarray, SequenceIndex | None]:
+    """Resolve the dataset, subset and teachers, and build the manifest the store must carry.
+
+    Returns the dataset rows in store order and, for a sequence dataset (a store with a row per
+    position), the sequence index; items of length 0 have no rows and are left out."""
     if not cfg.teachers:
         raise SpecError("give at least one --teacher")
     dataset = load_dataset(cfg.dataset, cfg.data_root)
@@ -258,6 +307,16 @@ def prepare(cfg: DumpConfig, device: torch.device) -> tuple[ResolvedDataset, lis
     dtype = cfg.dtype
     params = layout_params(cfg.layout, num_classes, cfg.k, cfg.temperatures, cfg.samples, cfg.sampling_temperature,
                            cfg.seed)
+    index, sequences, num_rows = None, None, len(rows)
+    if is_sequence_dataset(dataset.dataset):
+        lengths = np.asarray(dataset.dataset.lengths(rows), dtype=np.int64)
+        rows, lengths = rows[lengths > 0], lengths[lengths > 0]
+        if not len(rows):
+            raise SpecError(f"dataset {cfg.dataset!r}: every sequence selected has length 0, nothing to dump")
+        index = SequenceIndex(rows, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+        num_rows = int(index.offsets[-1])
+        sequences = {"count": len(rows), "max_length": int(lengths.max()),
+                     "lengths_sha256": sequence_lengths_digest(lengths)}
     names = dataset.class_names if dataset.class_names and len(dataset.class_names) == num_classes else None
     described = []
     for i, m in enumerate(members):
@@ -265,12 +324,13 @@ def prepare(cfg: DumpConfig, device: torch.device) -> tuple[ResolvedDataset, lis
         d["name"] = f"{i}:{d['name']}"
         described.append(d)
     manifest = Manifest(
-        num_samples=len(rows), num_classes=num_classes, num_members=len(members), dtype=dtype,
+        num_samples=num_rows, num_classes=num_classes, num_members=len(members), dtype=dtype,
         chunk_rows=cfg.chunk_rows or 1, members=described, layout=cfg.layout, layout_params=params,
-        dataset={**dataset.describe(), "subset": subset_desc}, compression=cfg.compression, class_names=names)
+        dataset={**dataset.describe(), "subset": subset_desc}, compression=cfg.compression, class_names=names,
+        sequences=sequences)
     if not cfg.chunk_rows:
-        manifest.chunk_rows = default_chunk_rows(manifest.row_bytes(), len(rows))
-    return dataset, members, manifest, rows
+        manifest.chunk_rows = default_chunk_rows(manifest.row_bytes(), num_rows)
+    return dataset, members, manifest, rows, index
 
 
 def _rank_path(out: str, fmt: str, info: DistInfo) -> str:
@@ -287,36 +347,42 @@ def dump_logits(cfg: DumpConfig) -> DumpSummary:
     device = resolve_device(cfg.device)
     info = init_distributed(device)
     try:
-        dataset, members, manifest, rows = prepare(cfg, device)
+        dataset, members, manifest, rows, index = prepare(cfg, device)
         path = _rank_path(cfg.out, fmt, info)
+        seq_arrays = None if index is None else (index.ids, index.offsets)
         if fmt == "zarr":
             if info.is_main:
-                store = create_store(path, manifest, fmt, overwrite=cfg.overwrite)
+                store = create_store(path, manifest, fmt, overwrite=cfg.overwrite, sequence_index=seq_arrays)
             info.barrier()
             if not info.is_main:
                 store = LogitStore(path, fmt, allow_partial=True, writable=True)
         else:
-            store = create_store(path, manifest, fmt, overwrite=cfg.overwrite)
+            store = create_store(path, manifest, fmt, overwrite=cfg.overwrite, sequence_index=seq_arrays)
         written = store.written_chunks()
         # ranks own groups of INDEX_CHUNK_FACTOR chunks: one chunk of sample_ids/labels has one writer
         mine = [c for c in range(manifest.num_chunks)
                 if (c // INDEX_CHUNK_FACTOR) % info.world_size == info.rank and not written[c]]
         resumed = int(written.sum()) if info.is_main else 0
-        writer = _Writer(store, rows, len(members))
+        writer = _Writer(store, rows, len(members), index)
         writer.start()
-        sampler = _ChunkBatches(rows, mine, manifest.chunk_rows, cfg.batch_size)
+        sampler = (_ChunkBatches(rows, mine, manifest.chunk_rows, cfg.batch_size) if index is None
+                   else _SequenceChunkBatches(index, mine, manifest.chunk_rows, cfg.batch_size))
         loader = DataLoader(_Batches(dataset.dataset), sampler=sampler, batch_size=None, num_workers=cfg.workers,
                             pin_memory=device.type == "cuda", persistent_workers=False,
                             prefetch_factor=4 if cfg.workers else None)
         show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
-        bar = _progress(sum(min((c + 1) * manifest.chunk_rows, len(rows)) - c * manifest.chunk_rows for c in mine),
+        n = manifest.num_samples
+        bar = _progress(sum(min((c + 1) * manifest.chunk_rows, n) - c * manifest.chunk_rows for c in mine),
                         show and info.is_main)
         modules = [m.module for m in members]
         try:
             with torch.inference_mode(), _autocast(device, cfg.amp):
                 for chunk, pos, x, y in loader:
                     x = x.to(device, non_blocking=True)
-                    logits = torch.stack([mod(x) for mod in modules], dim=1).float()
+                    if index is None:
+                        logits = torch.stack([mod(x) for mod in modules], dim=1).float()
+                    else:
+                        logits, y, pos = _token_rows(modules, x, y, index, chunk, pos, manifest.chunk_rows, device)
                     event = None
                     if device.type == "cuda":
                         host = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=True)
@@ -324,7 +390,7 @@ def dump_logits(cfg: DumpConfig) -> DumpSummary:
                         event = torch.cuda.Event()
                         event.record()
                         logits = host
-                    last = pos + len(y) >= min(manifest.chunk_rows, len(rows) - chunk * manifest.chunk_rows)
+                    last = pos + len(y) >= min(manifest.chunk_rows, n - chunk * manifest.chunk_rows)
                     writer.put((chunk, pos, logits, y, event, last))
                     bar.update(len(y))
         finally:
@@ -343,10 +409,31 @@ def dump_logits(cfg: DumpConfig) -> DumpSummary:
             os.remove(path)
         nbytes = store.nbytes_on_disk() if info.is_main else 0
         store.close()
-        return DumpSummary(cfg.out, len(rows), rows_written, time.perf_counter() - t0, nbytes,
+        return DumpSummary(cfg.out, manifest.num_samples, rows_written, time.perf_counter() - t0, nbytes,
                            accuracy[:-1], accuracy[-1], resumed)
     finally:
         shutdown(info)
+
+
+def _token_rows(modules: list[torch.nn.Module], x: torch.Tensor, y: torch.Tensor, index: SequenceIndex, chunk: int,
+                span: tuple[int, int], chunk_rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Run a batch of sequences and keep the rows of their real positions that fall in ``chunk``:
+    ``([rows, members, classes], [rows], first row's position in the chunk)``. Padding is dropped here,
+    on the device, before anything is copied."""
+    first, stop = span
+    mask = index.positions(first, stop, x.shape[1])
+    lengths = np.diff(index.offsets[first:stop + 1])
+    if x.shape[1] < lengths.max():
+        raise KdcacheError(f"the dataset's batch is {x.shape[1]} positions wide but its lengths() says "
+                           f"{int(lengths.max())}; get_batch must pad to at least the longest length")
+    out = torch.stack([mod(x) for mod in modules], dim=2)  # [batch, length, members, classes]
+    mask_d = mask.to(device)
+    z = out[mask_d].float()
+    labels = y.to(device)[mask_d].cpu() if y.ndim == 2 else y.repeat_interleave(torch.from_numpy(lengths))
+    base = int(index.offsets[first])
+    a, b = chunk * chunk_rows, min((chunk + 1) * chunk_rows, int(index.offsets[-1]))
+    lo, hi = max(a, base) - base, min(b, int(index.offsets[stop])) - base
+    return z[lo:hi], labels[lo:hi], max(a, base) - a
 
 
 def _gather_counts(writer: _Writer, info: DistInfo) -> tuple[list[float | None], int]:
@@ -368,7 +455,7 @@ def _merge_hdf5_parts(store: LogitStore, out: str, world_size: int) -> None:
         for c in np.flatnonzero(done):
             a, b = part.manifest.chunk_range(int(c))
             blk = part.read(a, b)
-            store.write_block(a, blk.logits, blk.sample_ids, blk.labels)
+            store.write_block(a, blk.data, blk.sample_ids, blk.labels)
         part.close()
 
 

@@ -26,3 +26,24 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.net(x)
+
+
+class LSTMTagger(nn.Module):
+    """A token model: embedding, LSTM layers, a linear layer to the classes at every position.
+
+    ``x [batch, length]`` int64 token ids -> ``[batch, length, classes]`` logits. Causal (one
+    direction), so positions after a sequence's end (padding) cannot change its outputs. With
+    ``vocab == num_classes`` and next-token labels it is a language model.
+    """
+
+    def __init__(self, vocab: int, embed: int, hidden: int, num_classes: int, layers: int = 1,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, embed)
+        self.drop = nn.Dropout(dropout)
+        self.lstm = nn.LSTM(embed, hidden, layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
+        self.out = nn.Linear(hidden, num_classes)
+
+    def forward(self, x):
+        h, _ = self.lstm(self.drop(self.embed(x.long())))
+        return self.out(self.drop(h))

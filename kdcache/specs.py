@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from kdcache.errors import SpecError
-from kdcache.models import MLP
+from kdcache.models import MLP, LSTMTagger
 
 CHECKPOINT_NAME = "model.safetensors"
 CHECKPOINT_KEY = "kdcache"
@@ -75,13 +75,33 @@ def _build_arch(arch: str, input_shape: tuple[int, ...] | None, num_classes: int
         if any(h < 1 for h in hidden):
             raise SpecError(f"model spec {arch!r}: hidden sizes must be positive")
         return MLP(input_shape, hidden, num_classes, dropout, input_dropout)
+    if kind == "lstm":
+        return _build_lstm(arch, rest, num_classes, dropout)
     if ":" in arch and "." in kind or kind.isidentifier() and rest:
         model = import_callable(arch, "model")()
         if not isinstance(model, nn.Module):
             raise SpecError(f"model spec {arch!r} returned {type(model).__name__}, not a torch.nn.Module")
         return model
-    raise SpecError(f"unknown model spec {arch!r}; use mlp:H1,H2,..., package.module:callable, "
+    raise SpecError(f"unknown model spec {arch!r}; use mlp:H1,H2,..., lstm:EMBED,HIDDEN, package.module:callable, "
                     f"a kdcache checkpoint ({CHECKPOINT_NAME} or its run directory) or a TorchScript file")
+
+
+def _build_lstm(arch: str, rest: str, num_classes: int | None, dropout: float) -> nn.Module:
+    """``lstm:EMBED,HIDDEN[,layers=N][,vocab=V]``: V (input token ids) defaults to the classes."""
+    from kdcache.datasets import _parse_kv
+    usage = "e.g. lstm:256,512 or lstm:256,512,layers=2,vocab=8192"
+    try:
+        kv = _parse_kv(rest, ("embed", "hidden"))
+        sizes = {k: int(kv.pop(k)) for k in ("embed", "hidden", "layers", "vocab") if k in kv}
+    except (SpecError, ValueError):
+        raise SpecError(f"model spec {arch!r}: sizes must be integers, {usage}") from None
+    if kv or "embed" not in sizes or "hidden" not in sizes or min(sizes.values()) < 1:
+        raise SpecError(f"model spec {arch!r}: give positive EMBED and HIDDEN sizes (keys layers, vocab optional), "
+                        f"{usage}")
+    if num_classes is None:
+        raise SpecError(f"model spec {arch!r} takes its number of classes from the dataset, which did not say it")
+    return LSTMTagger(sizes.get("vocab", num_classes), sizes["embed"], sizes["hidden"], num_classes,
+                      sizes.get("layers", 1), dropout)
 
 
 def load_model(spec: str, input_shape: tuple[int, ...] | None = None, num_classes: int | None = None,

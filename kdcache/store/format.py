@@ -16,7 +16,7 @@ from kdcache.errors import StoreError
 
 FORMAT_VERSION = 1
 MANIFEST_KEY = "kdcache"
-LAYOUTS = ("dense", "topk", "sampled")  # reserved for later: per-token rows for sequence models
+LAYOUTS = ("dense", "topk", "sampled")
 DTYPES = ("float16", "float32")
 COMPRESSIONS = ("none", "zstd", "gzip")
 # The per-row data arrays of each layout, in the order the chunk digest hashes them.
@@ -25,7 +25,11 @@ LAYOUT_ARRAYS = {
     "topk": ("topk_values", "topk_ids", "log_normalizers"),
     "sampled": ("sampled_ids", "sampled_counts", "sampled_values", "log_normalizers"),
 }
-ARRAYS = tuple(sorted({a for v in LAYOUT_ARRAYS.values() for a in v})) + ("sample_ids", "labels", "chunk_sha256")
+# Per-token stores (``sequences`` in the manifest) add these two, written once when the store is created.
+SEQUENCE_ARRAYS = ("sequence_ids", "sequence_offsets")
+ARRAYS = (tuple(sorted({a for v in LAYOUT_ARRAYS.values() for a in v})) + ("sample_ids", "labels", "chunk_sha256")
+          + SEQUENCE_ARRAYS)
+SEQUENCE_INDEX_CHUNK = 1 << 16
 DIGEST_BYTES = 32
 TARGET_CHUNK_BYTES = 1 << 20
 # sample_ids and labels are chunked 16 row chunks at a time: zarr pays per chunk read, and these
@@ -35,8 +39,11 @@ INDEX_CHUNK_FACTOR = 16
 # Manifest fields that identify what a store holds; a resumed writer must match all of them.
 IDENTITY_FIELDS = (
     "format_version", "layout", "layout_params", "num_samples", "num_classes", "num_members", "class_names",
-    "dtype", "chunk_rows", "compression", "members", "dataset",
+    "dtype", "chunk_rows", "compression", "members", "dataset", "sequences",
 )
+# Fields a reader fills in when a manifest lacks them, and a writer leaves out at their default, so
+# that a store without them reads the same in releases that predate them.
+OPTIONAL_FIELDS = {"sequences": None}
 
 
 def default_chunk_rows(row_bytes: int, num_samples: int | None = None) -> int:
@@ -67,6 +74,9 @@ class Manifest:
     ``members``: one dict per ensemble member: ``name``, ``spec``, ``sha256`` (of its weights).
     ``dataset``: ``spec``, ``split``, ``length`` (of the full dataset), ``fingerprint``
     (see ``kdcache.datasets.fingerprint``) and ``subset`` (a description, or null for all rows).
+    ``sequences``: null for a store with a row per sample. For a sequence teacher's store with a row
+    per token position: ``count`` (sequences), ``max_length`` and ``lengths_sha256`` (of the int64
+    lengths in store order); ``num_samples`` then counts rows, that is positions, and padding has none.
     """
 
     num_samples: int
@@ -80,6 +90,7 @@ class Manifest:
     class_names: list[str] | None = None
     layout: str = "dense"
     layout_params: dict[str, Any] = field(default_factory=dict)
+    sequences: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
     kdcache_version: str = field(default_factory=_version)
     created_at: str = field(default_factory=_now)
@@ -101,6 +112,10 @@ class Manifest:
         if len(self.members) != self.num_members:
             raise StoreError(f"manifest lists {len(self.members)} members but num_members is {self.num_members}")
         self._check_layout_params()
+        if self.sequences is not None:
+            q = self.sequences
+            if set(q) != {"count", "max_length", "lengths_sha256"} or not 1 <= q["count"] <= self.num_samples:
+                raise StoreError(f"sequences {q!r}: give count (1..num_samples), max_length and lengths_sha256")
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             raise StoreError(
                 f"{len(self.class_names)} class names given for {self.num_classes} classes")
@@ -148,7 +163,16 @@ class Manifest:
         out["sample_ids"] = ((n,), (index_rows,), "int64", -1)
         out["labels"] = ((n,), (index_rows,), "int64", -1)
         out["chunk_sha256"] = ((self.num_chunks, DIGEST_BYTES), (1, DIGEST_BYTES), "uint8", 0)
+        if self.sequences is not None:
+            s = self.sequences["count"]
+            out["sequence_ids"] = ((s,), (min(s, SEQUENCE_INDEX_CHUNK),), "int64", -1)
+            out["sequence_offsets"] = ((s + 1,), (min(s + 1, SEQUENCE_INDEX_CHUNK),), "int64", -1)
         return out
+
+    @property
+    def per_token(self) -> bool:
+        """True for a sequence teacher's store: a row per token position, grouped by sequence."""
+        return self.sequences is not None
 
     @property
     def data_arrays(self) -> tuple[str, ...]:
@@ -163,10 +187,14 @@ class Manifest:
         return start, min(start + self.chunk_rows, self.num_samples)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for k, default in OPTIONAL_FIELDS.items():
+            if d[k] == default:
+                del d[k]
+        return d
 
     def identity(self) -> dict[str, Any]:
-        d = self.to_dict()
+        d = dataclasses.asdict(self)
         return {k: d[k] for k in IDENTITY_FIELDS}
 
     @classmethod
@@ -180,6 +208,7 @@ class Manifest:
                 f"{where}: format_version {version!r} found, this kdcache reads version {FORMAT_VERSION}; "
                 f"use the kdcache release that wrote it, or re-dump the logits")
         names = {f.name for f in dataclasses.fields(cls)}
+        d = {**OPTIONAL_FIELDS, **d}
         missing = sorted(names - set(d))
         if missing:
             raise StoreError(f"{where}: manifest lacks {', '.join(missing)}; the store is damaged, re-dump it")
@@ -203,3 +232,8 @@ def chunk_digest(*arrays: np.ndarray) -> np.ndarray:
             a = a.byteswap().view(a.dtype.newbyteorder("<"))
         h.update(memoryview(a).cast("B"))
     return np.frombuffer(h.digest(), dtype=np.uint8)
+
+
+def sequence_lengths_digest(lengths: np.ndarray) -> str:
+    """sha256 of a per-token store's sequence lengths (int64, little-endian, store order)."""
+    return hashlib.sha256(np.ascontiguousarray(lengths, dtype="<i8").tobytes()).hexdigest()

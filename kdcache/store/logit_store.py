@@ -8,7 +8,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from kdcache.errors import StoreError
-from kdcache.store.format import ARRAYS, FORMAT_VERSION, Manifest, chunk_digest
+from kdcache.store.format import ARRAYS, FORMAT_VERSION, SEQUENCE_ARRAYS, Manifest, chunk_digest
 from kdcache.store.hdf5_store import HDF5Backend
 from kdcache.store.zarr_store import ZarrBackend
 
@@ -66,6 +66,7 @@ class LogitStore:
         self.format = detect_format(self.path, fmt)
         self.allow_partial = allow_partial
         self.writable = writable
+        self._seq_index: tuple[np.ndarray, np.ndarray] | None = None
         cls = BACKENDS[self.format]
         if _backend is None:
             if not cls.exists(self.path):
@@ -157,6 +158,28 @@ class LogitStore:
         cr = self.manifest.chunk_rows
         rows = block_rows or 8 * cr
         return max(cr, rows // cr * cr)
+
+    # -- per-token stores --------------------------------------------------------------------
+    def sequence_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(sequence_ids [S], sequence_offsets [S + 1])`` of a per-token store: the rows of sequence
+        ``i`` (dataset index ``sequence_ids[i]``) are ``sequence_offsets[i]:sequence_offsets[i + 1]``,
+        one per position, in order. Read once, O(sequences)."""
+        if not self.manifest.per_token:
+            raise StoreError(f"{self.path}: a store with a row per sample has no sequence index")
+        if self._seq_index is None:
+            ids = np.asarray(self._b.array("sequence_ids")[:])
+            offsets = np.asarray(self._b.array("sequence_offsets")[:])
+            if (offsets[0] != 0 or offsets[-1] != self.num_samples or (np.diff(offsets) < 1).any()
+                    or ids.min() < 0 or ids.max() >= self.manifest.dataset["length"]):
+                raise StoreError(f"{self.path}: sequence_offsets/sequence_ids are inconsistent (the store is "
+                                 f"damaged); re-dump it")
+            self._seq_index = (ids, offsets)
+        return self._seq_index
+
+    def read_sequences(self, first: int, stop: int) -> Block:
+        """The rows of sequences ``first:stop`` (store order), in one read per array."""
+        _, offsets = self.sequence_index()
+        return self.read(int(offsets[first]), int(offsets[min(stop, len(offsets) - 1)]))
 
     def digests(self) -> np.ndarray:
         return np.asarray(self._b.array("chunk_sha256")[:])
@@ -255,25 +278,14 @@ class LogitStore:
         if not written.all():
             problems.append(f"chunks {_ranges(np.flatnonzero(~written))} are not written")
         stored = self.digests()
+        if m.per_token:
+            return problems + self._verify_tokens(written, stored, block_rows)
         bad_digest, bad_finite, bad_ids = [], [], []
         length = m.dataset.get("length") or 0
         seen = np.zeros(length, dtype=bool)  # one byte per dataset row, not the whole store
         out_of_range = repeated = False
         for block in self.iter_blocks(block_rows):
-            for a in range(0, len(block), m.chunk_rows):
-                c = (block.start + a) // m.chunk_rows
-                if not written[c]:
-                    continue
-                part = block.rows(slice(a, a + m.chunk_rows))
-                if not np.array_equal(chunk_digest(*(part.data[k] for k in m.data_arrays), part.sample_ids,
-                                                   part.labels), stored[c]):
-                    bad_digest.append(c)
-                if not all(np.isfinite(v).all() for v in part.data.values() if v.dtype.kind == "f"):
-                    bad_finite.append(c)
-                for name in ("topk_ids", "sampled_ids"):
-                    if name in part.data and ((part.data[name] >= m.num_classes)
-                                              | (part.data[name] < (0 if name == "topk_ids" else -1))).any():
-                        bad_ids.append(c)
+            self._check_chunks(block, written, stored, bad_digest, bad_finite, bad_ids)
             ids = block.sample_ids[np.repeat(written[block.start // m.chunk_rows:][:-(-len(block) // m.chunk_rows)],
                                              m.chunk_rows)[:len(block)]]
             if len(ids) and (ids.min() < 0 or ids.max() >= length):
@@ -281,16 +293,69 @@ class LogitStore:
                 continue
             repeated |= bool(seen[ids].any()) or len(np.unique(ids)) != len(ids)
             seen[ids] = True
-        if bad_ids:
-            problems.append(f"chunks {_ranges(np.array(bad_ids))} hold class ids outside 0..{m.num_classes - 1}")
-        if bad_digest:
-            problems.append(f"chunks {_ranges(np.array(bad_digest))} do not match their stored sha256")
-        if bad_finite:
-            problems.append(f"chunks {_ranges(np.array(bad_finite))} hold non-finite logits")
+        problems += self._chunk_problems(bad_ids, bad_digest, bad_finite)
         if out_of_range:
             problems.append(f"sample_ids fall outside 0:{length}")
         if repeated:
             problems.append("sample_ids repeat a sample")
+        return problems
+
+    def _check_chunks(self, block: Block, written: np.ndarray, stored: np.ndarray, bad_digest: list[int],
+                      bad_finite: list[int], bad_ids: list[int]) -> None:
+        m = self.manifest
+        for a in range(0, len(block), m.chunk_rows):
+            c = (block.start + a) // m.chunk_rows
+            if not written[c]:
+                continue
+            part = block.rows(slice(a, a + m.chunk_rows))
+            if not np.array_equal(chunk_digest(*(part.data[k] for k in m.data_arrays), part.sample_ids,
+                                               part.labels), stored[c]):
+                bad_digest.append(c)
+            if not all(np.isfinite(v).all() for v in part.data.values() if v.dtype.kind == "f"):
+                bad_finite.append(c)
+            for name in ("topk_ids", "sampled_ids"):
+                if name in part.data and ((part.data[name] >= m.num_classes)
+                                          | (part.data[name] < (0 if name == "topk_ids" else -1))).any():
+                    bad_ids.append(c)
+
+    def _chunk_problems(self, bad_ids: list[int], bad_digest: list[int], bad_finite: list[int]) -> list[str]:
+        out = []
+        if bad_ids:
+            out.append(f"chunks {_ranges(np.array(bad_ids))} hold class ids outside 0..{self.num_classes - 1}")
+        if bad_digest:
+            out.append(f"chunks {_ranges(np.array(bad_digest))} do not match their stored sha256")
+        if bad_finite:
+            out.append(f"chunks {_ranges(np.array(bad_finite))} hold non-finite logits")
+        return out
+
+    def _verify_tokens(self, written: np.ndarray, stored: np.ndarray, block_rows: int | None) -> list[str]:
+        """A per-token store: chunks as for any store, then the sequence index against the rows'
+        sample_ids (each row names the sequence that its offsets place it in)."""
+        from kdcache.store.format import sequence_lengths_digest
+        m = self.manifest
+        problems: list[str] = []
+        try:
+            ids, offsets = self.sequence_index()
+        except StoreError as e:
+            return [str(e).split(": ", 1)[1]]
+        if len(np.unique(ids)) != len(ids):
+            problems.append("sequence_ids repeat a sequence")
+        if sequence_lengths_digest(np.diff(offsets)) != m.sequences["lengths_sha256"]:
+            problems.append("sequence_offsets do not match the lengths the manifest records")
+        bad_digest: list[int] = []
+        bad_finite: list[int] = []
+        bad_ids: list[int] = []
+        misplaced = 0
+        for block in self.iter_blocks(block_rows):
+            self._check_chunks(block, written, stored, bad_digest, bad_finite, bad_ids)
+            rows = np.arange(block.start, block.start + len(block))
+            want = ids[np.searchsorted(offsets, rows, side="right") - 1]
+            keep = np.repeat(written[block.start // m.chunk_rows:][:-(-len(block) // m.chunk_rows)],
+                             m.chunk_rows)[:len(block)]
+            misplaced += int((block.sample_ids[keep] != want[keep]).sum())
+        problems += self._chunk_problems(bad_ids, bad_digest, bad_finite)
+        if misplaced:
+            problems.append(f"{misplaced} rows' sample_ids disagree with sequence_ids/sequence_offsets")
         return problems
 
 
@@ -314,13 +379,16 @@ def open_store(path: str | os.PathLike, fmt: str | None = None, *, allow_partial
 
 
 def create_store(path: str | os.PathLike, manifest: Manifest, fmt: str | None = None, *,
-                 overwrite: bool = False) -> LogitStore:
+                 overwrite: bool = False, sequence_index: tuple[np.ndarray, np.ndarray] | None = None) -> LogitStore:
     """Create a store for ``manifest``, or reopen an incomplete one that holds the same thing.
 
     A complete store at ``path`` is refused unless ``overwrite``; an incomplete one is resumed
     when its identity matches ``manifest`` and refused otherwise. Something at ``path`` that is
-    not a kdcache store is never deleted.
+    not a kdcache store is never deleted. A per-token manifest needs ``sequence_index``
+    (``sequence_ids``, ``sequence_offsets``), written before the manifest.
     """
+    if manifest.per_token != (sequence_index is not None):
+        raise StoreError("a per-token store is created with its sequence index, and only a per-token store has one")
     path = str(path)
     fmt = detect_format(path, fmt)
     cls = BACKENDS[fmt]
@@ -353,6 +421,10 @@ def create_store(path: str | os.PathLike, manifest: Manifest, fmt: str | None = 
                 return existing
     m = manifest
     backend = cls.create(path, m.arrays(), m.compression, m.data_arrays)
+    if sequence_index is not None:
+        for name, a in zip(SEQUENCE_ARRAYS, sequence_index):
+            backend.array(name)[:] = np.asarray(a, dtype=np.int64)
+        backend.flush()
     m.complete = False
     backend.write_manifest(m.to_dict())  # written after the arrays: a store with a manifest has all arrays
     return LogitStore(path, fmt, allow_partial=True, writable=True, _backend=backend)
