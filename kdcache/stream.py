@@ -11,6 +11,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from kdcache.datasets import ResolvedDataset, fingerprint, get_batch
 from kdcache.errors import StoreError
 from kdcache.store import Block, LogitStore, open_store
+from kdcache.text import is_sequence_dataset
 
 DEFAULT_WINDOW_BYTES = 64 << 20
 MIN_BLOCKS = 64
@@ -46,6 +47,13 @@ def _shard() -> tuple[int, int]:
 class DistillStream(IterableDataset):
     """Yields ``(inputs, labels, teacher_logits)`` batches for the rows of a store.
 
+    A per-token store (a sequence teacher's, a row per position) yields whole sequences instead:
+    ``(inputs [B, L], labels [B, L], teacher_logits, mask [B, L])`` where ``batch_size`` counts
+    sequences, ``mask`` marks the real positions (padding is False, and has no stored row) and
+    ``teacher_logits`` holds one row per True entry of ``mask``, in row-major order, so that
+    ``distillation_loss(student(inputs)[mask], teacher_logits, labels[mask], T, alpha)`` is the
+    per-token loss. Shuffling moves whole sequences, never positions.
+
     ``teacher_logits`` are the raw stored logits ``[batch, members, classes]`` (float32) of exactly
     the samples in ``inputs`` (for a top-k or sampled store, a :class:`kdcache.sparse.SparseTargets`), matched through the store's ``sample_ids``. Each epoch reads the
     store in blocks whose order is shuffled, then shuffles rows within a window of blocks held in
@@ -73,6 +81,11 @@ class DistillStream(IterableDataset):
         self.dataset = dataset.dataset if isinstance(dataset, ResolvedDataset) else dataset
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.block_rows = block_rows or min(m.chunk_rows, max(1024, math.ceil(m.num_samples / MIN_BLOCKS)))
+        self._seq_blocks = None
+        if m.per_token:
+            ids, offsets = self.store.sequence_index()
+            marks = np.searchsorted(offsets[:-1], np.arange(0, m.num_samples, self.block_rows), side="left")
+            self._seq_blocks = np.unique(np.concatenate([marks, [len(ids)]]))
         row_bytes = sum(int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
                         for name, (shape, _, dtype, _) in m.arrays().items() if name != "chunk_sha256")
         self.window_blocks = max(1, window_bytes // (row_bytes * self.block_rows))
@@ -83,22 +96,35 @@ class DistillStream(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def per_token(self) -> bool:
+        return self._seq_blocks is not None
+
     def blocks(self, shard: int = 0, num_shards: int = 1) -> list[tuple[int, int]]:
-        """The ``(start, stop)`` row blocks this shard reads this epoch, in reading order."""
-        n = self.store.num_samples
-        starts = np.arange(0, n, self.block_rows)
+        """The ``(start, stop)`` row blocks this shard reads this epoch, in reading order (for a
+        per-token store: ranges of sequences, about ``block_rows`` rows each)."""
+        if self.per_token:
+            bounds = self._seq_blocks
+            pairs = np.stack([bounds[:-1], bounds[1:]], axis=1)
+        else:
+            n = self.store.num_samples
+            starts = np.arange(0, n, self.block_rows)
+            pairs = np.stack([starts, np.minimum(starts + self.block_rows, n)], axis=1)
         if self.shuffle:
-            starts = np.random.default_rng([self.seed, self.epoch]).permutation(starts)
-        return [(int(s), int(min(s + self.block_rows, n))) for s in starts[shard::num_shards]]
+            pairs = pairs[np.random.default_rng([self.seed, self.epoch]).permutation(len(pairs))]
+        return [(int(a), int(b)) for a, b in pairs[shard::num_shards]]
 
     def __len__(self) -> int:
         shard, shards = _shard()
-        rows = sum(b - a for a, b in self.blocks(shard, shards))
-        return rows // self.batch_size if self.drop_last else math.ceil(rows / self.batch_size)
+        items = sum(b - a for a, b in self.blocks(shard, shards))
+        return items // self.batch_size if self.drop_last else math.ceil(items / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Any, ...]]:
         shard, shards = _shard()
         blocks = self.blocks(shard, shards)
+        if self.per_token:
+            yield from self._iter_sequences(blocks, shard)
+            return
         rng = np.random.default_rng([self.seed, self.epoch, shard, 1])
         carry = None
         for w in range(0, len(blocks), self.window_blocks):
@@ -114,6 +140,52 @@ class DistillStream(IterableDataset):
             carry = window.rows(order[full:])
         if carry is not None and len(carry) and not self.drop_last:
             yield self._batch(carry, np.arange(len(carry)))
+
+    def _iter_sequences(self, blocks: list[tuple[int, int]], shard: int) -> Iterator[tuple[Any, ...]]:
+        """Per-token stores: windows of sequence blocks, shuffled by sequence, batched by sequence."""
+        ids, offsets = self.store.sequence_index()
+        rng = np.random.default_rng([self.seed, self.epoch, shard, 1])
+        carry: tuple[Block, np.ndarray, np.ndarray] | None = None
+        for w in range(0, len(blocks), self.window_blocks):
+            parts = [(self.store.read_sequences(a, b), ids[a:b], np.diff(offsets[a:b + 1]))
+                     for a, b in blocks[w:w + self.window_blocks]]
+            if carry is not None:
+                parts.insert(0, carry)
+            reads = [p[0] for p in parts]
+            window = Block(0, {k: np.concatenate([r.data[k] for r in reads]) for k in reads[0].data},
+                           np.concatenate([r.sample_ids for r in reads]), np.concatenate([r.labels for r in reads]))
+            seq_ids = np.concatenate([p[1] for p in parts])
+            lengths = np.concatenate([p[2] for p in parts])
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+            order = rng.permutation(len(seq_ids)) if self.shuffle else np.arange(len(seq_ids))
+            full = len(order) // self.batch_size * self.batch_size
+            for a in range(0, full, self.batch_size):
+                yield self._sequence_batch(window, seq_ids, starts, lengths, order[a:a + self.batch_size])
+            rest = order[full:]
+            rows = _rows_of(starts[rest], lengths[rest])
+            carry = (window.rows(rows), seq_ids[rest], lengths[rest])
+        if carry is not None and len(carry[1]) and not self.drop_last:
+            lengths = carry[2]
+            yield self._sequence_batch(carry[0], carry[1], np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths,
+                                       np.arange(len(lengths)))
+
+    def _sequence_batch(self, window: Block, seq_ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+                        sel: np.ndarray) -> tuple[Any, ...]:
+        sid, n = seq_ids[sel], lengths[sel]
+        rows = _rows_of(starts[sel], n)
+        if self.dataset is None:
+            x, width = None, int(n.max())
+        else:
+            x = get_batch(self.dataset, sid)[0]
+            width = x.shape[1]
+            if width < n.max():
+                raise StoreError(f"the dataset pads a batch to {width} positions but the store holds sequences of "
+                                 f"{int(n.max())}; its get_batch must pad to the longest length in the batch")
+        mask = torch.arange(width)[None, :] < torch.from_numpy(n)[:, None]
+        labels = torch.full((len(sel), width), -1, dtype=torch.long)
+        labels[mask] = torch.from_numpy(window.labels[rows])
+        out = (x, labels, self._targets(window, rows), mask)
+        return (*out, torch.from_numpy(sid)) if self.return_ids else out
 
     def _batch(self, window: Block, sel: np.ndarray) -> tuple[Any, ...]:
         sid = window.sample_ids[sel]
@@ -131,9 +203,18 @@ class DistillStream(IterableDataset):
         return targets_from_arrays(m, {k: v[sel] for k, v in d.items()}, self.allow_interpolation, self.store.path)
 
 
+def _rows_of(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The row indices ``starts[i]:starts[i] + lengths[i]`` for every i, concatenated in order."""
+    if not len(lengths):
+        return np.zeros(0, dtype=np.int64)
+    first = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    return np.repeat(starts - first, lengths) + np.arange(int(lengths.sum()))
+
+
 class DatasetStream(IterableDataset):
     """Plain supervised batches ``(inputs, labels, None)`` over ``indices`` of a dataset, sharded like
-    :class:`DistillStream` (ranks and workers), shuffled per epoch from ``seed``."""
+    :class:`DistillStream` (ranks and workers), shuffled per epoch from ``seed``. For a sequence dataset
+    (one with ``lengths``) it yields ``(inputs, labels, None, mask)``, ``mask`` marking real positions."""
 
     def __init__(self, dataset: Any, batch_size: int = 128, *, indices: np.ndarray | None = None,
                  shuffle: bool = True, seed: int = 0, drop_last: bool = False, return_ids: bool = False) -> None:
@@ -160,7 +241,12 @@ class DatasetStream(IterableDataset):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, None]]:
         rows = self._rows()
         stop = len(rows) // self.batch_size * self.batch_size if self.drop_last else len(rows)
+        per_token = is_sequence_dataset(self.dataset)
         for a in range(0, stop, self.batch_size):
             ids = rows[a:a + self.batch_size]
             x, y = get_batch(self.dataset, ids)
-            yield (x, y, None, torch.from_numpy(ids)) if self.return_ids else (x, y, None)
+            out: tuple[Any, ...] = (x, y, None)
+            if per_token:
+                lengths = torch.as_tensor(np.asarray(self.dataset.lengths(ids)))
+                out = (*out, torch.arange(x.shape[1])[None, :] < lengths[:, None])
+            yield (*out, torch.from_numpy(ids)) if self.return_ids else out

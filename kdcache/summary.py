@@ -90,10 +90,13 @@ def inspect_store(path: str, fmt: str | None = None, allow_partial: bool = True)
 def format_inspect(info: dict[str, Any]) -> str:
     lines = [
         f"{info['path']} ({info['backend']}, format v{info['format_version']}, layout {info['layout']})",
-        f"  logits      {info['shape'][0]} samples x {info['shape'][1]} members x {info['shape'][2]} classes, "
+        f"  logits      {info['shape'][0]} {'positions' if info.get('sequences') else 'samples'} x "
+        f"{info['shape'][1]} members x {info['shape'][2]} classes, "
         f"{info['dtype']}, chunks of {info['chunk_rows']} rows, compression {info['compression']}",
         *([f"  layout      {info['layout']} {json.dumps(info['layout_params'])}"] if info["layout"] != "dense" else []),
-        f"  on disk     {info['bytes_on_disk'] / 1e6:.2f} MB ({info['bytes_per_sample']:.1f} bytes/sample)",
+        *([f"  sequences   {info['sequences']['count']} (a row per position, up to {info['sequences']['max_length']} "
+           f"each, padding not stored)"] if info.get("sequences") else []),
+        f"  on disk     {info['bytes_on_disk'] / 1e6:.2f} MB ({info['bytes_per_sample']:.1f} bytes/row)",
         f"  complete    {info['complete']} ({info['chunks_written']}/{info['num_chunks']} chunks written)",
         f"  dataset     {info['dataset']['spec']} (length {info['dataset']['length']}, subset "
         f"{info['dataset'].get('subset') or 'all rows'}, fingerprint {info['dataset']['fingerprint'][:16]})",
@@ -139,7 +142,8 @@ def convert_store(src: str, dst: str, dtype: str | None = None, fmt: str | None 
     if chunk_rows or layout:
         manifest.chunk_rows = chunk_rows or (m.chunk_rows if manifest.layout == m.layout
                                              else default_chunk_rows(manifest.row_bytes(), m.num_samples))
-    target = create_store(dst, manifest, fmt, overwrite=overwrite)
+    target = create_store(dst, manifest, fmt, overwrite=overwrite,
+                          sequence_index=source.sequence_index() if m.per_token else None)
     if target.written_chunks().any():
         raise StoreError(f"{dst} holds a partial conversion; pass --overwrite to start again")
     tm = target.manifest

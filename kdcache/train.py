@@ -25,6 +25,7 @@ from kdcache.specs import load_model, save_checkpoint
 from kdcache.store import open_store
 from kdcache.stream import DatasetStream, DistillStream, check_pairing
 from kdcache.subset import resolve_subset
+from kdcache.text import is_sequence_dataset
 
 DEFAULT_TEMPERATURE = 4.0
 DEFAULT_ALPHA = 0.9
@@ -161,9 +162,20 @@ class _Evaluator:
                 raise ConfigError("--eval-store needs --eval-dataset, the data it was dumped from")
             store = open_store(cfg.eval_store)
             check_pairing(store, self.data, cfg.eval_dataset)
-            pred = np.full(len(self.data), -1, dtype=np.int64)
-            for blk in store.iter_blocks():
-                pred[blk.sample_ids] = teacher_top1(store, blk, cfg.ensemble, cfg.members).numpy()
+            if store.manifest.per_token:  # teacher predictions by position, in dataset order
+                from kdcache.stream import _rows_of
+                lengths = np.asarray(self.data.dataset.lengths(np.arange(len(self.data))), dtype=np.int64)
+                first = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+                ids, offsets = store.sequence_index()
+                where = _rows_of(first[ids], np.diff(offsets))
+                pred = np.full(int(lengths.sum()), -1, dtype=np.int64)
+                for blk in store.iter_blocks():
+                    pred[where[blk.start:blk.start + len(blk)]] = teacher_top1(store, blk, cfg.ensemble,
+                                                                               cfg.members).numpy()
+            else:
+                pred = np.full(len(self.data), -1, dtype=np.int64)
+                for blk in store.iter_blocks():
+                    pred[blk.sample_ids] = teacher_top1(store, blk, cfg.ensemble, cfg.members).numpy()
             self.teacher_pred = torch.from_numpy(pred)
             store.close()
 
@@ -173,22 +185,36 @@ class _Evaluator:
             return {}
         model.eval()
         n = len(self.data)
-        correct = agree = with_teacher = labelled = 0
+        per_token = is_sequence_dataset(self.data.dataset)
+        if per_token:  # about 4096 positions a batch: their logits over a large vocabulary are what costs
+            batch_size = max(1, 4096 // int(self.data.dataset.lengths(np.arange(n)).max()))
+        correct = agree = with_teacher = labelled = row = 0
+        nll = 0.0
         for a in range(0, n, batch_size):
             idx = np.arange(a, min(a + batch_size, n))
             x, y = get_batch(self.data.dataset, idx)
-            pred = model(x.to(self.device)).argmax(-1).cpu()
+            logits = model(x.to(self.device))
+            if per_token:
+                lengths = torch.as_tensor(np.asarray(self.data.dataset.lengths(idx)))
+                mask = torch.arange(x.shape[1])[None, :] < lengths[:, None]
+                logits, y = logits[mask.to(self.device)], y[mask]
+                has_d = (y >= 0).to(self.device)
+                nll += float(F.cross_entropy(logits[has_d].float(), y.to(self.device)[has_d], reduction="sum"))
+            pred = logits.argmax(-1).cpu()
             has = y >= 0
             correct += int((pred[has] == y[has]).sum())
             labelled += int(has.sum())
             if self.teacher_pred is not None:
-                t = self.teacher_pred[a:a + len(idx)]
+                t = self.teacher_pred[row:row + len(pred)] if per_token else self.teacher_pred[a:a + len(idx)]
+                row += len(pred)
                 ok = t >= 0
                 agree += int((pred[ok] == t[ok]).sum())
                 with_teacher += int(ok.sum())
         out: dict[str, Any] = {"eval_samples": labelled}
         if labelled:
             out.update(eval_accuracy=correct / labelled, eval_errors=labelled - correct)
+            if per_token:
+                out.update(eval_nll=nll / labelled, eval_perplexity=math.exp(min(nll / labelled, 700.0)))
         if with_teacher:
             out["teacher_agreement"] = agree / with_teacher
         return out
@@ -216,6 +242,29 @@ def _check_sparse_settings(store: Any, c: TrainConfig) -> None:
     for t in c.temperatures:
         if any(a > 0 for a in c.alphas):
             probe.log_normalizer(t)
+
+
+def _check_student(model: nn.Module, data: ResolvedDataset, per_token: bool, spec: str, num_classes: int,
+                   device: torch.device) -> None:
+    """Refuse, before training, a student whose outputs do not fit the rows: ``[batch, classes]`` per
+    sample, ``[batch, length, classes]`` per position of a sequence dataset."""
+    x, _ = get_batch(data.dataset, np.arange(min(2, len(data))))
+    was = model.training
+    model.eval()
+    hint = (" (a sequence dataset needs a model with an output per position, e.g. lstm:EMBED,HIDDEN)"
+            if per_token else "")
+    try:
+        with torch.no_grad():
+            out = model(x.to(device))
+    except Exception as e:
+        raise ConfigError(f"student {spec!r} fails on the dataset's inputs {tuple(x.shape)} {x.dtype} "
+                          f"({str(e).splitlines()[0]}){hint}") from None
+    finally:
+        model.train(was)
+    want = (len(x), x.shape[1], num_classes) if per_token else (len(x), num_classes)
+    if tuple(out.shape) != want:
+        raise ConfigError(f"student {spec!r} returns shape {tuple(out.shape)} for inputs {tuple(x.shape)}; "
+                          f"expected {want}{hint}")
 
 
 def _store_identity(path: str) -> dict[str, Any]:
@@ -273,7 +322,10 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
         stream: Any = DistillStream(store, data, c.batch_size, seed=c.data_seed, check=False, return_ids=True,
                                     allow_interpolation=c.allow_interpolation)
         _check_sparse_settings(store, c)
-        expected = _id_sums(store.read(a, a + (1 << 20)).sample_ids for a in range(0, len(store), 1 << 20))
+        if store.manifest.per_token:
+            expected = _id_sums([store.sequence_index()[0]])
+        else:
+            expected = _id_sums(store.read(a, a + (1 << 20)).sample_ids for a in range(0, len(store), 1 << 20))
         store_ident = _store_identity(c.store)
     else:
         if data.num_classes is None:
@@ -283,6 +335,11 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
         stream = DatasetStream(data, c.batch_size, indices=rows, seed=c.data_seed, return_ids=True)
         expected = _id_sums([rows])
     input_shape = data.input_shape
+    per_token = is_sequence_dataset(data.dataset)
+    if c.store and per_token != store.manifest.per_token:
+        raise ConfigError(f"store {c.store!r} has a row per {'position' if store.manifest.per_token else 'sample'} "
+                          f"but dataset {c.dataset!r} is {'a sequence' if per_token else 'not a sequence'} dataset; "
+                          f"pass the dataset the store was dumped from")
     loader = DataLoader(stream, batch_size=None, num_workers=c.workers, pin_memory=device.type == "cuda",
                         persistent_workers=c.workers > 0)
     evaluator = _Evaluator(c, device)
@@ -297,6 +354,8 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
         opt = (torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
                if c.optimizer == "sgd" else torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, c.epochs) if c.schedule == "cosine" else None
+        if not runs:
+            _check_student(model, data, per_token, c.student, num_classes, device)
         name = _run_name(t, a, s, c)
         runs.append(_Run(name, t, a, s, model, opt, sched, out / name if sweep else out))
         arch = resolved.arch
@@ -310,25 +369,33 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
             r.model.train()
         loss_sum = torch.zeros(len(runs), dtype=torch.float64, device=device)
         correct = torch.zeros(len(runs), dtype=torch.float64, device=device)
-        seen = torch.zeros(4, dtype=torch.float64)  # rows, labelled rows, sum of ids, sum of ids^2
+        # items (samples or sequences), labelled rows, sum of ids, sum of ids^2, rows (samples or positions)
+        seen = torch.zeros(5, dtype=torch.float64)
         bar = _progress(len(stream), show, f"epoch {epoch + 1}/{c.epochs}")
         join: Any = contextlib.nullcontext()
         if info.enabled:
             from torch.distributed.algorithms.join import Join
             join = Join([r.model for r in runs])
         with join:
-            for x, y, z, ids in loader:
+            for batch in loader:
+                x, y, z, *mask, ids = batch  # a sequence batch has a mask of real positions
+                mask = mask[0] if mask else None
                 if c.jitter:
                     x = jitter(x, c.jitter, gen)
+                if mask is not None:
+                    y = y[mask]  # one label per stored row, as the teacher rows are
                 idf = ids.double()  # coverage is counted on the host, before the copy: no device sync
                 seen += torch.stack([torch.tensor(float(len(ids))), (y >= 0).sum().double(), idf.sum(),
-                                     (idf ** 2).sum()])
+                                     (idf ** 2).sum(), torch.tensor(float(len(y)))])
                 x = x.to(device, non_blocking=True)
                 y = y.to(device, non_blocking=True)
                 z = z.to(device, non_blocking=True) if z is not None else None
+                mask = mask.to(device, non_blocking=True) if mask is not None else None
                 labelled = y >= 0
                 for i, r in enumerate(runs):
                     logits = r.model(x)
+                    if mask is not None:
+                        logits = logits[mask]
                     loss = distillation_loss(logits, z, y, r.temperature, r.alpha, c.ensemble, c.members)
                     r.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -352,9 +419,11 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
             lr = r.optimizer.param_groups[0]["lr"]
             if r.scheduler is not None:
                 r.scheduler.step()
-            m = {"epoch": epoch + 1, "loss": float(loss_sum[i] / max(seen[0].item(), 1)),
+            m = {"epoch": epoch + 1, "loss": float(loss_sum[i] / max(seen[4].item(), 1)),
                  "train_accuracy": float(correct[i] / max(seen[1].item(), 1)) if seen[1] else None,
                  "samples_seen": int(seen[0]), "coverage_ok": coverage_ok, "lr": lr, "seconds": seconds}
+            if per_token:
+                m["positions_seen"] = int(seen[4])
             if info.is_main:
                 m.update(evaluator(r.module))
             r.history.append(m)
@@ -403,11 +472,15 @@ def _write_summary(out: Path, results: list[dict[str, Any]], c: TrainConfig) -> 
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
-    head = "| run | T | alpha | seed | loss | train acc | eval acc | eval errors | teacher agreement |"
-    rows = [head, "|" + "---|" * 9]
+    """Markdown table of runs; token-level runs (sequence data) add the eval perplexity."""
+    ppl = any(r.get("eval_perplexity") is not None for r in results)
+    head = ("| run | T | alpha | seed | loss | train acc | eval acc | eval errors | teacher agreement |"
+            + (" eval perplexity |" if ppl else ""))
+    rows = [head, "|" + "---|" * (10 if ppl else 9)]
     f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
     for r in results:
         rows.append(f"| {r['run']} | {f(r['temperature'], 'g')} | {f(r['alpha'], 'g')} | {r['seed']} | "
                     f"{f(r['loss'], '.4f')} | {f(r['train_accuracy'], '.4f')} | {f(r.get('eval_accuracy'), '.4f')} | "
-                    f"{f(r.get('eval_errors'), 'd')} | {f(r.get('teacher_agreement'), '.4f')} |")
+                    f"{f(r.get('eval_errors'), 'd')} | {f(r.get('teacher_agreement'), '.4f')} |"
+                    + (f" {f(r.get('eval_perplexity'), '.2f')} |" if ppl else ""))
     return "\n".join(rows)
