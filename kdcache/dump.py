@@ -270,10 +270,14 @@ def _num_classes(members: list[ResolvedModel], dataset: ResolvedDataset, device:
     counts = []
     with torch.inference_mode():
         for m in members:
-            out = m.module(x.to(device))
+            want = ("[batch, length, classes] logits for a sequence dataset (inputs " + str(tuple(x.shape)) + ")"
+                    if per_token else "[batch, classes] logits")
+            try:
+                out = m.module(x.to(device))
+            except Exception as e:
+                raise SpecError(f"teacher {m.spec!r} fails on the dataset's inputs {tuple(x.shape)} {x.dtype} "
+                                f"({str(e).splitlines()[0]}); a teacher must return {want}") from None
             if out.ndim != (3 if per_token else 2) or per_token and out.shape[1] != x.shape[1]:
-                want = ("[batch, length, classes] logits for a sequence dataset (inputs " + str(tuple(x.shape)) + ")"
-                        if per_token else "[batch, classes] logits")
                 raise SpecError(f"teacher {m.spec!r} returns shape {tuple(out.shape)}; a teacher must return {want}")
             counts.append(out.shape[-1])
     if len(set(counts)) > 1:

@@ -22,7 +22,8 @@ def dataset_labels(dataset: Any, block: int = 8192) -> np.ndarray:
 def resolve_subset(spec: str | None, dataset: Any) -> tuple[np.ndarray, str | None]:
     """Row indices and a canonical description for ``spec``.
 
-    ``None``: every row. ``START:STOP``: a range. ``exclude-classes:3[,5]``: rows whose label is not
+    Rows are the dataset's items (for a sequence dataset: whole sequences). ``None``: every row.
+    ``START:STOP``: a range. ``exclude-classes:3[,5]``: rows whose label is not
     listed (the paper's transfer set without 3s). ``FILE.npy`` / ``FILE.txt``: explicit indices, in order.
     """
     n = len(dataset)
@@ -33,6 +34,10 @@ def resolve_subset(spec: str | None, dataset: Any) -> tuple[np.ndarray, str | No
             classes = sorted({int(c) for c in spec.split(":", 1)[1].split(",") if c.strip()})
         except ValueError:
             raise SpecError(f"--subset {spec!r}: classes must be integers, e.g. exclude-classes:3") from None
+        from kdcache.text import is_sequence_dataset
+        if is_sequence_dataset(dataset):
+            raise SpecError(f"--subset {spec!r}: a sequence dataset has a label per position, not per item; select "
+                            f"sequences by range or index file")
         labels = dataset_labels(dataset)
         idx = np.flatnonzero(~np.isin(labels, classes)).astype(np.int64)
         desc = f"exclude-classes:{','.join(map(str, classes))}"

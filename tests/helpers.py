@@ -73,3 +73,47 @@ class TupleFree(Dataset):
 
 def unlabelled_dataset() -> Dataset:
     return TupleFree()
+
+
+TOKEN_VOCAB = 200
+
+
+def write_corpus(path, paragraphs: int = 400, types: int = 600, seed: int = 0) -> str:
+    """A plain-text corpus with a Zipf-like long tail of word types and paragraphs of 2..90 words, so
+    that sequences have many lengths (and batches padding). Returns the ``text:`` dataset spec."""
+    g = np.random.default_rng(seed)
+    words = [f"w{i}" for i in range(types)]
+    p = 1.0 / np.arange(1, types + 1)
+    p /= p.sum()
+    text = "\n\n".join(" ".join(words[i] for i in g.choice(types, size=int(g.integers(2, 91)), p=p))
+                       for _ in range(paragraphs))
+    with open(path, "w") as f:
+        f.write(text)
+    return f"text:{path},seq=24,vocab={TOKEN_VOCAB}"
+
+
+class TokenTeacher(nn.Module):
+    """A seeded sequence teacher: each position's logits come from its token and the one before, so a
+    student that sees positions out of order cannot match it. Counts batches like SlowLinear."""
+
+    def __init__(self, vocab: int = TOKEN_VOCAB, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.now = nn.Embedding(vocab, vocab)
+        self.before = nn.Embedding(vocab, vocab)
+        with torch.no_grad():
+            self.now.weight.copy_(3 * torch.randn(vocab, vocab, generator=g))
+            self.before.weight.copy_(torch.randn(vocab, vocab, generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        counter = os.environ.get("KDCACHE_TEST_COUNTER")
+        if counter:
+            time.sleep(float(os.environ.get("KDCACHE_TEST_DELAY", "0.05")))
+            with open(counter, "a") as f:
+                f.write(".")
+        prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+        return self.now(x) + self.before(prev)
+
+
+def token_teacher() -> nn.Module:
+    return TokenTeacher()
