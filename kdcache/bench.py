@@ -322,6 +322,22 @@ def _lse(a: np.ndarray) -> np.ndarray:
     return m + np.log(np.exp(a - m[:, None]).sum(1))
 
 
+def store_fidelity(path: str, rows: int = 4000, ks: tuple[int, ...] = (1, 5, 20, 100),
+                   temperatures: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 20.0)) -> dict[str, Any]:
+    """:func:`topk_fidelity` on the first ``rows`` rows (member 0) of a dense store: real teacher logits."""
+    from kdcache.errors import StoreError
+    from kdcache.store import open_store
+    store = open_store(path)
+    m = store.manifest
+    if m.layout != "dense":
+        raise StoreError(f"--logits {path}: a {m.layout} store; top-k fidelity is measured against dense logits")
+    z = store.read(0, min(rows, m.num_samples)).logits[:, 0].astype(np.float32)
+    store.close()
+    return {"store": path, "classes": m.num_classes, "rows": len(z), "per_token": m.per_token,
+            "teacher": m.members[0]["spec"], "dataset": m.dataset["spec"],
+            "table": topk_fidelity(z, list(ks), list(temperatures))}
+
+
 def bench_sparse(p: Profile, work: Path, device: str, teacher: str | None) -> dict[str, Any]:
     from kdcache.dump import DumpConfig, dump_logits
     from kdcache.store import open_store
@@ -348,7 +364,7 @@ def _bench_teacher(p: Profile, work: Path, device: str) -> Path:
 
 def run_bench(quick: bool = False, only: list[str] | None = None, device: str = "auto",
               json_path: str | None = None, echo: Callable[[str], None] = print,
-              teacher: str | None = None) -> dict[str, Any]:
+              teacher: str | None = None, logit_stores: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmarks named in ``only`` (all by default), print a table each, return (and write) JSON."""
     p = QUICK if quick else FULL
     chosen = only or list(BENCHES)
@@ -393,10 +409,17 @@ def run_bench(quick: bool = False, only: list[str] | None = None, device: str = 
                 echo(f"  caching wins from K = {r['caching_wins_from_K']}\n")
             elif name == "sparse":
                 r = bench_sparse(p, work, device, teacher)
+                r["stores"] = [store_fidelity(s) for s in logit_stores or []]
                 for key, title in (("mnist", "MNIST teacher, 10 classes"), ("long_tail_5000", "synthetic long-tail "
                                                                                             "teacher, 5000 classes")):
                     echo(_table(f"sparse top-k ({title}): KL to the full p_T, with the exact tail bucket against "
                                 f"top-k renormalised without it", r[key],
+                                ["k", "T", "bytes_per_row_topk", "bytes_per_row_dense", "tail_mass",
+                                 "kl_full_vs_topk_with_tail", "kl_topk_renormalised_vs_full",
+                                 "kl_full_vs_topk_renormalised"]))
+                for f in r["stores"]:
+                    echo(_table(f"sparse top-k ({f['teacher']} on {f['dataset']}, {f['classes']} classes, first "
+                                f"{f['rows']} {'positions' if f['per_token'] else 'rows'} of {f['store']})", f["table"],
                                 ["k", "T", "bytes_per_row_topk", "bytes_per_row_dense", "tail_mass",
                                  "kl_full_vs_topk_with_tail", "kl_topk_renormalised_vs_full",
                                  "kl_full_vs_topk_renormalised"]))

@@ -199,8 +199,10 @@ def report_cmd(run_dirs: tuple[str, ...], out: str | None, plot_path: str | None
 @click.option("--profile", default=None, help="A profile of the file, e.g. quick.")
 @click.option("--quick", is_flag=True, help="Same as --profile quick.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the commands, run nothing.")
+@click.option("--set", "overrides", multiple=True, metavar="NAME=VALUE",
+              help="Override a variable of the file's vars (after the profile), e.g. --set corpus=my.txt.")
 @_friendly
-def run_cmd(pipeline_file: str, profile: str | None, quick: bool, dry_run: bool) -> None:
+def run_cmd(pipeline_file: str, profile: str | None, quick: bool, dry_run: bool, overrides: tuple[str, ...]) -> None:
     """Run a pipeline of kdcache commands; steps whose inputs did not change are skipped.
 
     \b
@@ -212,7 +214,13 @@ def run_cmd(pipeline_file: str, profile: str | None, quick: bool, dry_run: bool)
         if profile and profile != "quick":
             raise click.UsageError("--quick and --profile name different profiles; give one")
         profile = "quick"
-    Runner(load_pipeline(pipeline_file, profile)).run(dry_run=dry_run, echo=click.echo)
+    sets = {}
+    for item in overrides:
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            raise click.UsageError(f"--set {item!r}: expected NAME=VALUE")
+        sets[name.strip()] = value
+    Runner(load_pipeline(pipeline_file, profile, sets)).run(dry_run=dry_run, echo=click.echo)
 
 
 @cli.command("bench")
@@ -224,10 +232,13 @@ def run_cmd(pipeline_file: str, profile: str | None, quick: bool, dry_run: bool)
               help="Run only these benchmarks (repeatable).")
 @click.option("--teacher", default=None,
               help="An MNIST teacher for the storage and sparse figures [default: one trained briefly].")
+@click.option("--logits", "logit_stores", multiple=True, metavar="STORE",
+              help="sparse: also measure top-k against full p_T on the first 4000 rows of this dense store "
+                   "(repeatable), e.g. a large-vocabulary teacher's.")
 @data_root_option
 @_friendly
 def bench_cmd(quick: bool, json_path: str | None, device: str, only: tuple[str, ...], teacher: str | None,
-              data_root: str | None) -> None:
+              logit_stores: tuple[str, ...], data_root: str | None) -> None:
     """Time every stage side by side with its physical limit, and cached against online distillation.
 
     Each benchmark alternates its two sides over several repetitions and reports medians and
@@ -236,12 +247,14 @@ def bench_cmd(quick: bool, json_path: str | None, device: str, only: tuple[str, 
     \b
     kdcache bench --quick
     kdcache bench --json bench.json
+    kdcache bench --only sparse --logits runs/text_sparse/test-dense.zarr
     """
     import os
     from kdcache.bench import run_bench
     if data_root:
         os.environ["KDCACHE_DATA"] = data_root
-    run_bench(quick, list(only) or None, device, json_path, echo=click.echo, teacher=teacher)
+    run_bench(quick, list(only) or None, device, json_path, echo=click.echo, teacher=teacher,
+              logit_stores=list(logit_stores))
 
 
 @cli.command("inspect")

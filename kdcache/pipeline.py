@@ -72,8 +72,10 @@ def _params(cmd: click.Command) -> dict[str, click.Parameter]:
     return out
 
 
-def load_pipeline(path: str, profile: str | None = None) -> Pipeline:
-    """Parse and validate a pipeline file; every error names the file, the key and the line."""
+def load_pipeline(path: str, profile: str | None = None, overrides: dict[str, str] | None = None) -> Pipeline:
+    """Parse and validate a pipeline file; every error names the file, the key and the line.
+
+    ``overrides`` (``kdcache run --set NAME=VALUE``) replace declared variables after the profile's."""
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"pipeline file {path!r} does not exist")
@@ -110,6 +112,15 @@ def load_pipeline(path: str, profile: str | None = None) -> Pipeline:
             if k not in variables:
                 raise err(("profiles", profile, k), "sets a variable that vars does not declare")
             variables[k] = v
+    for k, v in (overrides or {}).items():
+        if k not in variables:
+            raise ConfigError(f"{path}: --set {k}=...: the file declares no variable {k!r}; it has "
+                              f"{', '.join(variables) or 'none'}")
+        try:
+            parsed = yaml.safe_load(v)
+        except yaml.YAMLError:
+            parsed = v
+        variables[k] = parsed if isinstance(parsed, (int, float, bool)) else v  # numbers stay numbers
     steps_raw = data.get("steps")
     if not isinstance(steps_raw, list) or not steps_raw:
         raise err(("steps",), "expected a non-empty list of steps")
@@ -171,6 +182,8 @@ def load_pipeline(path: str, profile: str | None = None) -> Pipeline:
                 known = sorted({o.lstrip("-") for p in cmd.params for o in getattr(p, "opts", []) if o != "--help"})
                 raise err(keys, f"{command} has no option {k!r}; known: {', '.join(known)}")
             v = resolve(v, keys)
+            if v is None:  # null: the command's default (unsets an option a YAML merge brought in)
+                continue
             options[param.name] = _check_value(param, v, lambda m: err(keys, m))
         for param in cmd.params:
             if param.required and param.name not in options:

@@ -37,6 +37,7 @@ def collect_runs(dirs: list[str]) -> list[dict[str, Any]]:
                 "temperature": config["temperature"] if config.get("store") else None, "alpha": config["alpha"],
                 "seed": config["seed"], "epochs": len(metrics), "test_errors": last.get("eval_errors"),
                 "test_accuracy": last.get("eval_accuracy"), "teacher_agreement": last.get("teacher_agreement"),
+                "test_perplexity": last.get("eval_perplexity"),
                 "wall_seconds": sum(m["seconds"] for m in metrics)})
     runs.sort(key=lambda r: (dirs.index(r["group"]), r["temperature"] or 0, r["alpha"], r["seed"]))
     return runs
@@ -47,12 +48,16 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 def markdown(runs: list[dict[str, Any]], roles: dict[str, str] | None = None, paper: str | None = None) -> str:
-    lines = ["| run | teacher | student | T | alpha | test errors | accuracy | agreement | epochs | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    ppl = any(r.get("test_perplexity") is not None for r in runs)  # token-level runs (sequence data)
+    lines = ["| run | teacher | student | T | alpha | test errors | accuracy | agreement |"
+             + (" perplexity |" if ppl else "") + " epochs | wall s |",
+             "|" + "---|" * (11 if ppl else 10)]
     for r in runs:
         lines.append(f"| {r['dir']} | {r['teacher']} | {r['student']} | {_fmt(r['temperature'], 'g')} | "
                      f"{r['alpha']:g} | {_fmt(r['test_errors'], 'd')} | {_fmt(r['test_accuracy'], '.4f')} | "
-                     f"{_fmt(r['teacher_agreement'], '.4f')} | {r['epochs']} | {r['wall_seconds']:.0f} |")
+                     f"{_fmt(r['teacher_agreement'], '.4f')} |"
+                     + (f" {_fmt(r.get('test_perplexity'), '.2f')} |" if ppl else "")
+                     + f" {r['epochs']} | {r['wall_seconds']:.0f} |")
     if paper:
         if paper not in PAPERS:
             raise KdcacheError(f"--paper {paper!r} is unknown; known: {', '.join(PAPERS)}")

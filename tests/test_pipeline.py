@@ -140,3 +140,28 @@ def test_line_number_points_at_the_key(tmp_path):
     f.write_text("\n".join(lines))
     with pytest.raises(ConfigError, match=rf"tiny.yaml:{n + 2}: steps\[2\]\.with\.temprature"):
         load_pipeline(str(f))
+
+
+def test_quick_text_pipeline_distils_a_sequence_teacher_from_every_layout(tmp_path):
+    """The shipped large-vocabulary pipeline, quick profile, run from a copy of the repo's README."""
+    (tmp_path / "README.md").write_text((ROOT / "README.md").read_text())
+    (tmp_path / "pipelines").mkdir()
+    (tmp_path / "pipelines" / "text_sparse.yaml").write_text((ROOT / "pipelines" / "text_sparse.yaml").read_text())
+    run_kdcache("run", "pipelines/text_sparse.yaml", "--quick", cwd=str(tmp_path))
+    report = (tmp_path / "runs" / "text_sparse-quick" / "report.md").read_text()
+    assert "perplexity" in report and report.count("lstm:16,32") == 6
+    from kdcache.store import open_store
+    assert open_store(str(tmp_path / "runs" / "text_sparse-quick" / "top5.zarr")).manifest.per_token
+
+
+def test_set_overrides_a_variable_and_null_unsets_an_option(tmp_path):
+    f = tmp_path / "p.yaml"
+    text = TINY.replace("{root}", str(tmp_path / "runs")).replace("{temps}", "2")
+    f.write_text(text.replace("      out: ${vars.root}/teacher",
+                                                    "      out: ${vars.root}/teacher\n      subset: null"))
+    p = load_pipeline(str(f), None, {"epochs": "3"})
+    assert p.steps[0].options["epochs"] == 3 and "subset" not in p.steps[0].options
+    with pytest.raises(ConfigError, match="declares no variable 'epoch'"):
+        load_pipeline(str(f), None, {"epoch": "3"})
+    out = run_kdcache("run", str(f), "--dry-run", "--set", "epochs=2").stdout
+    assert "--epochs 2" in out
