@@ -39,11 +39,13 @@ def test_every_readme_command_runs(tmp_path):
     commands = [line for b in blocks("bash") for line in b.strip().splitlines() if line.strip()]
     assert len(commands) >= 10
     (tmp_path / "pipelines").symlink_to(ROOT / "pipelines")  # the README runs from the repository's root
+    (tmp_path / "README.md").symlink_to(ROOT / "README.md")  # the text corpus of the sequence example
     for line in commands:
         p = subprocess.run(shlex.split(line), cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, f"README command failed: {line}\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
     assert (tmp_path / "runs/tour/students/T20-a0.9-s0/model.safetensors").exists()
     assert "| 20 | 0.9 |" in (tmp_path / "runs/tour/report.md").read_text()
+    assert (tmp_path / "runs/tour/lm-student/model.safetensors").exists()
     (snippet,) = blocks("python")
     p = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env=env(), capture_output=True, text=True,
                        timeout=600)
