@@ -106,12 +106,13 @@ class _ChunkBatches(Sampler):
 
 
 class _SequenceChunkBatches(Sampler):
-    """A per-token store's batches: the sequences whose positions fall in each chunk, ``batch_size``
-    sequences at a time from the chunk's first one (a sequence cut by a chunk boundary is run for
-    both chunks, each keeping its own positions), so a chunk always sees the same batches."""
+    """A per-token store's batches: the sequences whose positions fall in each unit (a group of
+    ``unit_rows`` rows, whole chunks), ``batch_size`` sequences at a time from the unit's first one
+    (a sequence cut by a unit boundary is run for both units, each keeping its own positions), so a
+    unit always sees the same batches and a resumed dump writes the same bytes."""
 
-    def __init__(self, index: "SequenceIndex", chunks: list[int], chunk_rows: int, batch_size: int) -> None:
-        self.index, self.chunks, self.chunk_rows, self.batch_size = index, chunks, chunk_rows, batch_size
+    def __init__(self, index: "SequenceIndex", units: list[int], unit_rows: int, batch_size: int) -> None:
+        self.index, self.chunks, self.chunk_rows, self.batch_size = index, units, unit_rows, batch_size
 
     def _span(self, c: int) -> tuple[int, int]:
         off = self.index.offsets
@@ -149,11 +150,12 @@ class SequenceIndex:
 class _Writer(threading.Thread):
     """Assembles batches into chunks and writes them, so the teacher never waits on the disk."""
 
-    def __init__(self, store: LogitStore, rows: np.ndarray, num_members: int,
-                 index: SequenceIndex | None = None) -> None:
+    def __init__(self, store: LogitStore, rows: np.ndarray, num_members: int, written: np.ndarray,
+                 index: SequenceIndex | None = None, unit_rows: int | None = None) -> None:
         super().__init__(daemon=True, name="kdcache-writer")
         self.encode = layout_encoder(store.manifest)
-        self.store, self.rows, self.index = store, rows, index
+        self.store, self.rows, self.index, self.written = store, rows, index, written
+        self.unit_rows = unit_rows or store.manifest.chunk_rows
         self.q: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
         self.error: BaseException | None = None
         self.rows_written = 0
@@ -180,27 +182,33 @@ class _Writer(threading.Thread):
             while self.q.get() is not None:  # drain, so the producer never blocks
                 pass
 
-    def _take(self, chunk: int, pos: int, logits: torch.Tensor, labels: torch.Tensor,
+    def _take(self, unit: int, pos: int, logits: torch.Tensor, labels: torch.Tensor,
               event: Any, last: bool) -> None:
         if event is not None:
             event.synchronize()
         self._parts.append((logits.numpy(), labels.numpy()))
         if not last:
             return
-        cr = self.store.manifest.chunk_rows
-        start = chunk * cr
+        start = unit * self.unit_rows
         z = np.concatenate([p[0] for p in self._parts])
         y = np.concatenate([p[1] for p in self._parts])
         self._parts = []
-        ids = self.rows[start:start + len(z)] if self.index is None else self.index.sample_ids(start, start + len(z))
-        self.store.write_block(start, self.encode(chunk, z), ids, y)
-        self.rows_written += len(z)
-        has = y >= 0
-        if has.any():
-            zl, yl = z[has].astype(np.float32), y[has]
-            self.correct[:-1] += (zl.argmax(-1) == yl[:, None]).sum(0)
-            self.correct[-1] += (_mean_prob(zl).argmax(-1) == yl).sum()
-            self.labelled += int(has.sum())
+        cr = self.store.manifest.chunk_rows
+        for a in range(0, len(z), cr):  # a unit is one chunk, or for per-token stores a group of them
+            c = (start + a) // cr
+            if self.written[c]:
+                continue  # written by an earlier run: a partly written group is recomputed, never rewritten
+            zc, yc = z[a:a + cr], y[a:a + cr]
+            ids = (self.rows[start + a:start + a + len(zc)] if self.index is None
+                   else self.index.sample_ids(start + a, start + a + len(zc)))
+            self.store.write_block(start + a, self.encode(c, zc), ids, yc)
+            self.rows_written += len(zc)
+            has = yc >= 0
+            if has.any():
+                zl, yl = zc[has].astype(np.float32), yc[has]
+                self.correct[:-1] += (zl.argmax(-1) == yl[:, None]).sum(0)
+                self.correct[-1] += (_mean_prob(zl).argmax(-1) == yl).sum()
+                self.labelled += int(has.sum())
 
     def finish(self) -> None:
         self.q.put(None)
@@ -363,21 +371,27 @@ def dump_logits(cfg: DumpConfig) -> DumpSummary:
         else:
             store = create_store(path, manifest, fmt, overwrite=cfg.overwrite, sequence_index=seq_arrays)
         written = store.written_chunks()
-        # ranks own groups of INDEX_CHUNK_FACTOR chunks: one chunk of sample_ids/labels has one writer
-        mine = [c for c in range(manifest.num_chunks)
-                if (c // INDEX_CHUNK_FACTOR) % info.world_size == info.rank and not written[c]]
+        # The unit of work: a chunk, or for a per-token store a group of chunks holding about a batch of
+        # sequences (so a batch is not cut to the few sequences of one small chunk). Ranks own groups of
+        # INDEX_CHUNK_FACTOR chunks: one chunk of sample_ids/labels has one writer.
+        unit_chunks = 1 if index is None else _token_unit_chunks(manifest, cfg.batch_size)
+        unit_rows = unit_chunks * manifest.chunk_rows
+        num_units = -(-manifest.num_chunks // unit_chunks)
+        owner = (lambda u: (u // INDEX_CHUNK_FACTOR) % info.world_size) if index is None else (
+            lambda u: u % info.world_size)
+        mine = [u for u in range(num_units)
+                if owner(u) == info.rank and not written[u * unit_chunks:(u + 1) * unit_chunks].all()]
         resumed = int(written.sum()) if info.is_main else 0
-        writer = _Writer(store, rows, len(members), index)
+        writer = _Writer(store, rows, len(members), written, index, unit_rows)
         writer.start()
         sampler = (_ChunkBatches(rows, mine, manifest.chunk_rows, cfg.batch_size) if index is None
-                   else _SequenceChunkBatches(index, mine, manifest.chunk_rows, cfg.batch_size))
+                   else _SequenceChunkBatches(index, mine, unit_rows, cfg.batch_size))
         loader = DataLoader(_Batches(dataset.dataset), sampler=sampler, batch_size=None, num_workers=cfg.workers,
                             pin_memory=device.type == "cuda", persistent_workers=False,
                             prefetch_factor=4 if cfg.workers else None)
         show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
         n = manifest.num_samples
-        bar = _progress(sum(min((c + 1) * manifest.chunk_rows, n) - c * manifest.chunk_rows for c in mine),
-                        show and info.is_main)
+        bar = _progress(sum(min((u + 1) * unit_rows, n) - u * unit_rows for u in mine), show and info.is_main)
         modules = [m.module for m in members]
         try:
             with torch.inference_mode(), _autocast(device, cfg.amp):
@@ -386,7 +400,7 @@ def dump_logits(cfg: DumpConfig) -> DumpSummary:
                     if index is None:
                         logits = torch.stack([mod(x) for mod in modules], dim=1).float()
                     else:
-                        logits, y, pos = _token_rows(modules, x, y, index, chunk, pos, manifest.chunk_rows, device)
+                        logits, y, pos = _token_rows(modules, x, y, index, chunk, pos, unit_rows, device)
                     event = None
                     if device.type == "cuda":
                         host = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=True)
@@ -394,7 +408,7 @@ def dump_logits(cfg: DumpConfig) -> DumpSummary:
                         event = torch.cuda.Event()
                         event.record()
                         logits = host
-                    last = pos + len(y) >= min(manifest.chunk_rows, n - chunk * manifest.chunk_rows)
+                    last = pos + len(y) >= min(unit_rows, n - chunk * unit_rows)
                     writer.put((chunk, pos, logits, y, event, last))
                     bar.update(len(y))
         finally:
@@ -417,6 +431,14 @@ def dump_logits(cfg: DumpConfig) -> DumpSummary:
                            accuracy[:-1], accuracy[-1], resumed)
     finally:
         shutdown(info)
+
+
+def _token_unit_chunks(m: Manifest, batch_size: int) -> int:
+    """Chunks per unit of work of a per-token dump: a multiple of INDEX_CHUNK_FACTOR holding about
+    ``batch_size`` sequences of the longest length."""
+    target = batch_size * m.sequences["max_length"]
+    group = INDEX_CHUNK_FACTOR * m.chunk_rows
+    return INDEX_CHUNK_FACTOR * max(1, -(-target // group))
 
 
 def _token_rows(modules: list[torch.nn.Module], x: torch.Tensor, y: torch.Tensor, index: SequenceIndex, chunk: int,
