@@ -22,6 +22,7 @@ _LAZY = {
     "DumpConfig": "kdcache.dump", "dump_logits": "kdcache.dump",
     "TrainConfig": "kdcache.train", "train_students": "kdcache.train",
     "SparseTargets": "kdcache.sparse",
+    "TextSequences": "kdcache.text", "is_sequence_dataset": "kdcache.text",
 }
 
 __all__ = ["__version__", "KdcacheError", "StoreError", "SpecError", "ConfigError", "FORMAT_VERSION",

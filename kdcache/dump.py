@@ -24,6 +24,7 @@ from kdcache.store import LogitStore, Manifest, create_store, default_chunk_rows
 from kdcache.subset import resolve_subset
 
 QUEUE_BATCHES = 8
+QUEUE_BYTES = 256 << 20
 
 
 @dataclass
@@ -157,6 +158,8 @@ class _Writer(threading.Thread):
         self.store, self.rows, self.index, self.written = store, rows, index, written
         self.unit_rows = unit_rows or store.manifest.chunk_rows
         self.q: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
+        self.queued_bytes = 0  # logits waiting in the queue: bounded by QUEUE_BYTES (beyond one batch)
+        self._room = threading.Condition()
         self.error: BaseException | None = None
         self.rows_written = 0
         self.correct = np.zeros(num_members + 1, dtype=np.int64)
@@ -164,6 +167,11 @@ class _Writer(threading.Thread):
         self._parts: list[Any] = []
 
     def put(self, item: Any) -> None:
+        nbytes = item[2].nbytes
+        with self._room:  # a large-vocabulary batch is big: queue at most QUEUE_BYTES of them (or one)
+            while self.queued_bytes and self.queued_bytes + nbytes > QUEUE_BYTES and self.error is None:
+                self._room.wait(0.5)
+            self.queued_bytes += nbytes
         while True:
             if self.error is not None:
                 raise self.error
@@ -176,6 +184,9 @@ class _Writer(threading.Thread):
     def run(self) -> None:
         try:
             while (item := self.q.get()) is not None:
+                with self._room:
+                    self.queued_bytes -= item[2].nbytes
+                    self._room.notify()
                 self._take(*item)
         except BaseException as e:  # surfaced on the main thread by put() / finish()
             self.error = e

@@ -220,3 +220,20 @@ def test_torchrun_two_ranks_write_the_same_token_store(corpus, tmp_path):
     np.testing.assert_array_equal(a.digests(), b.digests())
     for x, y in zip(a.sequence_index(), b.sequence_index()):
         np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow
+def test_torchrun_training_on_a_token_store_sees_every_sequence_once(corpus, tmp_path):
+    store = str(tmp_path / "t.zarr")
+    run_kdcache("dump-logits", "--teacher", TEACHER, "--dataset", corpus, "--out", store, "--chunk-rows", "64")
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "KDCACHE_DATA": DATA_ROOT}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kdcache",
+           "train-student", "--dataset", corpus, "--store", store, "--student", "lstm:16,32", "--epochs", "2",
+           "--batch-size", "8", "--device", "cpu", "--optimizer", "adam", "--lr", "0.01", "--out", str(out)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    hist = json.loads((out / "metrics.json").read_text())
+    s = open_store(store)
+    assert all(h["coverage_ok"] and h["samples_seen"] == s.manifest.sequences["count"]
+               and h["positions_seen"] == s.num_samples for h in hist)
