@@ -190,6 +190,45 @@ class TestStoreConformance:
         assert problems == ["chunks 2 do not match their stored sha256"]
 
 
+    def test_per_token_store_keeps_its_sequence_index(self, store_path):
+        from kdcache.store.format import sequence_lengths_digest
+        lengths = np.array([5, 1, 17, 3, 9, 40, 2, 11], dtype=np.int64)
+        seq_ids = np.array([7, 0, 3, 12, 5, 1, 9, 4], dtype=np.int64)  # a subset, in the writer's order
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        seqs = {"count": len(lengths), "max_length": int(lengths.max()),
+                "lengths_sha256": sequence_lengths_digest(lengths)}
+        m = make_manifest(n=int(lengths.sum()), chunk_rows=16, sequences=seqs)
+        z, _, y = make_rows(m)
+        ids = np.repeat(seq_ids, lengths)
+        with pytest.raises(StoreError, match="sequence index"):
+            create_store(store_path, m)
+        s = create_store(store_path, m, sequence_index=(seq_ids, offsets))
+        write_all(s, z, ids, y, chunks=[0, 1])
+        s.close()
+        s = create_store(store_path, m, sequence_index=(seq_ids, offsets))  # resumes the same thing
+        write_all(s, z, ids, y, chunks=range(2, m.num_chunks))
+        s.mark_complete()
+        s.close()
+        r = open_store(store_path)
+        assert r.manifest.per_token and r.manifest.sequences == seqs and r.verify() == []
+        got_ids, got_off = r.sequence_index()
+        np.testing.assert_array_equal(got_ids, seq_ids)
+        np.testing.assert_array_equal(got_off, offsets)
+        blk = r.read_sequences(2, 4)  # crosses a chunk boundary
+        np.testing.assert_array_equal(blk.logits, z[offsets[2]:offsets[4]])
+        assert set(blk.sample_ids) == {3, 12}
+        r.close()
+        other = dict(seqs, lengths_sha256=sequence_lengths_digest(lengths[::-1]))
+        with pytest.raises(StoreError, match="complete store"):
+            create_store(store_path, make_manifest(n=m.num_samples, chunk_rows=16, sequences=other),
+                         sequence_index=(seq_ids, offsets))
+
+    def test_row_per_sample_manifest_has_no_sequences_field(self, store_path):
+        s = create_store(store_path, make_manifest())
+        assert "sequences" not in s.manifest.to_dict()  # as before per-token stores existed
+        assert not s.manifest.per_token
+
+
 def test_never_deletes_something_that_is_not_a_store(tmp_path):
     d = tmp_path / "precious.zarr"
     d.mkdir()
