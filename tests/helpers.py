@@ -12,6 +12,16 @@ from torch.utils.data import Dataset
 SYNTH = "synthetic:n=2000,dim=16,classes=5"
 
 
+def _count_batch() -> None:
+    """When KDCACHE_TEST_COUNTER is set: sleep, then count this batch in that file (a test kills the
+    process once enough batches ran)."""
+    counter = os.environ.get("KDCACHE_TEST_COUNTER")
+    if counter:
+        time.sleep(float(os.environ.get("KDCACHE_TEST_DELAY", "0.05")))
+        with open(counter, "a") as f:
+            f.write(".")
+
+
 class SlowLinear(nn.Module):
     """A seeded linear teacher; when KDCACHE_TEST_COUNTER is set, each batch sleeps and is counted in
     that file, so a test can kill the process mid-dump."""
@@ -25,11 +35,7 @@ class SlowLinear(nn.Module):
             self.lin.bias.copy_(torch.randn(classes, generator=g))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        counter = os.environ.get("KDCACHE_TEST_COUNTER")
-        if counter:
-            time.sleep(float(os.environ.get("KDCACHE_TEST_DELAY", "0.05")))
-            with open(counter, "a") as f:
-                f.write(".")
+        _count_batch()
         return self.lin(x)
 
 
@@ -106,11 +112,7 @@ class TokenTeacher(nn.Module):
             self.before.weight.copy_(torch.randn(vocab, vocab, generator=g))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        counter = os.environ.get("KDCACHE_TEST_COUNTER")
-        if counter:
-            time.sleep(float(os.environ.get("KDCACHE_TEST_DELAY", "0.05")))
-            with open(counter, "a") as f:
-                f.write(".")
+        _count_batch()
         prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
         return self.now(x) + self.before(prev)
 
