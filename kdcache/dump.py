@@ -113,22 +113,23 @@ class _SequenceChunkBatches(Sampler):
     unit always sees the same batches and a resumed dump writes the same bytes."""
 
     def __init__(self, index: "SequenceIndex", units: list[int], unit_rows: int, batch_size: int) -> None:
-        self.index, self.chunks, self.chunk_rows, self.batch_size = index, units, unit_rows, batch_size
+        self.index, self.units, self.unit_rows, self.batch_size = index, units, unit_rows, batch_size
 
-    def _span(self, c: int) -> tuple[int, int]:
+    def _span(self, u: int) -> tuple[int, int]:
+        """The sequences ``first:stop`` with a position in unit ``u``."""
         off = self.index.offsets
-        a, b = c * self.chunk_rows, min((c + 1) * self.chunk_rows, int(off[-1]))
+        a, b = u * self.unit_rows, min((u + 1) * self.unit_rows, int(off[-1]))
         return int(np.searchsorted(off, a, side="right")) - 1, int(np.searchsorted(off, b, side="left"))
 
     def __iter__(self) -> Iterator[tuple[int, tuple[int, int], np.ndarray]]:
-        for c in self.chunks:
-            first, stop = self._span(c)
+        for u in self.units:
+            first, stop = self._span(u)
             for s in range(first, stop, self.batch_size):
                 e = min(s + self.batch_size, stop)
-                yield c, (s, e), self.index.ids[s:e]
+                yield u, (s, e), self.index.ids[s:e]
 
     def __len__(self) -> int:
-        return sum(-(-(b - a) // self.batch_size) for a, b in map(self._span, self.chunks))
+        return sum(-(-(b - a) // self.batch_size) for a, b in map(self._span, self.units))
 
 
 @dataclass
@@ -141,11 +142,6 @@ class SequenceIndex:
 
     def sample_ids(self, start: int, stop: int) -> np.ndarray:
         return self.ids[np.searchsorted(self.offsets, np.arange(start, stop), side="right") - 1]
-
-    def positions(self, first: int, stop: int, width: int) -> torch.Tensor:
-        """``[stop - first, width]`` bool: the real (stored) positions of sequences ``first:stop``."""
-        lengths = torch.from_numpy(np.diff(self.offsets[first:stop + 1]))
-        return torch.arange(width)[None, :] < lengths[:, None]
 
 
 class _Writer(threading.Thread):
@@ -452,25 +448,25 @@ def _token_unit_chunks(m: Manifest, batch_size: int) -> int:
     return INDEX_CHUNK_FACTOR * max(1, -(-target // group))
 
 
-def _token_rows(modules: list[torch.nn.Module], x: torch.Tensor, y: torch.Tensor, index: SequenceIndex, chunk: int,
-                span: tuple[int, int], chunk_rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Run a batch of sequences and keep the rows of their real positions that fall in ``chunk``:
-    ``([rows, members, classes], [rows], first row's position in the chunk)``. Padding is dropped here,
-    on the device, before anything is copied."""
+def _token_rows(modules: list[torch.nn.Module], x: torch.Tensor, y: torch.Tensor, index: SequenceIndex, unit: int,
+                span: tuple[int, int], unit_rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Run a batch of sequences and keep the rows of their real positions that fall in ``unit``:
+    ``([rows, members, classes], [rows], first row's position in the unit)``. Which rows to keep is
+    worked out on the host, so selecting them on the device drops padding without a sync."""
     first, stop = span
-    mask = index.positions(first, stop, x.shape[1])
     lengths = np.diff(index.offsets[first:stop + 1])
     if x.shape[1] < lengths.max():
         raise KdcacheError(f"the dataset's batch is {x.shape[1]} positions wide but its lengths() says "
                            f"{int(lengths.max())}; get_batch must pad to at least the longest length")
-    out = torch.stack([mod(x) for mod in modules], dim=2)  # [batch, length, members, classes]
-    mask_d = mask.to(device)
-    z = out[mask_d].float()
-    labels = y.to(device)[mask_d].cpu() if y.ndim == 2 else y.repeat_interleave(torch.from_numpy(lengths))
     base = int(index.offsets[first])
-    a, b = chunk * chunk_rows, min((chunk + 1) * chunk_rows, int(index.offsets[-1]))
+    a, b = unit * unit_rows, min((unit + 1) * unit_rows, int(index.offsets[-1]))
     lo, hi = max(a, base) - base, min(b, int(index.offsets[stop])) - base
-    return z[lo:hi], labels[lo:hi], max(a, base) - a
+    real = torch.arange(x.shape[1])[None, :] < torch.from_numpy(lengths)[:, None]
+    keep = real.flatten().nonzero()[lo:hi, 0]  # flat [batch * length] positions of this unit's rows
+    out = torch.stack([mod(x) for mod in modules], dim=2).flatten(0, 1)  # [batch * length, members, classes]
+    z = out.index_select(0, keep.to(device, non_blocking=True)).float()
+    labels = y.reshape(-1)[keep] if y.ndim == 2 else y.repeat_interleave(torch.from_numpy(lengths))[lo:hi]
+    return z, labels, max(a, base) - a
 
 
 def _gather_counts(writer: _Writer, info: DistInfo) -> tuple[list[float | None], int]:

@@ -131,8 +131,7 @@ class DistillStream(IterableDataset):
             reads = [self.store.read(a, b) for a, b in blocks[w:w + self.window_blocks]]
             if carry is not None:
                 reads.insert(0, carry)
-            window = Block(0, {k: np.concatenate([r.data[k] for r in reads]) for k in reads[0].data},
-                           np.concatenate([r.sample_ids for r in reads]), np.concatenate([r.labels for r in reads]))
+            window = _concat(reads)
             order = rng.permutation(len(window)) if self.shuffle else np.arange(len(window))
             full = len(order) // self.batch_size * self.batch_size
             for a in range(0, full, self.batch_size):
@@ -152,8 +151,7 @@ class DistillStream(IterableDataset):
             if carry is not None:
                 parts.insert(0, carry)
             reads = [p[0] for p in parts]
-            window = Block(0, {k: np.concatenate([r.data[k] for r in reads]) for k in reads[0].data},
-                           np.concatenate([r.sample_ids for r in reads]), np.concatenate([r.labels for r in reads]))
+            window = _concat(reads)
             seq_ids = np.concatenate([p[1] for p in parts])
             lengths = np.concatenate([p[2] for p in parts])
             starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
@@ -201,6 +199,12 @@ class DistillStream(IterableDataset):
             return torch.from_numpy(d["logits"][sel].astype(np.float32))
         from kdcache.sparse import targets_from_arrays
         return targets_from_arrays(m, {k: v[sel] for k, v in d.items()}, self.allow_interpolation, self.store.path)
+
+
+def _concat(blocks: list[Block]) -> Block:
+    """One in-memory block of the rows of ``blocks``, in order (a shuffle window)."""
+    return Block(0, {k: np.concatenate([b.data[k] for b in blocks]) for k in blocks[0].data},
+                 np.concatenate([b.sample_ids for b in blocks]), np.concatenate([b.labels for b in blocks]))
 
 
 def _rows_of(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

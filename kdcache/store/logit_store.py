@@ -337,7 +337,7 @@ class LogitStore:
         try:
             ids, offsets = self.sequence_index()
         except StoreError as e:
-            return [str(e).split(": ", 1)[1]]
+            return [str(e)]
         if len(np.unique(ids)) != len(ids):
             problems.append("sequence_ids repeat a sequence")
         if sequence_lengths_digest(np.diff(offsets)) != m.sequences["lengths_sha256"]:
