@@ -24,7 +24,8 @@ def check_pairing(store: LogitStore, dataset: Any, spec: str | None = None) -> N
     data = dataset.dataset if isinstance(dataset, ResolvedDataset) else dataset
     if len(data) != want["length"]:
         raise StoreError(
-            f"store {store.path!r} was written from {want['length']} samples of {want['spec']!r} but the dataset "
+            f"store {store.path!r} was written from {want['length']} "
+            f"{'sequences' if store.manifest.per_token else 'samples'} of {want['spec']!r} but the dataset "
             f"given ({name}) has {len(data)}; pass the dataset the store was dumped from")
     fp = dataset.fingerprint if isinstance(dataset, ResolvedDataset) else fingerprint(data)
     if fp != want["fingerprint"]:
