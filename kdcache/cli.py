@@ -124,7 +124,7 @@ def dump_logits_cmd(**kw: Any) -> None:
 @click.option("--epochs", type=click.IntRange(1), default=10, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True)
-@click.option("--lr", type=float, default=0.05, show_default=True)
+@click.option("--lr", "lrs", default="0.05", show_default=True, help="Learning rate, or a list for a sweep.")
 @click.option("--momentum", type=float, default=0.9, show_default=True)
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True)
@@ -140,17 +140,27 @@ def dump_logits_cmd(**kw: Any) -> None:
               help="Sparse stores: serve a temperature between grid points, interpolated (not exact).")
 @click.option("--sweep-dirs/--no-sweep-dirs", default=None,
               help="One sub-directory per run [default: only when there are several runs].")
+@click.option("--stack/--no-stack", default=True, show_default=True,
+              help="Train the students of a sweep as one stacked model (one forward and backward for all).")
+@click.option("--stack-group", type=click.IntRange(1), default=None,
+              help="At most N students per stack [default: as many as half the free memory holds].")
+@click.option("--amp", type=click.Choice(["off", "bf16"]), default="off", show_default=True,
+              help="bf16: the students' forward and backward under autocast.")
+@click.option("--checkpoint-every", type=click.IntRange(0), default=0, show_default=True,
+              help="Also checkpoint every N steps (0: at epoch ends only). A rerun of the command resumes.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--workers", type=click.IntRange(0), default=0, show_default=True)
-@click.option("--overwrite", is_flag=True, help="Replace results already in --out.")
+@click.option("--overwrite", is_flag=True, help="Replace results (and checkpoints) already in --out.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars [default: on a terminal].")
 @data_root_option
 @_friendly
 def train_student_cmd(**kw: Any) -> None:
     """Train students from cached teacher logits, temperature applied at load time.
 
-    Lists of temperatures, alphas and seeds train one student per combination, all in one pass
-    over the stream. Under `torchrun --standalone --nproc-per-node N --no-python kdcache train-student ...`
+    Lists of temperatures, alphas, seeds and learning rates train one student per combination, all in
+    one pass over the stream; students of one architecture train as one stacked model. Checkpoints
+    are written at epoch ends (and every --checkpoint-every steps): killed, the same command resumes
+    and ends with the weights an uninterrupted run would have. Under `torchrun --standalone --nproc-per-node N --no-python kdcache train-student ...`
     each rank streams its share of the store (DistributedDataParallel).
 
     \b
@@ -164,6 +174,7 @@ def train_student_cmd(**kw: Any) -> None:
     kw["temperatures"] = _floats(kw["temperatures"], "--temperature") if kw["temperatures"] else None
     kw["alphas"] = _floats(kw["alphas"], "--alpha") if kw["alphas"] else None
     kw["seeds"] = _ints(kw["seeds"], "--seed")
+    kw["lrs"] = _floats(kw["lrs"], "--lr")
     kw["members"] = _ints(kw["members"], "--members")
     results = train_students(TrainConfig(**kw))
     if int(os.environ.get("RANK", "0")) == 0:

@@ -81,8 +81,60 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: Any, labels:
         loss = loss + alpha * temperature ** 2 * kl
     if alpha < 1:
         labelled = labels >= 0
-        n = int(labelled.sum())
-        if n:
-            ce = F.cross_entropy(student_logits.float(), labels.clamp(min=0), reduction="none")
-            loss = loss + (1 - alpha) * (ce * labelled).sum() / n
+        n = labelled.sum().clamp(min=1)  # a tensor, not a Python int: no device sync per step
+        ce = F.cross_entropy(student_logits.float(), labels.clamp(min=0), reduction="none")
+        loss = loss + (1 - alpha) * (ce * labelled).sum() / n
+    return loss
+
+
+def distillation_losses(student_logits: torch.Tensor, teacher_logits: Any, labels: torch.Tensor,
+                        temperatures: Sequence[float], alphas: Sequence[float], ensemble: str = "mean-prob",
+                        members: Sequence[int] | None = None) -> torch.Tensor:
+    """:func:`distillation_loss` for S students at once (a stacked sweep): one loss per student.
+
+    Args:
+        student_logits: ``[students, batch, classes]``.
+        teacher_logits: as for :func:`distillation_loss`, shared by every student.
+        labels: ``[batch]``.
+        temperatures, alphas: one per student.
+
+    Returns:
+        ``[students]`` float32; entry i equals ``distillation_loss(student_logits[i], ..., temperatures[i],
+        alphas[i])`` (a test pins it), so summing them gives each student its own gradient.
+    """
+    s_count, batch = student_logits.shape[:2]
+    if len(temperatures) != s_count or len(alphas) != s_count:
+        raise KdcacheError(f"{s_count} students need {s_count} temperatures and alphas, got "
+                           f"{len(temperatures)} and {len(alphas)}")
+    for a in alphas:
+        if not 0.0 <= a <= 1.0:
+            raise KdcacheError(f"alpha must be in [0, 1], got {a}")
+    s = student_logits.float()
+    dev = s.device
+    loss = s.new_zeros(s_count)
+    alpha = torch.tensor([float(a) for a in alphas], device=dev)
+    if any(a > 0 for a in alphas):
+        if teacher_logits is None:
+            raise KdcacheError("alpha > 0 needs teacher logits: pass a store")
+        if isinstance(teacher_logits, torch.Tensor):
+            # the teacher's soft targets once per distinct temperature, shared by the students at that T
+            distinct = sorted(set(float(t) for t in temperatures))
+            target = torch.stack([teacher_log_probs(teacher_logits, t, ensemble, members) for t in distinct])
+            pick = torch.tensor([distinct.index(float(t)) for t in temperatures], device=dev)
+            target = target[pick]                                               # [S, batch, classes]
+            temps = torch.tensor([float(t) for t in temperatures], device=dev)
+            log_q = F.log_softmax(s / temps[:, None, None], dim=-1)
+            kl = (target.exp() * (target - log_q)).sum(dim=(1, 2)) / batch  # kl_div(..., reduction="batchmean")
+        else:
+            from kdcache.sparse import sparse_kl
+            one = teacher_logits.member(members)
+            kl = torch.stack([sparse_kl(s[i], one, float(t)) if a > 0 else s.new_zeros(())
+                              for i, (t, a) in enumerate(zip(temperatures, alphas))])
+            temps = torch.tensor([float(t) for t in temperatures], device=dev)
+        loss = loss + alpha * temps ** 2 * kl
+    if any(a < 1 for a in alphas):
+        labelled = labels >= 0
+        n = labelled.sum().clamp(min=1)
+        ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), labels.clamp(min=0).repeat(s_count), reduction="none")
+        loss = loss + (1 - alpha) * (ce.view(s_count, batch) * labelled).sum(dim=1) / n
     return loss

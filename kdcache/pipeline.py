@@ -18,7 +18,7 @@ from kdcache.errors import ConfigError, KdcacheError
 TOP_KEYS = {"pipeline", "description", "vars", "profiles", "steps", "state_dir"}
 STEP_KEYS = {"name", "command", "with"}
 COMMANDS = ("train-student", "dump-logits", "report", "convert", "inspect", "verify")
-LIST_OPTIONS = {"temperatures", "alphas", "seeds", "members"}  # comma-separated on the command line
+LIST_OPTIONS = {"temperatures", "alphas", "seeds", "lrs", "members"}  # comma-separated on the command line
 REF = re.compile(r"\$\{(vars|steps)\.([A-Za-z0-9_-]+)(?:\.([A-Za-z0-9_-]+))?\}")
 
 

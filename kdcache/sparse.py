@@ -70,6 +70,19 @@ class SparseTargets:
                 kw[k] = kw[k].to(device, non_blocking=non_blocking)
         return SparseTargets(**kw)
 
+    def pin_memory(self) -> "SparseTargets":
+        """Called by ``DataLoader(pin_memory=True)``: the tensors in page-locked host memory."""
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k in ("ids", "values", "log_normalizers", "counts"):
+            if kw[k] is not None:
+                kw[k] = kw[k].pin_memory()
+        return SparseTargets(**kw)
+
+    def record_stream(self, stream: Any) -> None:
+        for t in (self.ids, self.values, self.log_normalizers, self.counts):
+            if t is not None:
+                t.record_stream(stream)
+
     def __len__(self) -> int:
         return len(self.ids)
 

@@ -1,0 +1,119 @@
+"""``TrainConfig``: every option of ``train-student``, its defaults, and the checks on combinations."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from kdcache.errors import ConfigError
+from kdcache.losses import ENSEMBLE_REDUCTIONS
+
+DEFAULT_TEMPERATURE = 4.0
+DEFAULT_ALPHA = 0.9
+DEFAULT_LR = 0.05
+AMP_MODES = ("off", "bf16")
+
+# Options that do not change what is trained: a run resumed with other values of these continues the
+# same training (see kdcache.train.checkpoint).
+NOT_IDENTITY = ("overwrite", "progress", "device", "checkpoint_every")
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``train-student`` needs; the CLI options map onto these fields one to one.
+
+    ``temperatures``, ``alphas``, ``seeds`` and ``lrs`` are sweep axes: one student per combination.
+    """
+
+    dataset: str
+    student: str
+    out: str
+    store: str | None = None
+    temperatures: list[float] | None = None   # default [4.0] with a store
+    alphas: list[float] | None = None         # default [0.9] with a store, [0.0] without
+    seeds: list[int] = field(default_factory=lambda: [0])
+    lrs: list[float] = field(default_factory=lambda: [DEFAULT_LR])
+    ensemble: str = "mean-prob"
+    members: list[int] | None = None
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    dropout: float = 0.0
+    input_dropout: float = 0.0
+    jitter: int = 0
+    subset: str | None = None
+    eval_dataset: str | None = None
+    eval_store: str | None = None
+    data_seed: int = 0
+    allow_interpolation: bool = False
+    sweep_dirs: bool | None = None            # a sub-directory per run; default: when there are several
+    stack: bool = True                        # students of one architecture train as one stacked model
+    stack_group: int | None = None            # at most this many students per stack; default: what memory allows
+    amp: str = "off"                          # bf16: students' forward and backward under autocast
+    checkpoint_every: int = 0                 # also checkpoint every N steps (0: at epoch ends only)
+    device: str = "auto"
+    workers: int = 0
+    data_root: str | None = None
+    overwrite: bool = False
+    progress: bool | None = None
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with list defaults filled in and combinations checked."""
+        c = TrainConfig(**asdict(self))
+        if c.store is None:
+            if c.alphas and any(a > 0 for a in c.alphas):
+                raise ConfigError("--alpha above 0 needs --store: the soft targets come from a logit store")
+            if c.temperatures:
+                raise ConfigError("--temperature needs --store: without one, training is plain supervised")
+            c.alphas, c.temperatures = [0.0], [1.0]
+        c.temperatures = c.temperatures or [DEFAULT_TEMPERATURE]
+        c.alphas = c.alphas if c.alphas is not None else [DEFAULT_ALPHA]
+        if not c.lrs or not c.seeds:
+            raise ConfigError("--lr and --seed need at least one value")
+        for t in c.temperatures:
+            if t <= 0:
+                raise ConfigError(f"--temperature {t}: temperatures must be positive")
+        for a in c.alphas:
+            if not 0 <= a <= 1:
+                raise ConfigError(f"--alpha {a}: alpha must be between 0 and 1")
+        for lr in c.lrs:
+            if not lr > 0:
+                raise ConfigError(f"--lr {lr}: learning rates must be positive")
+        if c.ensemble not in ENSEMBLE_REDUCTIONS:
+            raise ConfigError(f"--ensemble {c.ensemble!r}: use one of {', '.join(ENSEMBLE_REDUCTIONS)}")
+        if c.optimizer not in ("sgd", "adam"):
+            raise ConfigError(f"--optimizer {c.optimizer!r}: use sgd or adam")
+        if c.schedule not in ("cosine", "constant"):
+            raise ConfigError(f"--schedule {c.schedule!r}: use cosine or constant")
+        if c.amp not in AMP_MODES:
+            raise ConfigError(f"--amp {c.amp!r}: use one of {', '.join(AMP_MODES)}")
+        if c.store and c.jitter:
+            raise ConfigError("--jitter with --store: cached logits belong to the unjittered inputs, so the student "
+                              "would learn from targets for another view; jitter when training the teacher only")
+        if c.store and c.subset:
+            raise ConfigError("--subset with --store: the store already defines the transfer set; dump a store "
+                              "with --subset instead")
+        if c.epochs < 1 or c.batch_size < 1:
+            raise ConfigError("--epochs and --batch-size must be at least 1")
+        if c.stack_group is not None and c.stack_group < 1:
+            raise ConfigError(f"--stack-group {c.stack_group}: give at least 1")
+        if c.checkpoint_every < 0:
+            raise ConfigError(f"--checkpoint-every {c.checkpoint_every}: give 0 (epoch ends only) or a step count")
+        return c
+
+    def identity(self) -> dict:
+        """The fields that decide what is trained: a checkpoint resumes only under the same identity."""
+        d = asdict(self)
+        for k in NOT_IDENTITY:
+            d.pop(k)
+        return d
+
+
+def lr_at(base_lr: float, epoch: int, epochs: int, schedule: str) -> float:
+    """The learning rate of ``epoch`` (0-based): constant, or cosine annealed to 0 over ``epochs``
+    (the closed form of ``torch.optim.lr_scheduler.CosineAnnealingLR``, so that it needs no state)."""
+    if schedule == "constant":
+        return base_lr
+    import math
+    return base_lr * (1 + math.cos(math.pi * epoch / epochs)) / 2

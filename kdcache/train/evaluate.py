@@ -1,0 +1,99 @@
+"""Evaluation after each epoch: accuracy and errors on an eval dataset, perplexity on sequence data,
+and agreement with the teacher where an eval store holds its logits."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdcache.datasets import get_batch, load_dataset
+from kdcache.errors import ConfigError
+from kdcache.losses import teacher_log_probs
+from kdcache.store import open_store
+from kdcache.stream import check_pairing
+from kdcache.text import is_sequence_dataset
+from kdcache.train.config import TrainConfig
+
+
+class Evaluator:
+    """Accuracy and error count on an eval dataset, and agreement with the teacher where an eval store exists."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
+        self.device = device
+        self.data = load_dataset(cfg.eval_dataset, cfg.data_root) if cfg.eval_dataset else None
+        self.teacher_pred = None
+        if cfg.eval_store:
+            if self.data is None:
+                raise ConfigError("--eval-store needs --eval-dataset, the data it was dumped from")
+            store = open_store(cfg.eval_store)
+            check_pairing(store, self.data, cfg.eval_dataset)
+            if store.manifest.per_token:  # teacher predictions by position, in dataset order
+                from kdcache.stream import _rows_of
+                lengths = np.asarray(self.data.dataset.lengths(np.arange(len(self.data))), dtype=np.int64)
+                first = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+                ids, offsets = store.sequence_index()
+                where = _rows_of(first[ids], np.diff(offsets))
+                pred = np.full(int(lengths.sum()), -1, dtype=np.int64)
+                for blk in store.iter_blocks():
+                    pred[where[blk.start:blk.start + len(blk)]] = teacher_top1(store, blk, cfg.ensemble,
+                                                                               cfg.members).numpy()
+            else:
+                pred = np.full(len(self.data), -1, dtype=np.int64)
+                for blk in store.iter_blocks():
+                    pred[blk.sample_ids] = teacher_top1(store, blk, cfg.ensemble, cfg.members).numpy()
+            self.teacher_pred = torch.from_numpy(pred)
+            store.close()
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module, batch_size: int = 2048) -> dict[str, Any]:
+        if self.data is None:
+            return {}
+        model.eval()
+        n = len(self.data)
+        per_token = is_sequence_dataset(self.data.dataset)
+        if per_token:  # about 4096 positions a batch: their logits over a large vocabulary are what costs
+            batch_size = max(1, 4096 // int(self.data.dataset.lengths(np.arange(n)).max()))
+        correct = agree = with_teacher = labelled = row = 0
+        nll = 0.0
+        for a in range(0, n, batch_size):
+            idx = np.arange(a, min(a + batch_size, n))
+            x, y = get_batch(self.data.dataset, idx)
+            logits = model(x.to(self.device))
+            if per_token:
+                lengths = torch.as_tensor(np.asarray(self.data.dataset.lengths(idx)))
+                mask = torch.arange(x.shape[1])[None, :] < lengths[:, None]
+                logits, y = logits[mask.to(self.device)], y[mask]
+                has_d = (y >= 0).to(self.device)
+                nll += float(F.cross_entropy(logits[has_d].float(), y.to(self.device)[has_d], reduction="sum"))
+            pred = logits.argmax(-1).cpu()
+            has = y >= 0
+            correct += int((pred[has] == y[has]).sum())
+            labelled += int(has.sum())
+            if self.teacher_pred is not None:
+                t = self.teacher_pred[row:row + len(pred)] if per_token else self.teacher_pred[a:a + len(idx)]
+                row += len(pred)
+                ok = t >= 0
+                agree += int((pred[ok] == t[ok]).sum())
+                with_teacher += int(ok.sum())
+        out: dict[str, Any] = {"eval_samples": labelled}
+        if labelled:
+            out.update(eval_accuracy=correct / labelled, eval_errors=labelled - correct)
+            if per_token:
+                out.update(eval_nll=nll / labelled, eval_perplexity=math.exp(min(nll / labelled, 700.0)))
+        if with_teacher:
+            out["teacher_agreement"] = agree / with_teacher
+        return out
+
+
+def teacher_top1(store: Any, blk: Any, ensemble: str, members: list[int] | None) -> torch.Tensor:
+    """The teacher's (ensemble's) predicted class for each row of a block, for any layout."""
+    if store.manifest.layout == "dense":
+        return teacher_log_probs(torch.from_numpy(blk.logits), 1.0, ensemble, members).argmax(-1)
+    from kdcache.sparse import targets_from_arrays
+    return targets_from_arrays(store.manifest, blk.data).member(members).top1()[:, 0]
+
+

@@ -1,0 +1,321 @@
+"""Stage two's loop: set up, then for each epoch and batch one step of every student, then write.
+
+It reads top to bottom (as nanoGPT's ``train.py`` does); each thing it does that has a name is a call:
+:func:`open_training_data`, :func:`build_units`, :class:`Checkpoints`, :func:`device_batches`,
+:func:`finish_epoch`, :func:`write_run`. A unit is one student (:class:`SeparateStudent`) or a stack
+of students trained as one model (:class:`StackedStudents`); the loop treats them alike.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from kdcache.augment import jitter
+from kdcache.distributed import DistInfo, init_distributed, resolve_device, shutdown
+from kdcache.errors import KdcacheError
+from kdcache.specs import load_model
+from kdcache.train.batches import device_batches, from_loader
+from kdcache.train.checkpoint import Checkpoints
+from kdcache.train.config import TrainConfig
+from kdcache.train.evaluate import Evaluator
+from kdcache.train.results import write_run, write_summary
+from kdcache.train.source import TrainingData, check_student, open_training_data, probe_inputs
+from kdcache.train.stacked import available_bytes, stack_bytes, try_stack
+from kdcache.train.students import SeparateStudent, Student
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def train_students(cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Train one student per (temperature, alpha, seed, lr), all from one pass over the stream per epoch.
+
+    Killed at any point, the same call (or command) resumes from its last checkpoint and ends with
+    the weights an uninterrupted run would have. Returns one summary dict per run (its directory,
+    settings and final metrics).
+    """
+    c = cfg.resolved()
+    device = resolve_device(c.device)
+    info = init_distributed(device)
+    try:
+        return _train(c, device, info)
+    finally:
+        shutdown(info)
+
+
+@dataclass
+class EpochSums:
+    """What one epoch adds up, per student (loss, correct rows) and over the batches (see Batch.counts)."""
+
+    loss: torch.Tensor
+    correct: torch.Tensor
+    seen: torch.Tensor
+    seconds: float = 0.0
+
+    @classmethod
+    def zeros(cls, students: int, device: torch.device) -> "EpochSums":
+        return cls(torch.zeros(students, dtype=torch.float64, device=device),
+                   torch.zeros(students, dtype=torch.float64, device=device), torch.zeros(5, dtype=torch.float64))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"sums/loss": self.loss, "sums/correct": self.correct, "sums/seen": self.seen,
+                "sums/seconds": torch.tensor(self.seconds, dtype=torch.float64)}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor], device: torch.device) -> "EpochSums":
+        return cls(t["sums/loss"].to(device), t["sums/correct"].to(device), t["sums/seen"],
+                   float(t["sums/seconds"]))
+
+
+def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[str, Any]]:
+    # -- set-up: runs, checkpoints, data, students ----------------------------------------------
+    out = Path(c.out)
+    students = plan_students(c, out)
+    ckpts = Checkpoints(out, c.identity(), info, log)
+    claim_out_dir(c, out, students, ckpts, info)
+    torch.manual_seed(c.seeds[0])
+    src = open_training_data(c)
+    units, arch = build_units(c, students, src, device, info)
+    loader = DataLoader(src.stream, batch_size=None, num_workers=c.workers, pin_memory=device.type == "cuda",
+                        persistent_workers=c.workers > 0, generator=torch.Generator().manual_seed(c.data_seed))
+    evaluator = Evaluator(c, device)
+    jitter_gen = torch.Generator().manual_seed(c.data_seed)
+    augment = (lambda x: jitter(x, c.jitter, jitter_gen)) if c.jitter else None
+    show = (c.progress if c.progress is not None else sys.stderr.isatty()) and info.is_main
+
+    first_epoch, step, global_step, sums = 0, 0, 0, None
+    found = ckpts.find()
+    if found is not None:
+        first_epoch, step, global_step, sums = restore(found, ckpts, units, students, jitter_gen, device)
+        if info.is_main:
+            log(f"resuming {out} from {found[0].name}: epoch {first_epoch + 1}, step {step}")
+
+    def save(epoch: int, step: int) -> None:
+        shared: dict[str, torch.Tensor] = {}
+        mine: dict[str, torch.Tensor] = {"loop/jitter_rng": jitter_gen.get_state()}
+        for u in units:
+            shared.update(u.state())
+            mine.update(u.rng_state())
+        if sums is not None and step > 0:
+            mine.update(sums.tensors())
+        ckpts.save(global_step, shared, mine, {"epoch": epoch, "step": step, "global_step": global_step,
+                                               "histories": {s.name: s.history for s in students}})
+
+    # -- the loop ---------------------------------------------------------------------------------
+    for epoch in range(first_epoch, c.epochs):
+        t0 = time.perf_counter()
+        src.stream.set_epoch(epoch)
+        for u in units:
+            u.set_epoch_lr(epoch)
+            u.train()
+        if step == 0 or sums is None:
+            sums = EpochSums.zeros(len(students), device)
+        safe_steps = _steps_every_rank_takes(src.stream, info)
+        bar = _progress(len(src.stream), show, f"epoch {epoch + 1}/{c.epochs}", done=step)
+        with _join(units, info):
+            for batch in device_batches(loader, device, skip=step,
+                                        prepare=lambda raw: from_loader(raw, augment)):
+                a = 0
+                for u in units:
+                    losses, correct = u.step(batch.x, batch.y, batch.z, batch.mask)
+                    n = len(u.students)
+                    sums.loss[a:a + n] += losses.double() * len(batch.y)
+                    sums.correct[a:a + n] += correct.double()
+                    a += n
+                sums.seen += batch.counts
+                step += 1
+                global_step += 1
+                if bar is not None:
+                    bar.update(1)
+                if c.checkpoint_every and step % c.checkpoint_every == 0 and step < safe_steps:
+                    sums.seconds += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    save(epoch, step)
+        if bar is not None:
+            bar.close()
+        sums.seconds += time.perf_counter() - t0
+        finish_epoch(epoch, sums, units, src, evaluator, info)
+        step, sums = 0, None
+        save(epoch + 1, 0)
+
+    # -- write ------------------------------------------------------------------------------------
+    results = []
+    if info.is_main:
+        for u in units:
+            for j, s in enumerate(u.students):
+                results.append(write_run(s, u.module(j), c, arch, src.data.input_shape, src.num_classes,
+                                         src.store_identity, src.data))
+        write_summary(out, results, c)
+    info.barrier()
+    ckpts.clear()
+    return results
+
+
+def finish_epoch(epoch: int, sums: EpochSums, units: list[Any], src: TrainingData, evaluator: Evaluator,
+                 info: DistInfo) -> None:
+    """Add up the epoch over ranks, check it saw every row once, evaluate, and append each student's metrics."""
+    if info.enabled:
+        import torch.distributed as dist
+        seen = sums.seen.to(sums.loss.device)
+        for t in (sums.loss, sums.correct, seen):
+            dist.all_reduce(t)
+        sums.seen = seen.cpu()
+    seen = sums.seen
+    expected = src.expected
+    coverage_ok = (int(seen[0]) == expected[0] and int(seen[2]) == expected[1]
+                   and math.isclose(float(seen[3]), expected[2], rel_tol=1e-12))
+    loss, correct = sums.loss.cpu(), sums.correct.cpu()
+    i = 0
+    for u in units:
+        for j, s in enumerate(u.students):
+            m = {"epoch": epoch + 1, "loss": float(loss[i] / max(seen[4].item(), 1)),
+                 "train_accuracy": float(correct[i] / max(seen[1].item(), 1)) if seen[1] else None,
+                 "samples_seen": int(seen[0]), "coverage_ok": coverage_ok, "lr": u.lr(j), "seconds": sums.seconds}
+            if src.per_token:
+                m["positions_seen"] = int(seen[4])
+            if info.is_main:
+                m.update(evaluator(u.module(j)))
+            s.history.append(m)
+            i += 1
+    if info.is_main and not coverage_ok:
+        log(f"warning: epoch {epoch + 1} saw {int(seen[0])} rows, expected each of {expected[0]} once")
+
+
+# -- set-up ---------------------------------------------------------------------------------------
+def run_name(t: float, a: float, s: int, lr: float, c: TrainConfig) -> str:
+    name = f"supervised-s{s}" if c.store is None else f"T{t:g}-a{a:g}-s{s}"
+    return name + (f"-lr{lr:g}" if len(c.lrs) > 1 else "")
+
+
+def plan_students(c: TrainConfig, out: Path) -> list[Student]:
+    """One Student per combination of the sweep axes, each with its output directory."""
+    combos = list(itertools.product(c.temperatures, c.alphas, c.seeds, c.lrs))
+    sweep = len(combos) > 1 if c.sweep_dirs is None else c.sweep_dirs
+    students = []
+    for t, a, s, lr in combos:
+        name = run_name(t, a, s, lr, c)
+        students.append(Student(name, t, a, s, lr, out / name if sweep else out))
+    return students
+
+
+def claim_out_dir(c: TrainConfig, out: Path, students: list[Student], ckpts: Checkpoints, info: DistInfo) -> None:
+    """Refuse an ``--out`` that holds other results (unless --overwrite); a checkpoint of this same
+    command is fine: it is resumed."""
+    if not info.is_main:
+        return
+    if c.overwrite:
+        ckpts.clear()
+        return
+    if ckpts.exists():
+        return
+    existing = [p for p in [out / "config.json", *(s.out / "config.json" for s in students)] if p.exists()]
+    if len({s.out for s in students}) == 1 and len(students) == 1 and (out / "summary.json").exists():
+        existing.append(out / "summary.json")
+    if existing:
+        raise KdcacheError(f"{out} already holds training results ({existing[0].name}); pass --overwrite "
+                           f"to replace them or choose another --out")
+
+
+def build_units(c: TrainConfig, students: list[Student], src: TrainingData, device: torch.device,
+                info: DistInfo) -> tuple[list[Any], str]:
+    """The students as training units: stacks where they can stack (in groups that fit in memory),
+    one by one where they cannot; returns (units, the architecture the checkpoints record)."""
+    modules, arch = [], c.student
+    for s in students:
+        resolved = load_model(c.student, src.data.input_shape, src.num_classes, c.dropout, c.input_dropout, seed=s.seed)
+        modules.append(resolved.module)
+        arch = resolved.arch
+    probe = probe_inputs(src.data)
+    check_student(modules[0].to(device), src.data, src.per_token, c.student, src.num_classes, device)
+    groups = [list(range(len(students)))]
+    why_not = None
+    if len(students) < 2 or not c.stack:
+        why_not = "" if len(students) < 2 else "--no-stack"
+    elif info.enabled:
+        why_not = "under torchrun each student trains in DistributedDataParallel"
+    if why_not is None:
+        per = stack_bytes(modules[0], probe, c.batch_size, c.optimizer)
+        free = available_bytes(device)
+        fit = max(1, int(free * 0.5 // max(per, 1)))
+        size = min(fit, c.stack_group or len(students))
+        if size < len(students):
+            groups = _contiguous(len(students), math.ceil(len(students) / size))
+            why = (f"--stack-group {c.stack_group}" if size == c.stack_group else
+                   f"a stack of {len(students)} needs about {per * len(students) / 2**30:.1f} GiB, more than half "
+                   f"of the {free / 2**30:.1f} GiB free on {device}")
+            if info.is_main:
+                log(f"note: training the {len(students)} students in {len(groups)} stacks of at most {size} ({why})")
+    units: list[Any] = []
+    for g in groups:
+        if why_not is None and len(g) > 1:
+            stack, how = try_stack([students[i] for i in g], [modules[i] for i in g], c, device, probe, info.rank)
+            if stack is not None:
+                if info.is_main:
+                    log(f"note: {len(g)} students of {c.student} train as one stacked model ({how})")
+                units.append(stack)
+                continue
+            if info.is_main:
+                log(f"note: students of {c.student} cannot be stacked ({how}); training them one by one")
+            why_not = how
+        elif why_not and info.is_main and g is groups[0]:
+            log(f"note: training {len(students)} students one by one ({why_not})")
+        units += [SeparateStudent(students[i], modules[i], c, device, info.rank, info.enabled) for i in g]
+    return units, arch
+
+
+def _contiguous(n: int, count: int) -> list[list[int]]:
+    """``range(n)`` cut into ``count`` contiguous groups of nearly equal size."""
+    bounds = [round(k * n / count) for k in range(count + 1)]
+    return [list(range(bounds[k], bounds[k + 1])) for k in range(count)]
+
+
+def restore(found: tuple[Path, dict[str, Any]], ckpts: Checkpoints, units: list[Any], students: list[Student],
+            jitter_gen: torch.Generator, device: torch.device) -> tuple[int, int, int, EpochSums | None]:
+    """Load a checkpoint into the units; returns (epoch, step in it, global step, the epoch's sums so far)."""
+    d, state = found
+    shared, mine = ckpts.load(d)
+    for u in units:
+        u.load_state(shared)
+        u.load_rng(mine)
+    for s in students:
+        s.history = list(state["histories"][s.name])
+    jitter_gen.set_state(mine["loop/jitter_rng"])
+    sums = EpochSums.from_tensors(mine, device) if state["step"] > 0 else None
+    return state["epoch"], state["step"], state["global_step"], sums
+
+
+def _steps_every_rank_takes(stream: Any, info: DistInfo) -> int:
+    """Batches every rank has this epoch: a checkpoint within an epoch is taken only before any rank
+    runs out (DDP's Join then shadows the others), so that every rank is at the same step."""
+    if not info.enabled:
+        return sys.maxsize
+    import torch.distributed as dist
+    n = torch.tensor([len(stream)])
+    dist.all_reduce(n, op=dist.ReduceOp.MIN)
+    return int(n)
+
+
+def _join(units: list[Any], info: DistInfo) -> contextlib.AbstractContextManager:
+    if not info.enabled:
+        return contextlib.nullcontext()
+    from torch.distributed.algorithms.join import Join
+    return Join([m for u in units for m in u.join_modules])
+
+
+def _progress(total: int, show: bool, desc: str, done: int = 0) -> Any:
+    if not show:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=done, unit="batch", desc=desc, file=sys.stderr, leave=False)

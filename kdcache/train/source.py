@@ -1,0 +1,130 @@
+"""Stage two's input: the dataset, the stream over it (paired with a store, or plain), and what one
+epoch must cover; with the checks that refuse, before training, what cannot be trained."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdcache.datasets import ResolvedDataset, get_batch, load_dataset
+from kdcache.errors import ConfigError
+from kdcache.losses import teacher_log_probs
+from kdcache.store import open_store
+from kdcache.stream import DatasetStream, DistillStream, check_pairing
+from kdcache.subset import resolve_subset
+from kdcache.text import is_sequence_dataset
+from kdcache.train.config import TrainConfig
+
+
+@dataclass
+class TrainingData:
+    """What the loop reads: ``stream`` yields the batches of one epoch; ``expected`` is (count, sum,
+    sum of squares) of the sample ids it must see, to check coverage."""
+
+    data: ResolvedDataset
+    stream: Any
+    num_classes: int
+    per_token: bool
+    expected: tuple[int, int, float]
+    store_identity: dict[str, Any] | None
+
+
+def open_training_data(c: TrainConfig) -> TrainingData:
+    """The dataset and its stream: paired with ``c.store`` (checked to be the store's data) or plain."""
+    data = load_dataset(c.dataset, c.data_root)
+    per_token = is_sequence_dataset(data.dataset)
+    store_ident = None
+    if c.store:
+        store = open_store(c.store)
+        check_pairing(store, data, c.dataset)
+        if per_token != store.manifest.per_token:
+            raise ConfigError(f"store {c.store!r} has a row per {'position' if store.manifest.per_token else 'sample'} "
+                              f"but dataset {c.dataset!r} is {'a sequence' if per_token else 'not a sequence'} dataset; "
+                              f"pass the dataset the store was dumped from")
+        num_classes = store.num_classes
+        if c.members is not None:
+            teacher_log_probs(torch.zeros(1, store.num_members, num_classes), 1.0, c.ensemble, c.members)
+        stream: Any = DistillStream(store, data, c.batch_size, seed=c.data_seed, check=False, return_ids=True,
+                                    allow_interpolation=c.allow_interpolation)
+        _check_sparse_settings(store, c)
+        if store.manifest.per_token:
+            expected = _id_sums([store.sequence_index()[0]])
+        else:
+            expected = _id_sums(store.read(a, a + (1 << 20)).sample_ids for a in range(0, len(store), 1 << 20))
+        store_ident = _store_identity(c.store)
+    else:
+        if data.num_classes is None:
+            raise ConfigError(f"dataset {c.dataset!r} does not say its number of classes; train with a --store")
+        num_classes = data.num_classes
+        rows, _ = resolve_subset(c.subset, data.dataset)
+        stream = DatasetStream(data, c.batch_size, indices=rows, seed=c.data_seed, return_ids=True)
+        expected = _id_sums([rows])
+    return TrainingData(data, stream, num_classes, per_token, expected, store_ident)
+
+
+def probe_inputs(data: ResolvedDataset, n: int = 2) -> torch.Tensor:
+    """The first ``n`` inputs of the dataset, to try a model on."""
+    return get_batch(data.dataset, np.arange(min(n, len(data))))[0]
+
+
+def _id_sums(id_blocks: Any) -> tuple[int, int, float]:
+    """(count, sum, sum of squares) of the sample ids an epoch must see, read block by block."""
+    n = total = 0
+    squares = 0.0
+    for ids in id_blocks:
+        n += len(ids)
+        total += int(ids.sum())
+        squares += float((ids.astype(np.float64) ** 2).sum())
+    return n, total, squares
+
+
+def _check_sparse_settings(store: Any, c: TrainConfig) -> None:
+    """Refuse, before training starts, what a sparse store cannot serve."""
+    m = store.manifest
+    if m.layout == "dense":
+        return
+    from kdcache.sparse import SparseTargets
+    empty = torch.zeros(1, m.num_members, 1)
+    probe = SparseTargets(m.layout, empty.long(), empty, torch.zeros(1, m.num_members, len(m.layout_params["temperatures"])),
+                          tuple(m.layout_params["temperatures"]), empty.long(), m.layout_params.get("sampling_temperature"),
+                          c.allow_interpolation)
+    probe.member(c.members)
+    for t in c.temperatures:
+        if any(a > 0 for a in c.alphas):
+            probe.log_normalizer(t)
+
+
+def check_student(model: nn.Module, data: ResolvedDataset, per_token: bool, spec: str, num_classes: int,
+                   device: torch.device) -> None:
+    """Refuse, before training, a student whose outputs do not fit the rows: ``[batch, classes]`` per
+    sample, ``[batch, length, classes]`` per position of a sequence dataset."""
+    x, _ = get_batch(data.dataset, np.arange(min(2, len(data))))
+    was = model.training
+    model.eval()
+    hint = (" (a sequence dataset needs a model with an output per position, e.g. lstm:EMBED,HIDDEN)"
+            if per_token else "")
+    try:
+        with torch.no_grad():
+            out = model(x.to(device))
+    except Exception as e:
+        raise ConfigError(f"student {spec!r} fails on the dataset's inputs {tuple(x.shape)} {x.dtype} "
+                          f"({str(e).splitlines()[0]}){hint}") from None
+    finally:
+        model.train(was)
+    want = (len(x), x.shape[1], num_classes) if per_token else (len(x), num_classes)
+    if tuple(out.shape) != want:
+        raise ConfigError(f"student {spec!r} returns shape {tuple(out.shape)} for inputs {tuple(x.shape)}; "
+                          f"expected {want}{hint}")
+
+
+def _store_identity(path: str) -> dict[str, Any]:
+    s = open_store(path)
+    m = s.manifest
+    ident = {"path": path, "format": s.format, "format_version": m.format_version, "created_at": m.created_at,
+             "num_samples": m.num_samples, "num_classes": m.num_classes, "dtype": m.dtype,
+             "members": m.members, "dataset": m.dataset}
+    s.close()
+    return ident

@@ -1,0 +1,280 @@
+"""Students of one architecture trained as one stacked model: parameters with a leading student
+dimension, one batched forward and backward, per-student learning rates, temperatures and alphas.
+
+kdcache's own MLP runs as batched matrix products (the first layer, whose input every student
+shares, as one matrix product for the whole stack); any other module through ``torch.func``
+(``functional_call`` under ``vmap``). A module that ``vmap`` cannot run is trained one by one
+instead (:func:`try_stack` says why). The optimizers are ``torch.optim.SGD`` and ``Adam``
+written over the stacked tensors, step for step the same arithmetic, so a stacked student ends
+where it would have ended alone (a test holds them to float tolerance).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdcache.losses import distillation_losses
+from kdcache.models import MLP
+from kdcache.train.config import TrainConfig, lr_at
+from kdcache.train.students import Student, autocast, correct_count, initial_rng, load_rng_tensors, own_rng, rng_tensors
+
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+class StackedOptimizer:
+    """``torch.optim.SGD`` (momentum, weight decay) or ``Adam`` over parameters ``[students, ...]``,
+    with one learning rate per student; students marked inactive are left exactly as they are."""
+
+    def __init__(self, kind: str, params: dict[str, torch.Tensor], lrs: list[float], momentum: float,
+                 weight_decay: float) -> None:
+        self.kind, self.params, self.momentum, self.weight_decay = kind, params, momentum, weight_decay
+        self.base_lrs = list(lrs)
+        self.lrs = list(lrs)
+        self._lr_t: dict[int, torch.Tensor] = {}
+        self.state: dict[str, dict[str, torch.Tensor]] = {name: {} for name in params}
+
+    def set_lrs(self, lrs: list[float]) -> None:
+        self.lrs = list(lrs)
+        self._lr_t = {}
+
+    def _lr(self, p: torch.Tensor) -> torch.Tensor:
+        t = self._lr_t.get(p.ndim)
+        if t is None:
+            t = self._lr_t[p.ndim] = torch.tensor(self.lrs, dtype=p.dtype, device=p.device).view(-1, *[1] * (p.ndim - 1))
+        return t
+
+    @torch.no_grad()
+    def step(self, grads: list[torch.Tensor], active: torch.Tensor | None) -> None:
+        for (name, p), g in zip(self.params.items(), grads):
+            st = self.state[name]
+            if self.kind == "sgd":
+                d = g if self.weight_decay == 0 else g.add(p, alpha=self.weight_decay)
+                if self.momentum != 0:
+                    buf = st.get("momentum_buffer")
+                    if buf is None:
+                        buf = st["momentum_buffer"] = d.clone()
+                    else:
+                        buf.mul_(self.momentum).add_(d)
+                    d = buf
+                update = d * self._lr(p)
+            else:
+                b1, b2 = ADAM_BETAS
+                if self.weight_decay != 0:
+                    g = g.add(p, alpha=self.weight_decay)
+                if not st:
+                    st["step"] = torch.tensor(0.0)
+                    st["exp_avg"] = torch.zeros_like(p)
+                    st["exp_avg_sq"] = torch.zeros_like(p)
+                st["step"] += 1
+                n = float(st["step"])
+                st["exp_avg"].lerp_(g, 1 - b1)
+                st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+                denom = (st["exp_avg_sq"].sqrt() / math.sqrt(1 - b2 ** n)).add_(ADAM_EPS)
+                update = st["exp_avg"] / denom * (self._lr(p) / (1 - b1 ** n))
+            if active is not None:
+                update = torch.where(active.view(-1, *[1] * (p.ndim - 1)), update, torch.zeros_like(update))
+            p.sub_(update)
+
+
+def _mlp_plan(module: nn.Module) -> tuple[list[str], float, float] | None:
+    """(names of the Linear layers in order, hidden dropout, input dropout) of a kdcache MLP, or None."""
+    if type(module) is not MLP:
+        return None
+    layers = list(module.net)
+    linears = [f"net.{i}" for i, m in enumerate(layers) if isinstance(m, nn.Linear)]
+    drops = [m.p for m in layers if isinstance(m, nn.Dropout)]
+    return linears, (drops[1] if len(drops) > 1 else 0.0), drops[0]
+
+
+def _mlp_forward(linears: list[str], dropout: float, input_dropout: float) -> Callable[..., torch.Tensor]:
+    def forward(params: dict[str, torch.Tensor], x: torch.Tensor, training: bool) -> torch.Tensor:
+        s_count = params[f"{linears[0]}.weight"].shape[0]
+        h = x.flatten(1)
+        shared = True  # every student sees the same input until the first layer
+        if training and input_dropout > 0:
+            h = F.dropout(h.expand(s_count, *h.shape), input_dropout)
+            shared = False
+        for i, name in enumerate(linears):
+            w, b = params[f"{name}.weight"], params[f"{name}.bias"]
+            if shared:  # one matrix product for the whole stack: [B, in] @ [in, S * out]
+                out = w.shape[1]
+                h = (h @ w.reshape(s_count * out, -1).T).view(len(h), s_count, out).transpose(0, 1) + b[:, None]
+                shared = False
+            else:
+                h = torch.baddbmm(b[:, None], h, w.transpose(1, 2))
+            if i < len(linears) - 1:
+                h = F.relu(h)
+                if training and dropout > 0:
+                    h = F.dropout(h, dropout)
+        return h
+    return forward
+
+
+class StackedStudents:
+    """Several students of one architecture as one model ``[students, ...]``: one forward, one backward."""
+
+    def __init__(self, students: list[Student], modules: list[nn.Module], c: TrainConfig, device: torch.device,
+                 rank: int = 0) -> None:
+        from torch.func import stack_module_state
+        self.students, self.c, self.device = students, c, device
+        self.scratch = copy.deepcopy(modules[0]).to(device)  # holds one student's weights for eval and saving
+        params, buffers = stack_module_state(modules)
+        self.params = {k: v.detach().to(device).requires_grad_() for k, v in params.items()}
+        self.buffers = {k: v.to(device) for k, v in buffers.items()}
+        self.training = True
+        plan = _mlp_plan(modules[0])
+        if plan is not None:
+            fwd = _mlp_forward(*plan)
+            self._forward = lambda x: fwd(self.params, x, self.training)
+            self.how = "batched matrix products"
+        else:
+            from torch.func import functional_call, vmap
+            base = copy.deepcopy(modules[0]).to("meta")
+            call = vmap(lambda p, b, x: functional_call(base, (p, b), (x,)), in_dims=(0, 0, None),
+                        randomness="different")
+            self._base = base
+            self._forward = lambda x: call(self.params, self.buffers, x)
+            self.how = "torch.func vmap"
+        self.optimizer = StackedOptimizer(c.optimizer, self.params, [s.lr for s in students], c.momentum,
+                                          c.weight_decay)
+        self.temperatures = [s.temperature for s in students]
+        self.alphas = [s.alpha for s in students]
+        self.active = torch.ones(len(students), dtype=torch.bool, device=device)
+        self.all_active = True
+        self.rng = initial_rng(students[0].seed, rank)
+        self.cuda_rng: torch.Tensor | None = None
+
+    @property
+    def join_modules(self) -> list[nn.Module]:
+        return []
+
+    def train(self, mode: bool = True) -> None:
+        self.training = mode
+        if hasattr(self, "_base"):
+            self._base.train(mode)
+
+    def set_epoch_lr(self, epoch: int) -> None:
+        self.optimizer.set_lrs([lr_at(s.lr, epoch, self.c.epochs, self.c.schedule) for s in self.students])
+
+    def lr(self, j: int) -> float:
+        return self.optimizer.lrs[j]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[students, batch, ...]`` logits."""
+        with autocast(self.device, self.c.amp):
+            return self._forward(x)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, z: Any, mask: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.c
+        with own_rng(self, self.device):
+            logits = self.forward(x)
+            if mask is not None:
+                logits = logits[:, mask]
+            losses = distillation_losses(logits, z, y, self.temperatures, self.alphas, c.ensemble, c.members)
+            total = losses.sum() if self.all_active else torch.where(self.active, losses, 0.0).sum()
+            grads = torch.autograd.grad(total, list(self.params.values()))
+            self.optimizer.step(list(grads), None if self.all_active else self.active)
+        return losses.detach(), correct_count(logits, y)
+
+    def stop(self, j: int) -> None:
+        """Freeze student ``j`` (it diverged): its weights stay as they are, the others train on."""
+        self.active[j] = False
+        self.all_active = False
+
+    def module(self, j: int) -> nn.Module:
+        """Student ``j`` as a plain module (one shared scratch module: use it before asking for another)."""
+        with torch.no_grad():
+            self.scratch.load_state_dict({**{k: v[j] for k, v in self.params.items()},
+                                          **{k: v[j] for k, v in self.buffers.items()}})
+        return self.scratch
+
+    def state(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for j, s in enumerate(self.students):
+            out.update({f"{s.name}/model/{k}": v[j].detach() for k, v in {**self.params, **self.buffers}.items()})
+            for pname, st in self.optimizer.state.items():
+                for k, v in st.items():
+                    out[f"{s.name}/optim/{pname}/{k}"] = v if k == "step" else v[j]
+        return out
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for j, s in enumerate(self.students):
+                for k, v in {**self.params, **self.buffers}.items():
+                    v[j].copy_(tensors[f"{s.name}/model/{k}"])
+        for pname, p in self.params.items():
+            keys = {k.rsplit("/", 1)[1] for k in tensors
+                    if k.startswith(f"{self.students[0].name}/optim/{pname}/")}
+            st = self.optimizer.state[pname] = {}
+            for key in keys:
+                if key == "step":
+                    st[key] = tensors[f"{self.students[0].name}/optim/{pname}/step"].clone()
+                else:
+                    st[key] = torch.stack([tensors[f"{s.name}/optim/{pname}/{key}"] for s in self.students]).to(p.device)
+
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        return rng_tensors(self, "stack:" + self.students[0].name)
+
+    def load_rng(self, tensors: dict[str, torch.Tensor]) -> bool:
+        return load_rng_tensors(self, "stack:" + self.students[0].name, tensors)
+
+
+def try_stack(students: list[Student], modules: list[nn.Module], c: TrainConfig, device: torch.device,
+              probe_x: torch.Tensor, rank: int = 0) -> tuple[StackedStudents | None, str]:
+    """A stack of these students, or None and the reason they cannot stack (from a probe forward and
+    backward on two rows, in eval mode so that nothing is drawn or updated)."""
+    try:
+        stack = StackedStudents(students, modules, c, device, rank)
+        stack.train(False)
+        out = stack.forward(probe_x.to(device))
+        torch.autograd.grad(out.float().sum(), list(stack.params.values()))
+        stack.train(True)
+    except Exception as e:  # any failure to batch the module: it trains one by one instead
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return None, f"{type(e).__name__}: {msg}"
+    return stack, stack.how
+
+
+def stack_bytes(module: nn.Module, probe_x: torch.Tensor, batch_size: int, optimizer: str) -> int:
+    """Bytes one more student adds to a stack: weights, gradients and optimizer state, plus the
+    activations of a batch (module outputs of a probe forward, scaled to the batch, kept for backward)."""
+    params = sum(p.numel() * p.element_size() for p in module.parameters())
+    acts = 0
+
+    def hook(_m: nn.Module, _i: Any, out: Any) -> None:
+        nonlocal acts
+        if isinstance(out, torch.Tensor):
+            acts += out.numel() * out.element_size()
+    handles = [m.register_forward_hook(hook) for m in module.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            module.eval()
+            module(probe_x)
+    except Exception:
+        acts = 0
+    finally:
+        for h in handles:
+            h.remove()
+    return params * (3 if optimizer == "sgd" else 4) + 2 * acts * batch_size // max(1, len(probe_x))
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory of the device (CUDA), or the host's available memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

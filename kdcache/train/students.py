@@ -1,0 +1,158 @@
+"""A student's state in one object, and the students trained one by one (each its own module and optimizer).
+
+Every unit of training (one student here, a stack of students in :mod:`kdcache.train.stacked`)
+offers the same few calls to the loop: ``train()``, ``set_epoch_lr``, ``step``, ``module(j)``, and
+``state()`` / ``load_state()`` for checkpoints. Checkpoint state is written per student under
+canonical names (``RUN/model/PARAM``, ``RUN/optim/PARAM/KEY``), so a student checkpointed in a stack
+resumes alone and the other way round.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from kdcache.losses import distillation_loss
+from kdcache.train.config import TrainConfig, lr_at
+
+
+@dataclass
+class Student:
+    """One run of a sweep: its settings, where it is written, and its metrics so far."""
+
+    name: str
+    temperature: float
+    alpha: float
+    seed: int
+    lr: float
+    out: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def initial_rng(seed: int, rank: int = 0) -> torch.Tensor:
+    """The CPU generator state a unit's dropout starts from: one per student seed and rank."""
+    return torch.Generator().manual_seed(seed * 7919 + rank).get_state()
+
+
+@contextlib.contextmanager
+def own_rng(unit: Any, device: torch.device) -> Iterator[None]:
+    """Run with ``unit.rng`` as the global RNG, and keep where it ended: each unit's dropout draws
+    are its own, whatever else the sweep holds (a student's result does not depend on its neighbours)."""
+    torch.set_rng_state(unit.rng)
+    if device.type == "cuda" and unit.cuda_rng is not None:
+        torch.cuda.set_rng_state(unit.cuda_rng, device)
+    try:
+        yield
+    finally:
+        unit.rng = torch.get_rng_state()
+        if device.type == "cuda":
+            unit.cuda_rng = torch.cuda.get_rng_state(device)
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    if amp == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def make_optimizer(params: Any, c: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    if c.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=c.momentum, weight_decay=c.weight_decay)
+    return torch.optim.Adam(params, lr=lr, weight_decay=c.weight_decay)
+
+
+def correct_count(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Rows whose argmax is their label (label -1 rows never count), on the device: no sync."""
+    return ((logits.detach().argmax(-1) == labels) & (labels >= 0)).sum(-1)
+
+
+class SeparateStudent:
+    """One student with its own module and ``torch.optim`` optimizer (wrapped in DDP under torchrun)."""
+
+    def __init__(self, student: Student, model: nn.Module, c: TrainConfig, device: torch.device, rank: int,
+                 ddp: bool) -> None:
+        self.students = [student]
+        self.c, self.device = c, device
+        self.plain = model.to(device)
+        self.model = (nn.parallel.DistributedDataParallel(self.plain, device_ids=[device.index]
+                                                          if device.type == "cuda" else None)
+                      if ddp else self.plain)
+        self.optimizer = make_optimizer(self.model.parameters(), c, student.lr)
+        self.rng = initial_rng(student.seed, rank)
+        self.cuda_rng: torch.Tensor | None = None
+
+    @property
+    def join_modules(self) -> list[nn.Module]:
+        return [self.model]
+
+    def train(self) -> None:
+        self.model.train()
+
+    def set_epoch_lr(self, epoch: int) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr_at(self.students[0].lr, epoch, self.c.epochs, self.c.schedule)
+
+    def lr(self, j: int) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, z: Any, mask: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        s, c = self.students[0], self.c
+        with own_rng(self, self.device):
+            with autocast(self.device, c.amp):
+                logits = self.model(x)
+            if mask is not None:
+                logits = logits[mask]
+            loss = distillation_loss(logits, z, y, s.temperature, s.alpha, c.ensemble, c.members)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        return loss.detach().float()[None], correct_count(logits, y)[None]
+
+    def module(self, j: int) -> nn.Module:
+        return self.plain
+
+    def state(self) -> dict[str, torch.Tensor]:
+        name = self.students[0].name
+        out = {f"{name}/model/{k}": v for k, v in self.plain.state_dict().items()}
+        for pname, p in self.plain.named_parameters():
+            for k, v in self.optimizer.state.get(p, {}).items():
+                out[f"{name}/optim/{pname}/{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+        return out
+
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        return rng_tensors(self, self.students[0].name)
+
+    def load_rng(self, tensors: dict[str, torch.Tensor]) -> bool:
+        return load_rng_tensors(self, self.students[0].name, tensors)
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        name = self.students[0].name
+        prefix = f"{name}/model/"
+        self.plain.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        self.optimizer.state.clear()
+        for pname, p in self.plain.named_parameters():
+            pre = f"{name}/optim/{pname}/"
+            st = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
+            if st:
+                self.optimizer.state[p] = {k: v if k == "step" else v.to(p.device) for k, v in st.items()}
+
+
+def rng_tensors(unit: Any, key: str) -> dict[str, torch.Tensor]:
+    out = {f"{key}/rng": unit.rng}
+    if unit.cuda_rng is not None:
+        out[f"{key}/cuda_rng"] = unit.cuda_rng
+    return out
+
+
+def load_rng_tensors(unit: Any, key: str, tensors: dict[str, torch.Tensor]) -> bool:
+    """Restore a unit's RNG states; False when the checkpoint has none for it."""
+    if f"{key}/rng" not in tensors:
+        return False
+    unit.rng = tensors[f"{key}/rng"]
+    unit.cuda_rng = tensors.get(f"{key}/cuda_rng")
+    return True
