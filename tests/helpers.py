@@ -119,3 +119,29 @@ class TokenTeacher(nn.Module):
 
 def token_teacher() -> nn.Module:
     return TokenTeacher()
+
+
+class _Counter(nn.Module):
+    """Identity that counts each forward (see _count_batch): lets a test kill a training run mid-way."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _count_batch()
+        return x
+
+
+def slow_mlp() -> nn.Module:
+    """A student for 16-feature, 5-class data with dropout, counted per forward; not kdcache's own MLP,
+    so a sweep of it stacks through torch.func vmap."""
+    return nn.Sequential(_Counter(), nn.Linear(16, 32), nn.Tanh(), nn.Dropout(0.2), nn.Linear(32, 5))
+
+
+def small_convnet() -> nn.Module:
+    """A student for 16-feature data through a 1-d convolution: stacks through vmap."""
+    return nn.Sequential(nn.Unflatten(1, (1, 16)), nn.Conv1d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(64, 5))
+
+
+def slow_mnist_mlp() -> nn.Module:
+    """A 784-32-10 MNIST student with dropout, counted per forward (kill tests with --jitter)."""
+    from kdcache.models import MLP
+    return nn.Sequential(_Counter(), MLP((28, 28), [32], 10, dropout=0.3))

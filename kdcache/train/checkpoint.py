@@ -1,7 +1,7 @@
 """Resumable training: the whole state of a ``train-student`` run, written at epoch ends (and every N
 steps), read back when the same command runs again.
 
-``OUT/resume/ckpt-<global step>/`` holds ``students.safetensors`` (every student's weights and
+``OUT/resume/ckpt-<epoch>-<step>/`` (the epoch it is in, the steps of it done) holds ``students.safetensors`` (every student's weights and
 optimizer state, under canonical names), ``rank-<r>.safetensors`` (each process's RNG states,
 data position and the epoch's running sums) and ``state.json``, written last: the command's
 identity, epoch, step, metrics so far and the sha256 of every file. A directory without a valid
@@ -39,8 +39,13 @@ def _sha256(path: Path) -> str:
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    # slices of one stacked tensor share its storage, which safetensors refuses: each gets its own copy
+    save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}, str(tmp))
     tmp.replace(path)
+
+
+def _name(epoch: int, step: int) -> str:
+    return f"ckpt-{epoch:05d}-{step:09d}"
 
 
 def _write_json(obj: Any, path: Path) -> None:
@@ -126,11 +131,11 @@ class Checkpoints:
                 self.log(f"warning: no readable checkpoint in {self.root}; training starts from the beginning")
         if self.info.enabled:
             import torch.distributed as dist
-            t = torch.tensor([int(chosen.name.split("-")[1]) if chosen else -1])
+            t = torch.tensor([int(x) for x in chosen.name.split("-")[1:]] if chosen else [-1, -1])
             dist.broadcast(t, 0)
-            if int(t) < 0:
+            if int(t[0]) < 0:
                 return None
-            chosen = self.root / f"ckpt-{int(t):09d}"
+            chosen = self.root / _name(int(t[0]), int(t[1]))
             state = json.loads((chosen / "state.json").read_text())
         return (chosen, state) if chosen is not None else None
 
@@ -139,10 +144,11 @@ class Checkpoints:
         from safetensors.torch import load_file
         return load_file(str(d / "students.safetensors")), load_file(str(d / f"rank-{self.info.rank}.safetensors"))
 
-    def save(self, global_step: int, shared: dict[str, torch.Tensor], mine: dict[str, torch.Tensor],
+    def save(self, epoch: int, step: int, shared: dict[str, torch.Tensor], mine: dict[str, torch.Tensor],
              state: dict[str, Any]) -> Path:
-        """Write a checkpoint: tensors first (every rank its own file), ``state.json`` last (rank 0)."""
-        d = self.root / f"ckpt-{global_step:09d}"
+        """Write the checkpoint of ``step`` steps into ``epoch``: tensors first (every rank its own file),
+        ``state.json`` last (rank 0). Every rank calls it at the same (epoch, step)."""
+        d = self.root / _name(epoch, step)
         if self.info.is_main:
             if d.exists():
                 shutil.rmtree(d)
@@ -156,7 +162,8 @@ class Checkpoints:
             from kdcache import __version__
             files = ["students.safetensors", *(f"rank-{r}.safetensors" for r in range(self.info.world_size))]
             _write_json({"kdcache_checkpoint": CHECKPOINT_FORMAT, "kdcache_version": __version__,
-                         "identity": self.identity, "world_size": self.info.world_size, **state,
+                         "identity": self.identity, "world_size": self.info.world_size, "epoch": epoch,
+                         "step": step, **state,
                          "files": {f: _sha256(d / f) for f in files}}, d / "state.json")
             for old in self._candidates()[KEEP:]:
                 shutil.rmtree(old, ignore_errors=True)

@@ -85,6 +85,7 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
     students = plan_students(c, out)
     ckpts = Checkpoints(out, c.identity(), info, log)
     claim_out_dir(c, out, students, ckpts, info)
+    found = ckpts.find()  # before anything is built: a checkpoint of another command is refused at once
     torch.manual_seed(c.seeds[0])
     src = open_training_data(c)
     units, arch = build_units(c, students, src, device, info)
@@ -95,10 +96,9 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
     augment = (lambda x: jitter(x, c.jitter, jitter_gen)) if c.jitter else None
     show = (c.progress if c.progress is not None else sys.stderr.isatty()) and info.is_main
 
-    first_epoch, step, global_step, sums = 0, 0, 0, None
-    found = ckpts.find()
+    first_epoch, step, sums = 0, 0, None
     if found is not None:
-        first_epoch, step, global_step, sums = restore(found, ckpts, units, students, jitter_gen, device)
+        first_epoch, step, sums = restore(found, ckpts, units, students, jitter_gen, device)
         if info.is_main:
             log(f"resuming {out} from {found[0].name}: epoch {first_epoch + 1}, step {step}")
 
@@ -110,8 +110,7 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
             mine.update(u.rng_state())
         if sums is not None and step > 0:
             mine.update(sums.tensors())
-        ckpts.save(global_step, shared, mine, {"epoch": epoch, "step": step, "global_step": global_step,
-                                               "histories": {s.name: s.history for s in students}})
+        ckpts.save(epoch, step, shared, mine, {"histories": {s.name: s.history for s in students}})
 
     # -- the loop ---------------------------------------------------------------------------------
     for epoch in range(first_epoch, c.epochs):
@@ -136,7 +135,6 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
                     a += n
                 sums.seen += batch.counts
                 step += 1
-                global_step += 1
                 if bar is not None:
                     bar.update(1)
                 if c.checkpoint_every and step % c.checkpoint_every == 0 and step < safe_steps:
@@ -146,6 +144,8 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
         if bar is not None:
             bar.close()
         sums.seconds += time.perf_counter() - t0
+        if info.enabled:
+            sync_ranks(units, step, info)
         finish_epoch(epoch, sums, units, src, evaluator, info)
         step, sums = 0, None
         save(epoch + 1, 0)
@@ -282,8 +282,8 @@ def _contiguous(n: int, count: int) -> list[list[int]]:
 
 
 def restore(found: tuple[Path, dict[str, Any]], ckpts: Checkpoints, units: list[Any], students: list[Student],
-            jitter_gen: torch.Generator, device: torch.device) -> tuple[int, int, int, EpochSums | None]:
-    """Load a checkpoint into the units; returns (epoch, step in it, global step, the epoch's sums so far)."""
+            jitter_gen: torch.Generator, device: torch.device) -> tuple[int, int, EpochSums | None]:
+    """Load a checkpoint into the units; returns (epoch, steps of it done, the epoch's sums so far)."""
     d, state = found
     shared, mine = ckpts.load(d)
     for u in units:
@@ -293,7 +293,7 @@ def restore(found: tuple[Path, dict[str, Any]], ckpts: Checkpoints, units: list[
         s.history = list(state["histories"][s.name])
     jitter_gen.set_state(mine["loop/jitter_rng"])
     sums = EpochSums.from_tensors(mine, device) if state["step"] > 0 else None
-    return state["epoch"], state["step"], state["global_step"], sums
+    return state["epoch"], state["step"], sums
 
 
 def _steps_every_rank_takes(stream: Any, info: DistInfo) -> int:
@@ -305,6 +305,17 @@ def _steps_every_rank_takes(stream: Any, info: DistInfo) -> int:
     n = torch.tensor([len(stream)])
     dist.all_reduce(n, op=dist.ReduceOp.MIN)
     return int(n)
+
+
+def sync_ranks(units: list[Any], steps: int, info: DistInfo) -> None:
+    """After an epoch of uneven inputs, every rank takes the state of the rank that took the most steps."""
+    import torch.distributed as dist
+    counts = torch.zeros(info.world_size, dtype=torch.int64)
+    counts[info.rank] = steps
+    dist.all_reduce(counts)
+    src = int(counts.argmax())
+    for u in units:
+        u.sync_ranks(src)
 
 
 def _join(units: list[Any], info: DistInfo) -> contextlib.AbstractContextManager:

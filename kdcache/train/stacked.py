@@ -124,6 +124,8 @@ class StackedStudents:
         from torch.func import stack_module_state
         self.students, self.c, self.device = students, c, device
         self.scratch = copy.deepcopy(modules[0]).to(device)  # holds one student's weights for eval and saving
+        for m in modules:
+            m.train()
         params, buffers = stack_module_state(modules)
         self.params = {k: v.detach().to(device).requires_grad_() for k, v in params.items()}
         self.buffers = {k: v.to(device) for k, v in buffers.items()}
@@ -182,6 +184,9 @@ class StackedStudents:
             grads = torch.autograd.grad(total, list(self.params.values()))
             self.optimizer.step(list(grads), None if self.all_active else self.active)
         return losses.detach(), correct_count(logits, y)
+
+    def sync_ranks(self, src: int) -> None:
+        """Stacks train in one process only (see build_units): nothing to sync."""
 
     def stop(self, j: int) -> None:
         """Freeze student ``j`` (it diverged): its weights stay as they are, the others train on."""
@@ -253,6 +258,7 @@ def stack_bytes(module: nn.Module, probe_x: torch.Tensor, batch_size: int, optim
         if isinstance(out, torch.Tensor):
             acts += out.numel() * out.element_size()
     handles = [m.register_forward_hook(hook) for m in module.modules() if not list(m.children())]
+    was = module.training
     try:
         with torch.no_grad():
             module.eval()
@@ -260,6 +266,7 @@ def stack_bytes(module: nn.Module, probe_x: torch.Tensor, batch_size: int, optim
     except Exception:
         acts = 0
     finally:
+        module.train(was)
         for h in handles:
             h.remove()
     return params * (3 if optimizer == "sgd" else 4) + 2 * acts * batch_size // max(1, len(probe_x))

@@ -116,6 +116,20 @@ class SeparateStudent:
     def module(self, j: int) -> nn.Module:
         return self.plain
 
+    def sync_ranks(self, src: int) -> None:
+        """Make every rank's weights and optimizer state rank ``src``'s. With uneven inputs a rank that
+        ran out of batches skipped the last optimizer steps (DDP's Join syncs the weights, not the
+        momentum): without this the ranks' students drift apart, and a resume could not be exact."""
+        import torch.distributed as dist
+        for p in self.plain.parameters():
+            for k in sorted(self.optimizer.state.get(p, {})):
+                v = self.optimizer.state[p][k]
+                if isinstance(v, torch.Tensor):  # Adam's step lives on the host: NCCL needs it on the device
+                    t = v.to(p.device)
+                    dist.broadcast(t, src)
+                    v.copy_(t)
+            dist.broadcast(p.data, src)
+
     def state(self) -> dict[str, torch.Tensor]:
         name = self.students[0].name
         out = {f"{name}/model/{k}": v for k, v in self.plain.state_dict().items()}

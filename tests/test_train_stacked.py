@@ -1,0 +1,125 @@
+"""Stacked students: the same results as students trained one by one, per-student settings honoured,
+the fallbacks for what cannot stack, and the stacked loss against the one-student loss."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kdcache.dump import DumpConfig, dump_logits
+from kdcache.losses import distillation_loss, distillation_losses
+from kdcache.sparse import topk_rows, targets_from_arrays
+from kdcache.specs import load_model
+from kdcache.train import TrainConfig, train_students
+from tests.conftest import run_kdcache
+from tests.helpers import SYNTH
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    d = tmp_path_factory.mktemp("stacked")
+    path = str(d / "t.zarr")
+    dump_logits(DumpConfig(teachers=["tests.helpers:slow_teacher"], dataset=SYNTH, out=path, chunk_rows=256,
+                           progress=False))
+    return path
+
+
+def _weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_model(str(run_dir)).module.state_dict()
+
+
+def _sweep(tmp_path, store, name, **kw):
+    base = dict(dataset=SYNTH, student="mlp:32,16", out=str(tmp_path / name), store=store, temperatures=[1.0, 4.0],
+                alphas=[0.5], seeds=[0, 1], lrs=[0.05, 0.2], epochs=2, batch_size=64, weight_decay=1e-3,
+                progress=False, device="cpu")
+    base.update(kw)
+    return train_students(TrainConfig(**base))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_stacked_sweep_ends_where_separate_runs_end(tmp_path, store, optimizer, capfd):
+    lr = [0.05, 0.2] if optimizer == "sgd" else [0.003, 0.01]
+    stacked = _sweep(tmp_path, store, "stacked", optimizer=optimizer, lrs=lr)
+    assert "8 students of mlp:32,16 train as one stacked model (batched matrix products)" in capfd.readouterr().err
+    alone = _sweep(tmp_path, store, "alone", optimizer=optimizer, lrs=lr, stack=False)
+    assert [r["run"] for r in stacked] == [r["run"] for r in alone] and len(stacked) == 8
+    for a, b in zip(stacked, alone):
+        wa, wb = _weights(a["dir"]), _weights(b["dir"])
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    # per-student settings: learning rates (cosine from each base), temperatures and alphas recorded
+    by = {r["run"]: r for r in stacked}
+    hist = json.loads((tmp_path / "stacked" / f"T4-a0.5-s1-lr{lr[1]:g}" / "metrics.json").read_text())
+    assert hist[0]["lr"] == pytest.approx(lr[1]) and hist[1]["lr"] == pytest.approx(lr[1] / 2)
+    config = json.loads((tmp_path / "stacked" / f"T1-a0.5-s0-lr{lr[0]:g}" / "config.json").read_text())
+    assert config["lr"] == lr[0] and config["temperature"] == 1.0 and "lrs" not in config
+    # the learning rate and the temperature both change the result
+    w = {n: _weights(by[n]["dir"])["net.2.weight"] for n in by}
+    assert not torch.equal(w[f"T1-a0.5-s0-lr{lr[0]:g}"], w[f"T1-a0.5-s0-lr{lr[1]:g}"])
+    assert not torch.equal(w[f"T1-a0.5-s0-lr{lr[0]:g}"], w[f"T4-a0.5-s0-lr{lr[0]:g}"])
+
+
+def test_vmap_students_and_stack_groups_match_separate_runs(tmp_path, store, capfd):
+    kw = dict(student="tests.helpers:small_convnet", lrs=[0.05], temperatures=[2.0, 8.0], seeds=[0, 1, 2])
+    grouped = _sweep(tmp_path, store, "grouped", stack_group=4, **kw)
+    err = capfd.readouterr().err
+    assert "training the 6 students in 2 stacks of at most 4 (--stack-group 4)" in err
+    assert "3 students of tests.helpers:small_convnet train as one stacked model (torch.func vmap)" in err
+    alone = _sweep(tmp_path, store, "alone", stack=False, **kw)
+    assert "training 6 students one by one (--no-stack)" in capfd.readouterr().err
+    for a, b in zip(grouped, alone):
+        wa, wb = _weights(a["dir"]), _weights(b["dir"])
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_students_vmap_cannot_run_train_one_by_one_with_a_note(tmp_path):
+    corpus = tmp_path / "c.txt"
+    from tests.helpers import write_corpus
+    spec = write_corpus(corpus, paragraphs=40)
+    p = run_kdcache("train-student", "--dataset", spec, "--student", "lstm:8,16", "--seed", "0,1", "--epochs", "1",
+                    "--out", str(tmp_path / "lm"))
+    assert "cannot be stacked" in p.stderr and "training them one by one" in p.stderr
+    assert len(json.loads((tmp_path / "lm" / "summary.json").read_text())) == 2
+
+
+def test_an_lr_sweep_from_the_command_line(tmp_path, store):
+    p = run_kdcache("train-student", "--dataset", SYNTH, "--store", store, "--student", "mlp:8", "--lr", "0.01,0.1",
+                    "--epochs", "1", "--out", str(tmp_path / "lr"))
+    assert sorted(d.name for d in (tmp_path / "lr").iterdir() if d.is_dir()) == ["T4-a0.9-s0-lr0.01",
+                                                                                  "T4-a0.9-s0-lr0.1"]
+    assert "| lr |" in p.stdout and "| 0.1 |" in p.stdout
+
+
+def test_the_stacked_loss_is_each_students_own_loss():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(4, 12, 7, generator=g)
+    z = torch.randn(12, 3, 7, generator=g) * 3
+    y = torch.randint(0, 7, (12,), generator=g)
+    y[:3] = -1  # unlabelled rows: soft term only
+    temps, alphas = [1.0, 4.0, 4.0, 20.0], [0.0, 0.5, 1.0, 0.9]
+    for ensemble, members in (("mean-prob", None), ("mean-logit", None), ("mean-prob", [0, 2])):
+        got = distillation_losses(s, z, y, temps, alphas, ensemble, members)
+        want = torch.stack([distillation_loss(s[i], z, y, t, a, ensemble, members)
+                            for i, (t, a) in enumerate(zip(temps, alphas))])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    sparse = targets_from_arrays(_topk_manifest(), topk_rows(z[:, :1], 3, [1.0, 4.0, 20.0]))
+    got = distillation_losses(s, sparse, y, temps, alphas)
+    want = torch.stack([distillation_loss(s[i], sparse, y, t, a) for i, (t, a) in enumerate(zip(temps, alphas))])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # each student's gradient is its own loss's gradient
+    s1 = s.clone().requires_grad_()
+    distillation_losses(s1, z, y, temps, alphas).sum().backward()
+    s2 = s[1].clone().requires_grad_()
+    distillation_loss(s2, z, y, temps[1], alphas[1]).backward()
+    torch.testing.assert_close(s1.grad[1], s2.grad, rtol=1e-5, atol=1e-7)
+
+
+def _topk_manifest():
+    from kdcache.store import Manifest
+    return Manifest(num_samples=12, num_classes=7, num_members=1, dtype="float32", chunk_rows=12, layout="topk",
+                    layout_params={"k": 3, "temperatures": [1.0, 4.0, 20.0]},
+                    members=[{"name": "t", "spec": "t", "sha256": "0" * 64}],
+                    dataset={"spec": "x", "name": "x", "split": None, "length": 12, "fingerprint": "0", "subset": None})
