@@ -12,13 +12,14 @@ from kdcache.errors import KdcacheError
 ENSEMBLE_REDUCTIONS = ("mean-prob", "mean-logit")
 
 
-def teacher_log_probs(teacher_logits: torch.Tensor, temperature: float, ensemble: str = "mean-prob",
+def teacher_log_probs(teacher_logits: torch.Tensor, temperature: float | Sequence[float], ensemble: str = "mean-prob",
                       members: Sequence[int] | None = None) -> torch.Tensor:
     """Log soft targets ``log p_T`` from raw stored logits.
 
     Args:
         teacher_logits: ``[batch, members, classes]`` raw logits at T=1 (any float dtype).
-        temperature: T > 0; the logits are divided by it before the softmax.
+        temperature: T > 0; the logits are divided by it before the softmax. A list of U
+            temperatures gives ``[U, batch, classes]``, all in one pass (a stacked sweep).
         ensemble: ``mean-prob`` (the paper's: the mean of the members' ``softmax(z/T)``) or
             ``mean-logit`` (softmax of the members' mean logit over T: a geometric mean).
         members: indices of the members to use; all when None.
@@ -26,7 +27,9 @@ def teacher_log_probs(teacher_logits: torch.Tensor, temperature: float, ensemble
     Returns:
         ``[batch, classes]`` float32 log-probabilities.
     """
-    if temperature <= 0:
+    many = not isinstance(temperature, (int, float))
+    temps = [float(t) for t in temperature] if many else [float(temperature)]
+    if min(temps) <= 0:
         raise KdcacheError(f"temperature must be positive, got {temperature}")
     if teacher_logits.ndim != 3:
         raise KdcacheError(f"teacher_logits must be [batch, members, classes], got shape {tuple(teacher_logits.shape)}")
@@ -36,11 +39,12 @@ def teacher_log_probs(teacher_logits: torch.Tensor, temperature: float, ensemble
         if bad or not members:
             raise KdcacheError(f"members {list(members)} asked for, the store has members 0..{z.shape[1] - 1}")
         z = z[:, list(members)]
+    t = torch.tensor(temps, device=z.device).view(-1, 1, 1, 1) if many else temperature
     if ensemble == "mean-prob":
-        logp = F.log_softmax(z / temperature, dim=-1)
-        return torch.logsumexp(logp, dim=1) - math.log(z.shape[1])
+        logp = F.log_softmax(z / t, dim=-1)
+        return torch.logsumexp(logp, dim=-2) - math.log(z.shape[1])
     if ensemble == "mean-logit":
-        return F.log_softmax(z.mean(dim=1) / temperature, dim=-1)
+        return F.log_softmax(z.mean(dim=1) / (t[..., 0] if many else t), dim=-1)
     raise KdcacheError(f"ensemble reduction {ensemble!r} is unknown; use one of {', '.join(ENSEMBLE_REDUCTIONS)}")
 
 
@@ -119,7 +123,7 @@ def distillation_losses(student_logits: torch.Tensor, teacher_logits: Any, label
         if isinstance(teacher_logits, torch.Tensor):
             # the teacher's soft targets once per distinct temperature, shared by the students at that T
             distinct = sorted(set(float(t) for t in temperatures))
-            target = torch.stack([teacher_log_probs(teacher_logits, t, ensemble, members) for t in distinct])
+            target = teacher_log_probs(teacher_logits, distinct, ensemble, members)  # [distinct T, batch, classes]
             pick = torch.tensor([distinct.index(float(t)) for t in temperatures], device=dev)
             target = target[pick]                                               # [S, batch, classes]
             temps = torch.tensor([float(t) for t in temperatures], device=dev)

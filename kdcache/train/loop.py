@@ -221,7 +221,7 @@ def claim_out_dir(c: TrainConfig, out: Path, students: list[Student], ckpts: Che
     if ckpts.exists():
         return
     existing = [p for p in [out / "config.json", *(s.out / "config.json" for s in students)] if p.exists()]
-    if len({s.out for s in students}) == 1 and len(students) == 1 and (out / "summary.json").exists():
+    if all(s.out == out for s in students) and (out / "summary.json").exists():  # not a sweep directory
         existing.append(out / "summary.json")
     if existing:
         raise KdcacheError(f"{out} already holds training results ({existing[0].name}); pass --overwrite "
