@@ -41,6 +41,8 @@ def teacher_log_probs(teacher_logits: torch.Tensor, temperature: float | Sequenc
         z = z[:, list(members)]
     t = torch.tensor(temps, device=z.device).view(-1, 1, 1, 1) if many else temperature
     if ensemble == "mean-prob":
+        if z.shape[1] == 1:  # one member: the mean is the member itself (the same values, two ops fewer)
+            return F.log_softmax(z[:, 0] / (t[..., 0] if many else t), dim=-1)
         logp = F.log_softmax(z / t, dim=-1)
         return torch.logsumexp(logp, dim=-2) - math.log(z.shape[1])
     if ensemble == "mean-logit":

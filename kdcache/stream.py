@@ -81,14 +81,17 @@ class DistillStream(IterableDataset):
             check_pairing(self.store, dataset)
         self.dataset = dataset.dataset if isinstance(dataset, ResolvedDataset) else dataset
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        row_bytes = sum(int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
+                        for name, (shape, _, dtype, _) in m.arrays().items() if name != "chunk_sha256")
+        if block_rows is None and row_bytes * m.num_samples <= window_bytes:
+            # the whole store fits in one window, whose shuffle is then a full shuffle: read whole chunks
+            block_rows = m.chunk_rows
         self.block_rows = block_rows or min(m.chunk_rows, max(1024, math.ceil(m.num_samples / MIN_BLOCKS)))
         self._seq_blocks = None
         if m.per_token:
             ids, offsets = self.store.sequence_index()
             marks = np.searchsorted(offsets[:-1], np.arange(0, m.num_samples, self.block_rows), side="left")
             self._seq_blocks = np.unique(np.concatenate([marks, [len(ids)]]))
-        row_bytes = sum(int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
-                        for name, (shape, _, dtype, _) in m.arrays().items() if name != "chunk_sha256")
         self.window_blocks = max(1, window_bytes // (row_bytes * self.block_rows))
         self.return_ids = return_ids
         self.allow_interpolation = allow_interpolation

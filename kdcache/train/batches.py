@@ -2,6 +2,8 @@
 batch's copy issued on a side CUDA stream while the current one computes."""
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -33,12 +35,10 @@ class Batch:
             self.z.record_stream(stream)
 
 
-def from_loader(raw: tuple[Any, ...], augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Batch:
+def from_loader(raw: tuple[Any, ...]) -> Batch:
     """A stream's ``(x, y, z[, mask], ids)`` as a :class:`Batch`, counted before it leaves the host."""
     x, y, z, *mask_, ids = raw
     mask = mask_[0] if mask_ else None
-    if augment is not None:
-        x = augment(x)
     if mask is not None:
         y = y[mask]  # one label per stored row, as the teacher rows are
     idf = ids.double()
@@ -47,29 +47,88 @@ def from_loader(raw: tuple[Any, ...], augment: Callable[[torch.Tensor], torch.Te
     return Batch(x, y, z, mask, counts)
 
 
+class _Prefetch:
+    """Iterates ``source`` in a background thread, ``depth`` items ahead: the next batch is read and
+    assembled (store reads, dataset lookups, pinning) while the current one computes, whose torch
+    kernels release the GIL. Exceptions are re-raised in the consumer."""
+
+    _END = object()
+
+    def __init__(self, source: Iterator[Any], depth: int = 2) -> None:
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(source,), daemon=True, name="kdcache-prefetch")
+        self.thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, source: Iterator[Any]) -> None:
+        try:
+            for item in source:
+                if not self._put(item):
+                    return
+            self._put(self._END)
+        except BaseException as e:  # handed to the consumer, raised there
+            self._put(e)
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            while True:
+                item = self.queue.get()
+                if item is self._END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.stop.set()
+            self.thread.join()
+
+
 def device_batches(loader: Iterable[Any], device: torch.device, skip: int = 0,
-                   prepare: Callable[[Any], Batch] = from_loader) -> Iterator[Batch]:
+                   augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[Batch]:
     """The loader's batches on ``device``, after skipping the first ``skip`` (a resumed epoch).
 
-    On CUDA the copy of batch n+1 (from pinned memory, non-blocking, on a side stream) is issued
-    before batch n is handed to the caller, so that it overlaps with batch n's compute.
+    ``augment`` runs here, in the consumer, in batch order, so that its random state at step n is
+    the same whether or not a run was resumed. On CUDA, batches are read and counted in a background
+    thread a batch or two ahead, and the copy of batch n+1 (from pinned memory, non-blocking, on a
+    side stream) is issued before batch n is handed to the caller, so that both overlap with batch
+    n's compute. On the CPU the thread would compete with the compute for the same cores (measured:
+    slower), so batches are read in turn.
     """
-    it = iter(loader)
-    for _ in range(skip):
-        if next(it, None) is None:
-            return
-    if device.type != "cuda":
+    def produce() -> Iterator[Batch]:
+        it = iter(loader)
+        for _ in range(skip):
+            if next(it, None) is None:
+                return
         for raw in it:
-            yield prepare(raw)
+            yield from_loader(raw)
+
+    def augmented(b: Batch) -> Batch:
+        if augment is not None:
+            b.x = augment(b.x)
+        return b
+
+    if device.type != "cuda":
+        for b in produce():
+            yield augmented(b)
         return
+    batches = iter(_Prefetch(produce()))
     side = torch.cuda.Stream(device)
     main = torch.cuda.current_stream(device)
 
     def load() -> Batch | None:
-        raw = next(it, None)
-        if raw is None:
+        b = next(batches, None)
+        if b is None:
             return None
-        b = prepare(raw)
+        b = augmented(b)
         with torch.cuda.stream(side):
             return b.to(device)
 

@@ -25,7 +25,7 @@ from kdcache.augment import jitter
 from kdcache.distributed import DistInfo, init_distributed, resolve_device, shutdown
 from kdcache.errors import KdcacheError
 from kdcache.specs import load_model
-from kdcache.train.batches import device_batches, from_loader
+from kdcache.train.batches import device_batches
 from kdcache.train.checkpoint import Checkpoints
 from kdcache.train.config import TrainConfig
 from kdcache.train.evaluate import Evaluator
@@ -124,8 +124,7 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
         safe_steps = _steps_every_rank_takes(src.stream, info)
         bar = _progress(len(src.stream), show, f"epoch {epoch + 1}/{c.epochs}", done=step)
         with _join(units, info):
-            for batch in device_batches(loader, device, skip=step,
-                                        prepare=lambda raw: from_loader(raw, augment)):
+            for batch in device_batches(loader, device, skip=step, augment=augment):
                 a = 0
                 for u in units:
                     losses, correct = u.step(batch.x, batch.y, batch.z, batch.mask)
