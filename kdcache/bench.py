@@ -34,12 +34,13 @@ class Profile:
     epochs: int
     rss_rows: int
     online_k: tuple[int, ...]
+    dump_rows: int  # the dump's fixed costs need a full pass to be measured against: 60,000 even when quick
 
 
 QUICK = Profile(reps=3, read_rows=100_000, read_classes=100, mnist_rows=6_000, epochs=1, rss_rows=4_000,
-                online_k=(1, 4))
+                online_k=(1, 4), dump_rows=60_000)
 FULL = Profile(reps=5, read_rows=1_000_000, read_classes=100, mnist_rows=60_000, epochs=1, rss_rows=20_000,
-               online_k=(1, 4, 16))
+               online_k=(1, 4, 16), dump_rows=60_000)
 
 
 def interleave(a: Callable[[], Any], b: Callable[[], Any], reps: int) -> tuple[float, float]:
@@ -130,9 +131,11 @@ def bench_dump(p: Profile, work: Path, device: str) -> list[dict[str, Any]]:
     from torch.utils.data import DataLoader
     dev = resolve_device(device)
     out = []
-    for name, teachers in (("mnist 1200-1200", ["mlp:1200,1200"]), ("3-member ensemble", ["mlp:1200,1200"] * 3)):
+    for name, teachers, rows_n in (("mnist 1200-1200", ["mlp:1200,1200"], p.dump_rows),
+                                   ("3-member ensemble", ["mlp:1200,1200"] * 3,
+                                    p.mnist_rows if p is QUICK else p.dump_rows)):
         cfg = DumpConfig(teachers=teachers, dataset="mnist:train", out=str(work / "dump.zarr"),
-                         subset=f"0:{p.mnist_rows}", overwrite=True, device=device, progress=False)
+                         subset=f"0:{rows_n}", overwrite=True, device=device, progress=False)
         dataset, members, manifest, rows, _ = prepare(cfg, dev)
         modules = [m.module for m in members]
 
@@ -146,8 +149,8 @@ def bench_dump(p: Profile, work: Path, device: str) -> list[dict[str, Any]]:
             del z
 
         ta, tb = interleave(lambda: dump_logits(cfg), bare, p.reps)
-        out.append({"teacher": name, "rows": p.mnist_rows, "dump_s": ta, "bare_inference_s": tb, "ratio": ta / tb,
-                    "goal": 1.10})
+        out.append({"teacher": name, "rows": rows_n, "dump_s": ta, "bare_inference_s": tb, "ratio": ta / tb,
+                    "goal": 1.05})
     return out
 
 
@@ -423,7 +426,7 @@ def run_bench(quick: bool = False, only: list[str] | None = None, device: str = 
                              "stream_rows_per_s", "memmap_stream_rows_per_s", "stream_ratio"]))
             elif name == "dump":
                 r = {"ratio": bench_dump(p, work, device), "memory": peak_rss(p.rss_rows, work, device)}
-                echo(_table("dump-logits against a bare teacher-inference loop over the same DataLoader (goal <= 1.10)",
+                echo(_table("dump-logits against a bare teacher-inference loop over the same DataLoader (goal <= 1.05)",
                             r["ratio"], ["teacher", "rows", "dump_s", "bare_inference_s", "ratio"]))
                 mem = r["memory"]
                 echo(f"  peak RSS: {mem['peak_rss_MiB'][0]:.0f} MiB at {mem['rows'][0]} rows, "

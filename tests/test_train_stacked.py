@@ -3,6 +3,7 @@ the fallbacks for what cannot stack, and the stacked loss against the one-studen
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,3 +124,32 @@ def _topk_manifest():
                     layout_params={"k": 3, "temperatures": [1.0, 4.0, 20.0]},
                     members=[{"name": "t", "spec": "t", "sha256": "0" * 64}],
                     dataset={"spec": "x", "name": "x", "split": None, "length": 12, "fingerprint": "0", "subset": None})
+
+
+def test_a_stack_that_does_not_fit_the_memory_budget_trains_in_groups(tmp_path, store):
+    # mlp:64,64 on 16 features, batch 64, SGD: about 280 kB per student (weights, gradients, momentum,
+    # activations kept for backward); a 600 kB budget holds 2
+    p = run_kdcache("train-student", "--dataset", SYNTH, "--store", store, "--student", "mlp:64,64",
+                    "--temperature", "1,2,4,8", "--seed", "0,1", "--epochs", "1", "--batch-size", "64",
+                    "--out", str(tmp_path / "mem"), env={"KDCACHE_STACK_MEMORY": "600kB"})
+    assert "training the 8 students in 4 stacks of at most 2 (a stack of 8 needs about" in p.stderr
+    assert "more than KDCACHE_STACK_MEMORY" in p.stderr
+    assert len(json.loads((tmp_path / "mem" / "summary.json").read_text())) == 8
+    p = run_kdcache("train-student", "--dataset", SYNTH, "--store", store, "--student", "mlp:8", "--epochs", "1",
+                    "--temperature", "1,2", "--out", str(tmp_path / "bad"), env={"KDCACHE_STACK_MEMORY": "lots"},
+                    check=False)
+    assert p.returncode == 1 and "KDCACHE_STACK_MEMORY='lots': give a size such as 8GB" in p.stderr
+
+
+@pytest.mark.parametrize("stack", [True, False])
+def test_bf16_autocast_trains_students_on_cpu(tmp_path, store, stack):
+    fp32 = _sweep(tmp_path, store, f"fp32-{stack}", lrs=[0.05], seeds=[0], stack=stack)
+    bf16 = _sweep(tmp_path, store, f"bf16-{stack}", lrs=[0.05], seeds=[0], stack=stack, amp="bf16")
+    for a, b in zip(fp32, bf16):
+        history = json.loads((Path(b["dir"]) / "metrics.json").read_text())
+        assert history[-1]["loss"] < history[0]["loss"]  # it trains
+        assert b["loss"] == pytest.approx(a["loss"], rel=0.1)  # bf16 rounding, not another training
+        assert abs(b["train_accuracy"] - a["train_accuracy"]) < 0.05
+        wa, wb = _weights(a["dir"]), _weights(b["dir"])
+        assert all(wb[k].dtype == torch.float32 for k in wb)  # weights stay fp32; only compute is bf16
+        assert not torch.equal(wa["net.2.weight"], wb["net.2.weight"])

@@ -31,7 +31,7 @@ from kdcache.train.config import TrainConfig
 from kdcache.train.evaluate import Evaluator
 from kdcache.train.results import write_run, write_summary
 from kdcache.train.source import TrainingData, check_student, open_training_data, probe_inputs
-from kdcache.train.stacked import available_bytes, stack_bytes, try_stack
+from kdcache.train.stacked import stack_budget, stack_bytes, try_stack
 from kdcache.train.students import SeparateStudent, Student
 
 
@@ -245,15 +245,15 @@ def build_units(c: TrainConfig, students: list[Student], src: TrainingData, devi
     elif info.enabled:
         why_not = "under torchrun each student trains in DistributedDataParallel"
     if why_not is None:
-        per = stack_bytes(modules[0], probe, c.batch_size, c.optimizer)
-        free = available_bytes(device)
-        fit = max(1, int(free * 0.5 // max(per, 1)))
+        per = stack_bytes(modules[0], probe, min(c.batch_size, len(src.data)), c.optimizer)
+        budget, source = stack_budget(device)
+        fit = max(1, int(budget // max(per, 1)))
         size = min(fit, c.stack_group or len(students))
         if size < len(students):
             groups = _contiguous(len(students), math.ceil(len(students) / size))
             why = (f"--stack-group {c.stack_group}" if size == c.stack_group else
-                   f"a stack of {len(students)} needs about {per * len(students) / 2**30:.1f} GiB, more than half "
-                   f"of the {free / 2**30:.1f} GiB free on {device}")
+                   f"a stack of {len(students)} needs about {_size(per * len(students))}, more than "
+                   f"{source} ({_size(budget)})")
             if info.is_main:
                 log(f"note: training the {len(students)} students in {len(groups)} stacks of at most {size} ({why})")
     units: list[Any] = []
@@ -272,6 +272,14 @@ def build_units(c: TrainConfig, students: list[Student], src: TrainingData, devi
             log(f"note: training {len(students)} students one by one ({why_not})")
         units += [SeparateStudent(students[i], modules[i], c, device, info.rank, info.enabled) for i in g]
     return units, arch
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} TB"
 
 
 def _contiguous(n: int, count: int) -> list[list[int]]:

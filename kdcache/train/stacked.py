@@ -272,16 +272,31 @@ def stack_bytes(module: nn.Module, probe_x: torch.Tensor, batch_size: int, optim
     return params * (3 if optimizer == "sgd" else 4) + 2 * acts * batch_size // max(1, len(probe_x))
 
 
-def available_bytes(device: torch.device) -> int:
-    """Free memory of the device (CUDA), or the host's available memory."""
+def stack_budget(device: torch.device) -> tuple[int, str]:
+    """(bytes a stack may take, where that figure comes from): ``$KDCACHE_STACK_MEMORY`` (e.g. ``8GB``,
+    for a shared GPU), else half of what is free on the device (CUDA) or available on the host."""
+    import os
+    env = os.environ.get("KDCACHE_STACK_MEMORY")
+    if env:
+        from kdcache.errors import ConfigError
+        text = env.strip().upper()
+        units = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "B": 1}
+        unit = next((u for u in units if text.endswith(u)), "B")
+        try:
+            return int(float(text[:len(text) - len(unit)] if text.endswith(unit) else text) * units[unit]), \
+                "KDCACHE_STACK_MEMORY"
+        except ValueError:
+            raise ConfigError(f"KDCACHE_STACK_MEMORY={env!r}: give a size such as 8GB or 500MB") from None
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        return int(torch.cuda.mem_get_info(device)[0]) // 2, f"half of the memory free on {device}"
+    free = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    free = int(line.split()[1]) * 1024
     except OSError:
         pass
-    import os
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if free is None:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return free // 2, "half of the host's available memory"
