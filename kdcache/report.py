@@ -37,7 +37,7 @@ def collect_runs(dirs: list[str]) -> list[dict[str, Any]]:
                 "temperature": config["temperature"] if config.get("store") else None, "alpha": config["alpha"],
                 "seed": config["seed"], "epochs": len(metrics), "test_errors": last.get("eval_errors"),
                 "test_accuracy": last.get("eval_accuracy"), "teacher_agreement": last.get("teacher_agreement"),
-                "test_perplexity": last.get("eval_perplexity"),
+                "test_perplexity": last.get("eval_perplexity"), "diverged": bool(last.get("diverged")),
                 "wall_seconds": sum(m["seconds"] for m in metrics)})
     runs.sort(key=lambda r: (dirs.index(r["group"]), r["temperature"] or 0, r["alpha"], r["seed"]))
     return runs
@@ -54,7 +54,7 @@ def markdown(runs: list[dict[str, Any]], roles: dict[str, str] | None = None, pa
              "|" + "---|" * (11 if ppl else 10)]
     for r in runs:
         lines.append(f"| {r['dir']} | {r['teacher']} | {r['student']} | {_fmt(r['temperature'], 'g')} | "
-                     f"{r['alpha']:g} | {_fmt(r['test_errors'], 'd')} | {_fmt(r['test_accuracy'], '.4f')} | "
+                     f"{r['alpha']:g} | {'diverged' if r['diverged'] else _fmt(r['test_errors'], 'd')} | {_fmt(r['test_accuracy'], '.4f')} | "
                      f"{_fmt(r['teacher_agreement'], '.4f')} |"
                      + (f" {_fmt(r.get('test_perplexity'), '.2f')} |" if ppl else "")
                      + f" {r['epochs']} | {r['wall_seconds']:.0f} |")

@@ -25,6 +25,7 @@ from kdcache.augment import jitter
 from kdcache.distributed import DistInfo, init_distributed, resolve_device, shutdown
 from kdcache.errors import KdcacheError
 from kdcache.specs import load_model
+from kdcache.train import divergence
 from kdcache.train.batches import device_batches
 from kdcache.train.checkpoint import Checkpoints
 from kdcache.train.config import TrainConfig
@@ -63,20 +64,31 @@ class EpochSums:
     correct: torch.Tensor
     seen: torch.Tensor
     seconds: float = 0.0
+    mark_loss: torch.Tensor | None = None  # the loss sums and rows at the last divergence check
+    mark_rows: float = 0.0
 
     @classmethod
     def zeros(cls, students: int, device: torch.device) -> "EpochSums":
         return cls(torch.zeros(students, dtype=torch.float64, device=device),
-                   torch.zeros(students, dtype=torch.float64, device=device), torch.zeros(5, dtype=torch.float64))
+                   torch.zeros(students, dtype=torch.float64, device=device), torch.zeros(5, dtype=torch.float64),
+                   mark_loss=torch.zeros(students, dtype=torch.float64, device=device))
+
+    def window_loss(self) -> list[float | None]:
+        """Each student's mean loss per row since the last call (one host sync)."""
+        rows = float(self.seen[4]) - self.mark_rows
+        loss = ((self.loss - self.mark_loss) / max(rows, 1)).tolist()
+        self.mark_loss, self.mark_rows = self.loss.clone(), float(self.seen[4])
+        return loss if rows > 0 else [None] * len(loss)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"sums/loss": self.loss, "sums/correct": self.correct, "sums/seen": self.seen,
-                "sums/seconds": torch.tensor(self.seconds, dtype=torch.float64)}
+                "sums/seconds": torch.tensor(self.seconds, dtype=torch.float64), "sums/mark_loss": self.mark_loss,
+                "sums/mark_rows": torch.tensor(self.mark_rows, dtype=torch.float64)}
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], device: torch.device) -> "EpochSums":
         return cls(t["sums/loss"].to(device), t["sums/correct"].to(device), t["sums/seen"],
-                   float(t["sums/seconds"]))
+                   float(t["sums/seconds"]), t["sums/mark_loss"].to(device), float(t["sums/mark_rows"]))
 
 
 def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[str, Any]]:
@@ -110,7 +122,16 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
             mine.update(u.rng_state())
         if sums is not None and step > 0:
             mine.update(sums.tensors())
-        ckpts.save(epoch, step, shared, mine, {"histories": {s.name: s.history for s in students}})
+        ckpts.save(epoch, step, shared, mine, {"histories": {s.name: s.history for s in students},
+                                               "early_loss": {s.name: s.early_loss for s in students},
+                                               "diverged": {s.name: s.diverged for s in students}})
+
+    slots = [(u, j) for u in units for j in range(len(u.students))]  # student i is student j of unit u
+
+    def stop_diverged(window: list[float | None], epoch: int, step: int | None) -> None:
+        for i in divergence.check(students, window, epoch, step, log if info.is_main else lambda m: None):
+            u, j = slots[i]
+            u.stop(j)
 
     # -- the loop ---------------------------------------------------------------------------------
     for epoch in range(first_epoch, c.epochs):
@@ -136,6 +157,8 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
                 step += 1
                 if bar is not None:
                     bar.update(1)
+                if not info.enabled and step % divergence.CHECK_EVERY == 0:
+                    stop_diverged(sums.window_loss(), epoch, step)
                 if c.checkpoint_every and step % c.checkpoint_every == 0 and step < safe_steps:
                     sums.seconds += time.perf_counter() - t0
                     t0 = time.perf_counter()
@@ -145,7 +168,7 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
         sums.seconds += time.perf_counter() - t0
         if info.enabled:
             sync_ranks(units, step, info)
-        finish_epoch(epoch, sums, units, src, evaluator, info)
+        finish_epoch(epoch, sums, units, src, evaluator, info, stop_diverged)
         step, sums = 0, None
         save(epoch + 1, 0)
 
@@ -163,14 +186,19 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
 
 
 def finish_epoch(epoch: int, sums: EpochSums, units: list[Any], src: TrainingData, evaluator: Evaluator,
-                 info: DistInfo) -> None:
-    """Add up the epoch over ranks, check it saw every row once, evaluate, and append each student's metrics."""
+                 info: DistInfo, stop_diverged: Callable[[list[float | None], int, int | None], None]) -> None:
+    """Add up the epoch over ranks, check it saw every row once and that no student diverged,
+    evaluate, and append each student's metrics (a diverged student's last entry says so)."""
     if info.enabled:
         import torch.distributed as dist
         seen = sums.seen.to(sums.loss.device)
         for t in (sums.loss, sums.correct, seen):
             dist.all_reduce(t)
         sums.seen = seen.cpu()
+        sums.mark_loss, sums.mark_rows = torch.zeros_like(sums.loss), 0.0  # the whole epoch, over every rank
+    students = [s for u in units for s in u.students]
+    before = [s.diverged is not None and s.diverged["epoch"] <= epoch for s in students]  # in an earlier epoch
+    stop_diverged(sums.window_loss(), epoch, None)
     seen = sums.seen
     expected = src.expected
     coverage_ok = (int(seen[0]) == expected[0] and int(seen[2]) == expected[1]
@@ -179,12 +207,18 @@ def finish_epoch(epoch: int, sums: EpochSums, units: list[Any], src: TrainingDat
     i = 0
     for u in units:
         for j, s in enumerate(u.students):
-            m = {"epoch": epoch + 1, "loss": float(loss[i] / max(seen[4].item(), 1)),
+            if before[i]:  # stopped in an earlier epoch: nothing more to record
+                i += 1
+                continue
+            mean = float(loss[i] / max(seen[4].item(), 1))
+            m = {"epoch": epoch + 1, "loss": mean if math.isfinite(mean) else None,
                  "train_accuracy": float(correct[i] / max(seen[1].item(), 1)) if seen[1] else None,
                  "samples_seen": int(seen[0]), "coverage_ok": coverage_ok, "lr": u.lr(j), "seconds": sums.seconds}
             if src.per_token:
                 m["positions_seen"] = int(seen[4])
-            if info.is_main:
+            if s.diverged is not None:
+                m["diverged"] = s.diverged
+            elif info.is_main:
                 m.update(evaluator(u.module(j)))
             s.history.append(m)
             i += 1
@@ -298,6 +332,12 @@ def restore(found: tuple[Path, dict[str, Any]], ckpts: Checkpoints, units: list[
         u.load_rng(mine)
     for s in students:
         s.history = list(state["histories"][s.name])
+        s.early_loss = state["early_loss"][s.name]
+        s.diverged = state["diverged"][s.name]
+    for u in units:
+        for j, s in enumerate(u.students):
+            if s.diverged is not None:
+                u.stop(j)
     jitter_gen.set_state(mine["loop/jitter_rng"])
     sums = EpochSums.from_tensors(mine, device) if state["step"] > 0 else None
     return state["epoch"], state["step"], sums
@@ -329,7 +369,7 @@ def _join(units: list[Any], info: DistInfo) -> contextlib.AbstractContextManager
     if not info.enabled:
         return contextlib.nullcontext()
     from torch.distributed.algorithms.join import Join
-    return Join([m for u in units for m in u.join_modules])
+    return Join([m for u in units if not getattr(u, "stopped", False) for m in u.join_modules])
 
 
 def _progress(total: int, show: bool, desc: str, done: int = 0) -> Any:

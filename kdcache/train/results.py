@@ -58,7 +58,8 @@ def format_table(results: list[dict[str, Any]]) -> str:
     rows = [head, "|" + "---|" * (9 + ppl + lrs)]
     f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
     for r in results:
-        rows.append(f"| {r['run']} | {f(r['temperature'], 'g')} | {f(r['alpha'], 'g')} | {r['seed']} |"
+        name = r["run"] + (" (diverged)" if r.get("diverged") else "")
+        rows.append(f"| {name} | {f(r['temperature'], 'g')} | {f(r['alpha'], 'g')} | {r['seed']} |"
                     + (f" {f(r.get('lr'), 'g')} |" if lrs else "")
                     + f" {f(r['loss'], '.4f')} | {f(r['train_accuracy'], '.4f')} | {f(r.get('eval_accuracy'), '.4f')} | "
                     f"{f(r.get('eval_errors'), 'd')} | {f(r.get('teacher_agreement'), '.4f')} |"

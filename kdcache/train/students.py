@@ -31,6 +31,8 @@ class Student:
     lr: float
     out: Path
     history: list[dict[str, Any]] = field(default_factory=list)
+    early_loss: float | None = None          # mean loss of its first window (see kdcache.train.divergence)
+    diverged: dict[str, Any] | None = None   # where and how it diverged; it trains no more
 
 
 def initial_rng(seed: int, rank: int = 0) -> torch.Tensor:
@@ -84,6 +86,7 @@ class SeparateStudent:
         self.optimizer = make_optimizer(self.model.parameters(), c, student.lr)
         self.rng = initial_rng(student.seed, rank)
         self.cuda_rng: torch.Tensor | None = None
+        self.stopped = False
 
     @property
     def join_modules(self) -> list[nn.Module]:
@@ -102,6 +105,8 @@ class SeparateStudent:
     def step(self, x: torch.Tensor, y: torch.Tensor, z: Any, mask: torch.Tensor | None
              ) -> tuple[torch.Tensor, torch.Tensor]:
         s, c = self.students[0], self.c
+        if self.stopped:
+            return torch.zeros(1, device=self.device), torch.zeros(1, device=self.device, dtype=torch.long)
         with own_rng(self, self.device):
             with autocast(self.device, c.amp):
                 logits = self.model(x)
@@ -115,6 +120,10 @@ class SeparateStudent:
 
     def module(self, j: int) -> nn.Module:
         return self.plain
+
+    def stop(self, j: int) -> None:
+        """It diverged: no more steps (under DDP every rank stops it at the same epoch end)."""
+        self.stopped = True
 
     def sync_ranks(self, src: int) -> None:
         """Make every rank's weights and optimizer state rank ``src``'s. With uneven inputs a rank that
