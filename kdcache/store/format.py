@@ -222,6 +222,19 @@ class Manifest:
             raise StoreError(f"{where}: manifest is malformed ({e}); re-dump the store") from None
 
 
+MANIFEST_DIGEST_KEY = "kdcache_manifest_sha256"
+
+
+def manifest_digest(d: dict) -> str:
+    """sha256 of a manifest as canonical JSON (sorted keys, no spaces), ``complete`` left out: stored
+    beside the manifest (attribute ``kdcache_manifest_sha256``, written before it) so that a damaged
+    manifest is refused, not trusted. Leaving ``complete`` out keeps it valid when a dump marks the
+    store complete, so no kill between two attribute writes can make a sound store look damaged."""
+    import json
+    body = {k: v for k, v in d.items() if k != "complete"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def chunk_digest(*arrays: np.ndarray) -> np.ndarray:
     """sha256 of one chunk's rows: the layout's data arrays in order, then sample_ids, then labels,
     each little-endian and C-ordered in its stored dtype."""

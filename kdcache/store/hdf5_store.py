@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from kdcache.store.format import MANIFEST_KEY
+from kdcache.store.format import MANIFEST_DIGEST_KEY, MANIFEST_KEY, manifest_digest
 
 
 class HDF5Backend:
@@ -60,10 +60,18 @@ class HDF5Backend:
             return None
         try:
             return json.loads(raw)
-        except (TypeError, ValueError):
-            return raw
+        except (TypeError, ValueError, UnicodeDecodeError):
+            from kdcache.errors import StoreError
+            raise StoreError(f"{self.path}: the manifest attribute {MANIFEST_KEY!r} is not JSON; the store is "
+                             f"damaged, re-dump it") from None
+
+    def read_manifest_digest(self) -> str | None:
+        raw = self.file.attrs.get(MANIFEST_DIGEST_KEY)
+        return raw.decode() if isinstance(raw, bytes) else raw
 
     def write_manifest(self, d: dict) -> None:
+        self.file.attrs[MANIFEST_DIGEST_KEY] = manifest_digest(d)
+        self.file.flush()
         self.file.attrs[MANIFEST_KEY] = json.dumps(d)
         self.file.flush()
 

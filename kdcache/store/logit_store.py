@@ -8,7 +8,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from kdcache.errors import StoreError
-from kdcache.store.format import ARRAYS, FORMAT_VERSION, SEQUENCE_ARRAYS, Manifest, chunk_digest
+from kdcache.store.format import (ARRAYS, FORMAT_VERSION, MANIFEST_DIGEST_KEY, SEQUENCE_ARRAYS, Manifest, chunk_digest,
+                                  manifest_digest)
 from kdcache.store.hdf5_store import HDF5Backend
 from kdcache.store.zarr_store import ZarrBackend
 
@@ -79,10 +80,23 @@ class LogitStore:
                 raise StoreError(f"{self.path}: cannot be opened as a {self.format} store ({e}); "
                                  f"is it a kdcache store, and was it written completely?") from None
         self._b = _backend
-        raw = self._b.read_manifest()
+        self._verified: set[int] = set()   # chunks whose sha256 this process has checked on read
+        self._stored_digests: np.ndarray | None = None
+        try:
+            raw = self._b.read_manifest()
+            digest = self._b.read_manifest_digest()
+        except StoreError:
+            raise
+        except Exception as e:
+            raise StoreError(f"{self.path}: its manifest cannot be read ({_first_line(e)}); the store is damaged, "
+                             f"re-dump it") from None
         if raw is None:
             raise StoreError(f"{self.path}: no {('kdcache')!r} manifest attribute; this is not a kdcache store "
                              f"(or its creation was interrupted: re-dump with --overwrite)")
+        if (digest is not None and isinstance(raw, dict) and raw.get("format_version") == FORMAT_VERSION
+                and digest != manifest_digest(raw)):  # another version is refused as such by from_dict
+            raise StoreError(f"{self.path}: the manifest does not match its sha256 ({MANIFEST_DIGEST_KEY}); the store "
+                             f"is damaged, re-dump it")
         self.manifest = Manifest.from_dict(raw, self.path)
         self._check_arrays()
         if not self.manifest.complete and not allow_partial:
@@ -94,9 +108,14 @@ class LogitStore:
     # -- structure ---------------------------------------------------------------------------
     def _check_arrays(self) -> None:
         for name, (shape, _, dtype, _) in self.manifest.arrays().items():
-            if not self._b.has(name):
+            try:
+                present = self._b.has(name)
+                a = self._b.array(name) if present else None
+            except Exception as e:
+                raise StoreError(f"{self.path}: array {name!r} cannot be opened ({_first_line(e)}); the store is "
+                                 f"damaged, re-dump it") from None
+            if not present:
                 raise StoreError(f"{self.path}: array {name!r} is missing; the store is damaged, re-dump it")
-            a = self._b.array(name)
             if tuple(a.shape) != shape or np.dtype(a.dtype) != np.dtype(dtype):
                 raise StoreError(f"{self.path}: array {name!r} has shape {tuple(a.shape)} {np.dtype(a.dtype)}, "
                                  f"the manifest implies {shape} {dtype}; the store is damaged, re-dump it")
@@ -140,13 +159,53 @@ class LogitStore:
         return self._b.nbytes_on_disk()
 
     # -- reading -----------------------------------------------------------------------------
-    def read(self, start: int, stop: int) -> Block:
-        """Rows ``start:stop`` in one call per array. Read large blocks: each call has a fixed cost."""
+    def _read(self, name: str, start: int, stop: int) -> np.ndarray:
+        """One array's rows, every backend failure (a decode error, a truncated file, a missing
+        object) turned into one line naming the store, the array and the chunks."""
+        try:
+            return self._b.read_into(name, start, stop)
+        except Exception as e:
+            cr = self.manifest.chunk_rows if name in (*self.manifest.data_arrays, "sample_ids", "labels") else None
+            where = f"rows {start}:{stop}" + (f" (chunks {start // cr}-{max(start, stop - 1) // cr})" if cr else "")
+            raise StoreError(f"{self.path}: array {name!r}, {where} cannot be read ({_first_line(e)}); the store is "
+                             f"damaged: `kdcache verify {self.path}` lists every bad chunk; re-dump it, or "
+                             f"`kdcache convert` what is good") from None
+
+    def read(self, start: int, stop: int, *, check: bool = True) -> Block:
+        """Rows ``start:stop`` in one call per array. Read large blocks: each call has a fixed cost.
+
+        With ``check`` (the default) every written chunk the rows touch is checked against its
+        stored sha256 the first time this store object reads it (a chunk only partly in the rows is
+        read whole for that), so damaged data is refused, never used.
+        """
         stop = min(stop, self.num_samples)
         if not 0 <= start <= stop:
             raise StoreError(f"{self.path}: rows {start}:{stop} are outside 0:{self.num_samples}")
-        data = {a: self._b.read_into(a, start, stop) for a in self.manifest.data_arrays}
-        return Block(start, data, self._b.read_into("sample_ids", start, stop), self._b.read_into("labels", start, stop))
+        data = {a: self._read(a, start, stop) for a in self.manifest.data_arrays}
+        block = Block(start, data, self._read("sample_ids", start, stop), self._read("labels", start, stop))
+        if check:
+            self._check_read(block)
+        return block
+
+    def _check_read(self, block: Block) -> None:
+        m = self.manifest
+        cr = m.chunk_rows
+        if self._stored_digests is None:
+            self._stored_digests = self.digests()
+        stored = self._stored_digests
+        stop = block.start + len(block)
+        for c in range(block.start // cr, -(-stop // cr)):
+            if c in self._verified or not stored[c].any():
+                continue  # checked already, or not written yet (a partial store)
+            a, b = c * cr, min((c + 1) * cr, m.num_samples)
+            part = (block.rows(slice(a - block.start, b - block.start)) if a >= block.start and b <= stop
+                    else self.read(a, b, check=False))
+            if not np.array_equal(chunk_digest(*(part.data[k] for k in m.data_arrays), part.sample_ids,
+                                               part.labels), stored[c]):
+                raise StoreError(f"{self.path}: chunk {c} (rows {a}:{b}) does not match its stored sha256; the store "
+                                 f"is damaged: `kdcache verify {self.path}` lists every bad chunk; re-dump it, or "
+                                 f"`kdcache convert` what is good")
+            self._verified.add(c)
 
     def iter_blocks(self, block_rows: int | None = None) -> Iterator[Block]:
         """Every row in order, in chunk-aligned blocks of about ``block_rows`` (default 8 chunks)."""
@@ -167,8 +226,8 @@ class LogitStore:
         if not self.manifest.per_token:
             raise StoreError(f"{self.path}: a store with a row per sample has no sequence index")
         if self._seq_index is None:
-            ids = np.asarray(self._b.array("sequence_ids")[:])
-            offsets = np.asarray(self._b.array("sequence_offsets")[:])
+            ids = np.asarray(self._read("sequence_ids", 0, self.manifest.sequences["count"]))
+            offsets = np.asarray(self._read("sequence_offsets", 0, self.manifest.sequences["count"] + 1))
             if (offsets[0] != 0 or offsets[-1] != self.num_samples or (np.diff(offsets) < 1).any()
                     or ids.min() < 0 or ids.max() >= self.manifest.dataset["length"]):
                 raise StoreError(f"{self.path}: sequence_offsets/sequence_ids are inconsistent (the store is "
@@ -182,7 +241,7 @@ class LogitStore:
         return self.read(int(offsets[first]), int(offsets[min(stop, len(offsets) - 1)]))
 
     def digests(self) -> np.ndarray:
-        return np.asarray(self._b.array("chunk_sha256")[:])
+        return np.asarray(self._read("chunk_sha256", 0, self.manifest.num_chunks))
 
     def written_chunks(self) -> np.ndarray:
         """Bool per chunk: True once the chunk's rows and digest are written (a zero digest is unwritten)."""
@@ -269,22 +328,27 @@ class LogitStore:
 
     # -- verification ------------------------------------------------------------------------
     def verify(self, block_rows: int | None = None) -> list[str]:
-        """Problems found by re-reading every chunk; an empty list means the store is sound."""
+        """Problems found by re-reading every chunk; an empty list means the store is sound. It keeps
+        going past chunks that cannot be read and lists them all."""
         m = self.manifest
         problems = []
         if not m.complete:
             problems.append("store is not marked complete")
-        written = self.written_chunks()
-        if not written.all():
-            problems.append(f"chunks {_ranges(np.flatnonzero(~written))} are not written")
-        stored = self.digests()
+        stored, unreadable_digests = self._digests_for_verify()
+        if unreadable_digests:
+            problems.append(f"chunk_sha256 entries {_ranges(np.array(unreadable_digests))} cannot be read")
+        written = stored.any(axis=1)
+        missing = np.setdiff1d(np.flatnonzero(~written), unreadable_digests)
+        if len(missing):
+            problems.append(f"chunks {_ranges(missing)} are not written")
+        unreadable: dict[str, list[int]] = {}
         if m.per_token:
-            return problems + self._verify_tokens(written, stored, block_rows)
+            return problems + self._verify_tokens(written, stored, block_rows, unreadable)
         bad_digest, bad_finite, bad_ids = [], [], []
         length = m.dataset.get("length") or 0
         seen = np.zeros(length, dtype=bool)  # one byte per dataset row, not the whole store
         out_of_range = repeated = False
-        for block in self.iter_blocks(block_rows):
+        for block in self._verify_blocks(block_rows, unreadable):
             self._check_chunks(block, written, stored, bad_digest, bad_finite, bad_ids)
             ids = block.sample_ids[np.repeat(written[block.start // m.chunk_rows:][:-(-len(block) // m.chunk_rows)],
                                              m.chunk_rows)[:len(block)]]
@@ -293,12 +357,50 @@ class LogitStore:
                 continue
             repeated |= bool(seen[ids].any()) or len(np.unique(ids)) != len(ids)
             seen[ids] = True
-        problems += self._chunk_problems(bad_ids, bad_digest, bad_finite)
+        problems += self._unreadable_problems(unreadable) + self._chunk_problems(bad_ids, bad_digest, bad_finite)
         if out_of_range:
             problems.append(f"sample_ids fall outside 0:{length}")
         if repeated:
             problems.append("sample_ids repeat a sample")
         return problems
+
+    def _digests_for_verify(self) -> tuple[np.ndarray, list[int]]:
+        """The stored chunk digests, read entry by entry where the array is damaged (those count as unwritten)."""
+        try:
+            return self.digests(), []
+        except StoreError:
+            out = np.zeros((self.manifest.num_chunks, 32), dtype=np.uint8)
+            bad = []
+            for c in range(self.manifest.num_chunks):
+                try:
+                    out[c] = self._read("chunk_sha256", c, c + 1)[0]
+                except StoreError:
+                    bad.append(c)
+            return out, bad
+
+    def _verify_blocks(self, block_rows: int | None, unreadable: dict[str, list[int]]) -> Iterator[Block]:
+        """Blocks of every readable chunk in order; a block that fails is read again chunk by chunk,
+        and each array's unreadable chunks are noted in ``unreadable``."""
+        cr = self.manifest.chunk_rows
+        for start in range(0, self.num_samples, self._aligned(block_rows)):
+            try:
+                yield self.read(start, start + self._aligned(block_rows), check=False)
+                continue
+            except StoreError:
+                pass
+            for a in range(start, min(start + self._aligned(block_rows), self.num_samples), cr):
+                bad = False
+                for name in (*self.manifest.data_arrays, "sample_ids", "labels"):
+                    try:
+                        self._read(name, a, a + cr)
+                    except StoreError:
+                        unreadable.setdefault(name, []).append(a // cr)
+                        bad = True
+                if not bad:
+                    yield self.read(a, a + cr, check=False)
+
+    def _unreadable_problems(self, unreadable: dict[str, list[int]]) -> list[str]:
+        return [f"chunks {_ranges(np.array(c))} of {name} cannot be read (damaged)" for name, c in unreadable.items()]
 
     def _check_chunks(self, block: Block, written: np.ndarray, stored: np.ndarray, bad_digest: list[int],
                       bad_finite: list[int], bad_ids: list[int]) -> None:
@@ -328,7 +430,8 @@ class LogitStore:
             out.append(f"chunks {_ranges(np.array(bad_finite))} hold non-finite logits")
         return out
 
-    def _verify_tokens(self, written: np.ndarray, stored: np.ndarray, block_rows: int | None) -> list[str]:
+    def _verify_tokens(self, written: np.ndarray, stored: np.ndarray, block_rows: int | None,
+                       unreadable: dict[str, list[int]]) -> list[str]:
         """A per-token store: chunks as for any store, then the sequence index against the rows'
         sample_ids (each row names the sequence that its offsets place it in)."""
         from kdcache.store.format import sequence_lengths_digest
@@ -346,17 +449,22 @@ class LogitStore:
         bad_finite: list[int] = []
         bad_ids: list[int] = []
         misplaced = 0
-        for block in self.iter_blocks(block_rows):
+        for block in self._verify_blocks(block_rows, unreadable):
             self._check_chunks(block, written, stored, bad_digest, bad_finite, bad_ids)
             rows = np.arange(block.start, block.start + len(block))
             want = ids[np.searchsorted(offsets, rows, side="right") - 1]
             keep = np.repeat(written[block.start // m.chunk_rows:][:-(-len(block) // m.chunk_rows)],
                              m.chunk_rows)[:len(block)]
             misplaced += int((block.sample_ids[keep] != want[keep]).sum())
-        problems += self._chunk_problems(bad_ids, bad_digest, bad_finite)
+        problems += self._unreadable_problems(unreadable) + self._chunk_problems(bad_ids, bad_digest, bad_finite)
         if misplaced:
             problems.append(f"{misplaced} rows' sample_ids disagree with sequence_ids/sequence_offsets")
         return problems
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def _ranges(idx: np.ndarray) -> str:

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from kdcache.store.format import MANIFEST_KEY
+from kdcache.store.format import MANIFEST_DIGEST_KEY, MANIFEST_KEY, manifest_digest
 
 
 def _codecs(compression: str) -> Any:
@@ -79,11 +79,14 @@ class ZarrBackend:
     def read_manifest(self) -> Any:
         return self.group.attrs.asdict().get(MANIFEST_KEY)
 
+    def read_manifest_digest(self) -> str | None:
+        return self.group.attrs.asdict().get(MANIFEST_DIGEST_KEY)
+
     def has_manifest(self) -> bool:
         return MANIFEST_KEY in self.group.attrs
 
     def write_manifest(self, d: dict) -> None:
-        self.group.attrs[MANIFEST_KEY] = d
+        self.group.attrs.update({MANIFEST_DIGEST_KEY: manifest_digest(d), MANIFEST_KEY: d})  # one metadata put
 
     def nbytes_on_disk(self) -> int:
         if _is_url(self.path):

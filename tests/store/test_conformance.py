@@ -10,7 +10,7 @@ import pytest
 import zarr
 
 from kdcache.errors import StoreError
-from kdcache.store import Manifest, create_store, open_store
+from kdcache.store import LogitStore, Manifest, create_store, open_store
 
 
 def make_manifest(n=1000, members=2, classes=7, dtype="float16", chunk_rows=128, **kw):
@@ -35,14 +35,22 @@ def write_all(store, z, ids, y, chunks=None):
         store.write_block(a, z[a:a + cr], ids[a:a + cr], y[a:a + cr])
 
 
-def tamper(path, fn):
-    """Apply ``fn`` to the manifest dict with the backend's own library."""
+def tamper(path, fn, digest=True):
+    """Apply ``fn`` to the manifest dict with the backend's own library, as another writer would
+    (with a matching manifest digest), or as damage would (``digest=False``)."""
+    from kdcache.store.format import manifest_digest
     if path.endswith(".h5"):
         with h5py.File(path, "r+") as f:
-            f.attrs["kdcache"] = json.dumps(fn(json.loads(f.attrs["kdcache"])))
+            d = fn(json.loads(f.attrs["kdcache"]))
+            f.attrs["kdcache"] = json.dumps(d)
+            if digest:
+                f.attrs["kdcache_manifest_sha256"] = manifest_digest(d)
     else:
         g = zarr.open_group(path, mode="r+")
-        g.attrs["kdcache"] = fn(dict(g.attrs["kdcache"]))
+        d = fn(dict(g.attrs["kdcache"]))
+        g.attrs["kdcache"] = d
+        if digest:
+            g.attrs["kdcache_manifest_sha256"] = manifest_digest(d)
 
 
 class TestStoreConformance:
@@ -122,6 +130,35 @@ class TestStoreConformance:
         tamper(store_path, lambda d: {**d, "format_version": 99})
         with pytest.raises(StoreError, match=r"format_version 99 found, this kdcache reads version 1"):
             open_store(store_path)
+
+    def test_refuses_a_manifest_damaged_behind_its_digest(self, store_path):
+        m = make_manifest()
+        s = create_store(store_path, m)
+        write_all(s, *make_rows(m))
+        s.mark_complete()
+        s.close()
+        tamper(store_path, lambda d: {**d, "num_classes": d["num_classes"]}, digest=False)
+        open_store(store_path).close()  # the same manifest: still sound
+        tamper(store_path, lambda d: {**d, "created_at": "2001-01-01T00:00:00Z"}, digest=False)
+        with pytest.raises(StoreError, match=r"the manifest does not match its sha256"):
+            open_store(store_path)
+
+    def test_a_damaged_chunk_is_refused_on_read_and_listed_by_verify(self, store_path):
+        m = make_manifest()
+        s = create_store(store_path, m)
+        z, ids, y = make_rows(m)
+        write_all(s, z, ids, y)
+        s.mark_complete()
+        s.close()
+        w = LogitStore(store_path, writable=True)  # a change behind the digests, as damage would make
+        w._b.array("labels")[m.chunk_rows:m.chunk_rows + 1] = np.array([(y[m.chunk_rows] + 2) % 3 - 1])  # chunk 1
+        w.close()
+        s = open_store(store_path)
+        s.read(0, m.chunk_rows)  # chunk 0 is sound
+        with pytest.raises(StoreError, match=r"chunk 1 \(rows .*\) does not match its stored sha256"):
+            s.read(m.chunk_rows + 5, m.chunk_rows + 6)  # a single row: its whole chunk is checked
+        assert any("chunks 1 do not match" in p for p in s.verify())
+        s.close()
 
     def test_refuses_missing_manifest_field(self, store_path):
         create_store(store_path, make_manifest()).close()
