@@ -20,10 +20,19 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except KdcacheError as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(_one_line(str(e))) from None
         except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
             raise click.ClickException(f"{e.strerror}: {e.filename}") from None
     return wrapper
+
+
+def _one_line(message: str) -> str:
+    """A DataLoader worker re-raises an error with the worker's traceback in its message: keep the
+    original message, the traceback's last line."""
+    if "Original Traceback" not in message:
+        return message
+    last = [line for line in message.strip().splitlines() if line.strip()][-1]
+    return last.split(": ", 1)[1] if last.startswith(("kdcache.errors.", "StoreError", "KdcacheError")) else last
 
 
 def _floats(text: str, name: str) -> list[float]:

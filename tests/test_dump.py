@@ -163,3 +163,36 @@ def test_dataloader_workers_give_the_same_store_and_amp_stays_close(tmp_path):
     a, b = arrays(str(tmp_path / "plain.zarr"))[0], arrays(str(tmp_path / "bf16.zarr"))[0]
     assert not np.array_equal(a, b)  # autocast really ran in bfloat16 ...
     np.testing.assert_allclose(a, b, atol=0.1 * np.abs(a).max())  # ... and stays close to float32
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_dump_with_one_line_and_a_rerun_completes_it(tmp_path):
+    """A real full file system: a 5 MB tmpfs for an 8 MB store (root can mount one, as CI runs)."""
+    import shutil
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root): the full-disk case is not simulated")
+    try:
+        args = ["dump-logits", "--teacher", "mlp:64", "--dataset", "synthetic:n=20000,dim=16,classes=200",
+                "--chunk-rows", "500"]
+        run_kdcache(*args, "--out", str(tmp_path / "ref.zarr"))
+        p = run_kdcache(*args, "--out", str(mnt / "t.zarr"), check=False)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 1 and len(lines) == 1 and "failed (No space left on device)" in lines[0], p.stderr
+        assert "the chunks written before are kept" in lines[0]
+        kept = open_store(str(mnt / "t.zarr"), allow_partial=True)
+        written = kept.written_chunks()
+        assert 0 < written.sum() < len(written) and not kept.manifest.complete
+        kept.close()
+        subprocess.run(["mount", "-o", "remount,size=20m", str(mnt)], check=True)  # space is freed
+        p = run_kdcache(*args, "--out", str(mnt / "t.zarr"))
+        assert f"{int(written.sum())} chunks kept from an earlier run" in p.stdout
+        a, b = open_store(str(mnt / "t.zarr")), open_store(str(tmp_path / "ref.zarr"))
+        assert np.array_equal(a.digests(), b.digests())
+        assert np.array_equal(a.read(0, a.num_samples).logits, b.read(0, b.num_samples).logits)
+        a.close()
+        b.close()
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+        shutil.rmtree(mnt, ignore_errors=True)

@@ -280,17 +280,21 @@ class LogitStore:
         self._refuse_bad_rows(clean, np.asarray(sample_ids))
         sample_ids = np.ascontiguousarray(sample_ids, dtype=np.int64)
         labels = np.ascontiguousarray(labels, dtype=np.int64)
-        for name, a in clean.items():
-            self._b.array(name)[start:stop] = a
-        self._b.array("sample_ids")[start:stop] = sample_ids
-        self._b.array("labels")[start:stop] = labels
         first = start // m.chunk_rows
         cr = m.chunk_rows
         digests = np.stack([chunk_digest(*(clean[k][a:a + cr] for k in m.data_arrays), sample_ids[a:a + cr],
                                          labels[a:a + cr]) for a in range(0, n, cr)])
-        self._b.flush()
-        self._b.array("chunk_sha256")[first:first + len(digests)] = digests
-        self._b.flush()
+        try:
+            for name, a in clean.items():
+                self._b.array(name)[start:stop] = a
+            self._b.array("sample_ids")[start:stop] = sample_ids
+            self._b.array("labels")[start:stop] = labels
+            self._b.flush()
+            self._b.array("chunk_sha256")[first:first + len(digests)] = digests  # last: the chunk is now written
+            self._b.flush()
+        except Exception as e:
+            raise StoreError(write_failure(self.path, f"rows {start}:{stop} (chunks {first}-{(stop - 1) // cr})", e)) \
+                from None
 
     def _refuse_bad_rows(self, data: dict[str, np.ndarray], sample_ids: np.ndarray) -> None:
         m = self.manifest
@@ -319,7 +323,10 @@ class LogitStore:
         if len(missing):
             raise StoreError(f"{self.path}: cannot mark complete, chunks {_ranges(missing)} are not written")
         self.manifest.complete = True
-        self._b.write_manifest(self.manifest.to_dict())
+        try:
+            self._b.write_manifest(self.manifest.to_dict())
+        except Exception as e:
+            raise StoreError(write_failure(self.path, "the manifest", e)) from None
 
     def set_attrs(self, **fields: Any) -> None:
         for k, v in fields.items():
@@ -462,6 +469,13 @@ class LogitStore:
         return problems
 
 
+def write_failure(path: str, what: str, e: BaseException) -> str:
+    """The one line for a write that failed (a full disk, a file-size limit, a lost connection)."""
+    reason = getattr(e, "strerror", None) or _first_line(e)
+    return (f"{path}: writing {what} failed ({reason}); the chunks written before are kept: free space (or raise "
+            f"the limit) and run the same command again to resume")
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
@@ -528,13 +542,18 @@ def create_store(path: str | os.PathLike, manifest: Manifest, fmt: str | None = 
                         f"pass --overwrite to start it again or choose another --out")
                 return existing
     m = manifest
-    backend = cls.create(path, m.arrays(), m.compression, m.data_arrays)
-    if sequence_index is not None:
-        for name, a in zip(SEQUENCE_ARRAYS, sequence_index):
-            backend.array(name)[:] = np.asarray(a, dtype=np.int64)
-        backend.flush()
-    m.complete = False
-    backend.write_manifest(m.to_dict())  # written after the arrays: a store with a manifest has all arrays
+    try:
+        backend = cls.create(path, m.arrays(), m.compression, m.data_arrays)
+        if sequence_index is not None:
+            for name, a in zip(SEQUENCE_ARRAYS, sequence_index):
+                backend.array(name)[:] = np.asarray(a, dtype=np.int64)
+            backend.flush()
+        m.complete = False
+        backend.write_manifest(m.to_dict())  # written after the arrays: a store with a manifest has all arrays
+    except StoreError:
+        raise
+    except Exception as e:
+        raise StoreError(write_failure(path, "a new store", e)) from None
     return LogitStore(path, fmt, allow_partial=True, writable=True, _backend=backend)
 
 
