@@ -146,14 +146,7 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
         bar = _progress(len(src.stream), show, f"epoch {epoch + 1}/{c.epochs}", done=step)
         with _join(units, info):
             for batch in device_batches(loader, device, skip=step, augment=augment):
-                a = 0
-                for u in units:
-                    losses, correct = u.step(batch.x, batch.y, batch.z, batch.mask)
-                    n = len(u.students)
-                    sums.loss[a:a + n] += losses.double() * len(batch.y)
-                    sums.correct[a:a + n] += correct.double()
-                    a += n
-                sums.seen += batch.counts
+                train_step(units, batch, sums)
                 step += 1
                 if bar is not None:
                     bar.update(1)
@@ -183,6 +176,19 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
     info.barrier()
     ckpts.clear()
     return results
+
+
+def train_step(units: list[Any], batch: Any, sums: EpochSums) -> None:
+    """One optimizer step of every student on ``batch``; their losses and correct rows go into ``sums``
+    (on the device: no sync)."""
+    a = 0
+    for u in units:
+        losses, correct = u.step(batch.x, batch.y, batch.z, batch.mask)
+        n = len(u.students)
+        sums.loss[a:a + n] += losses.double() * len(batch.y)
+        sums.correct[a:a + n] += correct.double()
+        a += n
+    sums.seen += batch.counts
 
 
 def finish_epoch(epoch: int, sums: EpochSums, units: list[Any], src: TrainingData, evaluator: Evaluator,
