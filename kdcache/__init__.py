@@ -21,7 +21,7 @@ _LAZY = {
     "load_model": "kdcache.specs", "save_checkpoint": "kdcache.specs",
     "DumpConfig": "kdcache.dump", "dump_logits": "kdcache.dump",
     "TrainConfig": "kdcache.train", "train_students": "kdcache.train",
-    "SparseTargets": "kdcache.sparse",
+    "SparseTargets": "kdcache.sparse", "open_xarray": "kdcache.xarray_view",
     "TextSequences": "kdcache.text", "is_sequence_dataset": "kdcache.text",
 }
 

@@ -280,15 +280,24 @@ def bench_cmd(quick: bool, json_path: str | None, device: str, only: tuple[str, 
 @cli.command("inspect")
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--xarray", "as_xarray", is_flag=True,
+              help="Print the store as kdcache.open_xarray opens it (needs kdcache[xarray]).")
 @click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]), default=None)
 @_friendly
-def inspect_cmd(store: str, as_json: bool, fmt: str | None) -> None:
+def inspect_cmd(store: str, as_json: bool, as_xarray: bool, fmt: str | None) -> None:
     """Show a store's manifest, size, completion and statistics of its logits.
 
     \b
     kdcache inspect teacher.zarr
     kdcache inspect teacher.zarr --json | jq .accuracy
+    kdcache inspect teacher.zarr --xarray
     """
+    if as_xarray:
+        from kdcache.xarray_view import open_xarray
+        ds = open_xarray(store)
+        ds.attrs = {k: ds.attrs[k] for k in ("layout", "num_samples", "num_classes", "num_members", "dtype")}
+        click.echo(repr(ds))
+        return
     from kdcache.summary import format_inspect, inspect_store
     info = inspect_store(store, fmt)
     click.echo(json.dumps(info, indent=2) if as_json else format_inspect(info))

@@ -56,6 +56,8 @@ def targets(pristine: Path, rng: random.Random, random_cases: int) -> list[tuple
     with h5py.File(pristine, "r") as f:
         for name in f:
             d = f[name]
+            if d.chunks is None:  # a dimension scale: never written, no chunks
+                continue
             n = d.id.get_num_chunks()
             for which, i in (("first", 0), ("last", n - 1)):
                 info = d.id.get_chunk_info(i)

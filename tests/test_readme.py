@@ -46,10 +46,13 @@ def test_every_readme_command_runs(tmp_path):
     assert (tmp_path / "runs/tour/students/T20-a0.9-s0/model.safetensors").exists()
     assert "| 20 | 0.9 |" in (tmp_path / "runs/tour/report.md").read_text()
     assert (tmp_path / "runs/tour/lm-student/model.safetensors").exists()
-    (snippet,) = blocks("python")
-    p = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env=env(), capture_output=True, text=True,
-                       timeout=600)
-    assert p.returncode == 0, p.stderr
+    snippets = blocks("python")
+    assert len(snippets) == 2  # your own training loop; a store in xarray
+    for snippet in snippets:
+        p = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env=env(), capture_output=True,
+                           text=True, timeout=600)
+        assert p.returncode == 0, p.stderr
+    assert (tmp_path / "runs/tour/confusion.png").stat().st_size > 1000
 
 
 @pytest.mark.slow

@@ -169,6 +169,18 @@ class Manifest:
             out["sequence_offsets"] = ((s + 1,), (min(s + 1, SEQUENCE_INDEX_CHUNK),), "int64", -1)
         return out
 
+    def dimension_names(self) -> dict[str, tuple[str, ...]]:
+        """Every array's dimension names (Zarr ``dimension_names``, HDF5 dimension scales), so that
+        xarray opens a store as it is: rows are ``sample`` (``position`` in a per-token store)."""
+        row = "position" if self.per_token else "sample"
+        names = {"logits": (row, "member", "class"), "topk_values": (row, "member", "k"),
+                 "topk_ids": (row, "member", "k"), "log_normalizers": (row, "member", "temperature"),
+                 "sampled_ids": (row, "member", "draw"), "sampled_counts": (row, "member", "draw"),
+                 "sampled_values": (row, "member", "draw"), "sample_ids": (row,), "labels": (row,),
+                 "chunk_sha256": ("chunk", "digest_byte"), "sequence_ids": ("sequence",),
+                 "sequence_offsets": ("sequence_boundary",)}
+        return {name: names[name] for name in self.arrays()}
+
     @property
     def per_token(self) -> bool:
         """True for a sequence teacher's store: a row per token position, grouped by sequence."""

@@ -31,7 +31,8 @@ class HDF5Backend:
         os.remove(path)
 
     @classmethod
-    def create(cls, path: str, arrays: dict[str, tuple], compression: str, data_arrays: tuple[str, ...]) -> "HDF5Backend":
+    def create(cls, path: str, arrays: dict[str, tuple], compression: str, data_arrays: tuple[str, ...],
+               dims: dict[str, tuple[str, ...]] | None = None) -> "HDF5Backend":
         if compression == "zstd":
             from kdcache.errors import StoreError
             raise StoreError("zstd is not available for HDF5 stores without a plugin; use gzip or none, or a .zarr store")
@@ -43,7 +44,24 @@ class HDF5Backend:
             elif name in ("sample_ids", "labels"):
                 kw = {"compression": "lzf", "shuffle": True}  # built into h5py; ids compress to almost nothing
             self.file.create_dataset(name, shape=shape, chunks=chunks, dtype=dtype, fillvalue=fill, **kw)
+        if dims:
+            self._attach_dimension_scales(arrays, dims)
         return self
+
+    def _attach_dimension_scales(self, arrays: dict[str, tuple], dims: dict[str, tuple[str, ...]]) -> None:
+        """netCDF-4 dimensions (what h5netcdf and xarray read): one dimension-scale dataset per name,
+        never written (so it takes no space), attached to every array's axes."""
+        sizes: dict[str, int] = {}
+        for name, names in dims.items():
+            for axis, dim in enumerate(names):
+                sizes[dim] = arrays[name][0][axis]
+        for dim, n in sizes.items():
+            scale = self.file.create_dataset(dim, shape=(n,), dtype="f4")
+            scale.make_scale(dim)
+            scale.attrs["NAME"] = np.bytes_(b"This is a netCDF dimension but not a netCDF variable.%10d" % n)
+        for name, names in dims.items():
+            for axis, dim in enumerate(names):
+                self.file[name].dims[axis].attach_scale(self.file[dim])
 
     def has(self, name: str) -> bool:
         return name in self.file

@@ -543,7 +543,7 @@ def create_store(path: str | os.PathLike, manifest: Manifest, fmt: str | None = 
                 return existing
     m = manifest
     try:
-        backend = cls.create(path, m.arrays(), m.compression, m.data_arrays)
+        backend = cls.create(path, m.arrays(), m.compression, m.data_arrays, m.dimension_names())
         if sequence_index is not None:
             for name, a in zip(SEQUENCE_ARRAYS, sequence_index):
                 backend.array(name)[:] = np.asarray(a, dtype=np.int64)

@@ -59,12 +59,15 @@ class ZarrBackend:
             os.remove(path)
 
     @classmethod
-    def create(cls, path: str, arrays: dict[str, tuple], compression: str, data_arrays: tuple[str, ...]) -> "ZarrBackend":
-        """``arrays``: name -> (shape, chunks, dtype, fill_value). ``compression`` applies to ``data_arrays``."""
+    def create(cls, path: str, arrays: dict[str, tuple], compression: str, data_arrays: tuple[str, ...],
+               dims: dict[str, tuple[str, ...]] | None = None) -> "ZarrBackend":
+        """``arrays``: name -> (shape, chunks, dtype, fill_value). ``compression`` applies to ``data_arrays``;
+        ``dims``: name -> dimension names."""
         self = cls(path, "w")
         for name, (shape, chunks, dtype, fill) in arrays.items():
             self.group.create_array(
                 name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
+                dimension_names=(dims or {}).get(name),
                 # sample_ids and labels are 16 of the 36 bytes of a 10-class fp16 row; zstd makes them ~0.
                 compressors=_codecs(compression if name in data_arrays else "zstd" if name in ("sample_ids", "labels")
                                     else "none"))
