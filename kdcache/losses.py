@@ -1,6 +1,7 @@
 """Temperature and the distillation loss, in exactly one place."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -10,6 +11,13 @@ import torch.nn.functional as F
 from kdcache.errors import KdcacheError
 
 ENSEMBLE_REDUCTIONS = ("mean-prob", "mean-logit")
+
+
+@functools.lru_cache(maxsize=256)
+def _constant(values: tuple, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A small tensor of per-student settings, made once per device: building it every step would
+    copy from the host each time, which on a GPU waits for the queued kernels."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def teacher_log_probs(teacher_logits: torch.Tensor, temperature: float | Sequence[float], ensemble: str = "mean-prob",
@@ -39,7 +47,7 @@ def teacher_log_probs(teacher_logits: torch.Tensor, temperature: float | Sequenc
         if bad or not members:
             raise KdcacheError(f"members {list(members)} asked for, the store has members 0..{z.shape[1] - 1}")
         z = z[:, list(members)]
-    t = torch.tensor(temps, device=z.device).view(-1, 1, 1, 1) if many else temperature
+    t = _constant(tuple(temps), z.device).view(-1, 1, 1, 1) if many else temperature
     if ensemble == "mean-prob":
         if z.shape[1] == 1:  # one member: the mean is the member itself (the same values, two ops fewer)
             return F.log_softmax(z[:, 0] / (t[..., 0] if many else t), dim=-1)
@@ -118,7 +126,8 @@ def distillation_losses(student_logits: torch.Tensor, teacher_logits: Any, label
     s = student_logits.float()
     dev = s.device
     loss = s.new_zeros(s_count)
-    alpha = torch.tensor([float(a) for a in alphas], device=dev)
+    alpha = _constant(tuple(float(a) for a in alphas), dev)
+    temps = _constant(tuple(float(t) for t in temperatures), dev)
     if any(a > 0 for a in alphas):
         if teacher_logits is None:
             raise KdcacheError("alpha > 0 needs teacher logits: pass a store")
@@ -126,9 +135,8 @@ def distillation_losses(student_logits: torch.Tensor, teacher_logits: Any, label
             # the teacher's soft targets once per distinct temperature, shared by the students at that T
             distinct = sorted(set(float(t) for t in temperatures))
             target = teacher_log_probs(teacher_logits, distinct, ensemble, members)  # [distinct T, batch, classes]
-            pick = torch.tensor([distinct.index(float(t)) for t in temperatures], device=dev)
+            pick = _constant(tuple(distinct.index(float(t)) for t in temperatures), dev, torch.long)
             target = target[pick]                                               # [S, batch, classes]
-            temps = torch.tensor([float(t) for t in temperatures], device=dev)
             log_q = F.log_softmax(s / temps[:, None, None], dim=-1)
             kl = (target.exp() * (target - log_q)).sum(dim=(1, 2)) / batch  # kl_div(..., reduction="batchmean")
         else:
@@ -136,7 +144,6 @@ def distillation_losses(student_logits: torch.Tensor, teacher_logits: Any, label
             one = teacher_logits.member(members)
             kl = torch.stack([sparse_kl(s[i], one, float(t)) if a > 0 else s.new_zeros(())
                               for i, (t, a) in enumerate(zip(temperatures, alphas))])
-            temps = torch.tensor([float(t) for t in temperatures], device=dev)
         loss = loss + alpha * temps ** 2 * kl
     if any(a < 1 for a in alphas):
         labelled = labels >= 0
