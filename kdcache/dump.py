@@ -212,9 +212,12 @@ class _Writer(threading.Thread):
             self.rows_written += len(zc)
             has = yc >= 0
             if has.any():
-                zl, yl = zc[has].astype(np.float32), yc[has]
-                self.correct[:-1] += (zl.argmax(-1) == yl[:, None]).sum(0)
-                self.correct[-1] += (_mean_prob(zl).argmax(-1) == yl).sum()
+                zl, yl = (zc, yc) if has.all() else (zc[has], yc[has])
+                hits = (zl.argmax(-1) == yl[:, None]).sum(0)
+                self.correct[:-1] += hits
+                # one member: the ensemble is the member (no softmax over the chunk on the writer's time)
+                self.correct[-1] += hits[0] if zl.shape[1] == 1 else (_mean_prob(zl.astype(np.float32)).argmax(-1)
+                                                                      == yl).sum()
                 self.labelled += int(has.sum())
 
     def finish(self) -> None:
