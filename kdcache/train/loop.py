@@ -163,7 +163,8 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
             sync_ranks(units, step, info)
         finish_epoch(epoch, sums, units, src, evaluator, info, stop_diverged)
         step, sums = 0, None
-        save(epoch + 1, 0)
+        if epoch + 1 < c.epochs:  # after the last epoch the results themselves are written next
+            save(epoch + 1, 0)
 
     # -- write ------------------------------------------------------------------------------------
     results = []
