@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -18,7 +17,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from kdcache.augment import jitter
