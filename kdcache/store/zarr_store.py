@@ -40,6 +40,7 @@ class ZarrBackend:
         import zarr
         self.path = path
         self.group = zarr.open_group(store=path, mode=mode)
+        self._arrays: dict[str, Any] = {}  # opening an array reads its metadata: one round trip, done once
 
     @staticmethod
     def exists(path: str) -> bool:
@@ -65,7 +66,7 @@ class ZarrBackend:
         ``dims``: name -> dimension names."""
         self = cls(path, "w")
         for name, (shape, chunks, dtype, fill) in arrays.items():
-            self.group.create_array(
+            self._arrays[name] = self.group.create_array(
                 name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
                 dimension_names=(dims or {}).get(name),
                 # sample_ids and labels are 16 of the 36 bytes of a 10-class fp16 row; zstd makes them ~0.
@@ -74,10 +75,19 @@ class ZarrBackend:
         return self
 
     def has(self, name: str) -> bool:
-        return name in self.group
+        if name in self._arrays:
+            return True
+        try:
+            self._arrays[name] = self.group[name]
+        except KeyError:
+            return False
+        return True
 
     def array(self, name: str) -> Any:
-        return self.group[name]
+        a = self._arrays.get(name)
+        if a is None:
+            a = self._arrays[name] = self.group[name]
+        return a
 
     def read_manifest(self) -> Any:
         return self.group.attrs.asdict().get(MANIFEST_KEY)
@@ -101,7 +111,7 @@ class ZarrBackend:
         return total
 
     def read_into(self, name: str, start: int, stop: int) -> np.ndarray:
-        return self.group[name][start:stop]
+        return self.array(name)[start:stop]
 
     def flush(self) -> None:
         pass  # every zarr write is a whole-object put
