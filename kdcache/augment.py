@@ -1,23 +1,283 @@
-"""Augmentations applied to batches with torch (no torchvision), deterministic given a generator."""
+"""Augmentations on batches, written in torch (no torchvision), split in two halves: ``sample`` draws
+each item's parameters from a generator, ``apply`` is a deterministic function of the inputs and
+those parameters. A store with views keeps the parameters themselves, so a view is replayed from
+numbers, never from a random state (see kdcache/store/FORMAT.md, "Views").
+
+The protocol, for a user's own augmentation (``--augment package.module:callable``, the callable
+returning such an object)::
+
+    columns: tuple[str, ...]                      # one name per parameter
+    def sample(self, generator, n, item_shape) -> torch.Tensor   # float [n, len(columns)]
+    def apply(self, x, params) -> torch.Tensor                   # x [n, *item_shape], params [n, P]
+
+``apply`` must give each item the same result whatever else is in the batch, and must not draw
+random numbers. ``check_shape(item_shape)`` (optional) raises ``ValueError`` with a reason for items
+it cannot handle.
+"""
 from __future__ import annotations
 
+import importlib
 import itertools
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from kdcache.errors import SpecError
+
+
+class Augmentation(Protocol):
+    columns: tuple[str, ...]
+
+    def sample(self, generator: torch.Generator, n: int, item_shape: tuple[int, ...]) -> torch.Tensor: ...
+
+    def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor: ...
+
+
+def _image_shape(name: str, item_shape: Sequence[int]) -> tuple[int, int]:
+    if len(item_shape) not in (2, 3) or min(item_shape[-2:]) < 1:
+        raise ValueError(f"{name} needs image items [H, W] or [C, H, W], not items of shape {tuple(item_shape)}")
+    return int(item_shape[-2]), int(item_shape[-1])
+
+
+def _shift(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """``out[i, ..., r, c] = x[i, ..., r + dy[i], c + dx[i]]``, zero where that falls outside the image."""
+    h, w = x.shape[-2:]
+    s = int(max(dy.abs().max(), dx.abs().max())) if len(dy) else 0
+    if s == 0:
+        return x.clone()
+    padded = F.pad(x, (s, s, s, s))
+    out = torch.zeros_like(x)
+    for a, b in itertools.product(range(-min(s, h), min(s, h) + 1), range(-min(s, w), min(s, w) + 1)):
+        sel = (dy == a) & (dx == b)
+        if sel.any():
+            out[sel] = padded[sel][..., s + a:s + a + h, s + b:s + b + w]
+    return out  # shifts of a whole side or more leave zeros
+
+
+@dataclass(frozen=True)
+class Jitter:
+    """The paper's jitter: shift by up to ``max_shift`` pixels in each direction, zero-filled.
+    ``out[r, c] = x[r + shift_y, c + shift_x]``."""
+
+    max_shift: int
+    columns: tuple[str, ...] = ("shift_y", "shift_x")
+
+    def check_shape(self, item_shape: Sequence[int]) -> None:
+        _image_shape(f"jitter:{self.max_shift}", item_shape)
+
+    def sample(self, generator: torch.Generator, n: int, item_shape: tuple[int, ...]) -> torch.Tensor:
+        s = self.max_shift
+        return torch.randint(-s, s + 1, (n, 2), generator=generator).float()
+
+    def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        p = params.long()
+        return _shift(x, p[:, 0], p[:, 1])
+
+
+@dataclass(frozen=True)
+class Crop:
+    """Random crop of the input's size after zero padding by ``pad`` on every side:
+    ``out[r, c] = padded[top + r, left + c]``, ``top`` and ``left`` in ``0..2 * pad``."""
+
+    pad: int
+    columns: tuple[str, ...] = ("top", "left")
+
+    def check_shape(self, item_shape: Sequence[int]) -> None:
+        _image_shape(f"crop:{self.pad}", item_shape)
+
+    def sample(self, generator: torch.Generator, n: int, item_shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.randint(0, 2 * self.pad + 1, (n, 2), generator=generator).float()
+
+    def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        p = params.long() - self.pad
+        return _shift(x, p[:, 0], p[:, 1])
+
+
+@dataclass(frozen=True)
+class Flip:
+    """Horizontal flip where ``flip`` is 1: ``out[r, c] = x[r, W - 1 - c]``."""
+
+    columns: tuple[str, ...] = ("flip",)
+
+    def check_shape(self, item_shape: Sequence[int]) -> None:
+        _image_shape("flip", item_shape)
+
+    def sample(self, generator: torch.Generator, n: int, item_shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.randint(0, 2, (n, 1), generator=generator).float()
+
+    def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        sel = params[:, 0] > 0.5
+        out = x.clone()
+        out[sel] = x[sel].flip(-1)
+        return out
+
+
+@dataclass(frozen=True)
+class ResizedCrop:
+    """A crop of random area (``scale`` of the image) and aspect ratio, resized back to the input's
+    size with bilinear interpolation (``torchvision``'s RandomResizedCrop parameters). Output pixel
+    ``(r, c)`` samples the input at ``y = top + (r + 0.5) * height / H - 0.5``,
+    ``x = left + (c + 0.5) * width / W - 0.5``, edges clamped."""
+
+    scale_min: float
+    scale_max: float = 1.0
+    ratio_min: float = 3 / 4
+    ratio_max: float = 4 / 3
+    columns: tuple[str, ...] = ("top", "left", "height", "width")
+
+    def check_shape(self, item_shape: Sequence[int]) -> None:
+        _image_shape("resized-crop", item_shape)
+
+    def sample(self, generator: torch.Generator, n: int, item_shape: tuple[int, ...]) -> torch.Tensor:
+        h, w = _image_shape("resized-crop", item_shape)
+        tries = 10
+        area = h * w * (self.scale_min + (self.scale_max - self.scale_min) * torch.rand(n, tries, generator=generator,
+                                                                                       dtype=torch.float64))
+        lo, hi = math.log(self.ratio_min), math.log(self.ratio_max)
+        ratio = torch.exp(lo + (hi - lo) * torch.rand(n, tries, generator=generator, dtype=torch.float64))
+        cw = torch.round(torch.sqrt(area * ratio))
+        ch = torch.round(torch.sqrt(area / ratio))
+        ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+        first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
+        u = torch.rand(n, 2, generator=generator, dtype=torch.float64)
+        out = torch.empty(n, 4)
+        for i in range(n):
+            if first[i] >= 0:
+                hh, ww = ch[i, first[i]], cw[i, first[i]]
+            else:  # no try fitted: the centre crop of the largest allowed ratio (as torchvision)
+                r = min(max(w / h, self.ratio_min), self.ratio_max)
+                ww, hh = (float(w), float(round(w / r))) if w / h > r else (float(round(h * r)), float(h))
+                ww, hh = torch.tensor(min(ww, w), dtype=torch.float64), torch.tensor(min(hh, h), dtype=torch.float64)
+            top = torch.floor(u[i, 0] * (h - hh + 1)) if first[i] >= 0 else torch.floor((h - hh) / 2)
+            left = torch.floor(u[i, 1] * (w - ww + 1)) if first[i] >= 0 else torch.floor((w - ww) / 2)
+            out[i] = torch.stack([top, left, hh, ww]).float()
+        return out
+
+    def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        squeeze = x.ndim == 3
+        img = x.unsqueeze(1) if squeeze else x
+        n, _, h, w = img.shape
+        top, left, ch, cw = (params[:, i:i + 1].float() for i in range(4))
+        rows = top + (torch.arange(h, dtype=torch.float32) + 0.5) * ch / h - 0.5  # [n, H] source row
+        cols = left + (torch.arange(w, dtype=torch.float32) + 0.5) * cw / w - 0.5  # [n, W] source column
+        gy = (2 * rows + 1) / h - 1
+        gx = (2 * cols + 1) / w - 1
+        grid = torch.stack([gx[:, None, :].expand(n, h, w), gy[:, :, None].expand(n, h, w)], dim=-1)
+        out = F.grid_sample(img.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        out = out.to(x.dtype)
+        return out.squeeze(1) if squeeze else out
+
+
+@dataclass(frozen=True)
+class Compose:
+    """Augmentations applied in order; the parameters are theirs side by side."""
+
+    parts: tuple[Any, ...]
+    names: tuple[str, ...]
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return tuple(f"{n}.{c}" for n, p in zip(self.names, self.parts) for c in p.columns)
+
+    def check_shape(self, item_shape: Sequence[int]) -> None:
+        for p in self.parts:
+            check_shape(p, item_shape)
+
+    def sample(self, generator: torch.Generator, n: int, item_shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.cat([_sampled(p, generator, n, item_shape) for p in self.parts], dim=1)
+
+    def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        a = 0
+        for p in self.parts:
+            k = len(p.columns)
+            x = p.apply(x, params[:, a:a + k])
+            a += k
+        return x
+
+
+def check_shape(aug: Any, item_shape: Sequence[int]) -> None:
+    check = getattr(aug, "check_shape", None)
+    if check is not None:
+        check(tuple(item_shape))
+
+
+def _sampled(aug: Any, generator: torch.Generator, n: int, item_shape: tuple[int, ...]) -> torch.Tensor:
+    p = aug.sample(generator, n, item_shape)
+    if not isinstance(p, torch.Tensor) or p.shape != (n, len(aug.columns)):
+        got = tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
+        raise SpecError(f"augmentation {type(aug).__name__}.sample returned {got}, not a float tensor "
+                        f"[{n}, {len(aug.columns)}] (one column per name in columns)")
+    return p.float()
+
+
+def _number(text: str, spec: str, kind: type) -> Any:
+    try:
+        v = kind(text)
+    except ValueError:
+        raise SpecError(f"--augment {spec!r}: {text!r} is not a{'n integer' if kind is int else ' number'}") from None
+    if v < 0:
+        raise SpecError(f"--augment {spec!r}: {text!r} must not be negative")
+    return v
+
+
+BUILTINS = ("jitter:N", "crop:PAD", "flip", "resized-crop:SCALE_MIN[,SCALE_MAX[,RATIO_MIN,RATIO_MAX]]")
+
+
+def _one(part: str, spec: str) -> Any:
+    name, _, arg = part.partition(":")
+    if name == "jitter":
+        return Jitter(_number(arg, spec, int))
+    if name == "crop":
+        return Crop(_number(arg, spec, int))
+    if name == "flip":
+        if arg:
+            raise SpecError(f"--augment {spec!r}: flip takes no argument")
+        return Flip()
+    if name == "resized-crop":
+        vals = [_number(v, spec, float) for v in arg.split(",")] if arg else []
+        if len(vals) not in (1, 2, 4):
+            raise SpecError(f"--augment {spec!r}: use resized-crop:SCALE_MIN[,SCALE_MAX[,RATIO_MIN,RATIO_MAX]]")
+        aug = ResizedCrop(*vals)
+        if not (0 < aug.scale_min <= aug.scale_max <= 1 and 0 < aug.ratio_min <= aug.ratio_max):
+            raise SpecError(f"--augment {spec!r}: need 0 < SCALE_MIN <= SCALE_MAX <= 1 and 0 < RATIO_MIN <= RATIO_MAX")
+        return aug
+    if arg and "." in name or arg and name.isidentifier():
+        return _user(name, arg, spec)
+    raise SpecError(f"--augment {spec!r}: unknown augmentation {part!r}; use {', '.join(BUILTINS)}, a composition "
+                    f"such as jitter:2+flip, or package.module:callable")
+
+
+def _user(module: str, attr: str, spec: str) -> Any:
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise SpecError(f"--augment {spec!r}: cannot import {module}:{attr} ({e})") from None
+    aug = fn() if callable(fn) and not hasattr(fn, "apply") else fn
+    missing = [a for a in ("columns", "sample", "apply") if not hasattr(aug, a)]
+    if missing:
+        raise SpecError(f"--augment {spec!r}: {module}:{attr} gives an object without {', '.join(missing)}; an "
+                        f"augmentation has columns, sample(generator, n, item_shape) and apply(x, params)")
+    return aug
+
+
+def parse_augment(spec: str) -> Any:
+    """An augmentation from its spec: ``jitter:2``, ``crop:4``, ``flip``, ``resized-crop:0.08``, a
+    composition ``jitter:2+flip``, or ``package.module:callable``."""
+    parts = [p for p in spec.split("+")]
+    if not spec or any(not p for p in parts):
+        raise SpecError(f"--augment {spec!r}: give one augmentation or several joined by '+', e.g. jitter:2+flip")
+    if len(parts) == 1:
+        return _one(parts[0], spec)
+    return Compose(tuple(_one(p, spec) for p in parts), tuple(p.partition(":")[0] for p in parts))
+
 
 def jitter(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Shift each image ``[B, (C,) H, W]`` by up to ``max_shift`` pixels in each direction, zero-filled."""
+    """Shift each image ``[B, (C,) H, W]`` by up to ``max_shift`` pixels in each direction, zero-filled
+    (online: a teacher's own training)."""
     if max_shift <= 0:
         return x
-    s = max_shift
-    h, w = x.shape[-2:]
-    padded = F.pad(x, (s, s, s, s))
-    shifts = torch.randint(-s, s + 1, (len(x), 2), generator=generator)
-    out = torch.empty_like(x)
-    for dy, dx in itertools.product(range(-s, s + 1), repeat=2):
-        sel = (shifts[:, 0] == dy) & (shifts[:, 1] == dx)
-        if sel.any():
-            out[sel] = padded[sel][..., s + dy:s + dy + h, s + dx:s + dx + w]
-    return out
+    j = Jitter(max_shift)
+    return j.apply(x, j.sample(generator, len(x), tuple(x.shape[1:])))

@@ -92,7 +92,12 @@ def cli() -> None:
               help="Sparse layouts: temperatures served exactly [default: 1,2,4,8,20].")
 @click.option("--samples", type=click.IntRange(1, 65535), default=None, help="sampled: ids drawn per row.")
 @click.option("--sampling-temperature", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="sampled: seed of the draws.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the sampled layout's draws and of the views' augmentation parameters.")
+@click.option("--augment", default=None,
+              help="Store augmented views: jitter:N, crop:PAD, flip, resized-crop:SCALE_MIN[,...], a composition "
+                   "such as jitter:2+flip, or package.module:callable.")
+@click.option("--views", type=int, default=None, help="Views per sample with --augment [default: 1].")
 @click.option("--overwrite", is_flag=True, help="Replace a complete store at --out.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
 @data_root_option
@@ -107,6 +112,8 @@ def dump_logits_cmd(**kw: Any) -> None:
     kdcache dump-logits --teacher runs/teacher --dataset mnist:train --out teacher.zarr
     kdcache dump-logits --teacher a.safetensors --teacher b.safetensors --dataset mnist:train \\
         --subset exclude-classes:3 --out ensemble.h5
+    kdcache dump-logits --teacher runs/teacher --dataset mnist:train --augment jitter:2 --views 20 \\
+        --out teacher-views.zarr
     """
     from kdcache.dump import DumpConfig, dump_logits
     kw["teachers"] = list(kw["teachers"])
@@ -123,6 +130,8 @@ def dump_logits_cmd(**kw: Any) -> None:
 @click.option("--dataset", required=True, help="Training dataset spec (the one the store was dumped from).")
 @click.option("--student", required=True, help="Model spec: mlp:800,800, pkg.mod:fn, or a checkpoint to start from.")
 @click.option("--store", default=None, help="Logit store of the teacher; without it, plain supervised training.")
+@click.option("--teacher", "teachers", multiple=True,
+              help="Online distillation instead of a store: this teacher (repeat for an ensemble) runs on every batch.")
 @click.option("--out", required=True, help="Directory for the run (a sub-directory per run in a sweep).")
 @click.option("--temperature", "temperatures", default=None, help="T, or a list T1,T2,... for a sweep [default: 4].")
 @click.option("--alpha", "alphas", default=None,
@@ -140,7 +149,12 @@ def dump_logits_cmd(**kw: Any) -> None:
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
 @click.option("--input-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
 @click.option("--jitter", type=click.IntRange(0), default=0, show_default=True,
-              help="Shift images by up to N pixels (teacher training only: not with --store).")
+              help="Shift images by up to N pixels (training without a teacher only).")
+@click.option("--augment", default=None,
+              help="Without --store: augment inputs online, as dump-logits --augment does (e.g. jitter:2+flip).")
+@click.option("--views", type=int, default=None, help="With --augment: views cycled over epochs [default: epochs].")
+@click.option("--augment-seed", type=int, default=0, show_default=True,
+              help="With --augment: seed of the views (a dump's --seed gives the same views).")
 @click.option("--subset", default=None, help="Train on part of the dataset (without --store).")
 @click.option("--eval-dataset", default=None, help="Dataset for test accuracy and error count after each epoch.")
 @click.option("--eval-store", default=None, help="Teacher logits on the eval dataset, for student-teacher agreement.")
@@ -185,6 +199,7 @@ def train_student_cmd(**kw: Any) -> None:
     kw["seeds"] = _ints(kw["seeds"], "--seed")
     kw["lrs"] = _floats(kw["lrs"], "--lr")
     kw["members"] = _ints(kw["members"], "--members")
+    kw["teachers"] = list(kw["teachers"]) or None
     results = train_students(TrainConfig(**kw))
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(format_table(results))
@@ -306,9 +321,28 @@ def inspect_cmd(store: str, as_json: bool, as_xarray: bool, fmt: str | None) -> 
 @cli.command("verify")
 @click.argument("store")
 @click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]), default=None)
+@click.option("--teacher", "teachers", multiple=True,
+              help="Also re-run this teacher (one per ensemble member, in order) on random rows and compare.")
+@click.option("--rows", type=click.IntRange(1), default=256, show_default=True, help="With --teacher: rows compared.")
+@click.option("--seed", type=int, default=0, show_default=True, help="With --teacher: which rows.")
+@click.option("--tolerance", type=click.FloatRange(0), default=None,
+              help="With --teacher: arithmetic slack beyond the store dtype's rounding, relative to 1 + |z| "
+                   "[default: 1e-5; raise it for a store dumped with --amp].")
+@click.option("--device", default="auto", show_default=True)
+@data_root_option
 @_friendly
-def verify_cmd(store: str, fmt: str | None) -> None:
-    """Check a store: complete, well-formed, finite, every chunk matching its sha256. Exit 0 only if so."""
+def verify_cmd(store: str, fmt: str | None, teachers: tuple[str, ...], rows: int, seed: int, tolerance: float | None,
+               device: str, data_root: str | None) -> None:
+    """Check a store: complete, well-formed, finite, every chunk matching its sha256. Exit 0 only if so.
+
+    With --teacher, also the check TinyViT ships: the live teacher on a random sample of rows (each
+    view replayed from its stored parameters) must give the stored logits within the store dtype's
+    rounding, and its weights must be the ones the manifest names.
+
+    \b
+    kdcache verify teacher.zarr
+    kdcache verify teacher-views.zarr --teacher runs/teacher --rows 512
+    """
     from kdcache.store import open_store
     s = open_store(store, fmt, allow_partial=True)
     problems = s.verify()
@@ -316,6 +350,13 @@ def verify_cmd(store: str, fmt: str | None) -> None:
     if problems:
         raise click.ClickException(f"{store}: " + "; ".join(problems))
     click.echo(f"{store}: ok ({s.manifest.num_samples} rows, {s.manifest.num_chunks} chunks verified)")
+    if teachers:
+        from kdcache.teacher_check import ARITHMETIC_SLACK, check_teacher
+        found = check_teacher(store, list(teachers), rows, seed, device, data_root,
+                              slack=ARITHMETIC_SLACK if tolerance is None else tolerance)
+        click.echo(found.line())
+        if not found.ok:
+            raise click.ClickException(f"{store}: " + "; ".join(found.problems))
 
 
 @cli.command("convert")

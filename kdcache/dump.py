@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import queue
 import sys
@@ -22,6 +23,7 @@ from kdcache.store.format import INDEX_CHUNK_FACTOR, sequence_lengths_digest
 from kdcache.text import is_sequence_dataset
 from kdcache.store import LogitStore, Manifest, create_store, default_chunk_rows, detect_format, open_store
 from kdcache.subset import resolve_subset
+from kdcache.views import ViewAugmenter, Views, make_views
 
 QUEUE_BATCHES = 8
 QUEUE_BYTES = 256 << 20
@@ -48,7 +50,9 @@ class DumpConfig:
     temperatures: list[float] | None = None   # sparse: grid of exact temperatures
     samples: int | None = None                # sampled: draws per row and member
     sampling_temperature: float = 1.0         # sampled: the T the ids are drawn at
-    seed: int = 0                             # sampled: draws are seeded per chunk from this
+    seed: int = 0                             # sampled draws and view parameters are seeded from this
+    augment: str | None = None                # views: the augmentation spec, e.g. jitter:2+flip
+    views: int | None = None                  # views: augmented views per sample (default 1 with augment)
     progress: bool | None = None  # None: a bar when stderr is a terminal
 
 
@@ -75,31 +79,50 @@ class DumpSummary:
 
 
 class _Batches(Dataset):
-    """Map-style wrapper whose items are whole batches: index arrays in, ``(x, y, idx)`` out."""
+    """Map-style wrapper whose items are whole batches: ``(chunk, pos, dataset indices, first store
+    row)`` in, ``(chunk, pos, x, y, view params or None)`` out. In a store with views, each row's
+    view is drawn and applied here (in the DataLoader's workers when there are some)."""
 
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
+    def __init__(self, dataset: Any, augmenter: ViewAugmenter | None = None, per_view: int = 0) -> None:
+        self.dataset, self.augmenter, self.per_view = dataset, augmenter, per_view
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, item: tuple[int, int, np.ndarray]) -> tuple[int, int, torch.Tensor, torch.Tensor]:
-        chunk, pos, indices = item
+    def __getitem__(self, item: tuple[int, Any, np.ndarray, int]) -> tuple[Any, ...]:
+        chunk, pos, indices, first = item
         x, y = get_batch(self.dataset, indices)
-        return chunk, pos, x, y
+        params = None
+        if self.augmenter is not None:
+            params = self.augmenter.draw(indices, (first + np.arange(len(indices))) // self.per_view)
+            x = self.augmenter.apply(x, params)
+        return chunk, pos, x, y, params
+
+
+class _Tiled:
+    """The dataset rows of a store with views, in store order (view-major), without a copy per view."""
+
+    def __init__(self, rows: np.ndarray, count: int) -> None:
+        self.rows, self.count = rows, count
+
+    def __len__(self) -> int:
+        return len(self.rows) * self.count
+
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        return self.rows[np.arange(*sl.indices(len(self))) % len(self.rows)]
 
 
 class _ChunkBatches(Sampler):
     """Batches cut from each chunk's start, so a chunk always sees the same batches (bitwise resume)."""
 
-    def __init__(self, rows: np.ndarray, chunks: list[int], chunk_rows: int, batch_size: int) -> None:
+    def __init__(self, rows: Any, chunks: list[int], chunk_rows: int, batch_size: int) -> None:
         self.rows, self.chunks, self.chunk_rows, self.batch_size = rows, chunks, chunk_rows, batch_size
 
-    def __iter__(self) -> Iterator[tuple[int, int, np.ndarray]]:
+    def __iter__(self) -> Iterator[tuple[int, int, np.ndarray, int]]:
         for c in self.chunks:
             start, stop = c * self.chunk_rows, min((c + 1) * self.chunk_rows, len(self.rows))
             for a in range(start, stop, self.batch_size):
-                yield c, a - start, self.rows[a:min(a + self.batch_size, stop)]
+                yield c, a - start, self.rows[a:min(a + self.batch_size, stop)], a
 
     def __len__(self) -> int:
         return sum(-(-(min((c + 1) * self.chunk_rows, len(self.rows)) - c * self.chunk_rows) // self.batch_size)
@@ -121,12 +144,12 @@ class _SequenceChunkBatches(Sampler):
         a, b = u * self.unit_rows, min((u + 1) * self.unit_rows, int(off[-1]))
         return int(np.searchsorted(off, a, side="right")) - 1, int(np.searchsorted(off, b, side="left"))
 
-    def __iter__(self) -> Iterator[tuple[int, tuple[int, int], np.ndarray]]:
+    def __iter__(self) -> Iterator[tuple[int, tuple[int, int], np.ndarray, int]]:
         for u in self.units:
             first, stop = self._span(u)
             for s in range(first, stop, self.batch_size):
                 e = min(s + self.batch_size, stop)
-                yield u, (s, e), self.index.ids[s:e]
+                yield u, (s, e), self.index.ids[s:e], -1
 
     def __len__(self) -> int:
         return sum(-(-(b - a) // self.batch_size) for a, b in map(self._span, self.units))
@@ -147,7 +170,7 @@ class SequenceIndex:
 class _Writer(threading.Thread):
     """Assembles batches into chunks and writes them, so the teacher never waits on the disk."""
 
-    def __init__(self, store: LogitStore, rows: np.ndarray, num_members: int, written: np.ndarray,
+    def __init__(self, store: LogitStore, rows: Any, num_members: int, written: np.ndarray,
                  index: SequenceIndex | None = None, unit_rows: int | None = None) -> None:
         super().__init__(daemon=True, name="kdcache-writer")
         self.encode = layout_encoder(store.manifest)
@@ -189,16 +212,17 @@ class _Writer(threading.Thread):
             while self.q.get() is not None:  # drain, so the producer never blocks
                 pass
 
-    def _take(self, unit: int, pos: int, logits: torch.Tensor, labels: torch.Tensor,
+    def _take(self, unit: int, pos: int, logits: torch.Tensor, labels: torch.Tensor, params: torch.Tensor | None,
               event: Any, last: bool) -> None:
         if event is not None:
             event.synchronize()
-        self._parts.append((logits.numpy(), labels.numpy()))
+        self._parts.append((logits.numpy(), labels.numpy(), None if params is None else params.numpy()))
         if not last:
             return
         start = unit * self.unit_rows
         z = np.concatenate([p[0] for p in self._parts])
         y = np.concatenate([p[1] for p in self._parts])
+        v = None if self._parts[0][2] is None else np.concatenate([p[2] for p in self._parts])
         self._parts = []
         cr = self.store.manifest.chunk_rows
         for a in range(0, len(z), cr):  # a unit is one chunk, or for per-token stores a group of them
@@ -208,7 +232,10 @@ class _Writer(threading.Thread):
             zc, yc = z[a:a + cr], y[a:a + cr]
             ids = (self.rows[start + a:start + a + len(zc)] if self.index is None
                    else self.index.sample_ids(start + a, start + a + len(zc)))
-            self.store.write_block(start + a, self.encode(c, zc), ids, yc)
+            data = self.encode(c, zc)
+            if v is not None:  # a store with views: each row's view parameters beside its logits
+                data = {**(data if isinstance(data, dict) else {"logits": data}), "view_params": v[a:a + cr]}
+            self.store.write_block(start + a, data, ids, yc)
             self.rows_written += len(zc)
             has = yc >= 0
             if has.any():
@@ -310,11 +337,12 @@ def _num_classes(members: list[ResolvedModel], dataset: ResolvedDataset, device:
 
 
 def prepare(cfg: DumpConfig, device: torch.device
-            ) -> tuple[ResolvedDataset, list[ResolvedModel], Manifest, np.ndarray, SequenceIndex | None]:
+            ) -> tuple[ResolvedDataset, list[ResolvedModel], Manifest, Any, SequenceIndex | None]:
     """Resolve the dataset, subset and teachers, and build the manifest the store must carry.
 
-    Returns the dataset rows in store order and, for a sequence dataset (a store with a row per
-    position), the sequence index; items of length 0 have no rows and are left out."""
+    Returns the dataset rows in store order (each sample once per view in a store with views) and,
+    for a sequence dataset (a store with a row per position), the sequence index; items of length 0
+    have no rows and are left out."""
     if not cfg.teachers:
         raise SpecError("give at least one --teacher")
     dataset = load_dataset(cfg.dataset, cfg.data_root)
@@ -329,7 +357,15 @@ def prepare(cfg: DumpConfig, device: torch.device
     dtype = cfg.dtype
     params = layout_params(cfg.layout, num_classes, cfg.k, cfg.temperatures, cfg.samples, cfg.sampling_temperature,
                            cfg.seed)
-    index, sequences, num_rows = None, None, len(rows)
+    index, sequences, num_rows, views = None, None, len(rows), None
+    if cfg.views is not None and not cfg.augment:
+        raise SpecError("--views needs --augment: the views of a sample differ by their augmentation")
+    if cfg.augment:
+        if is_sequence_dataset(dataset.dataset):
+            raise SpecError(f"--augment with dataset {cfg.dataset!r}: a store with a row per token position cannot "
+                            f"hold augmented views; dump without --augment")
+        views = make_views(cfg.augment, 1 if cfg.views is None else cfg.views, cfg.seed, input_shape, cfg.dataset)
+        num_rows = views.count * len(rows)
     if is_sequence_dataset(dataset.dataset):
         lengths = np.asarray(dataset.dataset.lengths(rows), dtype=np.int64)
         rows, lengths = rows[lengths > 0], lengths[lengths > 0]
@@ -349,10 +385,10 @@ def prepare(cfg: DumpConfig, device: torch.device
         num_samples=num_rows, num_classes=num_classes, num_members=len(members), dtype=dtype,
         chunk_rows=cfg.chunk_rows or 1, members=described, layout=cfg.layout, layout_params=params,
         dataset={**dataset.describe(), "subset": subset_desc}, compression=cfg.compression, class_names=names,
-        sequences=sequences)
+        sequences=sequences, views=None if views is None else dataclasses.asdict(views))
     if not cfg.chunk_rows:
         manifest.chunk_rows = default_chunk_rows(manifest.row_bytes(), num_rows)
-    return dataset, members, manifest, rows, index
+    return dataset, members, manifest, rows if views is None else _Tiled(rows, views.count), index
 
 
 def _rank_path(out: str, fmt: str, info: DistInfo) -> str:
@@ -396,7 +432,8 @@ def dump_logits(cfg: DumpConfig) -> DumpSummary:
         writer.start()
         sampler = (_ChunkBatches(rows, mine, manifest.chunk_rows, cfg.batch_size) if index is None
                    else _SequenceChunkBatches(index, mine, unit_rows, cfg.batch_size))
-        loader = DataLoader(_Batches(dataset.dataset), sampler=sampler, batch_size=None, num_workers=cfg.workers,
+        augmenter = None if manifest.views is None else ViewAugmenter(Views(**manifest.views), cfg.out)
+        loader = DataLoader(_Batches(dataset.dataset, augmenter, manifest.samples_per_view), sampler=sampler, batch_size=None, num_workers=cfg.workers,
                             pin_memory=device.type == "cuda", persistent_workers=False,
                             prefetch_factor=4 if cfg.workers else None)
         show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
@@ -405,7 +442,7 @@ def dump_logits(cfg: DumpConfig) -> DumpSummary:
         modules = [m.module for m in members]
         try:
             with torch.inference_mode(), _autocast(device, cfg.amp):
-                for chunk, pos, x, y in loader:
+                for chunk, pos, x, y, params in loader:
                     x = x.to(device, non_blocking=True)
                     if index is None:
                         logits = torch.stack([mod(x) for mod in modules], dim=1).float()
@@ -419,7 +456,7 @@ def dump_logits(cfg: DumpConfig) -> DumpSummary:
                         event.record()
                         logits = host
                     last = pos + len(y) >= min(unit_rows, n - chunk * unit_rows)
-                    writer.put((chunk, pos, logits, y, event, last))
+                    writer.put((chunk, pos, logits, y, params, event, last))
                     bar.update(len(y))
         finally:
             bar.close()

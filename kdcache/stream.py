@@ -55,6 +55,11 @@ class DistillStream(IterableDataset):
     ``distillation_loss(student(inputs)[mask], teacher_logits, labels[mask], T, alpha)`` is the
     per-token loss. Shuffling moves whole sequences, never positions.
 
+    A store with augmented views (``dump-logits --augment SPEC --views V``) is replayed: in epoch
+    ``e`` every sample is paired with view ``(seed + e) mod V`` (:func:`kdcache.views.epoch_view`), its
+    input is augmented with that view's stored parameters, and its teacher logits are that view's, so
+    ``inputs`` are already augmented, exactly as the teacher saw them.
+
     ``teacher_logits`` are the raw stored logits ``[batch, members, classes]`` (float32) of exactly
     the samples in ``inputs`` (for a top-k or sampled store, a :class:`kdcache.sparse.SparseTargets`), matched through the store's ``sample_ids``. Each epoch reads the
     store in blocks whose order is shuffled, then shuffles rows within a window of blocks held in
@@ -83,10 +88,11 @@ class DistillStream(IterableDataset):
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         row_bytes = sum(int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
                         for name, (shape, _, dtype, _) in m.arrays().items() if name != "chunk_sha256")
-        if block_rows is None and row_bytes * m.num_samples <= window_bytes:
-            # the whole store fits in one window, whose shuffle is then a full shuffle: read whole chunks
+        rows = m.samples_per_view  # what an epoch reads: the whole store, or one view of it
+        if block_rows is None and row_bytes * rows <= window_bytes:
+            # the whole epoch fits in one window, whose shuffle is then a full shuffle: read whole chunks
             block_rows = m.chunk_rows
-        self.block_rows = block_rows or min(m.chunk_rows, max(1024, math.ceil(m.num_samples / MIN_BLOCKS)))
+        self.block_rows = block_rows or min(m.chunk_rows, max(1024, math.ceil(rows / MIN_BLOCKS)))
         self._seq_blocks = None
         if m.per_token:
             ids, offsets = self.store.sequence_index()
@@ -95,6 +101,12 @@ class DistillStream(IterableDataset):
         self.window_blocks = max(1, window_bytes // (row_bytes * self.block_rows))
         self.return_ids = return_ids
         self.allow_interpolation = allow_interpolation
+        self.augmenter = None
+        if m.views is not None:
+            from kdcache.views import ViewAugmenter, Views
+            self.augmenter = ViewAugmenter(Views.from_manifest(m.views, self.store.path), self.store.path)
+            if self.dataset is not None:
+                self.augmenter.aug  # noqa: B018 - refuse an augmentation that cannot be loaded here, now
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -104,6 +116,14 @@ class DistillStream(IterableDataset):
     def per_token(self) -> bool:
         return self._seq_blocks is not None
 
+    @property
+    def view(self) -> int | None:
+        """The view this epoch reads (a store with views), else None."""
+        if self.augmenter is None:
+            return None
+        from kdcache.views import epoch_view
+        return epoch_view(self.seed, self.epoch, self.augmenter.views.count)
+
     def blocks(self, shard: int = 0, num_shards: int = 1) -> list[tuple[int, int]]:
         """The ``(start, stop)`` row blocks this shard reads this epoch, in reading order (for a
         per-token store: ranges of sequences, about ``block_rows`` rows each)."""
@@ -111,9 +131,10 @@ class DistillStream(IterableDataset):
             bounds = self._seq_blocks
             pairs = np.stack([bounds[:-1], bounds[1:]], axis=1)
         else:
-            n = self.store.num_samples
+            n = self.store.manifest.samples_per_view
+            first = 0 if self.view is None else self.view * n  # one view's rows: a contiguous range
             starts = np.arange(0, n, self.block_rows)
-            pairs = np.stack([starts, np.minimum(starts + self.block_rows, n)], axis=1)
+            pairs = first + np.stack([starts, np.minimum(starts + self.block_rows, n)], axis=1)
         if self.shuffle:
             pairs = pairs[np.random.default_rng([self.seed, self.epoch]).permutation(len(pairs))]
         return [(int(a), int(b)) for a, b in pairs[shard::num_shards]]
@@ -192,6 +213,8 @@ class DistillStream(IterableDataset):
     def _batch(self, window: Block, sel: np.ndarray) -> tuple[Any, ...]:
         sid = window.sample_ids[sel]
         x = None if self.dataset is None else get_batch(self.dataset, sid)[0]
+        if x is not None and self.augmenter is not None:
+            x = self.augmenter.apply(x, window.data["view_params"][sel])
         out = (x, torch.from_numpy(window.labels[sel]), self._targets(window, sel))
         return (*out, torch.from_numpy(sid)) if self.return_ids else out
 
@@ -202,7 +225,8 @@ class DistillStream(IterableDataset):
         if m.layout == "dense":
             return torch.from_numpy(d["logits"][sel].astype(np.float32))
         from kdcache.sparse import targets_from_arrays
-        return targets_from_arrays(m, {k: v[sel] for k, v in d.items()}, self.allow_interpolation, self.store.path)
+        return targets_from_arrays(m, {k: d[k][sel] for k in m.logit_arrays}, self.allow_interpolation,
+                                   self.store.path)
 
 
 def _concat(blocks: list[Block]) -> Block:
@@ -222,10 +246,17 @@ def _rows_of(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 class DatasetStream(IterableDataset):
     """Plain supervised batches ``(inputs, labels, None)`` over ``indices`` of a dataset, sharded like
     :class:`DistillStream` (ranks and workers), shuffled per epoch from ``seed``. For a sequence dataset
-    (one with ``lengths``) it yields ``(inputs, labels, None, mask)``, ``mask`` marking real positions."""
+    (one with ``lengths``) it yields ``(inputs, labels, None, mask)``, ``mask`` marking real positions.
+
+    With ``views`` (a :class:`kdcache.views.Views`), inputs are augmented online with the views a
+    store dumped with the same augmentation, views and seed holds: in epoch ``e``, view
+    ``(seed + e) mod V`` of each sample, its parameters drawn as the dump draws them."""
 
     def __init__(self, dataset: Any, batch_size: int = 128, *, indices: np.ndarray | None = None,
-                 shuffle: bool = True, seed: int = 0, drop_last: bool = False, return_ids: bool = False) -> None:
+                 shuffle: bool = True, seed: int = 0, drop_last: bool = False, return_ids: bool = False,
+                 views: Any = None) -> None:
+        from kdcache.views import ViewAugmenter
+        self.augmenter = None if views is None else ViewAugmenter(views, "--augment")
         self.dataset = dataset.dataset if isinstance(dataset, ResolvedDataset) else dataset
         self.return_ids = return_ids
         self.indices = np.arange(len(self.dataset)) if indices is None else np.asarray(indices)
@@ -253,6 +284,10 @@ class DatasetStream(IterableDataset):
         for a in range(0, stop, self.batch_size):
             ids = rows[a:a + self.batch_size]
             x, y = get_batch(self.dataset, ids)
+            if self.augmenter is not None:
+                from kdcache.views import epoch_view
+                view = epoch_view(self.seed, self.epoch, self.augmenter.views.count)
+                x = self.augmenter.apply(x, self.augmenter.draw(ids, np.full(len(ids), view)))
             out: tuple[Any, ...] = (x, y, None)
             if per_token:
                 lengths = torch.as_tensor(np.asarray(self.dataset.lengths(ids)))

@@ -90,10 +90,13 @@ def inspect_store(path: str, fmt: str | None = None, allow_partial: bool = True)
 def format_inspect(info: dict[str, Any]) -> str:
     lines = [
         f"{info['path']} ({info['backend']}, format v{info['format_version']}, layout {info['layout']})",
-        f"  logits      {info['shape'][0]} {'positions' if info.get('sequences') else 'samples'} x "
+        f"  logits      {info['shape'][0]} {'positions' if info.get('sequences') else 'rows' if info.get('views') else 'samples'} x "
         f"{info['shape'][1]} members x {info['shape'][2]} classes, "
         f"{info['dtype']}, chunks of {info['chunk_rows']} rows, compression {info['compression']}",
         *([f"  layout      {info['layout']} {json.dumps(info['layout_params'])}"] if info["layout"] != "dense" else []),
+        *([f"  views       {info['views']['count']} per sample ({info['shape'][0] // info['views']['count']} samples), "
+           f"augment {info['views']['augment']}, seed {info['views']['seed']}, parameters "
+           f"{', '.join(info['views']['columns'])}"] if info.get("views") else []),
         *([f"  sequences   {info['sequences']['count']} (a row per position, up to {info['sequences']['max_length']} "
            f"each, padding not stored)"] if info.get("sequences") else []),
         f"  on disk     {info['bytes_on_disk'] / 1e6:.2f} MB ({info['bytes_per_sample']:.1f} bytes/row)",
@@ -156,8 +159,10 @@ def convert_store(src: str, dst: str, dtype: str | None = None, fmt: str | None 
             continue
         for a in range(0, len(blk), tm.chunk_rows):  # encode per target chunk: sampled draws are seeded by chunk
             part = blk.rows(slice(a, a + tm.chunk_rows))
-            target.write_block(start + a, encode((start + a) // tm.chunk_rows, part.logits), part.sample_ids,
-                               part.labels)
+            data = encode((start + a) // tm.chunk_rows, part.logits)
+            if tm.views is not None:  # a store with views keeps each row's view parameters
+                data = {**(data if isinstance(data, dict) else {"logits": data}), "view_params": part.data["view_params"]}
+            target.write_block(start + a, data, part.sample_ids, part.labels)
     target.mark_complete()
     source.close()
     return target

@@ -55,7 +55,11 @@ def open_xarray(store: str | os.PathLike) -> Any:
     row = "position" if m.per_token else "sample"
     coords: dict[str, Any] = {"member": np.arange(m.num_members),
                               "member_name": ("member", [mm["name"] for mm in m.members])}
-    if not m.per_token:
+    if m.views is not None:
+        coords["sample_id"] = ("row", ds["sample_ids"].data)
+        coords["view"] = ("row", np.arange(m.num_samples) // m.samples_per_view)
+        coords["view_param"] = list(m.views["columns"])
+    elif not m.per_token:
         coords["sample"] = ds["sample_ids"]  # a lazy index: read when first used
     else:
         coords["sequence_id"] = (row, ds["sample_ids"].data)

@@ -27,8 +27,11 @@ LAYOUT_ARRAYS = {
 }
 # Per-token stores (``sequences`` in the manifest) add these two, written once when the store is created.
 SEQUENCE_ARRAYS = ("sequence_ids", "sequence_offsets")
+# Stores with augmented views (``views`` in the manifest) add the parameters of each row's view, a
+# per-row data array hashed after the layout's arrays.
+VIEW_ARRAYS = ("view_params",)
 ARRAYS = (tuple(sorted({a for v in LAYOUT_ARRAYS.values() for a in v})) + ("sample_ids", "labels", "chunk_sha256")
-          + SEQUENCE_ARRAYS)
+          + SEQUENCE_ARRAYS + VIEW_ARRAYS)
 SEQUENCE_INDEX_CHUNK = 1 << 16
 DIGEST_BYTES = 32
 TARGET_CHUNK_BYTES = 1 << 20
@@ -39,11 +42,11 @@ INDEX_CHUNK_FACTOR = 16
 # Manifest fields that identify what a store holds; a resumed writer must match all of them.
 IDENTITY_FIELDS = (
     "format_version", "layout", "layout_params", "num_samples", "num_classes", "num_members", "class_names",
-    "dtype", "chunk_rows", "compression", "members", "dataset", "sequences",
+    "dtype", "chunk_rows", "compression", "members", "dataset", "sequences", "views",
 )
 # Fields a reader fills in when a manifest lacks them, and a writer leaves out at their default, so
 # that a store without them reads the same in releases that predate them.
-OPTIONAL_FIELDS = {"sequences": None}
+OPTIONAL_FIELDS = {"sequences": None, "views": None}
 
 
 def default_chunk_rows(row_bytes: int, num_samples: int | None = None) -> int:
@@ -77,6 +80,9 @@ class Manifest:
     ``sequences``: null for a store with a row per sample. For a sequence teacher's store with a row
     per token position: ``count`` (sequences), ``max_length`` and ``lengths_sha256`` (of the int64
     lengths in store order); ``num_samples`` then counts rows, that is positions, and padding has none.
+    ``views``: null for a store of unaugmented inputs. For a store of augmented views: ``count`` (V),
+    ``augment`` (the spec), ``columns`` (names of the parameters in ``view_params``), ``seed`` and
+    ``item_shape``; ``num_samples`` then counts rows, V per sample, view-major (see kdcache.views).
     """
 
     num_samples: int
@@ -91,6 +97,7 @@ class Manifest:
     layout: str = "dense"
     layout_params: dict[str, Any] = field(default_factory=dict)
     sequences: dict[str, Any] | None = None
+    views: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
     kdcache_version: str = field(default_factory=_version)
     created_at: str = field(default_factory=_now)
@@ -116,6 +123,14 @@ class Manifest:
             q = self.sequences
             if set(q) != {"count", "max_length", "lengths_sha256"} or not 1 <= q["count"] <= self.num_samples:
                 raise StoreError(f"sequences {q!r}: give count (1..num_samples), max_length and lengths_sha256")
+        if self.views is not None:
+            v = self.views
+            if (not isinstance(v, dict) or set(v) != {"count", "augment", "columns", "seed", "item_shape"}
+                    or not isinstance(v["count"], int) or v["count"] < 1 or self.num_samples % v["count"]
+                    or not v["columns"]):
+                raise StoreError(f"views {v!r}: give count (dividing num_samples), augment, columns, seed, item_shape")
+            if self.sequences is not None:
+                raise StoreError("a store has a row per token position or augmented views, not both")
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             raise StoreError(
                 f"{len(self.class_names)} class names given for {self.num_classes} classes")
@@ -162,6 +177,9 @@ class Manifest:
         index_rows = min(r * INDEX_CHUNK_FACTOR, max(r, n))  # HDF5 refuses chunks larger than the array
         out["sample_ids"] = ((n,), (index_rows,), "int64", -1)
         out["labels"] = ((n,), (index_rows,), "int64", -1)
+        if self.views is not None:
+            p = len(self.views["columns"])
+            out["view_params"] = ((n, p), (r, p), "float32", 0)
         out["chunk_sha256"] = ((self.num_chunks, DIGEST_BYTES), (1, DIGEST_BYTES), "uint8", 0)
         if self.sequences is not None:
             s = self.sequences["count"]
@@ -171,14 +189,15 @@ class Manifest:
 
     def dimension_names(self) -> dict[str, tuple[str, ...]]:
         """Every array's dimension names (Zarr ``dimension_names``, HDF5 dimension scales), so that
-        xarray opens a store as it is: rows are ``sample`` (``position`` in a per-token store)."""
-        row = "position" if self.per_token else "sample"
+        xarray opens a store as it is: rows are ``sample`` (``position`` in a per-token store, ``row``
+        in a store with views, where a sample has a row per view)."""
+        row = "position" if self.per_token else "row" if self.views is not None else "sample"
         names = {"logits": (row, "member", "class"), "topk_values": (row, "member", "k"),
                  "topk_ids": (row, "member", "k"), "log_normalizers": (row, "member", "temperature"),
                  "sampled_ids": (row, "member", "draw"), "sampled_counts": (row, "member", "draw"),
                  "sampled_values": (row, "member", "draw"), "sample_ids": (row,), "labels": (row,),
                  "chunk_sha256": ("chunk", "digest_byte"), "sequence_ids": ("sequence",),
-                 "sequence_offsets": ("sequence_boundary",)}
+                 "sequence_offsets": ("sequence_boundary",), "view_params": (row, "view_param")}
         return {name: names[name] for name in self.arrays()}
 
     @property
@@ -187,7 +206,18 @@ class Manifest:
         return self.sequences is not None
 
     @property
+    def samples_per_view(self) -> int:
+        """Rows per view: ``num_samples`` for a store without views."""
+        return self.num_samples // (self.views["count"] if self.views else 1)
+
+    @property
     def data_arrays(self) -> tuple[str, ...]:
+        """The per-row arrays a writer gives for each chunk, in the order its digest hashes them."""
+        return LAYOUT_ARRAYS[self.layout] + (VIEW_ARRAYS if self.views is not None else ())
+
+    @property
+    def logit_arrays(self) -> tuple[str, ...]:
+        """The layout's arrays alone: what teacher targets are built from."""
         return LAYOUT_ARRAYS[self.layout]
 
     @property
@@ -248,7 +278,8 @@ def manifest_digest(d: dict) -> str:
 
 
 def chunk_digest(*arrays: np.ndarray) -> np.ndarray:
-    """sha256 of one chunk's rows: the layout's data arrays in order, then sample_ids, then labels,
+    """sha256 of one chunk's rows: the layout's data arrays in order (then view_params in a store with
+    views), then sample_ids, then labels,
     each little-endian and C-ordered in its stored dtype."""
     h = hashlib.sha256()
     for a in arrays:

@@ -302,7 +302,11 @@ class LogitStore:
         bad = np.zeros(n, dtype=bool)
         for name, a in data.items():
             if a.dtype.kind == "f":
-                bad |= ~np.isfinite(a).reshape(n, -1).all(axis=1)
+                finite = np.isfinite(a).reshape(n, -1).all(axis=1)
+                if name == "view_params" and not finite.all():
+                    raise StoreError(f"non-finite view parameters for sample ids {sample_ids[~finite][:10].tolist()}; "
+                                     f"check the augmentation's sample()")
+                bad |= ~finite
         if bad.any():
             ids = sample_ids[bad]
             shown = ", ".join(str(i) for i in ids[:10]) + (" ..." if len(ids) > 10 else "")
@@ -353,7 +357,8 @@ class LogitStore:
             return problems + self._verify_tokens(written, stored, block_rows, unreadable)
         bad_digest, bad_finite, bad_ids = [], [], []
         length = m.dataset.get("length") or 0
-        seen = np.zeros(length, dtype=bool)  # one byte per dataset row, not the whole store
+        per_sample = m.views["count"] if m.views else 1  # a store with views holds each sample once per view
+        seen = np.zeros(length, dtype=np.uint8 if per_sample < 255 else np.int64)  # per dataset row, not per store row
         out_of_range = repeated = False
         for block in self._verify_blocks(block_rows, unreadable):
             self._check_chunks(block, written, stored, bad_digest, bad_finite, bad_ids)
@@ -362,8 +367,8 @@ class LogitStore:
             if len(ids) and (ids.min() < 0 or ids.max() >= length):
                 out_of_range = True
                 continue
-            repeated |= bool(seen[ids].any()) or len(np.unique(ids)) != len(ids)
-            seen[ids] = True
+            np.add.at(seen, ids, 1)
+            repeated |= bool(seen[ids].max(initial=0) > per_sample)
         problems += self._unreadable_problems(unreadable) + self._chunk_problems(bad_ids, bad_digest, bad_finite)
         if out_of_range:
             problems.append(f"sample_ids fall outside 0:{length}")

@@ -27,6 +27,7 @@ class TrainConfig:
     student: str
     out: str
     store: str | None = None
+    teachers: list[str] | None = None         # online distillation: the teacher run on every batch, no store
     temperatures: list[float] | None = None   # default [4.0] with a store
     alphas: list[float] | None = None         # default [0.9] with a store, [0.0] without
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -42,6 +43,9 @@ class TrainConfig:
     dropout: float = 0.0
     input_dropout: float = 0.0
     jitter: int = 0
+    augment: str | None = None                # without a store: views drawn online (kdcache.views)
+    views: int | None = None                  # with augment: views cycled over epochs [default: epochs]
+    augment_seed: int = 0                     # with augment: the seed views are drawn from (a dump's --seed)
     subset: str | None = None
     eval_dataset: str | None = None
     eval_store: str | None = None
@@ -61,11 +65,27 @@ class TrainConfig:
     def resolved(self) -> "TrainConfig":
         """A copy with list defaults filled in and combinations checked."""
         c = TrainConfig(**asdict(self))
-        if c.store is None:
+        if c.store and c.teachers:
+            raise ConfigError("--store and --teacher: distil from cached logits (--store) or from a teacher run on "
+                              "every batch (--teacher), not both")
+        if c.store and (c.augment or c.views):
+            raise ConfigError("--augment with --store: the store decides the augmentation; dump it with "
+                              "--augment SPEC --views V and its views are replayed")
+        if c.jitter and c.augment:
+            raise ConfigError("--jitter and --augment: give the shift as part of --augment (jitter:N)")
+        if c.views is not None and not c.augment:
+            raise ConfigError("--views needs --augment")
+        if c.augment:
+            c.views = c.epochs if c.views is None else c.views
+            if c.views < 1:
+                raise ConfigError(f"--views {c.views}: give at least 1")
+        if not c.distills:
             if c.alphas and any(a > 0 for a in c.alphas):
-                raise ConfigError("--alpha above 0 needs --store: the soft targets come from a logit store")
+                raise ConfigError("--alpha above 0 needs --store (or an online --teacher): the soft targets come "
+                                  "from a teacher")
             if c.temperatures:
-                raise ConfigError("--temperature needs --store: without one, training is plain supervised")
+                raise ConfigError("--temperature needs --store (or an online --teacher): without one, training is "
+                                  "plain supervised")
             c.alphas, c.temperatures = [0.0], [1.0]
         c.temperatures = c.temperatures or [DEFAULT_TEMPERATURE]
         c.alphas = c.alphas if c.alphas is not None else [DEFAULT_ALPHA]
@@ -88,9 +108,10 @@ class TrainConfig:
             raise ConfigError(f"--schedule {c.schedule!r}: use cosine or constant")
         if c.amp not in AMP_MODES:
             raise ConfigError(f"--amp {c.amp!r}: use one of {', '.join(AMP_MODES)}")
-        if c.store and c.jitter:
-            raise ConfigError("--jitter with --store: cached logits belong to the unjittered inputs, so the student "
-                              "would learn from targets for another view; jitter when training the teacher only")
+        if c.distills and c.jitter:
+            raise ConfigError("--jitter when distilling: the teacher's logits must be for the view the student "
+                              "sees; dump a store with --augment jitter:N --views V (its views are replayed), "
+                              "or give --augment jitter:N with an online --teacher")
         if c.store and c.subset:
             raise ConfigError("--subset with --store: the store already defines the transfer set; dump a store "
                               "with --subset instead")
@@ -101,6 +122,11 @@ class TrainConfig:
         if c.checkpoint_every < 0:
             raise ConfigError(f"--checkpoint-every {c.checkpoint_every}: give 0 (epoch ends only) or a step count")
         return c
+
+    @property
+    def distills(self) -> bool:
+        """True when students learn from a teacher: cached (``store``) or online (``teachers``)."""
+        return bool(self.store or self.teachers)
 
     def identity(self) -> dict:
         """The fields that decide what is trained: a checkpoint resumes only under the same identity."""

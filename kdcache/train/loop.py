@@ -97,7 +97,7 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
     claim_out_dir(c, out, students, ckpts, info)
     found = ckpts.find()  # before anything is built: a checkpoint of another command is refused at once
     torch.manual_seed(c.seeds[0])
-    src = open_training_data(c)
+    src = open_training_data(c, device)
     units, arch = build_units(c, students, src, device, info)
     loader = DataLoader(src.stream, batch_size=None, num_workers=c.workers, pin_memory=device.type == "cuda",
                         persistent_workers=c.workers > 0, generator=torch.Generator().manual_seed(c.data_seed))
@@ -144,6 +144,8 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
         bar = _progress(len(src.stream), show, f"epoch {epoch + 1}/{c.epochs}", done=step)
         with _join(units, info):
             for batch in device_batches(loader, device, skip=step, augment=augment):
+                if src.teacher is not None:  # online distillation: the teacher on this very batch
+                    batch.z = src.teacher(batch.x)
                 train_step(units, batch, sums)
                 step += 1
                 if bar is not None:
@@ -233,7 +235,7 @@ def finish_epoch(epoch: int, sums: EpochSums, units: list[Any], src: TrainingDat
 
 # -- set-up ---------------------------------------------------------------------------------------
 def run_name(t: float, a: float, s: int, lr: float, c: TrainConfig) -> str:
-    name = f"supervised-s{s}" if c.store is None else f"T{t:g}-a{a:g}-s{s}"
+    name = f"T{t:g}-a{a:g}-s{s}" if c.distills else f"supervised-s{s}"
     return name + (f"-lr{lr:g}" if len(c.lrs) > 1 else "")
 
 

@@ -31,7 +31,7 @@ def write_run(r: Student, module: nn.Module, c: TrainConfig, arch: str, input_sh
     (r.out / "metrics.json").write_text(json.dumps(r.history, indent=2))
     final = r.history[-1]
     return {"run": r.name, "dir": str(r.out), "student": c.student, "teacher": (store_ident or {}).get("members"),
-            "temperature": r.temperature if c.store else None, "alpha": r.alpha, "seed": r.seed,
+            "temperature": r.temperature if c.distills else None, "alpha": r.alpha, "seed": r.seed,
             "lr": r.lr, "epochs": c.epochs, "wall_seconds": sum(h["seconds"] for h in r.history), **final}
 
 

@@ -2,8 +2,9 @@
 epoch must cover; with the checks that refuse, before training, what cannot be trained."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -16,7 +17,9 @@ from kdcache.store import open_store
 from kdcache.stream import DatasetStream, DistillStream, check_pairing
 from kdcache.subset import resolve_subset
 from kdcache.text import is_sequence_dataset
+from kdcache.specs import load_model
 from kdcache.train.config import TrainConfig
+from kdcache.views import make_views
 
 
 @dataclass
@@ -30,10 +33,12 @@ class TrainingData:
     per_token: bool
     expected: tuple[int, int, float]
     store_identity: dict[str, Any] | None
+    teacher: Callable[[torch.Tensor], torch.Tensor] | None = None  # online: raw logits [B, members, C] of a batch
 
 
-def open_training_data(c: TrainConfig) -> TrainingData:
-    """The dataset and its stream: paired with ``c.store`` (checked to be the store's data) or plain."""
+def open_training_data(c: TrainConfig, device: torch.device | None = None) -> TrainingData:
+    """The dataset and its stream: paired with ``c.store`` (checked to be the store's data), or plain
+    (augmented online with ``c.augment``; with an online teacher when ``c.teachers``)."""
     data = load_dataset(c.dataset, c.data_root)
     per_token = is_sequence_dataset(data.dataset)
     store_ident = None
@@ -52,17 +57,48 @@ def open_training_data(c: TrainConfig) -> TrainingData:
         _check_sparse_settings(store, c)
         if store.manifest.per_token:
             expected = _id_sums([store.sequence_index()[0]])
-        else:
-            expected = _id_sums(store.read(a, a + (1 << 20)).sample_ids for a in range(0, len(store), 1 << 20))
+        else:  # an epoch reads every sample once (one view of each, in a store with views)
+            n = store.manifest.samples_per_view
+            expected = _id_sums(store.read(a, min(a + (1 << 20), n)).sample_ids for a in range(0, n, 1 << 20))
         store_ident = _store_identity(c.store)
+        return TrainingData(data, stream, num_classes, per_token, expected, store_ident)
+    views = None
+    if c.augment:
+        if per_token:
+            raise ConfigError(f"--augment with dataset {c.dataset!r}: sequence datasets are not augmented")
+        views = make_views(c.augment, c.views, c.augment_seed, data.input_shape, c.dataset)
+    rows, _ = resolve_subset(c.subset, data.dataset)
+    stream = DatasetStream(data, c.batch_size, indices=rows, seed=c.data_seed, return_ids=True, views=views)
+    teacher, ident = None, None
+    if c.teachers:
+        teacher, num_classes, ident = _online_teacher(c, data, device)
+    elif data.num_classes is None:
+        raise ConfigError(f"dataset {c.dataset!r} does not say its number of classes; train with a --store")
     else:
-        if data.num_classes is None:
-            raise ConfigError(f"dataset {c.dataset!r} does not say its number of classes; train with a --store")
         num_classes = data.num_classes
-        rows, _ = resolve_subset(c.subset, data.dataset)
-        stream = DatasetStream(data, c.batch_size, indices=rows, seed=c.data_seed, return_ids=True)
-        expected = _id_sums([rows])
-    return TrainingData(data, stream, num_classes, per_token, expected, store_ident)
+    if views is not None:
+        ident = {**(ident or {}), "views": dataclasses.asdict(views)}
+    return TrainingData(data, stream, num_classes, per_token, _id_sums([rows]), ident, teacher)
+
+
+def _online_teacher(c: TrainConfig, data: ResolvedDataset, device: torch.device
+                    ) -> tuple[Callable[[torch.Tensor], torch.Tensor], int, dict[str, Any]]:
+    """The teachers of online distillation, on ``device`` in eval mode, as one function of a batch."""
+    from kdcache.dump import _num_classes
+    members = []
+    for spec in c.teachers:
+        m = load_model(spec, data.input_shape, data.num_classes)
+        m.module.eval().to(device)
+        members.append(m)
+    num_classes = _num_classes(members, data, device)
+    modules = [m.module for m in members]
+
+    def teacher(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return torch.stack([mod(x) for mod in modules], dim=1).float()
+
+    described = [{**m.describe(), "name": f"{i}:{m.name}"} for i, m in enumerate(members)]
+    return teacher, num_classes, {"online_teachers": described, "members": described}
 
 
 def probe_inputs(data: ResolvedDataset, n: int = 2) -> torch.Tensor:
@@ -125,6 +161,6 @@ def _store_identity(path: str) -> dict[str, Any]:
     m = s.manifest
     ident = {"path": path, "format": s.format, "format_version": m.format_version, "created_at": m.created_at,
              "num_samples": m.num_samples, "num_classes": m.num_classes, "dtype": m.dtype,
-             "members": m.members, "dataset": m.dataset}
+             "members": m.members, "dataset": m.dataset, "views": m.views}
     s.close()
     return ident

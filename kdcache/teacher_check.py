@@ -1,0 +1,170 @@
+"""``kdcache verify STORE --teacher SPEC``: re-run the live teacher on a random sample of a store's rows
+(and views, replayed from their stored parameters) and compare with what the store holds."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdcache.datasets import get_batch, load_dataset
+from kdcache.distributed import resolve_device
+from kdcache.errors import KdcacheError
+from kdcache.specs import load_model
+from kdcache.store import LogitStore, open_store
+from kdcache.stream import check_pairing
+
+# Arithmetic slack beyond the store dtype's rounding, relative to 1 + |z|: the same teacher on another
+# batch composition, thread count or BLAS path differs in the last float32 bits.
+ARITHMETIC_SLACK = 1e-5
+HALF_ULP = {"float16": 2.0 ** -11, "float32": 2.0 ** -24}
+
+
+@dataclass
+class TeacherCheck:
+    """What ``verify --teacher`` found: rows compared, the largest difference from the stored logits and
+    how far beyond the allowed rounding it is (0 when within), top-1 agreement per member."""
+
+    path: str
+    rows: int
+    views: list[int]
+    max_abs_diff: float
+    max_excess: float
+    top1_agreement: list[float]
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def line(self) -> str:
+        views = f" (views {', '.join(map(str, self.views[:8]))}{' ...' if len(self.views) > 8 else ''})" if self.views else ""
+        agree = ", ".join(f"{a:.4f}" for a in self.top1_agreement)
+        return (f"{self.path}: live teacher on {self.rows} rows{views}: largest difference {self.max_abs_diff:.3g} "
+                f"from the stored logits, top-1 agreement {agree}")
+
+
+def check_teacher(path: str, teachers: list[str], rows: int = 256, seed: int = 0, device: str = "auto",
+                  data_root: str | None = None, batch_size: int = 256, slack: float = ARITHMETIC_SLACK) -> TeacherCheck:
+    """Compare a store with its live teacher(s) on ``rows`` random written rows."""
+    store = open_store(path, allow_partial=True)
+    m = store.manifest
+    if len(teachers) != m.num_members:
+        raise KdcacheError(f"{path} holds {m.num_members} ensemble member(s), {len(teachers)} --teacher given; give "
+                           f"one per member, in order ({', '.join(mm['spec'] for mm in m.members)})")
+    data = load_dataset(m.dataset["spec"], data_root)
+    check_pairing(store, data)
+    dev = resolve_device(device)
+    modules = []
+    for i, (spec, member) in enumerate(zip(teachers, m.members)):
+        t = load_model(spec, data.input_shape, data.num_classes)
+        got = t.describe()["sha256"]
+        if got != member["sha256"]:
+            raise KdcacheError(f"teacher {spec!r} has weights sha256 {got[:16]}, but member {i} of {path} "
+                               f"({member['spec']}) has {member['sha256'][:16]}: these are not the weights that "
+                               f"wrote the store")
+        modules.append(t.module.eval().to(dev))
+    picked = _pick_rows(store, rows, seed)
+    if not len(picked):
+        raise KdcacheError(f"{path}: no chunk is written yet, nothing to compare")
+    ulp = HALF_ULP[m.dtype]
+    worst = excess = 0.0
+    agree = np.zeros(m.num_members)
+    n = 0
+    augmenter = None
+    if m.views is not None:
+        from kdcache.views import ViewAugmenter, Views
+        augmenter = ViewAugmenter(Views.from_manifest(m.views, path), path)
+    for a in range(0, len(picked), batch_size):
+        sel = picked[a:a + batch_size]
+        stored, live = _stored_and_live(store, sel, data.dataset, modules, augmenter, dev)
+        for name, s_vals, l_vals in stored_pairs(m, stored, live):
+            diff = np.abs(s_vals - l_vals)
+            allowed = ulp * np.abs(s_vals) + slack * (1 + np.abs(l_vals))
+            worst = max(worst, float(diff.max(initial=0)))
+            excess = max(excess, float((diff - allowed).max(initial=0)))
+        agree += _top1(m, stored, live)
+        n += len(sel)
+    views = sorted(set((picked // m.samples_per_view).tolist())) if m.views is not None else []
+    problems = []
+    if excess > 0:
+        problems.append(f"the live teacher differs from the stored logits by up to {worst:.3g}, beyond {m.dtype} "
+                        f"rounding: the teacher, its inputs or the store changed since the dump")
+    store.close()
+    return TeacherCheck(path, n, views, worst, excess, (agree / n).tolist(), problems)
+
+
+def _pick_rows(store: LogitStore, rows: int, seed: int) -> np.ndarray:
+    """Up to ``rows`` random rows of written chunks, sorted (whole sequences' rows in a per-token store)."""
+    m = store.manifest
+    written = np.flatnonzero(store.written_chunks())
+    rng = np.random.default_rng(seed)
+    if m.per_token:
+        ids, offsets = store.sequence_index()
+        first_chunk = offsets[:-1] // m.chunk_rows
+        last_chunk = (offsets[1:] - 1) // m.chunk_rows
+        ok = np.isin(first_chunk, written) & np.isin(last_chunk, written)
+        seqs = np.flatnonzero(ok)
+        chosen = np.sort(rng.choice(seqs, size=min(len(seqs), max(1, rows // max(1, m.sequences["max_length"]))),
+                                    replace=False)) if len(seqs) else seqs
+        return chosen  # sequence numbers
+    candidates = np.concatenate([np.arange(*m.chunk_range(int(c))) for c in written]) if len(written) else np.zeros(0, int)
+    return np.sort(rng.choice(candidates, size=min(rows, len(candidates)), replace=False))
+
+
+def _stored_and_live(store: LogitStore, sel: np.ndarray, dataset: Any, modules: list[torch.nn.Module],
+                     augmenter: Any, device: torch.device) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The stored arrays of the selected rows and the live teachers' logits ``[rows, members, classes]``."""
+    m = store.manifest
+    if m.per_token:
+        ids, offsets = store.sequence_index()
+        blocks = [store.read_sequences(int(s), int(s) + 1) for s in sel]
+        data = {k: np.concatenate([b.data[k] for b in blocks]) for k in m.data_arrays}
+        x, _ = get_batch(dataset, ids[sel])
+        lengths = np.diff(offsets)[sel]
+        real = torch.arange(x.shape[1])[None, :] < torch.from_numpy(lengths)[:, None]
+        with torch.inference_mode():
+            out = torch.stack([mod(x.to(device)) for mod in modules], dim=2)  # [B, L, members, C]
+        return data, out[real.to(device)].float().cpu().numpy()
+    blocks = [store.read(int(r), int(r) + 1) for r in sel]
+    data = {k: np.concatenate([b.data[k] for b in blocks]) for k in m.data_arrays}
+    sample_ids = np.concatenate([b.sample_ids for b in blocks])
+    x, _ = get_batch(dataset, sample_ids)
+    if augmenter is not None:
+        x = augmenter.apply(x, data["view_params"])
+    with torch.inference_mode():
+        out = torch.stack([mod(x.to(device)) for mod in modules], dim=1)
+    return data, out.float().cpu().numpy()
+
+
+def stored_pairs(m: Any, stored: dict[str, np.ndarray], live: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(array, stored values, the live values they should equal) for the layout's logit arrays."""
+    if m.layout == "dense":
+        return [("logits", stored["logits"].astype(np.float64), live.astype(np.float64))]
+    prefix = "topk" if m.layout == "topk" else "sampled"
+    ids = stored[f"{prefix}_ids"].astype(np.int64)
+    has = ids >= 0
+    at = np.take_along_axis(live, np.clip(ids, 0, None), axis=-1)
+    temps = m.layout_params["temperatures"]
+    lse = np.stack([_logsumexp(live.astype(np.float64) / t) for t in temps], axis=-1)
+    return [(f"{prefix}_values", stored[f"{prefix}_values"][has].astype(np.float64), at[has].astype(np.float64)),
+            ("log_normalizers", stored["log_normalizers"].astype(np.float64), lse)]
+
+
+def _logsumexp(z: np.ndarray) -> np.ndarray:
+    top = z.max(-1, keepdims=True)
+    return (top + np.log(np.exp(z - top).sum(-1, keepdims=True)))[..., 0]
+
+
+def _top1(m: Any, stored: dict[str, np.ndarray], live: np.ndarray) -> np.ndarray:
+    """Rows per member where the stored and the live argmax agree."""
+    want = live.argmax(-1)
+    if m.layout == "dense":
+        got = stored["logits"].astype(np.float32).argmax(-1)
+    elif m.layout == "topk":
+        got = stored["topk_ids"][..., 0]
+    else:
+        vals = np.where(stored["sampled_ids"] >= 0, stored["sampled_values"].astype(np.float32), -np.inf)
+        got = np.take_along_axis(stored["sampled_ids"], vals.argmax(-1)[..., None], -1)[..., 0]
+    return (got == want).sum(0)
