@@ -17,6 +17,7 @@ it cannot handle.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import itertools
 import math
 from dataclasses import dataclass
@@ -244,7 +245,7 @@ def _one(part: str, spec: str) -> Any:
         if not (0 < aug.scale_min <= aug.scale_max <= 1 and 0 < aug.ratio_min <= aug.ratio_max):
             raise SpecError(f"--augment {spec!r}: need 0 < SCALE_MIN <= SCALE_MAX <= 1 and 0 < RATIO_MIN <= RATIO_MAX")
         return aug
-    if arg and "." in name or arg and name.isidentifier():
+    if arg and "." in name or arg and name.isidentifier() and importlib.util.find_spec(name) is not None:
         return _user(name, arg, spec)
     raise SpecError(f"--augment {spec!r}: unknown augmentation {part!r}; use {', '.join(BUILTINS)}, a composition "
                     f"such as jitter:2+flip, or package.module:callable")

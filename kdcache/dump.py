@@ -364,7 +364,9 @@ def prepare(cfg: DumpConfig, device: torch.device
         if is_sequence_dataset(dataset.dataset):
             raise SpecError(f"--augment with dataset {cfg.dataset!r}: a store with a row per token position cannot "
                             f"hold augmented views; dump without --augment")
-        views = make_views(cfg.augment, 1 if cfg.views is None else cfg.views, cfg.seed, input_shape, cfg.dataset)
+        probe = get_batch(dataset.dataset, rows[:1])[0]
+        views = make_views(cfg.augment, 1 if cfg.views is None else cfg.views, cfg.seed, input_shape, cfg.dataset,
+                           probe)
         num_rows = views.count * len(rows)
     if is_sequence_dataset(dataset.dataset):
         lengths = np.asarray(dataset.dataset.lengths(rows), dtype=np.int64)

@@ -145,3 +145,59 @@ def slow_mnist_mlp() -> nn.Module:
     """A 784-32-10 MNIST student with dropout, counted per forward (kill tests with --jitter)."""
     from kdcache.models import MLP
     return nn.Sequential(_Counter(), MLP((28, 28), [32], 10, dropout=0.3))
+
+
+SEEN_INPUTS: list[torch.Tensor] = []  # what ImageTeacher was given, in order, when recording
+
+
+class ImageTeacher(nn.Module):
+    """A seeded linear teacher on 28x28 images (counted per batch like SlowLinear); with ``record`` it
+    keeps every input batch it is given in SEEN_INPUTS, so a test can compare replayed views bit for bit."""
+
+    def __init__(self, record: bool = False, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.lin = nn.Linear(784, 10)
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.randn(10, 784, generator=g) * 0.1)
+            self.lin.bias.copy_(torch.randn(10, generator=g))
+        self.record = record
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _count_batch()
+        if self.record:
+            SEEN_INPUTS.append(x.detach().clone())
+        return self.lin(x.flatten(1))
+
+
+def image_teacher() -> nn.Module:
+    return ImageTeacher()
+
+
+def recording_image_teacher() -> nn.Module:
+    return ImageTeacher(record=True)
+
+
+class Brightness:
+    """A user augmentation through the documented protocol: multiply by a gain in [0.5, 1.5)."""
+
+    columns = ("gain",)
+
+    def sample(self, generator: torch.Generator, n: int, item_shape: tuple[int, ...]) -> torch.Tensor:
+        return 0.5 + torch.rand(n, 1, generator=generator)
+
+    def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        return x * params.view(-1, *([1] * (x.ndim - 1)))
+
+
+def brightness() -> Brightness:
+    return Brightness()
+
+
+class _WrongWidth(Brightness):
+    def sample(self, generator: torch.Generator, n: int, item_shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.rand(n, 3, generator=generator)
+
+
+def wrong_width_augment() -> Brightness:
+    return _WrongWidth()

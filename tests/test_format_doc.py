@@ -69,3 +69,49 @@ def test_format_md_documents_every_manifest_field():
         assert f"| `{f.name}` |" in text, f"FORMAT.md does not document manifest field {f.name}"
     for a in ("logits", "sample_ids", "labels", "chunk_sha256"):
         assert f"| `{a}` |" in text
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_views_replay_with_plain_libraries(tmp_path, suffix):
+    """FORMAT.md's "Augmented views": rows are view-major, each row's parameters replay its view with
+    numpy alone, bit for bit the input the teacher was given; the digest covers view_params."""
+    from kdcache.dump import DumpConfig, dump_logits
+    from tests import helpers
+    helpers.SEEN_INPUTS.clear()
+    out = str(tmp_path / f"views{suffix}")
+    dump_logits(DumpConfig(teachers=["tests.helpers:recording_image_teacher"], dataset="mnist:test",
+                           subset="0:300", out=out, augment="jitter:2+flip", views=2, chunk_rows=128,
+                           batch_size=64, progress=False))
+    seen = np.concatenate([t.numpy() for t in helpers.SEEN_INPUTS[1:]])  # [0]: the dump's probe
+    if suffix == ".h5":
+        with h5py.File(out, "r") as f:
+            m = json.loads(f.attrs["kdcache"])
+            params, ids, logits, labels, digests = (f[k][:] for k in ("view_params", "sample_ids", "logits", "labels",
+                                                                      "chunk_sha256"))
+    else:
+        g = zarr.open_group(out, mode="r")
+        m = dict(g.attrs["kdcache"])
+        params, ids, logits, labels, digests = (g[k][:] for k in ("view_params", "sample_ids", "logits", "labels",
+                                                                  "chunk_sha256"))
+    V, N, R = m["views"]["count"], m["num_samples"], m["chunk_rows"]
+    S = N // V
+    assert m["views"]["columns"] == ["jitter.shift_y", "jitter.shift_x", "flip.flip"] and (V, S) == (2, 300)
+    np.testing.assert_array_equal(ids, np.tile(np.arange(300), 2))
+    with np.load(Path(DATA_ROOT) / "mnist.npz") as f:
+        images = f["x_test"][:300].astype(np.float32) / np.float32(255.0)
+    for r in range(N):
+        x = images[ids[r]]
+        dy, dx, flip = (int(v) for v in params[r])
+        H, W = x.shape
+        view = np.zeros_like(x)
+        ys, xs = np.arange(H) + dy, np.arange(W) + dx
+        ok_y, ok_x = (ys >= 0) & (ys < H), (xs >= 0) & (xs < W)
+        view[np.ix_(ok_y, ok_x)] = x[np.ix_(ys[ok_y], xs[ok_x])]
+        if flip:
+            view = view[:, ::-1]
+        assert np.array_equal(view, seen[r]), f"row {r} (view {r // S}) does not replay"
+    for k in range(len(digests)):
+        a, b = k * R, min(k * R + R, N)
+        d = hashlib.sha256(logits[a:b].tobytes() + params[a:b].tobytes() + ids[a:b].tobytes()
+                           + labels[a:b].tobytes()).digest()
+        assert bytes(digests[k]) == d

@@ -75,9 +75,9 @@ def test_refusals_are_one_line(teacher_store, tmp_path):
     cases = [
         (["--dataset", "synthetic:n=2000,dim=16,classes=5,seed=3", "--store", str(teacher_store / "t.zarr")],
          "different data, order or preprocessing"),
-        (["--dataset", SYNTH, "--alpha", "0.5"], "--alpha above 0 needs --store"),
+        (["--dataset", SYNTH, "--alpha", "0.5"], "--alpha above 0 needs --store (or an online --teacher)"),
         (["--dataset", SYNTH, "--store", str(teacher_store / "t.zarr"), "--jitter", "2"],
-         "cached logits belong to the unjittered inputs"),
+         "--jitter when distilling: the teacher's logits must be for the view the student sees"),
         (["--dataset", SYNTH, "--store", str(tmp_path / "nope.zarr")], "does not exist"),
         (["--dataset", SYNTH, "--store", str(teacher_store / "t.zarr"), "--members", "3"],
          r"members [3] asked for, the store has members 0..0"),

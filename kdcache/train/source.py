@@ -66,7 +66,7 @@ def open_training_data(c: TrainConfig, device: torch.device | None = None) -> Tr
     if c.augment:
         if per_token:
             raise ConfigError(f"--augment with dataset {c.dataset!r}: sequence datasets are not augmented")
-        views = make_views(c.augment, c.views, c.augment_seed, data.input_shape, c.dataset)
+        views = make_views(c.augment, c.views, c.augment_seed, data.input_shape, c.dataset, probe_inputs(data, 1))
     rows, _ = resolve_subset(c.subset, data.dataset)
     stream = DatasetStream(data, c.batch_size, indices=rows, seed=c.data_seed, return_ids=True, views=views)
     teacher, ident = None, None
