@@ -13,6 +13,10 @@ returning such an object)::
 ``apply`` must give each item the same result whatever else is in the batch, and must not draw
 random numbers. ``check_shape(item_shape)`` (optional) raises ``ValueError`` with a reason for items
 it cannot handle.
+
+The built-ins also draw from 64-bit keys, one per item (``sample_keyed(keys, item_shape)``), with
+counter-based uniforms (:func:`uniforms`): a store's views are drawn for thousands of rows at once
+in numpy, not one generator per row.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -35,6 +40,41 @@ class Augmentation(Protocol):
     def sample(self, generator: torch.Generator, n: int, item_shape: tuple[int, ...]) -> torch.Tensor: ...
 
     def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor: ...
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function on uint64 (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        z = x + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def uniforms(keys: np.ndarray, count: int) -> np.ndarray:
+    """``[n, count]`` float64 in [0, 1): ``u[i, j] = (splitmix64(splitmix64(keys[i]) + j) >> 11) / 2**53``
+    (keys are mixed first, so that neighbouring keys do not share counters)."""
+    with np.errstate(over="ignore"):
+        counters = splitmix64(keys.astype(np.uint64))[:, None] + np.arange(count, dtype=np.uint64)[None, :]
+    return (splitmix64(counters) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+def derive_keys(keys: np.ndarray, part: int) -> np.ndarray:
+    """The keys of part ``part`` of a composition: ``splitmix64(keys ^ (part + 1) * 0xD1B54A32D192ED03)``."""
+    with np.errstate(over="ignore"):
+        return splitmix64(keys.astype(np.uint64) ^ (np.uint64(part + 1) * np.uint64(0xD1B54A32D192ED03)))
+
+
+def _keys_from(generator: torch.Generator, n: int) -> np.ndarray:
+    return torch.randint(0, 2 ** 62, (n,), generator=generator).numpy().astype(np.uint64)
+
+
+def _ints(u: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Integers in ``lo..hi`` from uniforms: ``lo + floor(u * (hi - lo + 1))``."""
+    return lo + np.floor(u * (hi - lo + 1))
 
 
 def _image_shape(name: str, item_shape: Sequence[int]) -> tuple[int, int]:
@@ -73,6 +113,10 @@ class Jitter:
         s = self.max_shift
         return torch.randint(-s, s + 1, (n, 2), generator=generator).float()
 
+    def sample_keyed(self, keys: np.ndarray, item_shape: tuple[int, ...]) -> torch.Tensor:
+        """``shift_y, shift_x = -N + floor(u[0:2] * (2N + 1))``."""
+        return torch.from_numpy(_ints(uniforms(keys, 2), -self.max_shift, self.max_shift).astype(np.float32))
+
     def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         p = params.long()
         return _shift(x, p[:, 0], p[:, 1])
@@ -90,7 +134,11 @@ class Crop:
         _image_shape(f"crop:{self.pad}", item_shape)
 
     def sample(self, generator: torch.Generator, n: int, item_shape: tuple[int, ...]) -> torch.Tensor:
-        return torch.randint(0, 2 * self.pad + 1, (n, 2), generator=generator).float()
+        return self.sample_keyed(_keys_from(generator, n), item_shape)
+
+    def sample_keyed(self, keys: np.ndarray, item_shape: tuple[int, ...]) -> torch.Tensor:
+        """``top, left = floor(u[0:2] * (2 PAD + 1))``."""
+        return torch.from_numpy(_ints(uniforms(keys, 2), 0, 2 * self.pad).astype(np.float32))
 
     def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         p = params.long() - self.pad
@@ -107,7 +155,11 @@ class Flip:
         _image_shape("flip", item_shape)
 
     def sample(self, generator: torch.Generator, n: int, item_shape: tuple[int, ...]) -> torch.Tensor:
-        return torch.randint(0, 2, (n, 1), generator=generator).float()
+        return self.sample_keyed(_keys_from(generator, n), item_shape)
+
+    def sample_keyed(self, keys: np.ndarray, item_shape: tuple[int, ...]) -> torch.Tensor:
+        """``flip = floor(u[0] * 2)``."""
+        return torch.from_numpy(_ints(uniforms(keys, 1), 0, 1).astype(np.float32))
 
     def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         sel = params[:, 0] > 0.5
@@ -133,29 +185,32 @@ class ResizedCrop:
         _image_shape("resized-crop", item_shape)
 
     def sample(self, generator: torch.Generator, n: int, item_shape: tuple[int, ...]) -> torch.Tensor:
+        return self.sample_keyed(_keys_from(generator, n), item_shape)
+
+    def sample_keyed(self, keys: np.ndarray, item_shape: tuple[int, ...]) -> torch.Tensor:
+        """torchvision's rule on uniforms ``u[0:22]``: ten tries of area ``H W (SMIN + (SMAX - SMIN) u[t])``
+        and ratio ``exp(log RMIN + (log RMAX - log RMIN) u[10 + t])``, box ``round(sqrt(area * ratio))``
+        wide and ``round(sqrt(area / ratio))`` high; the first that fits is placed at
+        ``top = floor(u[20] (H - height + 1))``, ``left = floor(u[21] (W - width + 1))``; if none fits,
+        the centred box of the whole image clamped to the ratio range."""
         h, w = _image_shape("resized-crop", item_shape)
-        tries = 10
-        area = h * w * (self.scale_min + (self.scale_max - self.scale_min) * torch.rand(n, tries, generator=generator,
-                                                                                       dtype=torch.float64))
+        u = uniforms(keys, 22)
+        n = len(keys)
+        area = h * w * (self.scale_min + (self.scale_max - self.scale_min) * u[:, :10])
         lo, hi = math.log(self.ratio_min), math.log(self.ratio_max)
-        ratio = torch.exp(lo + (hi - lo) * torch.rand(n, tries, generator=generator, dtype=torch.float64))
-        cw = torch.round(torch.sqrt(area * ratio))
-        ch = torch.round(torch.sqrt(area / ratio))
+        ratio = np.exp(lo + (hi - lo) * u[:, 10:20])
+        cw, ch = np.round(np.sqrt(area * ratio)), np.round(np.sqrt(area / ratio))
         ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
-        first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
-        u = torch.rand(n, 2, generator=generator, dtype=torch.float64)
-        out = torch.empty(n, 4)
-        for i in range(n):
-            if first[i] >= 0:
-                hh, ww = ch[i, first[i]], cw[i, first[i]]
-            else:  # no try fitted: the centre crop of the largest allowed ratio (as torchvision)
-                r = min(max(w / h, self.ratio_min), self.ratio_max)
-                ww, hh = (float(w), float(round(w / r))) if w / h > r else (float(round(h * r)), float(h))
-                ww, hh = torch.tensor(min(ww, w), dtype=torch.float64), torch.tensor(min(hh, h), dtype=torch.float64)
-            top = torch.floor(u[i, 0] * (h - hh + 1)) if first[i] >= 0 else torch.floor((h - hh) / 2)
-            left = torch.floor(u[i, 1] * (w - ww + 1)) if first[i] >= 0 else torch.floor((w - ww) / 2)
-            out[i] = torch.stack([top, left, hh, ww]).float()
-        return out
+        first = ok.argmax(1)
+        found = ok.any(1)
+        rows = np.arange(n)
+        ch, cw = ch[rows, first], cw[rows, first]
+        top, left = np.floor(u[:, 20] * (h - ch + 1)), np.floor(u[:, 21] * (w - cw + 1))
+        r = min(max(w / h, self.ratio_min), self.ratio_max)  # no try fitted: torchvision's centre crop
+        fw, fh = (w, min(h, round(w / r))) if w / h > r else (min(w, round(h * r)), h)
+        ch, cw = np.where(found, ch, fh), np.where(found, cw, fw)
+        top, left = np.where(found, top, (h - fh) // 2), np.where(found, left, (w - fw) // 2)
+        return torch.from_numpy(np.stack([top, left, ch, cw], axis=1).astype(np.float32))
 
     def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         squeeze = x.ndim == 3
@@ -189,6 +244,14 @@ class Compose:
 
     def sample(self, generator: torch.Generator, n: int, item_shape: tuple[int, ...]) -> torch.Tensor:
         return torch.cat([_sampled(p, generator, n, item_shape) for p in self.parts], dim=1)
+
+    @property
+    def keyed(self) -> bool:
+        return all(hasattr(p, "sample_keyed") for p in self.parts)
+
+    def sample_keyed(self, keys: np.ndarray, item_shape: tuple[int, ...]) -> torch.Tensor:
+        """Part ``i`` draws from ``derive_keys(keys, i)``."""
+        return torch.cat([p.sample_keyed(derive_keys(keys, i), item_shape) for i, p in enumerate(self.parts)], dim=1)
 
     def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         a = 0

@@ -22,7 +22,7 @@ import torch
 
 from kdcache import __version__
 
-BENCHES = ("store_read", "dump", "train", "sweep", "online", "storage", "sparse")
+BENCHES = ("store_read", "dump", "train", "sweep", "online", "views", "storage", "sparse")
 
 
 @dataclass
@@ -125,30 +125,34 @@ def bench_store_read(p: Profile, work: Path) -> list[dict[str, Any]]:
 
 
 # -- 2. dump -------------------------------------------------------------------------------------
-def bench_dump(p: Profile, work: Path, device: str) -> list[dict[str, Any]]:
-    from kdcache.dump import DumpConfig, _autocast, _Batches, _ChunkBatches, dump_logits, prepare
+def bare_pass(cfg: Any, device: str) -> Callable[[], None]:
+    """A bare teacher-inference loop over the batches ``dump_logits(cfg)`` runs (unaugmented inputs)."""
     from kdcache.distributed import resolve_device
+    from kdcache.dump import _autocast, _Batches, _ChunkBatches, prepare
     from torch.utils.data import DataLoader
     dev = resolve_device(device)
+    dataset, members, manifest, rows, _ = prepare(cfg, dev)
+    modules = [m.module for m in members]
+
+    def bare() -> None:
+        sampler = _ChunkBatches(rows, list(range(manifest.num_chunks)), manifest.chunk_rows, cfg.batch_size)
+        loader = DataLoader(_Batches(dataset.dataset), sampler=sampler, batch_size=None, pin_memory=dev.type == "cuda")
+        with torch.inference_mode(), _autocast(dev, cfg.amp):
+            for _, _, x, _, _ in loader:
+                z = torch.stack([mod(x.to(dev, non_blocking=True)) for mod in modules], 1).float().cpu()
+        del z
+    return bare
+
+
+def bench_dump(p: Profile, work: Path, device: str) -> list[dict[str, Any]]:
+    from kdcache.dump import DumpConfig, dump_logits
     out = []
     for name, teachers, rows_n in (("mnist 1200-1200", ["mlp:1200,1200"], p.dump_rows),
                                    ("3-member ensemble", ["mlp:1200,1200"] * 3,
                                     p.mnist_rows if p is QUICK else p.dump_rows)):
         cfg = DumpConfig(teachers=teachers, dataset="mnist:train", out=str(work / "dump.zarr"),
                          subset=f"0:{rows_n}", overwrite=True, device=device, progress=False)
-        dataset, members, manifest, rows, _ = prepare(cfg, dev)
-        modules = [m.module for m in members]
-
-        def bare() -> None:
-            sampler = _ChunkBatches(rows, list(range(manifest.num_chunks)), manifest.chunk_rows, cfg.batch_size)
-            loader = DataLoader(_Batches(dataset.dataset), sampler=sampler, batch_size=None,
-                                pin_memory=dev.type == "cuda")
-            with torch.inference_mode(), _autocast(dev, cfg.amp):
-                for _, _, x, _ in loader:
-                    z = torch.stack([mod(x.to(dev, non_blocking=True)) for mod in modules], 1).float().cpu()
-            del z
-
-        ta, tb = interleave(lambda: dump_logits(cfg), bare, p.reps)
+        ta, tb = interleave(lambda: dump_logits(cfg), bare_pass(cfg, device), p.reps)
         out.append({"teacher": name, "rows": rows_n, "dump_s": ta, "bare_inference_s": tb, "ratio": ta / tb,
                     "goal": 1.05})
     return out
@@ -293,7 +297,70 @@ def bench_online(p: Profile, work: Path, device: str) -> dict[str, Any]:
             "rows": p.mnist_rows, "epochs": p.epochs, "by_K": rows, "caching_wins_from_K": breakeven}
 
 
-# -- 6. storage ---------------------------------------------------------------------------------
+# -- 6. augmented views: cached against online consistent distillation -------------------------------
+VIEWS_AUGMENT = "jitter:2"
+
+
+def bench_views(p: Profile, work: Path, device: str) -> dict[str, Any]:
+    """Views cost: a dump of V jittered views against V bare teacher passes over the plain inputs, and
+    bytes per sample per view; then K students for ``epochs`` epochs, from a store of one view per
+    epoch (dump included) against online consistent distillation (``train-student --teacher
+    --augment``: the teacher on each augmented batch, one forward for all K stacked students)."""
+    from kdcache.dump import DumpConfig, dump_logits
+    from kdcache.train import TrainConfig, train_students
+    epochs = 2 * p.epochs
+    views = epochs
+    rows = p.mnist_rows
+    teacher = "mlp:1200,1200"
+    plain = DumpConfig(teachers=[teacher], dataset="mnist:train", out=str(work / "plain.zarr"), subset=f"0:{rows}",
+                       overwrite=True, device=device, progress=False)
+    viewed = DumpConfig(**{**plain.__dict__, "out": str(work / "views.zarr"), "augment": VIEWS_AUGMENT,
+                           "views": views})
+
+    bare = bare_pass(plain, device)
+
+    def bare_passes() -> None:
+        for _ in range(views):
+            bare()
+
+    t_views, t_plain = interleave(lambda: dump_logits(viewed), bare_passes, max(1, p.reps - 1))
+    sizes = []
+    for layout, extra in (("dense", {}), ("topk", {"k": 3})):
+        cfg = DumpConfig(**{**viewed.__dict__, "out": str(work / f"size-{layout}.zarr"), "layout": layout, **extra})
+        s = dump_logits(cfg)
+        base = dump_logits(DumpConfig(**{**cfg.__dict__, "out": str(work / f"size-{layout}-plain.zarr"),
+                                         "augment": None, "views": None}))
+        sizes.append({"layout": layout + (" k=3" if extra else ""), "bytes_per_sample_per_view": s.bytes_on_disk / s.rows,
+                      "bytes_per_sample_without_views": base.bytes_on_disk / base.rows})
+    by_k = []
+    for k in (1, 4):
+        seeds = list(range(k))
+
+        def cached() -> None:
+            dump_logits(viewed)
+            train_students(TrainConfig(dataset="mnist:train", student="mlp:800,800", out=str(work / f"vc-{k}"),
+                                       store=viewed.out, seeds=seeds, epochs=epochs, device=device, overwrite=True,
+                                       progress=False))
+
+        def online() -> None:
+            train_students(TrainConfig(dataset="mnist:train", student="mlp:800,800", out=str(work / f"vo-{k}"),
+                                       teachers=[teacher], augment=VIEWS_AUGMENT, views=views, subset=f"0:{rows}",
+                                       seeds=seeds, epochs=epochs, device=device, overwrite=True, progress=False))
+
+        def reuse() -> None:  # the store of an earlier experiment: training alone
+            train_students(TrainConfig(dataset="mnist:train", student="mlp:800,800", out=str(work / f"vr-{k}"),
+                                       store=viewed.out, seeds=seeds, epochs=epochs, device=device, overwrite=True,
+                                       progress=False))
+
+        tc, to, tr = interleave_all([cached, online, reuse], max(1, p.reps - 1))
+        by_k.append({"K": k, "cached_views_s": tc, "online_s": to, "ratio": tc / to, "store_reused_s": tr,
+                     "reused_ratio": tr / to})
+    return {"teacher": teacher, "augment": VIEWS_AUGMENT, "rows": rows, "views": views, "epochs": epochs,
+            "dump_views_s": t_views, "bare_passes_s": t_plain, "dump_per_view_over_bare_pass": t_views / t_plain,
+            "sizes": sizes, "by_K": by_k}
+
+
+# -- 7. storage ---------------------------------------------------------------------------------
 def bench_storage(p: Profile, work: Path, device: str, teacher: str | None) -> list[dict[str, Any]]:
     """Bytes per sample on real logits of an MNIST teacher (``teacher``, or one trained briefly here)."""
     from kdcache.dump import DumpConfig, dump_logits
@@ -448,6 +515,16 @@ def run_bench(quick: bool = False, only: list[str] | None = None, device: str = 
                             f"(teacher {r['teacher']}, student {r['student']}, {r['rows']} rows, {r['epochs']} epoch)",
                             r["by_K"], ["K", "cached_s", "online_s", "ratio", "extrapolated"]))
                 echo(f"  caching wins from K = {r['caching_wins_from_K']}\n")
+            elif name == "views":
+                r = bench_views(p, work, device)
+                echo(_table(f"augmented views ({r['augment']}, {r['views']} views of {r['rows']} rows, teacher "
+                            f"{r['teacher']}): dump of the views against {r['views']} bare teacher passes over the "
+                            f"plain rows", [r], ["dump_views_s", "bare_passes_s", "dump_per_view_over_bare_pass"]))
+                echo(_table("  bytes per sample per view", r["sizes"],
+                            ["layout", "bytes_per_sample_per_view", "bytes_per_sample_without_views"]))
+                echo(_table(f"  K students of 784-800-800-10, {r['epochs']} epochs: a store of one view per epoch "
+                            f"(dump included) against online consistent distillation (teacher on every batch)",
+                            r["by_K"], ["K", "cached_views_s", "online_s", "ratio", "store_reused_s", "reused_ratio"]))
             elif name == "sparse":
                 r = bench_sparse(p, work, device, teacher)
                 r["stores"] = [store_fidelity(s) for s in logit_stores or []]

@@ -28,10 +28,24 @@ def view_seed(seed: int, sample_id: int, view: int) -> int:
     return ((seed * _MIX[0] + view) * _MIX[1] + sample_id) & _MASK
 
 
+def view_keys(seed: int, sample_ids: np.ndarray, views: np.ndarray) -> np.ndarray:
+    """:func:`view_seed` of many rows at once, as uint64."""
+    with np.errstate(over="ignore"):
+        k = (np.uint64(seed % 2 ** 64) * np.uint64(_MIX[0]) + np.asarray(views).astype(np.uint64)) * np.uint64(_MIX[1])
+        return (k + np.asarray(sample_ids).astype(np.uint64)) & np.uint64(_MASK)
+
+
 def draw_params(aug: Any, seed: int, sample_ids: np.ndarray, views: np.ndarray,
                 item_shape: tuple[int, ...]) -> torch.Tensor:
-    """``[n, P]`` float32: row ``i`` drawn by ``aug.sample`` with a generator seeded by
-    ``view_seed(seed, sample_ids[i], views[i])``."""
+    """``[n, P]`` float32: row ``i`` drawn from the key ``view_seed(seed, sample_ids[i], views[i])``,
+    by the built-ins' ``sample_keyed`` (counter-based, all rows at once), or by ``aug.sample`` with a
+    ``torch.Generator`` seeded by the key, one row at a time (a user's augmentation)."""
+    if hasattr(aug, "sample_keyed") and getattr(aug, "keyed", True):
+        out = aug.sample_keyed(view_keys(seed, sample_ids, views), item_shape)
+        if out.shape != (len(sample_ids), len(aug.columns)):
+            raise SpecError(f"augmentation {type(aug).__name__}.sample_keyed returned {tuple(out.shape)}, not "
+                            f"[{len(sample_ids)}, {len(aug.columns)}]")
+        return out.float()
     g = torch.Generator()
     out = torch.empty(len(sample_ids), len(aug.columns))
     for i, (sid, v) in enumerate(zip(np.asarray(sample_ids).tolist(), np.asarray(views).tolist())):

@@ -21,6 +21,10 @@ def test_quick_bench_reports_every_figure(tmp_path):
     assert r["train"]["ratio"] > 0 and [row["students"] for row in r["sweep"]] == [10, 4]
     assert [row["K"] for row in r["online"]["by_K"]] == [1, 4, 16]
     assert {row["dtype"] for row in r["storage"]} == {"float16", "float32"}
+    v = r["views"]
+    assert v["dump_per_view_over_bare_pass"] > 0 and [row["K"] for row in v["by_K"]] == [1, 4]
+    assert [row["layout"] for row in v["sizes"]] == ["dense", "topk k=3"]
+    assert all(row["bytes_per_sample_per_view"] > 0 for row in v["sizes"])
     for title in ("store read", "dump-logits against a bare", "distilled training", "a sweep in one stacked pass",
-                  "cached (one dump", "storage: bytes per sample"):
+                  "cached (one dump", "augmented views (jitter:2", "storage: bytes per sample"):
         assert title in p.stdout
