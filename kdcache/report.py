@@ -31,10 +31,12 @@ def collect_runs(dirs: list[str]) -> list[dict[str, Any]]:
             last = metrics[-1]
             ident = config.get("store_identity") or {}
             teacher = ", ".join(m["spec"] for m in ident.get("members", [])) or "-"
+            from_teacher = bool(config.get("store") or config.get("teachers"))
             runs.append({
                 "dir": str(r), "group": str(d), "student": config["arch"], "teacher": teacher,
-                "distilled": bool(config.get("store")) and config["alpha"] > 0,
-                "temperature": config["temperature"] if config.get("store") else None, "alpha": config["alpha"],
+                "inputs": _inputs(config, ident),
+                "distilled": from_teacher and config["alpha"] > 0,
+                "temperature": config["temperature"] if from_teacher else None, "alpha": config["alpha"],
                 "seed": config["seed"], "epochs": len(metrics), "test_errors": last.get("eval_errors"),
                 "test_accuracy": last.get("eval_accuracy"), "teacher_agreement": last.get("teacher_agreement"),
                 "test_perplexity": last.get("eval_perplexity"), "diverged": bool(last.get("diverged")),
@@ -43,21 +45,34 @@ def collect_runs(dirs: list[str]) -> list[dict[str, Any]]:
     return runs
 
 
+def _inputs(config: dict[str, Any], ident: dict[str, Any]) -> str:
+    """What the student saw and where its targets came from: plain or augmented inputs, cached views
+    or an online teacher."""
+    views = ident.get("views")
+    if config.get("store"):
+        return f"{views['augment']}, {views['count']} cached views" if views else "plain, cached"
+    aug = config.get("augment") or (f"jitter:{config['jitter']}" if config.get("jitter") else None)
+    if config.get("teachers"):
+        return f"{aug or 'plain'}, online teacher"
+    return aug or "plain"
+
+
 def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
 def markdown(runs: list[dict[str, Any]], roles: dict[str, str] | None = None, paper: str | None = None) -> str:
     ppl = any(r.get("test_perplexity") is not None for r in runs)  # token-level runs (sequence data)
-    lines = ["| run | teacher | student | T | alpha | test errors | accuracy | agreement |"
+    lines = ["| run | teacher | student | inputs | T | alpha | test errors | accuracy | agreement |"
              + (" perplexity |" if ppl else "") + " epochs | wall s |",
-             "|" + "---|" * (11 if ppl else 10)]
+             "|" + "---|" * (12 if ppl else 11)]
     for r in runs:
-        lines.append(f"| {r['dir']} | {r['teacher']} | {r['student']} | {_fmt(r['temperature'], 'g')} | "
+        lines.append(f"| {r['dir']} | {r['teacher']} | {r['student']} | {r['inputs']} | {_fmt(r['temperature'], 'g')} | "
                      f"{r['alpha']:g} | {'diverged' if r['diverged'] else _fmt(r['test_errors'], 'd')} | {_fmt(r['test_accuracy'], '.4f')} | "
                      f"{_fmt(r['teacher_agreement'], '.4f')} |"
                      + (f" {_fmt(r.get('test_perplexity'), '.2f')} |" if ppl else "")
                      + f" {r['epochs']} | {r['wall_seconds']:.0f} |")
+    lines += seed_summary(runs)
     if paper:
         if paper not in PAPERS:
             raise KdcacheError(f"--paper {paper!r} is unknown; known: {', '.join(PAPERS)}")
@@ -75,6 +90,28 @@ def markdown(runs: list[dict[str, Any]], roles: dict[str, str] | None = None, pa
                               else str(r["test_errors"]) for r in mine) or "-"
             lines.append(f"| {ref['labels'][role]} | {paper_errors} | {best_s} | {every} |")
     return "\n".join(lines)
+
+
+def seed_summary(runs: list[dict[str, Any]]) -> list[str]:
+    """Where a setting was trained with several seeds: its mean test errors and their spread (the
+    lines of a markdown table; none when every setting has one seed)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in runs:
+        key = (r["group"], r["student"], r["inputs"], r["temperature"], r["alpha"])
+        groups.setdefault(key, []).append(r)
+    if all(len(g) < 2 for g in groups.values()):
+        return []
+    out = ["", "Over seeds (test errors):", "",
+           "| runs in | student | inputs | T | alpha | seeds | mean | std | min-max |", "|---|---|---|---|---|---|---|---|---|"]
+    for (group, student, inputs, t, alpha), rs in groups.items():
+        errs = [r["test_errors"] for r in rs if r["test_errors"] is not None and not r["diverged"]]
+        if not errs:
+            continue
+        mean = sum(errs) / len(errs)
+        std = (sum((e - mean) ** 2 for e in errs) / (len(errs) - 1)) ** 0.5 if len(errs) > 1 else 0.0
+        out.append(f"| {group} | {student} | {inputs} | {_fmt(t, 'g')} | {alpha:g} | {len(errs)} | {mean:.1f} | "
+                   f"{std:.1f} | {min(errs)}-{max(errs)} |")
+    return out
 
 
 def plot(runs: list[dict[str, Any]], path: str) -> bool:

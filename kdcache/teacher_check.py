@@ -85,7 +85,7 @@ def check_teacher(path: str, teachers: list[str], rows: int = 256, seed: int = 0
             worst = max(worst, float(diff.max(initial=0)))
             excess = max(excess, float((diff - allowed).max(initial=0)))
         agree += _top1(m, stored, live)
-        n += len(sel)
+        n += len(live)  # rows: samples, or positions of the sequences picked
     views = sorted(set((picked // m.samples_per_view).tolist())) if m.views is not None else []
     problems = []
     if excess > 0:

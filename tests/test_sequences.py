@@ -107,6 +107,9 @@ def test_convert_dense_to_topk_keeps_the_sequence_index(corpus, tmp_path):
         np.testing.assert_array_equal(x, y)
     assert b.manifest.sequences == a.manifest.sequences
     assert run_kdcache("verify", topk).returncode == 0
+    for store in (dense, topk):  # the live teacher on whole sequences gives the stored rows
+        p = run_kdcache("verify", store, "--teacher", TEACHER, "--rows", "400")
+        assert "top-1 agreement 1.0000" in p.stdout
 
 
 def test_stream_yields_whole_sequences_each_once_aligned_with_their_rows(corpus, tmp_path):
