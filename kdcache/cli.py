@@ -72,7 +72,9 @@ def cli() -> None:
 @click.option("--teacher", "teachers", multiple=True, required=True,
               help="Model spec; repeat for an ensemble: mlp:1200,1200, pkg.mod:fn, a checkpoint or TorchScript file.")
 @click.option("--dataset", required=True, help="Dataset spec: mnist:train, synthetic:N, FILE.npz, pkg.mod:fn.")
-@click.option("--out", required=True, help="Store path: DIR.zarr, FILE.h5, or an fsspec URL.")
+@click.option("--out", default=None,
+              help="Store path: DIR.zarr, FILE.h5, or an fsspec URL [default: the store cache, keyed by teacher "
+                   "and data; a store already there is reused].")
 @click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]), default=None,
               help="Backend [default: from the suffix of --out].")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
@@ -114,6 +116,7 @@ def dump_logits_cmd(**kw: Any) -> None:
         --subset exclude-classes:3 --out ensemble.h5
     kdcache dump-logits --teacher runs/teacher --dataset mnist:train --augment jitter:2 --views 20 \\
         --out teacher-views.zarr
+    kdcache dump-logits --teacher runs/teacher --dataset mnist:train    # into the cache, or reused from it
     """
     from kdcache.dump import DumpConfig, dump_logits
     kw["teachers"] = list(kw["teachers"])
@@ -129,9 +132,12 @@ def dump_logits_cmd(**kw: Any) -> None:
 @cli.command("train-student")
 @click.option("--dataset", required=True, help="Training dataset spec (the one the store was dumped from).")
 @click.option("--student", required=True, help="Model spec: mlp:800,800, pkg.mod:fn, or a checkpoint to start from.")
-@click.option("--store", default=None, help="Logit store of the teacher; without it, plain supervised training.")
+@click.option("--store", default=None,
+              help="Logit store of the teacher, or `auto` with --teacher: the cached store of that teacher over "
+                   "--dataset. Without it, plain supervised training.")
 @click.option("--teacher", "teachers", multiple=True,
-              help="Online distillation instead of a store: this teacher (repeat for an ensemble) runs on every batch.")
+              help="With --store auto: the teacher whose cached store to use. Without --store: online distillation, "
+                   "this teacher (repeat for an ensemble) run on every batch.")
 @click.option("--out", required=True, help="Directory for the run (a sub-directory per run in a sweep).")
 @click.option("--temperature", "temperatures", default=None, help="T, or a list T1,T2,... for a sweep [default: 4].")
 @click.option("--alpha", "alphas", default=None,
@@ -200,9 +206,75 @@ def train_student_cmd(**kw: Any) -> None:
     kw["lrs"] = _floats(kw["lrs"], "--lr")
     kw["members"] = _ints(kw["members"], "--members")
     kw["teachers"] = list(kw["teachers"]) or None
+    if kw["store"] == "auto":
+        from kdcache.cache import lookup
+        if not kw["teachers"]:
+            raise click.UsageError("--store auto needs --teacher: the teacher whose cached store to use")
+        kw["store"], kw["teachers"] = str(lookup(kw["teachers"], kw["dataset"], kw["data_root"])), None
     results = train_students(TrainConfig(**kw))
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(format_table(results))
+
+
+@cli.group("cache")
+def cache_group() -> None:
+    """The store cache ($KDCACHE_CACHE, default ~/.cache/kdcache): stores dumped without --out.
+
+    \b
+    kdcache cache list
+    kdcache cache du
+    kdcache cache rm 3f2a9c
+    kdcache cache rm --older-than 30
+    """
+
+
+@cache_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_friendly
+def cache_list_cmd(as_json: bool) -> None:
+    """Every cached store: key, teachers, dataset, layout, rows, bytes, created, last used."""
+    from kdcache.cache import cache_dir, entries
+    found = entries()
+    if as_json:
+        click.echo(json.dumps([e.to_json() for e in found], indent=2))
+        return
+    click.echo(f"{cache_dir()}: {len(found)} store(s)")
+    for e in found:
+        js = e.to_json()
+        state = e.problem or ("complete" if e.complete else "incomplete (the same dump-logits resumes it)")
+        views = f", {e.views['count']} views {e.views['augment']}" if e.views else ""
+        click.echo(f"  {e.key[:12]}  {', '.join(e.teachers) or '?'} on {e.dataset}"
+                   f"{' subset ' + e.subset if e.subset else ''}: {e.layout} {e.dtype}{views}, {e.rows} rows, "
+                   f"{e.bytes / 1e6:.1f} MB, created {e.created}, last used {js['last_used']}; {state}")
+
+
+@cache_group.command("du")
+@_friendly
+def cache_du_cmd() -> None:
+    """Bytes the cache holds."""
+    from kdcache.cache import cache_dir, entries
+    found = entries()
+    click.echo(f"{sum(e.bytes for e in found) / 1e6:.1f} MB in {len(found)} store(s) under {cache_dir()}")
+
+
+@cache_group.command("rm")
+@click.argument("keys", nargs=-1)
+@click.option("--older-than", type=click.FloatRange(0), default=None, help="Remove stores not used for DAYS days.")
+@_friendly
+def cache_rm_cmd(keys: tuple[str, ...], older_than: float | None) -> None:
+    """Remove cached stores by key (a unique prefix is enough) or by age. A store that a running job
+    dumps or reads is refused."""
+    import time
+    from kdcache.cache import entries, find, remove
+    if not keys and older_than is None:
+        raise click.UsageError("give KEY... or --older-than DAYS")
+    chosen = [find(k) for k in keys]
+    if older_than is not None:
+        cutoff = time.time() - older_than * 86400
+        chosen += [e for e in entries() if e.last_used < cutoff and e.key not in {c.key for c in chosen}]
+    for e in chosen:
+        remove(e)
+        click.echo(f"removed {e.key[:12]} ({e.path}, {e.bytes / 1e6:.1f} MB)")
 
 
 @cli.command("report")

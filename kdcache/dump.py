@@ -33,7 +33,7 @@ QUEUE_BYTES = 256 << 20
 class DumpConfig:
     teachers: list[str]
     dataset: str
-    out: str
+    out: str | None = None                    # None or "cache": the store cache, keyed by teacher and data
     format: str | None = None
     dtype: str = "float16"
     batch_size: int = 512
@@ -66,16 +66,22 @@ class DumpSummary:
     member_accuracy: list[float | None] = field(default_factory=list)
     ensemble_accuracy: float | None = None
     resumed_chunks: int = 0
+    cache_key: str | None = None
+    reused: bool = False
 
     def lines(self) -> list[str]:
+        if self.reused:
+            return [f"reusing cached store {self.path} (key {self.cache_key[:12]}, {self.rows} rows, complete): the "
+                    f"teacher did not run"]
         acc = ""
         if self.ensemble_accuracy is not None:
             per = ", ".join(f"{a:.4f}" for a in self.member_accuracy if a is not None)
             acc = f"; teacher accuracy {self.ensemble_accuracy:.4f}" + (f" (members {per})" if len(self.member_accuracy) > 1 else "")
         rate = self.rows_written / self.seconds if self.seconds > 0 else float("nan")
         resumed = f", {self.resumed_chunks} chunks kept from an earlier run" if self.resumed_chunks else ""
+        key = f", cache key {self.cache_key[:12]}" if self.cache_key else ""
         return [f"wrote {self.rows_written} of {self.rows} rows to {self.path} in {self.seconds:.1f}s "
-                f"({rate:,.0f} rows/s, {self.bytes_on_disk / 1e6:.1f} MB on disk{resumed}){acc}"]
+                f"({rate:,.0f} rows/s, {self.bytes_on_disk / 1e6:.1f} MB on disk{resumed}{key}){acc}"]
 
 
 class _Batches(Dataset):
@@ -309,7 +315,9 @@ def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManag
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _num_classes(members: list[ResolvedModel], dataset: ResolvedDataset, device: torch.device) -> int:
+def num_classes_of(members: list[ResolvedModel], dataset: ResolvedDataset, device: torch.device) -> int:
+    """The teachers' number of classes, tried on the dataset's first inputs: refused with one line when a
+    teacher fails on them, returns the wrong shape, or the members disagree."""
     x, _ = get_batch(dataset.dataset, np.arange(min(2, len(dataset))))
     per_token = is_sequence_dataset(dataset.dataset)
     counts = []
@@ -336,7 +344,7 @@ def _num_classes(members: list[ResolvedModel], dataset: ResolvedDataset, device:
     return counts[0]
 
 
-def prepare(cfg: DumpConfig, device: torch.device
+def prepare(cfg: DumpConfig, device: torch.device, members: list[ResolvedModel] | None = None
             ) -> tuple[ResolvedDataset, list[ResolvedModel], Manifest, Any, SequenceIndex | None]:
     """Resolve the dataset, subset and teachers, and build the manifest the store must carry.
 
@@ -348,12 +356,11 @@ def prepare(cfg: DumpConfig, device: torch.device
     dataset = load_dataset(cfg.dataset, cfg.data_root)
     rows, subset_desc = resolve_subset(cfg.subset, dataset.dataset)
     input_shape = dataset.input_shape
-    members = []
-    for spec in cfg.teachers:
-        m = load_model(spec, input_shape, dataset.num_classes)
+    if members is None:
+        members = [load_model(spec, input_shape, dataset.num_classes) for spec in cfg.teachers]
+    for m in members:
         m.module.eval().to(device)
-        members.append(m)
-    num_classes = _num_classes(members, dataset, device)
+    num_classes = num_classes_of(members, dataset, device)
     dtype = cfg.dtype
     params = layout_params(cfg.layout, num_classes, cfg.k, cfg.temperatures, cfg.samples, cfg.sampling_temperature,
                            cfg.seed)
@@ -400,14 +407,20 @@ def _rank_path(out: str, fmt: str, info: DistInfo) -> str:
     return f"{out}.rank{info.rank}-of-{info.world_size}.h5"
 
 
-def dump_logits(cfg: DumpConfig) -> DumpSummary:
-    """Fill ``cfg.out`` with the teachers' raw logits; resumes an interrupted dump of the same thing."""
+def dump_logits(cfg: DumpConfig, members: list[ResolvedModel] | None = None) -> DumpSummary:
+    """Fill ``cfg.out`` with the teachers' raw logits; resumes an interrupted dump of the same thing.
+
+    Without ``cfg.out`` (or with ``"cache"``) the store goes to the store cache under its key: a
+    complete store there is reused without running the teacher, an incomplete one is resumed, and a
+    second process asking for the same key waits for the first (see kdcache.cache)."""
+    if cfg.out in (None, "cache"):
+        return _dump_to_cache(cfg)
     t0 = time.perf_counter()
     fmt = detect_format(cfg.out, cfg.format)
     device = resolve_device(cfg.device)
     info = init_distributed(device)
     try:
-        dataset, members, manifest, rows, index = prepare(cfg, device)
+        dataset, members, manifest, rows, index = prepare(cfg, device, members)
         path = _rank_path(cfg.out, fmt, info)
         seq_arrays = None if index is None else (index.ids, index.offsets)
         if fmt == "zarr":
@@ -480,6 +493,39 @@ def dump_logits(cfg: DumpConfig) -> DumpSummary:
                            accuracy[:-1], accuracy[-1], resumed)
     finally:
         shutdown(info)
+
+
+def _dump_to_cache(cfg: DumpConfig) -> DumpSummary:
+    from kdcache import cache
+    t0 = time.perf_counter()
+    dataset = load_dataset(cfg.dataset, cfg.data_root)
+    members = [load_model(spec, dataset.input_shape, dataset.num_classes) for spec in cfg.teachers]
+    _, subset = resolve_subset(cfg.subset, dataset.dataset)
+    views = None if not cfg.augment else {"augment": cfg.augment, "count": 1 if cfg.views is None else cfg.views,
+                                          "seed": cfg.seed}
+    key = cache.key_of([m.describe()["sha256"] for m in members], {**dataset.describe(), "subset": subset},
+                       cfg.layout, layout_params(cfg.layout, 1 << 31, cfg.k, cfg.temperatures, cfg.samples,
+                                                 cfg.sampling_temperature, cfg.seed), cfg.dtype, views)
+    path = cache.store_path(key, cfg.format or "zarr")
+    with cache.locked(path, exclusive=True):  # a second identical dump waits here, then reuses the store
+        fmt = detect_format(str(path))
+        if _exists(str(path), fmt):
+            cache.check_entry(path, key)
+            existing = open_store(str(path), allow_partial=True)
+            done, rows = existing.manifest.complete, existing.manifest.num_samples
+            existing.close()
+            if done:
+                cache.touch(path)
+                return DumpSummary(str(path), rows, 0, time.perf_counter() - t0, 0, cache_key=key, reused=True)
+        summary = dump_logits(dataclasses.replace(cfg, out=str(path), format=fmt, overwrite=False), members)
+        cache.touch(path)
+    summary.cache_key = key
+    return summary
+
+
+def _exists(path: str, fmt: str) -> bool:
+    from kdcache.store.logit_store import BACKENDS
+    return BACKENDS[fmt].exists(path)
 
 
 def _token_unit_chunks(m: Manifest, batch_size: int) -> int:

@@ -12,6 +12,7 @@ from kdcache.datasets import ResolvedDataset, fingerprint, get_batch
 from kdcache.errors import StoreError
 from kdcache.store import Block, LogitStore, open_store
 from kdcache.text import is_sequence_dataset
+from kdcache.views import ViewAugmenter, Views, epoch_view
 
 DEFAULT_WINDOW_BYTES = 64 << 20
 MIN_BLOCKS = 64
@@ -103,10 +104,9 @@ class DistillStream(IterableDataset):
         self.allow_interpolation = allow_interpolation
         self.augmenter = None
         if m.views is not None:
-            from kdcache.views import ViewAugmenter, Views
             self.augmenter = ViewAugmenter(Views.from_manifest(m.views, self.store.path), self.store.path)
             if self.dataset is not None:
-                self.augmenter.aug  # noqa: B018 - refuse an augmentation that cannot be loaded here, now
+                self.augmenter.check()  # an augmentation that cannot be loaded here is refused now
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -121,7 +121,6 @@ class DistillStream(IterableDataset):
         """The view this epoch reads (a store with views), else None."""
         if self.augmenter is None:
             return None
-        from kdcache.views import epoch_view
         return epoch_view(self.seed, self.epoch, self.augmenter.views.count)
 
     def blocks(self, shard: int = 0, num_shards: int = 1) -> list[tuple[int, int]]:
@@ -255,7 +254,6 @@ class DatasetStream(IterableDataset):
     def __init__(self, dataset: Any, batch_size: int = 128, *, indices: np.ndarray | None = None,
                  shuffle: bool = True, seed: int = 0, drop_last: bool = False, return_ids: bool = False,
                  views: Any = None) -> None:
-        from kdcache.views import ViewAugmenter
         self.augmenter = None if views is None else ViewAugmenter(views, "--augment")
         self.dataset = dataset.dataset if isinstance(dataset, ResolvedDataset) else dataset
         self.return_ids = return_ids
@@ -285,7 +283,6 @@ class DatasetStream(IterableDataset):
             ids = rows[a:a + self.batch_size]
             x, y = get_batch(self.dataset, ids)
             if self.augmenter is not None:
-                from kdcache.views import epoch_view
                 view = epoch_view(self.seed, self.epoch, self.augmenter.views.count)
                 x = self.augmenter.apply(x, self.augmenter.draw(ids, np.full(len(ids), view)))
             out: tuple[Any, ...] = (x, y, None)

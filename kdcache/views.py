@@ -136,6 +136,10 @@ class ViewAugmenter:
             self._aug = self.views.augmentation(self.where)
         return self._aug
 
+    def check(self) -> None:
+        """Load the augmentation now: refused here, not in a DataLoader worker, if it cannot be."""
+        self.aug  # noqa: B018
+
     def __getstate__(self) -> dict:
         return {"views": self.views, "where": self.where}
 

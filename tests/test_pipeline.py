@@ -165,3 +165,18 @@ def test_set_overrides_a_variable_and_null_unsets_an_option(tmp_path):
         load_pipeline(str(f), None, {"epoch": "3"})
     out = run_kdcache("run", str(f), "--dry-run", "--set", "epochs=2").stdout
     assert "--epochs 2" in out
+
+
+def test_a_pipeline_can_dump_into_the_cache_and_train_from_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDCACHE_CACHE", str(tmp_path / "cache"))
+    text = TINY.replace("{root}", str(tmp_path / "runs")).replace("{temps}", "[2]")
+    text = text.replace("      out: ${vars.root}/t.zarr\n", "")
+    text = text.replace("      store: ${steps.logits.out}\n", '      store: auto\n      teacher: ["${steps.teacher.out}"]\n')
+    f = tmp_path / "cached.yaml"
+    f.write_text(text)
+    said = []
+    Runner(load_pipeline(str(f))).run(echo=said.append)
+    assert (tmp_path / "runs" / "students" / "T2-a0.9-s0" / "model.safetensors").exists()
+    assert len(list((tmp_path / "cache" / "stores").glob("*.zarr"))) == 1
+    assert statuses(str(f)) == {"teacher": "skip", "logits": "run", "students": "skip", "report": "run"}
+    assert any("[logits] run (into the store cache" in s for s in said)

@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader
@@ -49,9 +49,22 @@ def train_students(cfg: TrainConfig) -> list[dict[str, Any]]:
     device = resolve_device(c.device)
     info = init_distributed(device)
     try:
-        return _train(c, device, info)
+        with _store_in_use(c.store):
+            return _train(c, device, info)
     finally:
         shutdown(info)
+
+
+@contextlib.contextmanager
+def _store_in_use(store: str | None) -> Iterator[None]:
+    """A store from the cache is marked used, and held (a shared lock) so that `cache rm` refuses it."""
+    from kdcache import cache
+    if store is None or not cache.is_cached(store):
+        yield
+        return
+    with cache.locked(store, exclusive=False):
+        cache.touch(store)
+        yield
 
 
 @dataclass

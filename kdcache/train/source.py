@@ -16,8 +16,8 @@ from kdcache.losses import teacher_log_probs
 from kdcache.store import open_store
 from kdcache.stream import DatasetStream, DistillStream, check_pairing
 from kdcache.subset import resolve_subset
-from kdcache.text import is_sequence_dataset
 from kdcache.specs import load_model
+from kdcache.text import is_sequence_dataset
 from kdcache.train.config import TrainConfig
 from kdcache.views import make_views
 
@@ -84,13 +84,13 @@ def open_training_data(c: TrainConfig, device: torch.device | None = None) -> Tr
 def _online_teacher(c: TrainConfig, data: ResolvedDataset, device: torch.device
                     ) -> tuple[Callable[[torch.Tensor], torch.Tensor], int, dict[str, Any]]:
     """The teachers of online distillation, on ``device`` in eval mode, as one function of a batch."""
-    from kdcache.dump import _num_classes
+    from kdcache.dump import num_classes_of
     members = []
     for spec in c.teachers:
         m = load_model(spec, data.input_shape, data.num_classes)
         m.module.eval().to(device)
         members.append(m)
-    num_classes = _num_classes(members, data, device)
+    num_classes = num_classes_of(members, data, device)
     modules = [m.module for m in members]
 
     def teacher(x: torch.Tensor) -> torch.Tensor:

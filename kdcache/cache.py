@@ -1,0 +1,229 @@
+"""The store cache: a teacher pass is paid once and reused by every later experiment that asks for the
+same logits, the way a package or dataset cache is.
+
+A store's **key** is the sha256 of what determines its content: each member's weights sha256 (in
+order), the dataset's fingerprint, length and subset, the layout and its parameters, the dtype and
+the views (augmentation, count, seed). Not the backend, chunking or codec: those change the bytes,
+not the logits. The cache directory (``$KDCACHE_CACHE``, default ``$XDG_CACHE_HOME/kdcache`` or
+``~/.cache/kdcache``) holds::
+
+    stores/KEY.zarr (or KEY.h5)   the store
+    stores/KEY.lock               flock: held exclusively by the dump writing the store, shared by the
+                                  jobs reading it (so `cache rm` refuses a store in use)
+    stores/KEY.used               its modification time is when the store was last used
+
+Locks are POSIX ``flock``: they hold between processes of one machine and on network file systems
+that support it; ranks of one torchrun job do not lock against each other.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from kdcache.errors import KdcacheError, StoreError
+
+SUFFIXES = (".zarr", ".h5")
+KEY_FIELDS = ("members", "dataset", "layout", "layout_params", "dtype", "views")
+
+
+def cache_dir() -> Path:
+    """``$KDCACHE_CACHE``, else ``$XDG_CACHE_HOME/kdcache``, else ``~/.cache/kdcache``."""
+    explicit = os.environ.get("KDCACHE_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "kdcache"
+
+
+def key_of(members: list[str], dataset: dict[str, Any], layout: str, layout_params: dict[str, Any], dtype: str,
+           views: dict[str, Any] | None) -> str:
+    """The cache key: sha256 of the canonical JSON of what determines a store's logits."""
+    body = {"members": list(members),
+            "dataset": {k: dataset.get(k) for k in ("fingerprint", "length", "subset")},
+            "layout": layout, "layout_params": layout_params, "dtype": dtype,
+            "views": None if views is None else {k: views[k] for k in ("augment", "count", "seed")}}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def manifest_key(m: Any) -> str:
+    """The key a store's manifest implies."""
+    return key_of([mm["sha256"] for mm in m.members], m.dataset, m.layout, m.layout_params, m.dtype, m.views)
+
+
+def _stores(root: Path) -> Path:
+    d = root / "stores"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise KdcacheError(f"the store cache {str(root)!r} is not writable ({e.strerror or e}); set KDCACHE_CACHE to "
+                           f"a directory you can write, or pass --out") from None
+    return d
+
+
+def store_path(key: str, fmt: str = "zarr", root: Path | None = None) -> Path:
+    """Where the store of ``key`` lives: an existing one in either format, else a new one in ``fmt``."""
+    d = _stores(root or cache_dir())
+    for suffix in SUFFIXES:
+        if (d / f"{key}{suffix}").exists():
+            return d / f"{key}{suffix}"
+    return d / f"{key}.{'h5' if fmt == 'hdf5' else 'zarr'}"
+
+
+def is_cached(path: str | os.PathLike) -> bool:
+    p = Path(path).resolve()
+    return p.parent == (cache_dir() / "stores").resolve() and p.suffix in SUFFIXES
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike, exclusive: bool, wait: bool = True) -> Iterator[None]:
+    """Hold the lock of a cached store: exclusive to write it, shared to read it. Outside torchrun only
+    (the ranks of one job write one store together)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        yield
+        return
+    p = Path(path)
+    lock = p.with_suffix(".lock")
+    with open(lock, "a") as f:
+        flags = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB)
+        try:
+            fcntl.flock(f, flags)
+        except BlockingIOError:
+            raise KdcacheError(f"cached store {p.name} is in use by a running job (a dump or a training run); "
+                               f"try again when it has finished") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def touch(path: str | os.PathLike) -> None:
+    """Record that a cached store was used now."""
+    used = Path(path).with_suffix(".used")
+    used.touch()
+    os.utime(used)
+
+
+def check_entry(path: Path, key: str) -> None:
+    """Refuse a cached store whose manifest does not imply its key (edited, or from another release)."""
+    from kdcache.store import open_store
+    try:
+        s = open_store(str(path), allow_partial=True)
+    except StoreError as e:
+        raise StoreError(f"cached store {key[:12]} cannot be read ({e}); remove it with `kdcache cache rm {key[:12]}`"
+                         ) from None
+    got = manifest_key(s.manifest)
+    s.close()
+    if got != key:
+        raise StoreError(f"cached store {key[:12]} holds other logits than its key says (its manifest gives key "
+                         f"{got[:12]}); remove it with `kdcache cache rm {key[:12]}`")
+
+
+@dataclass
+class Entry:
+    key: str
+    path: Path
+    teachers: list[str]
+    dataset: str
+    subset: str | None
+    layout: str
+    dtype: str
+    views: dict[str, Any] | None
+    rows: int
+    bytes: int
+    complete: bool
+    created: str
+    last_used: float
+    problem: str | None = None
+    member_sha256: list[str] | None = None
+    fingerprint: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k not in ("member_sha256", "fingerprint")}
+        d["path"] = str(self.path)
+        d["last_used"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.last_used)) + "+00:00"
+        return d
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def entries(root: Path | None = None) -> list[Entry]:
+    """Every store in the cache, oldest use first; unreadable ones listed with their problem."""
+    from kdcache.store import open_store
+    d = (root or cache_dir()) / "stores"
+    out = []
+    for p in sorted(d.glob("*")) if d.exists() else []:
+        if p.suffix not in SUFFIXES:
+            continue
+        key = p.stem
+        used = p.with_suffix(".used")
+        last = used.stat().st_mtime if used.exists() else p.stat().st_mtime
+        try:
+            s = open_store(str(p), allow_partial=True)
+        except StoreError as e:
+            out.append(Entry(key, p, [], "?", None, "?", "?", None, 0, _size(p), False, "?", last, str(e)))
+            continue
+        m = s.manifest
+        problem = None if manifest_key(m) == key else "manifest does not match its key"
+        out.append(Entry(key, p, [mm["spec"] for mm in m.members], m.dataset["spec"], m.dataset.get("subset"),
+                         m.layout, m.dtype, m.views, m.num_samples, _size(p), m.complete, m.created_at, last, problem,
+                         [mm["sha256"] for mm in m.members], m.dataset["fingerprint"]))
+        s.close()
+    return sorted(out, key=lambda e: e.last_used)
+
+
+def find(prefix: str, root: Path | None = None) -> Entry:
+    """The one entry whose key starts with ``prefix``."""
+    found = [e for e in entries(root) if e.key.startswith(prefix)]
+    if not found:
+        raise KdcacheError(f"no cached store has a key starting with {prefix!r}; `kdcache cache list` shows them")
+    if len(found) > 1:
+        raise KdcacheError(f"key prefix {prefix!r} matches {len(found)} cached stores "
+                           f"({', '.join(e.key[:12] for e in found)}); give more of the key")
+    return found[0]
+
+
+def remove(entry: Entry) -> None:
+    """Delete a cached store, refused while a job holds its lock."""
+    with locked(entry.path, exclusive=True, wait=False):
+        if entry.path.is_dir():
+            shutil.rmtree(entry.path)
+        elif entry.path.exists():
+            entry.path.unlink()
+        entry.path.with_suffix(".used").unlink(missing_ok=True)
+    entry.path.with_suffix(".lock").unlink(missing_ok=True)
+
+
+def lookup(teachers: list[str], dataset_spec: str, data_root: str | None = None) -> Path:
+    """The complete cached store of these teachers over this whole dataset (``train-student --store
+    auto``); refused with one line when there is none (saying which dump makes it) or several."""
+    from kdcache.datasets import load_dataset
+    from kdcache.specs import load_model
+    data = load_dataset(dataset_spec, data_root)
+    shas = [load_model(t, data.input_shape, data.num_classes).describe()["sha256"] for t in teachers]
+    fp = data.fingerprint
+    found = [e for e in entries() if not e.problem and e.complete and e.member_sha256 == shas
+             and e.fingerprint == fp and e.subset is None]
+    teacher_args = " ".join(f"--teacher {t}" for t in teachers)
+    if not found:
+        raise KdcacheError(f"no cached store of {', '.join(teachers)} over {dataset_spec}; make it with "
+                           f"`kdcache dump-logits {teacher_args} --dataset {dataset_spec}`")
+    if len(found) > 1:
+        which = ", ".join(f"{e.key[:12]} ({e.layout}, {e.dtype}{', views' if e.views else ''})" for e in found)
+        raise KdcacheError(f"{len(found)} cached stores of {', '.join(teachers)} over {dataset_spec}: {which}; "
+                           f"pass one with --store PATH (`kdcache cache list` shows the paths)")
+    return found[0].path

@@ -1,0 +1,166 @@
+"""The store cache: dumps without --out are keyed by teacher and data, reused, resumed, locked, listed
+and pruned, through the real CLI and real stores."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kdcache import cache
+from kdcache.store import open_store
+from tests.conftest import DATA_ROOT, ROOT, run_kdcache
+from tests.helpers import SYNTH
+
+SLOW = "tests.helpers:slow_teacher"
+
+
+@pytest.fixture
+def cache_env(tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    monkeypatch.setenv("KDCACHE_CACHE", str(root))
+    return root
+
+
+def dump(*extra, env=None, check=True):
+    return run_kdcache("dump-logits", "--teacher", SLOW, "--dataset", SYNTH, "--chunk-rows", "100",
+                       "--batch-size", "100", *extra, env=env, check=check)
+
+
+def batches(counter: Path) -> int:
+    return len(counter.read_text()) if counter.exists() else 0
+
+
+def counted(tmp_path, name="batches"):
+    counter = tmp_path / name
+    return counter, {"KDCACHE_TEST_COUNTER": str(counter), "KDCACHE_TEST_DELAY": "0"}
+
+
+def test_second_identical_dump_reuses_the_store_without_running_the_teacher(cache_env, tmp_path):
+    counter, env = counted(tmp_path)
+    first = dump(env=env).stdout
+    assert "wrote 2000 of 2000 rows" in first and batches(counter) == 21  # a probe of the output shape, 20 batches
+    path = first.split(" to ")[1].split(" in ")[0]
+    assert Path(path).parent == cache_env / "stores"
+    second = dump(env=env).stdout
+    assert f"reusing cached store {path}" in second and batches(counter) == 21  # the teacher did not run
+    assert dump("--out", "cache", env=env).stdout == second
+    assert run_kdcache("verify", path).returncode == 0
+
+
+def test_what_changes_the_logits_changes_the_key(cache_env):
+    keys = set()
+    for extra in ([], ["--teacher", "tests.helpers:other_teacher"], ["--subset", "0:1000"],
+                  ["--layout", "topk", "--k", "2"], ["--dtype", "float32"], ["--layout", "sampled", "--samples", "4"],
+                  ["--layout", "sampled", "--samples", "4", "--seed", "1"]):
+        out = dump(*extra).stdout
+        assert "wrote" in out, extra
+        keys.add(out.split("cache key ")[1][:12])
+    assert len(keys) == 7
+    # the backend, chunking and codec change bytes, not logits: the store is reused whatever their values
+    assert "reusing" in dump("--format", "hdf5", "--chunk-rows", "50", "--compression", "zstd").stdout
+    assert len(cache.entries()) == 7
+
+
+def test_two_concurrent_identical_dumps_give_one_correct_store(cache_env, tmp_path):
+    counter, env = counted(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "KDCACHE_DATA": DATA_ROOT, **env, "KDCACHE_TEST_DELAY": "0.05"}
+    cmd = [sys.executable, "-m", "kdcache", "dump-logits", "--teacher", SLOW, "--dataset", SYNTH, "--chunk-rows",
+           "100", "--batch-size", "100"]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    said = sorted(o[0].split(" ")[0] for o in outs)
+    assert said == ["reusing", "wrote"]  # one computed it, the other waited and reused it
+    assert batches(counter) == 21
+    (entry,) = cache.entries()
+    assert entry.complete and run_kdcache("verify", str(entry.path)).returncode == 0
+
+
+@pytest.mark.slow
+def test_a_killed_cached_dump_is_resumed(cache_env, tmp_path):
+    counter, env = counted(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "KDCACHE_DATA": DATA_ROOT, **env, "KDCACHE_TEST_DELAY": "0.05"}
+    cmd = [sys.executable, "-m", "kdcache", "dump-logits", "--teacher", SLOW, "--dataset", SYNTH, "--chunk-rows",
+           "100", "--batch-size", "50"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and batches(counter) < 15:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (entry,) = cache.entries()
+    assert not entry.complete
+    assert "incomplete (the same dump-logits resumes it)" in run_kdcache("cache", "list").stdout
+    done = int(open_store(str(entry.path), allow_partial=True).written_chunks().sum())
+    assert 0 < done < 20
+    out = dump("--batch-size", "50").stdout
+    assert f"{done} chunks kept from an earlier run" in out
+    assert run_kdcache("verify", str(entry.path)).returncode == 0
+
+
+def test_list_du_and_rm_on_both_backends(cache_env):
+    dump()
+    dump("--format", "hdf5", "--subset", "0:500")
+    listed = json.loads(run_kdcache("cache", "list", "--json").stdout)
+    assert sorted(Path(e["path"]).suffix for e in listed) == [".h5", ".zarr"]
+    assert all(e["complete"] and e["teachers"] == [SLOW] and e["dataset"] == SYNTH for e in listed)
+    assert {e["rows"] for e in listed} == {2000, 500}
+    total = sum(e["bytes"] for e in listed)
+    assert f"{total / 1e6:.1f} MB in 2 store(s)" in run_kdcache("cache", "du").stdout
+    h5 = next(e for e in listed if e["path"].endswith(".h5"))
+    zarr_entry = next(e for e in listed if e["path"].endswith(".zarr"))
+
+    with cache.locked(zarr_entry["path"], exclusive=False):  # a job reading it: rm is refused
+        p = run_kdcache("cache", "rm", zarr_entry["key"][:10], check=False)
+        assert p.returncode == 1 and "is in use by a running job" in p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1
+    assert Path(zarr_entry["path"]).exists()
+
+    assert f"removed {h5['key'][:12]}" in run_kdcache("cache", "rm", h5["key"][:10]).stdout
+    assert not Path(h5["path"]).exists()
+    old = time.time() - 10 * 86400
+    os.utime(Path(zarr_entry["path"]).with_suffix(".used"), (old, old))
+    assert "removed" not in run_kdcache("cache", "rm", "--older-than", "30").stdout
+    assert "removed" in run_kdcache("cache", "rm", "--older-than", "5").stdout
+    assert cache.entries() == []
+
+
+def test_train_student_store_auto(cache_env, tmp_path):
+    p = run_kdcache("train-student", "--dataset", SYNTH, "--store", "auto", "--teacher", SLOW, "--student", "mlp:8",
+                    "--epochs", "1", "--out", str(tmp_path / "s"), check=False)
+    assert p.returncode == 1 and f"make it with `kdcache dump-logits --teacher {SLOW} --dataset {SYNTH}`" in p.stderr
+    dump()
+    run_kdcache("train-student", "--dataset", SYNTH, "--store", "auto", "--teacher", SLOW, "--student", "mlp:8",
+                "--epochs", "1", "--out", str(tmp_path / "s"))
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert Path(config["store"]).parent == cache_env / "stores" and config["teachers"] is None
+    dump("--dtype", "float32")
+    p = run_kdcache("train-student", "--dataset", SYNTH, "--store", "auto", "--teacher", SLOW, "--student", "mlp:8",
+                    "--epochs", "1", "--out", str(tmp_path / "s2"), check=False)
+    assert p.returncode == 1 and "2 cached stores of" in p.stderr and "pass one with --store PATH" in p.stderr
+
+
+def test_bad_cache_input_is_one_line(cache_env, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    p = dump(env={"KDCACHE_CACHE": str(blocker / "cache")}, check=False)
+    assert p.returncode == 1 and "is not writable" in p.stderr and "set KDCACHE_CACHE" in p.stderr
+    a = dump().stdout.split(" to ")[1].split(" in ")[0]
+    b = dump("--teacher", "tests.helpers:other_teacher").stdout.split(" to ")[1].split(" in ")[0]
+    import shutil
+    shutil.rmtree(b)
+    shutil.copytree(a, b)  # key b now holds the first teacher's logits
+    p = dump("--teacher", "tests.helpers:other_teacher", check=False)
+    assert p.returncode == 1 and "holds other logits than its key says" in p.stderr
+    assert f"kdcache cache rm {Path(b).stem[:12]}" in p.stderr and Path(b).exists()
+    shutil.copytree(a, cache_env / "stores" / ("abc" + "0" * 61 + ".zarr"))
+    shutil.copytree(a, cache_env / "stores" / ("abc" + "1" * 61 + ".zarr"))
+    p = run_kdcache("cache", "rm", "abc", check=False)
+    assert p.returncode == 1 and "key prefix 'abc' matches 2 cached stores" in p.stderr
+    assert len(cache.entries()) == 4
