@@ -40,8 +40,9 @@ def test_every_readme_command_runs(tmp_path):
     assert len(commands) >= 10
     (tmp_path / "pipelines").symlink_to(ROOT / "pipelines")  # the README runs from the repository's root
     (tmp_path / "README.md").symlink_to(ROOT / "README.md")  # the text corpus of the sequence example
+    run_env = {**env(), "KDCACHE_CACHE": str(tmp_path / "cache")}  # the cache section's dumps stay in the test
     for line in commands:
-        p = subprocess.run(shlex.split(line), cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
+        p = subprocess.run(shlex.split(line), cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, f"README command failed: {line}\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
     assert (tmp_path / "runs/tour/students/T20-a0.9-s0/model.safetensors").exists()
     assert "| 20 | 0.9 |" in (tmp_path / "runs/tour/report.md").read_text()
