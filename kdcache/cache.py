@@ -37,6 +37,9 @@ KEY_FIELDS = ("members", "dataset", "layout", "layout_params", "dtype", "views")
 def cache_dir() -> Path:
     """``$KDCACHE_CACHE``, else ``$XDG_CACHE_HOME/kdcache``, else ``~/.cache/kdcache``."""
     explicit = os.environ.get("KDCACHE_CACHE")
+    if explicit and "://" in explicit:
+        raise KdcacheError(f"KDCACHE_CACHE={explicit}: a cache in object storage is not supported yet (its locks are "
+                           f"file locks); use a local or network-mounted directory, or pass --out with the URL")
     if explicit:
         return Path(explicit).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"

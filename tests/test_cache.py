@@ -151,6 +151,8 @@ def test_bad_cache_input_is_one_line(cache_env, tmp_path):
     blocker.write_text("")
     p = dump(env={"KDCACHE_CACHE": str(blocker / "cache")}, check=False)
     assert p.returncode == 1 and "is not writable" in p.stderr and "set KDCACHE_CACHE" in p.stderr
+    p = dump(env={"KDCACHE_CACHE": "s3://bucket/cache"}, check=False)
+    assert p.returncode == 1 and "not supported yet" in p.stderr and len(p.stderr.strip().splitlines()) == 1
     a = dump().stdout.split(" to ")[1].split(" in ")[0]
     b = dump("--teacher", "tests.helpers:other_teacher").stdout.split(" to ")[1].split(" in ")[0]
     import shutil
