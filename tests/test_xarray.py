@@ -90,3 +90,18 @@ def test_an_incomplete_store_is_refused_by_open_xarray(tmp_path):
     create_store(str(tmp_path / "p.zarr"), m).close()
     with pytest.raises(kdcache.StoreError, match="store is incomplete"):
         kdcache.open_xarray(str(tmp_path / "p.zarr"))
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_a_store_with_views_has_a_row_dimension_with_sample_and_view(tmp_path, suffix):
+    path = str(tmp_path / f"views{suffix}")
+    dump_logits(DumpConfig(teachers=["tests.helpers:image_teacher"], dataset="mnist:test", subset="0:100", out=path,
+                           augment="crop:2+flip", views=3, chunk_rows=64, progress=False))
+    ds = kdcache.open_xarray(path)
+    assert ds.logits.dims == ("row", "member", "class") and ds.view_params.dims == ("row", "view_param")
+    assert list(ds.view_param.values) == ["crop.top", "crop.left", "flip.flip"]
+    np.testing.assert_array_equal(ds.view.values, np.repeat([0, 1, 2], 100))
+    np.testing.assert_array_equal(ds.sample_id.values, np.tile(np.arange(100), 3))
+    block = open_store(path).read(0, 300)
+    np.testing.assert_array_equal(ds.view_params.values, block.data["view_params"])
+    np.testing.assert_array_equal(ds.logits.where(ds.view == 2, drop=True).values, block.logits[200:])
