@@ -108,9 +108,9 @@ def seed_summary(runs: list[dict[str, Any]]) -> list[str]:
         if not errs:
             continue
         mean = sum(errs) / len(errs)
-        std = (sum((e - mean) ** 2 for e in errs) / (len(errs) - 1)) ** 0.5 if len(errs) > 1 else 0.0
+        std = (sum((e - mean) ** 2 for e in errs) / (len(errs) - 1)) ** 0.5 if len(errs) > 1 else None
         out.append(f"| {group} | {student} | {inputs} | {_fmt(t, 'g')} | {alpha:g} | {len(errs)} | {mean:.1f} | "
-                   f"{std:.1f} | {min(errs)}-{max(errs)} |")
+                   f"{_fmt(std, '.1f')} | {min(errs)}-{max(errs)} |")
     return out
 
 
