@@ -114,8 +114,11 @@ class ResolvedDataset:
         return self._fingerprint
 
     def describe(self) -> dict[str, Any]:
+        """What a store's manifest records of its data; a dataset may add its own identity (``identity()``:
+        an ``hf-text:`` corpus adds its tokenizer's name and sha256)."""
+        extra = self.dataset.identity() if callable(getattr(self.dataset, "identity", None)) else {}
         return {"spec": self.spec, "name": self.name, "split": self.split, "length": len(self.dataset),
-                "fingerprint": self.fingerprint}
+                "fingerprint": self.fingerprint, **extra}
 
 
 def get_batch(dataset: Any, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,6 +268,11 @@ def load_dataset(spec: str, data_root: str | os.PathLike | None = None) -> Resol
         return ResolvedDataset(ds, spec, "synthetic", None, ds.classes)
     if name == "text":
         return _load_text(spec, rest, data_root)
+    if name == "hf-text":
+        from kdcache.integrations.hf import HFText
+        ds = HFText(spec)
+        return ResolvedDataset(ds, spec, "hf-text", spec.partition(",split=")[2].split(",")[0] or "train",
+                               ds.num_classes)
     if name.endswith(".npz"):
         path = Path(name)
         if not path.is_absolute() and not path.exists() and data_root:
@@ -272,7 +280,7 @@ def load_dataset(spec: str, data_root: str | os.PathLike | None = None) -> Resol
         ds = _load_npz(path, rest or None)
         classes = int(ds.labels.max()) + 1 if ds.labels is not None and len(ds.labels) else None
         return ResolvedDataset(ds, spec, path.stem, rest or None, classes)
-    known = "use mnist:train, mnist:test, synthetic:N, text:PATH, a .npz file or package.module:callable"
+    known = "use mnist:train, mnist:test, synthetic:N, text:PATH, hf-text:PATH, a .npz file or package.module:callable"
     if rest and "." in name or (rest and name.isidentifier()):
         from kdcache.specs import import_callable
         try:

@@ -360,6 +360,7 @@ def prepare(cfg: DumpConfig, device: torch.device, members: list[ResolvedModel] 
         members = [load_model(spec, input_shape, dataset.num_classes) for spec in cfg.teachers]
     for m in members:
         m.module.eval().to(device)
+    _check_context(members, dataset)
     num_classes = num_classes_of(members, dataset, device)
     dtype = cfg.dtype
     params = layout_params(cfg.layout, num_classes, cfg.k, cfg.temperatures, cfg.samples, cfg.sampling_temperature,
@@ -397,7 +398,43 @@ def prepare(cfg: DumpConfig, device: torch.device, members: list[ResolvedModel] 
         sequences=sequences, views=None if views is None else dataclasses.asdict(views))
     if not cfg.chunk_rows:
         manifest.chunk_rows = default_chunk_rows(manifest.row_bytes(), num_rows)
+    _warn_dense_size(manifest)
     return dataset, members, manifest, rows if views is None else _Tiled(rows, views.count), index
+
+
+DENSE_WARN_BYTES = 20 << 30
+
+
+def _check_context(members: list[ResolvedModel], dataset: ResolvedDataset) -> None:
+    """Refuse, before anything is written, sequences longer than a teacher's context, and token ids of
+    another tokenizer than the one saved beside an ``hf:`` teacher."""
+    seq = getattr(dataset.dataset, "seq", None)
+    for m in members:
+        limit = getattr(m.module, "max_positions", None)
+        if seq and limit and seq > limit:
+            raise SpecError(f"dataset {dataset.spec!r} has sequences of up to {seq} tokens but teacher {m.spec!r} has a "
+                            f"context of {limit}; give the dataset seq={limit} or less")
+    used = dataset.describe().get("tokenizer") if hasattr(dataset.dataset, "identity") else None
+    if used is None:
+        return
+    from kdcache.integrations.hf import load_tokenizer, model_tokenizer, tokenizer_identity
+    for m in members:
+        path = model_tokenizer(m.spec)
+        own = tokenizer_identity(load_tokenizer(path, m.spec)) if path else None
+        if own is not None and own["sha256"] != used["sha256"]:
+            raise SpecError(f"dataset {dataset.spec!r} is tokenized with {used['name']} ({used['size']} tokens) but "
+                            f"teacher {m.spec!r} has its own tokenizer ({own['size']} tokens, another vocabulary); "
+                            f"tokenize with the teacher's (drop tokenizer= to use it)")
+
+
+def _warn_dense_size(m: Manifest) -> None:
+    """A dense store of a large vocabulary: say how big it will be and what top-k would cost."""
+    size = m.num_samples * m.num_members * m.num_classes * np.dtype(m.dtype).itemsize
+    if m.layout == "dense" and size > DENSE_WARN_BYTES:
+        topk = m.num_samples * m.num_members * (20 * (np.dtype(m.dtype).itemsize + 4) + 5 * 4)
+        print(f"warning: this dense store will hold {size / 1e9:,.1f} GB ({m.num_classes:,} classes per row); "
+              f"--layout topk --k 20 would take about {topk / 1e9:,.1f} GB with the tail's mass exact",
+              file=sys.stderr)
 
 
 def _rank_path(out: str, fmt: str, info: DistInfo) -> str:
@@ -413,6 +450,9 @@ def dump_logits(cfg: DumpConfig, members: list[ResolvedModel] | None = None) -> 
     Without ``cfg.out`` (or with ``"cache"``) the store goes to the store cache under its key: a
     complete store there is reused without running the teacher, an incomplete one is resumed, and a
     second process asking for the same key waits for the first (see kdcache.cache)."""
+    if cfg.dataset.startswith("hf-text:"):
+        from kdcache.integrations.hf import with_tokenizer
+        cfg = dataclasses.replace(cfg, dataset=with_tokenizer(cfg.dataset, cfg.teachers))
     if cfg.out in (None, "cache"):
         return _dump_to_cache(cfg)
     t0 = time.perf_counter()

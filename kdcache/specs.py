@@ -64,6 +64,9 @@ def weights_sha256(module: nn.Module) -> str:
 def _build_arch(arch: str, input_shape: tuple[int, ...] | None, num_classes: int | None,
                 dropout: float, input_dropout: float = 0.0) -> nn.Module:
     kind, _, rest = arch.partition(":")
+    if kind == "hf":
+        from kdcache.integrations.hf import build_model
+        return build_model(arch, num_classes)
     if kind == "mlp":
         if input_shape is None or num_classes is None:
             raise SpecError(f"model spec {arch!r} takes its input and output sizes from the dataset, "
@@ -82,7 +85,7 @@ def _build_arch(arch: str, input_shape: tuple[int, ...] | None, num_classes: int
         if not isinstance(model, nn.Module):
             raise SpecError(f"model spec {arch!r} returned {type(model).__name__}, not a torch.nn.Module")
         return model
-    raise SpecError(f"unknown model spec {arch!r}; use mlp:H1,H2,..., lstm:EMBED,HIDDEN, package.module:callable, "
+    raise SpecError(f"unknown model spec {arch!r}; use mlp:H1,H2,..., lstm:EMBED,HIDDEN, hf:PATH, package.module:callable, "
                     f"a kdcache checkpoint ({CHECKPOINT_NAME} or its run directory) or a TorchScript file")
 
 
@@ -124,7 +127,8 @@ def load_model(spec: str, input_shape: tuple[int, ...] | None = None, num_classe
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # a fresh built-in model is the same model on every run and rank
         module = _build_arch(spec, input_shape, num_classes, dropout, input_dropout)
-    return ResolvedModel(module, spec, spec, spec)
+    name = Path(spec[3:].split(",")[0]).name if spec.startswith("hf:") else spec
+    return ResolvedModel(module, spec, spec, name)
 
 
 def save_checkpoint(module: nn.Module, path: str | os.PathLike, arch: str, input_shape: tuple[int, ...],

@@ -54,16 +54,19 @@ def test_second_identical_dump_reuses_the_store_without_running_the_teacher(cach
 
 
 def test_what_changes_the_logits_changes_the_key(cache_env):
+    from kdcache.dump import DumpConfig, dump_logits
+    base = dict(teachers=[SLOW], dataset=SYNTH, chunk_rows=100, batch_size=100, progress=False)
     keys = set()
-    for extra in ([], ["--teacher", "tests.helpers:other_teacher"], ["--subset", "0:1000"],
-                  ["--layout", "topk", "--k", "2"], ["--dtype", "float32"], ["--layout", "sampled", "--samples", "4"],
-                  ["--layout", "sampled", "--samples", "4", "--seed", "1"]):
-        out = dump(*extra).stdout
-        assert "wrote" in out, extra
-        keys.add(out.split("cache key ")[1][:12])
+    for extra in ({}, {"teachers": [SLOW, "tests.helpers:other_teacher"]}, {"subset": "0:1000"},
+                  {"layout": "topk", "k": 2}, {"dtype": "float32"}, {"layout": "sampled", "samples": 4},
+                  {"layout": "sampled", "samples": 4, "seed": 1}):
+        s = dump_logits(DumpConfig(**{**base, **extra}))
+        assert not s.reused and s.rows_written, extra
+        keys.add(s.cache_key)
     assert len(keys) == 7
     # the backend, chunking and codec change bytes, not logits: the store is reused whatever their values
-    assert "reusing" in dump("--format", "hdf5", "--chunk-rows", "50", "--compression", "zstd").stdout
+    again = dump_logits(DumpConfig(**{**base, "format": "hdf5", "chunk_rows": 50, "compression": "zstd"}))
+    assert again.reused and again.cache_key in keys
     assert len(cache.entries()) == 7
 
 

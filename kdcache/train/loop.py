@@ -46,6 +46,10 @@ def train_students(cfg: TrainConfig) -> list[dict[str, Any]]:
     settings and final metrics).
     """
     c = cfg.resolved()
+    if any(s and s.startswith("hf-text:") for s in (c.dataset, c.eval_dataset)):
+        from kdcache.integrations.hf import with_tokenizer  # the teacher's (or the store's) tokenizer by default
+        c.dataset = with_tokenizer(c.dataset, c.teachers, c.store)
+        c.eval_dataset = with_tokenizer(c.eval_dataset, c.teachers, c.store)
     device = resolve_device(c.device)
     info = init_distributed(device)
     try:

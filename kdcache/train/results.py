@@ -27,6 +27,8 @@ def write_run(r: Student, module: nn.Module, c: TrainConfig, arch: str, input_sh
     save_checkpoint(module, r.out, arch, input_shape, num_classes,
                     extra={"dropout": c.dropout, "run": r.name, "temperature": r.temperature, "alpha": r.alpha,
                            "seed": r.seed, "lr": r.lr, "store": c.store})
+    from kdcache.integrations.hf import save_pretrained
+    save_pretrained(module, r.out, getattr(data.dataset, "tokenizer", None))  # hf: students, for plain transformers
     (r.out / "config.json").write_text(json.dumps(config, indent=2))
     (r.out / "metrics.json").write_text(json.dumps(r.history, indent=2))
     final = r.history[-1]

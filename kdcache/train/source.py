@@ -50,6 +50,7 @@ def open_training_data(c: TrainConfig, device: torch.device | None = None) -> Tr
                               f"but dataset {c.dataset!r} is {'a sequence' if per_token else 'not a sequence'} dataset; "
                               f"pass the dataset the store was dumped from")
         num_classes = store.num_classes
+        _check_student_tokenizer(c.student, store.manifest.dataset, c.store)
         if c.members is not None:
             teacher_log_probs(torch.zeros(1, store.num_members, num_classes), 1.0, c.ensemble, c.members)
         stream: Any = DistillStream(store, data, c.batch_size, seed=c.data_seed, check=False, return_ids=True,
@@ -99,6 +100,23 @@ def _online_teacher(c: TrainConfig, data: ResolvedDataset, device: torch.device
 
     described = [{**m.describe(), "name": f"{i}:{m.name}"} for i, m in enumerate(members)]
     return teacher, num_classes, {"online_teachers": described, "members": described}
+
+
+def _check_student_tokenizer(student: str, dataset: dict[str, Any], store: str) -> None:
+    """A pretrained ``hf:`` student whose tokenizer is not the one the store's token ids came from is refused."""
+    want = dataset.get("tokenizer")
+    if want is None or not student.startswith("hf:"):
+        return
+    from kdcache.integrations.hf import load_tokenizer, model_tokenizer, tokenizer_identity
+    path = model_tokenizer(student)
+    if path is None:
+        return  # built from a config: its vocabulary is the store's
+    got = tokenizer_identity(load_tokenizer(path, student))
+    if got["sha256"] != want["sha256"]:
+        raise ConfigError(f"student {student!r} has tokenizer {got['name']} ({got['size']} tokens, sha256 "
+                          f"{got['sha256'][:12]}) but store {store!r} holds ids of tokenizer {want['name']} "
+                          f"({want['size']} tokens, sha256 {want['sha256'][:12]}); use a student with the teacher's "
+                          f"tokenizer")
 
 
 def probe_inputs(data: ResolvedDataset, n: int = 2) -> torch.Tensor:

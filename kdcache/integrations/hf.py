@@ -1,0 +1,279 @@
+"""Hugging Face: causal language models from ``transformers`` as teachers and students (``hf:``), and
+text corpora read with ``datasets`` and tokenized with the teacher's tokenizer (``hf-text:``).
+
+``transformers``, ``tokenizers`` and ``datasets`` are the optional extra ``pip install 'kdcache[hf]'``.
+
+Model specs:
+
+- ``hf:PATH_OR_NAME[,dtype=bf16|fp16|fp32]``: ``AutoModelForCausalLM.from_pretrained`` (a local
+  directory, or a hub name where the machine reaches the hub); the module maps input ids
+  ``[B, L]`` to logits ``[B, L, vocab]`` (float32).
+- ``hf:llama,hidden=H,layers=N,heads=A[,intermediate=I][,kv_heads=K][,context=C]``: a fresh Llama-style
+  model from a config, its vocabulary the dataset's (a student trained from scratch). kdcache's
+  checkpoint of it records this spec, so it loads without unpickling; ``train-student`` also writes
+  ``hf/`` beside it with ``save_pretrained`` (safetensors) and the tokenizer, for plain ``transformers``.
+
+Dataset spec: ``hf-text:PATH[,tokenizer=PATH][,field=text][,seq=N][,split=train]`` (see :class:`HFText`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from kdcache.errors import SpecError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CONFIG_KEYS = {"hidden": "hidden_size", "layers": "num_hidden_layers", "heads": "num_attention_heads",
+               "intermediate": "intermediate_size", "kv_heads": "num_key_value_heads",
+               "context": "max_position_embeddings"}
+
+
+def _require() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise SpecError("hf: and hf-text: specs need transformers, tokenizers and datasets: "
+                        "pip install 'kdcache[hf]'") from None
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def _kv(text: str, spec: str) -> tuple[str, dict[str, str]]:
+    head, *rest = text.split(",")
+    kv = {}
+    for part in rest:
+        k, eq, v = part.partition("=")
+        if not eq:
+            raise SpecError(f"spec {spec!r}: cannot read {part!r}; options are key=value")
+        kv[k.strip()] = v.strip()
+    return head.strip(), kv
+
+
+class CausalLM(nn.Module):
+    """A ``transformers`` causal LM as kdcache sees a sequence model: input ids ``[B, L]`` in, logits
+    ``[B, L, vocab]`` (float32) out. Padding is on the right, so causal attention never lets it
+    change a real position's logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.max_positions = getattr(model.config, "max_position_embeddings", None)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.max_positions is not None and input_ids.shape[1] > self.max_positions:
+            from kdcache.errors import KdcacheError
+            raise KdcacheError(f"sequences of {input_ids.shape[1]} tokens but the model's context is "
+                               f"{self.max_positions}; give the dataset seq={self.max_positions} or less")
+        return self.model(input_ids=input_ids.long()).logits.float()
+
+
+def is_hf_spec(spec: str) -> bool:
+    return spec.startswith("hf:")
+
+
+def build_model(spec: str, num_classes: int | None) -> nn.Module:
+    """The module an ``hf:`` spec names: loaded from a directory or the hub, or built from a config."""
+    transformers = _require()
+    head, kv = _kv(spec[3:], spec)
+    if head == "llama":
+        return CausalLM(_from_config(transformers, spec, kv, num_classes))
+    dtype = kv.pop("dtype", "fp32")
+    if kv or dtype not in DTYPES:
+        raise SpecError(f"model spec {spec!r}: options are dtype=bf16|fp16|fp32 (got {kv or dtype})")
+    path = Path(head)
+    if not path.exists() and (head.startswith((".", "/")) or head.count("/") != 1):
+        raise SpecError(f"model spec {spec!r}: {head} does not exist; give a directory written by save_pretrained "
+                        f"or a hub name such as org/model")
+    try:
+        config = transformers.AutoConfig.from_pretrained(head)
+    except Exception as e:
+        raise SpecError(f"model spec {spec!r}: no transformers config there ({_first(e)})") from None
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(head, dtype=DTYPES[dtype])
+    except ValueError as e:
+        raise SpecError(f"model spec {spec!r}: {type(config).__name__} is not a causal language model "
+                        f"({_first(e)}); kdcache's hf: teachers are AutoModelForCausalLM models") from None
+    except Exception as e:
+        raise SpecError(f"model spec {spec!r}: cannot be loaded ({_first(e)})") from None
+    return CausalLM(model)
+
+
+def _from_config(transformers: Any, spec: str, kv: dict[str, str], num_classes: int | None) -> nn.Module:
+    usage = "e.g. hf:llama,hidden=256,layers=4,heads=4"
+    unknown = sorted(set(kv) - set(CONFIG_KEYS) - {"vocab"})
+    if unknown:
+        raise SpecError(f"model spec {spec!r}: unknown keys {unknown}; known: {', '.join([*CONFIG_KEYS, 'vocab'])}")
+    try:
+        sizes = {CONFIG_KEYS[k]: int(v) for k, v in kv.items() if k in CONFIG_KEYS}
+        vocab = int(kv["vocab"]) if "vocab" in kv else num_classes
+    except ValueError:
+        raise SpecError(f"model spec {spec!r}: sizes are integers, {usage}") from None
+    if not {"hidden_size", "num_hidden_layers", "num_attention_heads"} <= set(sizes) or vocab is None:
+        raise SpecError(f"model spec {spec!r}: give hidden, layers and heads (the vocabulary comes from the "
+                        f"dataset), {usage}")
+    sizes.setdefault("intermediate_size", 4 * sizes["hidden_size"])
+    sizes.setdefault("num_key_value_heads", sizes["num_attention_heads"])
+    try:
+        config = transformers.LlamaConfig(vocab_size=vocab, **sizes)
+        return transformers.AutoModelForCausalLM.from_config(config)
+    except Exception as e:
+        raise SpecError(f"model spec {spec!r}: {_first(e)}") from None
+
+
+def save_pretrained(module: nn.Module, out: Path, tokenizer: Any = None) -> Path | None:
+    """Write a trained ``hf:`` model with ``save_pretrained`` (safetensors) and its tokenizer to ``out/hf``."""
+    if not isinstance(module, CausalLM):
+        return None
+    target = out / "hf"
+    module.model.save_pretrained(target, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(target)
+    return target
+
+
+def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
+    """``name`` and ``sha256`` of a tokenizer: its vocabulary (token -> id, sorted) and special tokens."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    special = {k: v for k, v in sorted(tokenizer.special_tokens_map.items())}
+    body = json.dumps({"vocab": vocab, "special": special}, sort_keys=True, separators=(",", ":"))
+    return {"name": str(getattr(tokenizer, "name_or_path", "")), "size": len(tokenizer),
+            "sha256": hashlib.sha256(body.encode()).hexdigest()}
+
+
+def load_tokenizer(path: str, spec: str) -> Any:
+    transformers = _require()
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise SpecError(f"dataset spec {spec!r}: no tokenizer at {path} ({_first(e)}); give tokenizer=PATH, a "
+                        f"directory written by save_pretrained (the teacher's)") from None
+
+
+def model_tokenizer(spec: str) -> str | None:
+    """The directory of an ``hf:PATH`` model when a tokenizer is saved there (the default tokenizer)."""
+    if not is_hf_spec(spec):
+        return None
+    head, _ = _kv(spec[3:], spec)
+    path = Path(head)
+    return str(path) if (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists() else None
+
+
+def with_tokenizer(dataset_spec: str | None, teachers: list[str] | None = None, store: str | None = None) -> Any:
+    """An ``hf-text:`` spec without ``tokenizer=`` gets the first ``hf:`` teacher's (the tokenizer saved
+    beside it), else the one of the store's own dataset spec; any other spec is returned as it is."""
+    if not dataset_spec or not dataset_spec.startswith("hf-text:") or ",tokenizer=" in dataset_spec:
+        return dataset_spec
+    for t in teachers or []:
+        found = model_tokenizer(t)
+        if found:
+            return f"{dataset_spec},tokenizer={found}"
+    if store:
+        from kdcache.store import open_store
+        s = open_store(store)
+        recorded = s.manifest.dataset.get("spec", "")
+        s.close()
+        if ",tokenizer=" in recorded:
+            return f"{dataset_spec},tokenizer={recorded.split(',tokenizer=')[1].split(',')[0]}"
+    return dataset_spec
+
+
+class HFText(Dataset):
+    """``hf-text:PATH[,tokenizer=PATH][,field=text][,seq=N][,split=train]``: a corpus read with
+    ``datasets`` (JSON/JSONL, Parquet, plain text, or a ``save_to_disk`` directory), each record's
+    ``field`` tokenized with the tokenizer and cut into windows of at most ``seq + 1`` tokens, one
+    sequence each: inputs its first tokens, per-position labels the next ones (a row per real
+    position in a store; padding is never a row). ``num_classes`` is the tokenizer's size."""
+
+    def __init__(self, spec: str) -> None:
+        _require()
+        path, kv = _kv(spec[len("hf-text:"):], spec)
+        tok_path = kv.pop("tokenizer", None)
+        field = kv.pop("field", "text")
+        split = kv.pop("split", "train")
+        try:
+            seq = int(kv.pop("seq", "128"))
+        except ValueError:
+            raise SpecError(f"dataset spec {spec!r}: seq is an integer") from None
+        if kv:
+            raise SpecError(f"dataset spec {spec!r}: unknown keys {sorted(kv)}; known: tokenizer, field, seq, split")
+        if not tok_path:
+            raise SpecError(f"dataset spec {spec!r}: give tokenizer=PATH (dump-logits takes the one saved beside an "
+                            f"hf: teacher)")
+        if seq < 1:
+            raise SpecError(f"dataset spec {spec!r}: seq must be at least 1")
+        self.tokenizer = load_tokenizer(tok_path, spec)
+        records = _records(path, split, spec)
+        if field not in records.column_names:
+            raise SpecError(f"dataset spec {spec!r}: the corpus has no field {field!r}; its fields are "
+                            f"{', '.join(records.column_names)} (give field=NAME)")
+        ids = self.tokenizer(list(records[field]), add_special_tokens=True)["input_ids"]
+        windows = [np.asarray(t[a:a + seq + 1], dtype=np.int64) for t in ids for a in range(0, max(len(t) - 1, 0), seq)]
+        windows = [w for w in windows if len(w) >= 2]
+        if not windows:
+            raise SpecError(f"dataset spec {spec!r}: the corpus has no text of two tokens or more in field {field!r}")
+        self.seq, self.num_classes = seq, len(self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._lengths = np.array([len(w) - 1 for w in windows], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum([len(w) for w in windows])[:-1]]).astype(np.int64)
+        self._tokens = torch.from_numpy(np.concatenate(windows))
+
+    def identity(self) -> dict[str, Any]:
+        return {"tokenizer": tokenizer_identity(self.tokenizer)}
+
+    def __len__(self) -> int:
+        return len(self._lengths)
+
+    def lengths(self, indices: np.ndarray | None = None) -> np.ndarray:
+        return self._lengths if indices is None else self._lengths[np.asarray(indices)]
+
+    def get_batch(self, indices: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = np.asarray(indices, dtype=np.int64)
+        lengths = self._lengths[idx]
+        width = int(lengths.max()) if len(idx) else 0
+        pos = np.arange(width)
+        valid = torch.from_numpy(pos[None, :] < lengths[:, None])
+        at = torch.from_numpy(self._starts[idx][:, None] + np.minimum(pos[None, :], lengths[:, None] - 1))
+        return torch.where(valid, self._tokens[at], self.pad_id), torch.where(valid, self._tokens[at + 1], -1)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = int(self._lengths[i])
+        x, y = self.get_batch(np.array([i]))
+        return x[0, :n], y[0, :n]
+
+
+def _records(path: str, split: str, spec: str) -> Any:
+    import datasets
+    datasets.disable_progress_bars()
+    p = Path(path)
+    if not p.exists():
+        raise SpecError(f"dataset spec {spec!r}: {path} does not exist")
+    try:
+        if p.is_dir():
+            loaded = datasets.load_from_disk(str(p))
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise SpecError(f"dataset spec {spec!r}: {path} has splits {', '.join(loaded)}, not {split!r}")
+                return loaded[split]
+            return loaded
+        kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".arrow": "arrow"}.get(p.suffix)
+        if kind is None:
+            raise SpecError(f"dataset spec {spec!r}: cannot tell the format of {path}; use .jsonl/.json, .parquet, "
+                            f".txt, .arrow or a save_to_disk directory")
+        return datasets.load_dataset(kind, data_files=str(p), split="train")
+    except SpecError:
+        raise
+    except Exception as e:
+        raise SpecError(f"dataset spec {spec!r}: {path} cannot be read ({_first(e)})") from None
+
+
+def _first(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__

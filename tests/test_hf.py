@@ -1,0 +1,156 @@
+"""Hugging Face teachers and students (``hf:``) and corpora (``hf-text:``): a tiny Llama-style model and a
+tokenizer trained with ``tokenizers`` on local text, saved with ``save_pretrained`` (no network)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from kdcache.datasets import load_dataset  # noqa: E402
+from kdcache.errors import SpecError  # noqa: E402
+from kdcache.specs import load_model  # noqa: E402
+from kdcache.store import open_store  # noqa: E402
+from tests.conftest import DATA_ROOT, ROOT, run_kdcache  # noqa: E402
+
+
+def _save_model(directory, texts, vocab, seed=0, context=64):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<unk>"]))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+    config = transformers.LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=context,
+                                      pad_token_id=0)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(directory)
+    fast.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hf")
+    texts = [p.strip() for p in (ROOT / "README.md").read_text().split("\n\n") if len(p.strip()) > 20]
+    corpus = d / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t, "n": i}) + "\n" for i, t in enumerate(texts[:60])))
+    return {"dir": d, "corpus": str(corpus), "teacher": str(_save_model(d / "teacher", texts, 300)),
+            "other": str(_save_model(d / "other", texts[::-1], 280, seed=1))}
+
+
+def _data(hf, seq=24):
+    return f"hf-text:{hf['corpus']},seq={seq},tokenizer={hf['teacher']}"
+
+
+@pytest.mark.parametrize("layout", ["dense", "topk"])
+def test_rows_are_the_models_own_logits_at_real_positions(hf, tmp_path, layout):
+    out = str(tmp_path / f"{layout}.zarr")
+    extra = ["--layout", "topk", "--k", "5"] if layout == "topk" else []
+    # no tokenizer= in the spec: the one saved beside the teacher
+    run_kdcache("dump-logits", "--teacher", f"hf:{hf['teacher']}", "--dataset", f"hf-text:{hf['corpus']},seq=24",
+                "--dtype", "float32", *extra, "--out", out)
+    s = open_store(out)
+    m = s.manifest
+    assert m.per_token and m.num_classes == 300 and m.dataset["spec"].endswith(f"tokenizer={hf['teacher']}")
+    assert m.dataset["tokenizer"]["size"] == 300 and len(m.dataset["tokenizer"]["sha256"]) == 64
+    data = load_dataset(m.dataset["spec"]).dataset
+    ids, offsets = s.sequence_index()
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf["teacher"]).eval()
+    first = slice(0, 40)
+    x, y = data.get_batch(ids[first])
+    mask = torch.arange(x.shape[1])[None, :] < torch.from_numpy(data.lengths(ids[first]))[:, None]
+    with torch.no_grad():
+        z = model(input_ids=x).logits[mask].numpy()
+    block = s.read(0, int(offsets[40]))
+    np.testing.assert_array_equal(block.labels, y[mask].numpy())
+    if layout == "dense":
+        np.testing.assert_allclose(block.logits[:, 0], z, rtol=0, atol=1e-4)
+    else:
+        top = torch.from_numpy(z).topk(5, dim=-1)
+        np.testing.assert_array_equal(block.data["topk_ids"][:, 0], top.indices.numpy())
+        np.testing.assert_allclose(block.data["topk_values"][:, 0], top.values.numpy(), rtol=0, atol=1e-4)
+    assert "top-1 agreement 1.0000" in run_kdcache("verify", out, "--teacher", f"hf:{hf['teacher']}").stdout
+
+
+def test_a_student_from_a_config_distils_and_saves_for_plain_transformers(hf, tmp_path):
+    store = str(tmp_path / "top.zarr")
+    run_kdcache("dump-logits", "--teacher", f"hf:{hf['teacher']}", "--dataset", _data(hf), "--layout", "topk", "--k",
+                "8", "--out", store)
+    out = tmp_path / "student"
+    # the dataset without tokenizer=: the store's
+    run_kdcache("train-student", "--dataset", f"hf-text:{hf['corpus']},seq=24", "--store", store, "--student",
+                "hf:llama,hidden=16,layers=1,heads=2", "--temperature", "2", "--optimizer", "adam", "--lr", "0.003",
+                "--epochs", "2", "--out", str(out))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics[-1]["loss"] < metrics[0]["loss"] and all(m["coverage_ok"] for m in metrics)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(out / "hf")
+    assert type(reloaded).__name__ == "LlamaForCausalLM" and len(tok) == 300
+    ours = load_model(str(out))  # kdcache's own checkpoint: the spec rebuilds it, the weights load, nothing unpickled
+    x = torch.tensor([tok("kdcache caches logits")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours.module(x), reloaded(input_ids=x).logits)
+
+
+def test_a_student_with_another_tokenizer_is_refused(hf, tmp_path):
+    store = str(tmp_path / "d.zarr")
+    run_kdcache("dump-logits", "--teacher", f"hf:{hf['teacher']}", "--dataset", _data(hf), "--out", store)
+    p = run_kdcache("train-student", "--dataset", _data(hf), "--store", store, "--student", f"hf:{hf['other']}",
+                    "--epochs", "1", "--out", str(tmp_path / "s"), check=False)
+    assert p.returncode == 1 and "has tokenizer" in p.stderr and "use a student with the teacher's tokenizer" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "s").exists()
+
+
+def test_bad_hf_input_is_one_line_and_writes_nothing(hf, tmp_path):
+    out = tmp_path / "x.zarr"
+    vit = tmp_path / "vit"
+    transformers.ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(vit)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"text": ""}) + "\n")
+    teacher = ["--teacher", f"hf:{hf['teacher']}"]
+    cases = [
+        (["--teacher", f"hf:{tmp_path / 'nope'}", "--dataset", _data(hf)], "does not exist"),
+        (["--teacher", f"hf:{vit}", "--dataset", _data(hf)], "is not a causal language model"),
+        ([*teacher, "--dataset", f"hf-text:{empty}"], "has no text of two tokens or more"),
+        ([*teacher, "--dataset", f"hf-text:{hf['corpus']},field=body"], "has no field 'body'; its fields are text, n"),
+        ([*teacher, "--dataset", f"hf-text:{hf['corpus']},seq=200"], "has a context of 64"),
+        ([*teacher, "--dataset", f"hf-text:{hf['corpus']},seq=24,tokenizer={hf['other']}"],
+         "teacher's (drop tokenizer= to use it)"),
+    ]
+    from kdcache.dump import DumpConfig, dump_logits
+    for args, message in cases:  # in-process (transformers loads once); the CLI prints these as one line
+        teachers = [args[1]]
+        with pytest.raises(SpecError) as e:
+            dump_logits(DumpConfig(teachers=teachers, dataset=args[3], out=str(out), progress=False))
+        assert message in str(e.value) and "\n" not in str(e.value), (args, str(e.value))
+        assert not out.exists()
+    p = run_kdcache("dump-logits", *cases[0][0], "--out", str(out), check=False)
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1 and cases[0][1] in p.stderr
+
+
+def test_without_the_extra_hf_specs_say_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(SpecError, match=r"pip install 'kdcache\[hf\]'"):
+        load_model("hf:some/model")
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_write_the_same_hf_store(hf, tmp_path):
+    args = ["dump-logits", "--teacher", f"hf:{hf['teacher']}", "--dataset", _data(hf), "--layout", "topk", "--k", "4",
+            "--chunk-rows", "64", "--batch-size", "8", "--device", "cpu"]
+    single, multi = str(tmp_path / "one.zarr"), str(tmp_path / "two.zarr")
+    run_kdcache(*args, "--out", single)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "KDCACHE_DATA": DATA_ROOT}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kdcache"]
+    p = subprocess.run([*torchrun, *args, "--out", multi], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    a, b = open_store(single), open_store(multi)
+    assert (a.digests() == b.digests()).all()
