@@ -53,6 +53,7 @@ class DumpConfig:
     seed: int = 0                             # sampled draws and view parameters are seeded from this
     augment: str | None = None                # views: the augmentation spec, e.g. jitter:2+flip
     views: int | None = None                  # views: augmented views per sample (default 1 with augment)
+    encode_on_device: bool | None = None      # topk: top-k and normalisers where the teacher ran [default: on a GPU]
     progress: bool | None = None  # None: a bar when stderr is a terminal
 
 
@@ -192,7 +193,7 @@ class _Writer(threading.Thread):
         self._parts: list[Any] = []
 
     def put(self, item: Any) -> None:
-        nbytes = item[2].nbytes
+        nbytes = _nbytes(item[2])
         with self._room:  # a large-vocabulary batch is big: queue at most QUEUE_BYTES of them (or one)
             while self.queued_bytes and self.queued_bytes + nbytes > QUEUE_BYTES and self.error is None:
                 self._room.wait(0.5)
@@ -210,7 +211,7 @@ class _Writer(threading.Thread):
         try:
             while (item := self.q.get()) is not None:
                 with self._room:
-                    self.queued_bytes -= item[2].nbytes
+                    self.queued_bytes -= _nbytes(item[2])
                     self._room.notify()
                 self._take(*item)
         except BaseException as e:  # surfaced on the main thread by put() / finish()
@@ -218,39 +219,48 @@ class _Writer(threading.Thread):
             while self.q.get() is not None:  # drain, so the producer never blocks
                 pass
 
-    def _take(self, unit: int, pos: int, logits: torch.Tensor, labels: torch.Tensor, params: torch.Tensor | None,
+    def _take(self, unit: int, pos: int, logits: Any, labels: torch.Tensor, params: torch.Tensor | None,
               event: Any, last: bool) -> None:
+        """``logits``: dense ``[rows, members, classes]``, or (encoded where the teacher ran) a dict of the
+        layout's arrays plus ``_top1`` ``[rows, members]`` and ``_ens_top1`` ``[rows]`` for the accuracy."""
         if event is not None:
             event.synchronize()
-        self._parts.append((logits.numpy(), labels.numpy(), None if params is None else params.numpy()))
+        z_part = {k: v.numpy() for k, v in logits.items()} if isinstance(logits, dict) else logits.numpy()
+        self._parts.append((z_part, labels.numpy(), None if params is None else params.numpy()))
         if not last:
             return
         start = unit * self.unit_rows
-        z = np.concatenate([p[0] for p in self._parts])
+        encoded = isinstance(self._parts[0][0], dict)
+        z: Any = ({k: np.concatenate([p[0][k] for p in self._parts]) for k in self._parts[0][0]} if encoded
+                  else np.concatenate([p[0] for p in self._parts]))
         y = np.concatenate([p[1] for p in self._parts])
         v = None if self._parts[0][2] is None else np.concatenate([p[2] for p in self._parts])
         self._parts = []
         cr = self.store.manifest.chunk_rows
-        for a in range(0, len(z), cr):  # a unit is one chunk, or for per-token stores a group of them
+        for a in range(0, len(y), cr):  # a unit is one chunk, or for per-token stores a group of them
             c = (start + a) // cr
             if self.written[c]:
                 continue  # written by an earlier run: a partly written group is recomputed, never rewritten
-            zc, yc = z[a:a + cr], y[a:a + cr]
-            ids = (self.rows[start + a:start + a + len(zc)] if self.index is None
-                   else self.index.sample_ids(start + a, start + a + len(zc)))
-            data = self.encode(c, zc)
+            yc = y[a:a + cr]
+            ids = (self.rows[start + a:start + a + len(yc)] if self.index is None
+                   else self.index.sample_ids(start + a, start + a + len(yc)))
+            if encoded:
+                data = {k: arr[a:a + cr] for k, arr in z.items() if not k.startswith("_")}
+                top1, ens_top1 = z["_top1"][a:a + cr], z["_ens_top1"][a:a + cr]
+            else:
+                zc = z[a:a + cr]
+                data = self.encode(c, zc)
+                top1 = zc.argmax(-1)
+                # one member: the ensemble is the member (no softmax over the chunk on the writer's time)
+                ens_top1 = top1[:, 0] if zc.shape[1] == 1 else _mean_prob(zc.astype(np.float32)).argmax(-1)
             if v is not None:  # a store with views: each row's view parameters beside its logits
                 data = {**(data if isinstance(data, dict) else {"logits": data}), "view_params": v[a:a + cr]}
             self.store.write_block(start + a, data, ids, yc)
-            self.rows_written += len(zc)
+            self.rows_written += len(yc)
             has = yc >= 0
             if has.any():
-                zl, yl = (zc, yc) if has.all() else (zc[has], yc[has])
-                hits = (zl.argmax(-1) == yl[:, None]).sum(0)
-                self.correct[:-1] += hits
-                # one member: the ensemble is the member (no softmax over the chunk on the writer's time)
-                self.correct[-1] += hits[0] if zl.shape[1] == 1 else (_mean_prob(zl.astype(np.float32)).argmax(-1)
-                                                                      == yl).sum()
+                self.correct[:-1] += (top1[has] == yc[has, None]).sum(0)
+                self.correct[-1] += (ens_top1[has] == yc[has]).sum()
                 self.labelled += int(has.sum())
 
     def finish(self) -> None:
@@ -258,6 +268,22 @@ class _Writer(threading.Thread):
         self.join()
         if self.error is not None:
             raise self.error
+
+
+def _nbytes(logits: Any) -> int:
+    return sum(v.nbytes for v in logits.values()) if isinstance(logits, dict) else logits.nbytes
+
+
+def encode_topk(z: torch.Tensor, k: int, temperatures: list[float]) -> dict[str, torch.Tensor]:
+    """The top-k layout's arrays of ``z [rows, members, classes]`` where ``z`` is (on the teacher's
+    device: only k values and ids and a few normalisers per row go to the host), with the top-1 of
+    each member and of the ensemble for the dump's accuracy. The same arithmetic as ``topk_rows``."""
+    z = z.float()
+    values, ids = z.topk(k, dim=-1)
+    lse = torch.stack([torch.logsumexp(z / t, dim=-1) for t in temperatures], dim=-1)
+    ens = ids[:, 0, 0] if z.shape[1] == 1 else torch.softmax(z, dim=-1).mean(1).argmax(-1)
+    return {"topk_values": values, "topk_ids": ids.to(torch.int32), "log_normalizers": lse, "_top1": ids[..., 0],
+            "_ens_top1": ens}
 
 
 def layout_encoder(m: Manifest) -> Any:
@@ -495,6 +521,9 @@ def dump_logits(cfg: DumpConfig, members: list[ResolvedModel] | None = None) -> 
         n = manifest.num_samples
         bar = _progress(sum(min((u + 1) * unit_rows, n) - u * unit_rows for u in mine), show and info.is_main)
         modules = [m.module for m in members]
+        on_device = manifest.layout == "topk" and (device.type != "cpu" if cfg.encode_on_device is None
+                                                   else cfg.encode_on_device)
+        p = manifest.layout_params
         try:
             with torch.inference_mode(), _autocast(device, cfg.amp):
                 for chunk, pos, x, y, params in loader:
@@ -503,13 +532,14 @@ def dump_logits(cfg: DumpConfig, members: list[ResolvedModel] | None = None) -> 
                         logits = torch.stack([mod(x) for mod in modules], dim=1).float()
                     else:
                         logits, y, pos = _token_rows(modules, x, y, index, chunk, pos, unit_rows, device)
+                    if on_device:
+                        logits = encode_topk(logits, p["k"], p["temperatures"])
                     event = None
                     if device.type == "cuda":
-                        host = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=True)
-                        host.copy_(logits, non_blocking=True)
+                        logits = ({k: _to_pinned(v) for k, v in logits.items()} if isinstance(logits, dict)
+                                  else _to_pinned(logits))
                         event = torch.cuda.Event()
                         event.record()
-                        logits = host
                     last = pos + len(y) >= min(unit_rows, n - chunk * unit_rows)
                     writer.put((chunk, pos, logits, y, params, event, last))
                     bar.update(len(y))
@@ -566,6 +596,12 @@ def _dump_to_cache(cfg: DumpConfig) -> DumpSummary:
 def _exists(path: str, fmt: str) -> bool:
     from kdcache.store.logit_store import BACKENDS
     return BACKENDS[fmt].exists(path)
+
+
+def _to_pinned(t: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
 
 
 def _token_unit_chunks(m: Manifest, batch_size: int) -> int:

@@ -154,3 +154,13 @@ def test_torchrun_two_ranks_write_the_same_hf_store(hf, tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     a, b = open_store(single), open_store(multi)
     assert (a.digests() == b.digests()).all()
+
+
+def test_per_token_topk_encoded_where_the_teacher_ran_is_the_same_store(hf, tmp_path):
+    from kdcache.dump import DumpConfig, dump_logits
+    for flag in (False, True):
+        dump_logits(DumpConfig(teachers=[f"hf:{hf['teacher']}"], dataset=_data(hf), out=str(tmp_path / f"{flag}.zarr"),
+                               layout="topk", k=6, chunk_rows=100, batch_size=16, progress=False,
+                               encode_on_device=flag))
+    a, b = open_store(str(tmp_path / "False.zarr")), open_store(str(tmp_path / "True.zarr"))
+    assert (a.digests() == b.digests()).all()
