@@ -115,6 +115,8 @@ def load_model(spec: str, input_shape: tuple[int, ...] | None = None, num_classe
         path = path / CHECKPOINT_NAME
     if path.suffix == ".safetensors":
         return load_checkpoint(path, spec)
+    if path.suffix == ".pt2":
+        return ResolvedModel(_load_exported(path, spec), spec, spec, path.stem)
     if path.suffix in (".pt", ".pth", ".ts", ".torchscript", ".jit"):
         if not path.exists():
             raise SpecError(f"model file {spec!r} does not exist")
@@ -129,6 +131,47 @@ def load_model(spec: str, input_shape: tuple[int, ...] | None = None, num_classe
         module = _build_arch(spec, input_shape, num_classes, dropout, input_dropout)
     name = Path(spec[3:].split(",")[0]).name if spec.startswith("hf:") else spec
     return ResolvedModel(module, spec, spec, name)
+
+
+class _Exported(nn.Module):
+    """A ``torch.export`` program as a module. Exported programs refuse ``train()``/``eval()``: they are
+    inference graphs already, so switching modes here is a no-op."""
+
+    def __init__(self, program_module: nn.Module) -> None:
+        super().__init__()
+        self.program = program_module
+
+    def train(self, mode: bool = True) -> "_Exported":
+        self.training = mode
+        return self
+
+    def forward(self, *args: Any) -> Any:
+        return self.program(*args)
+
+
+def _load_exported(path: Path, spec: str) -> nn.Module:
+    """A model saved with ``torch.export.save``, loaded with pickle restricted to tensors: torch's own
+    loader falls back to unrestricted unpickling for custom objects, which is forced off here."""
+    if not path.exists():
+        raise SpecError(f"model file {spec!r} does not exist")
+    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    import logging
+    quiet = [logging.getLogger(n) for n in ("torch.export", "torch._export.serde.serialize")]
+    levels = [q.level for q in quiet]
+    for q in quiet:  # torch logs a traceback before raising; the error below is the one line
+        q.setLevel(logging.CRITICAL)
+    try:
+        program = torch.export.load(str(path))
+    except Exception as e:
+        raise SpecError(f"{spec} is not a torch.export program kdcache can load safely ({str(e).splitlines()[0]}); "
+                        f"save it with torch.export.save (tensors and graph only, no custom objects)") from None
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+        os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+        os.environ.update({k: v for k, v in saved.items() if v is not None})
+    return _Exported(program.module())
 
 
 def save_checkpoint(module: nn.Module, path: str | os.PathLike, arch: str, input_shape: tuple[int, ...],

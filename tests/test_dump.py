@@ -139,6 +139,19 @@ def test_student_checkpoint_and_torchscript_are_teachers(tmp_path):
     run_kdcache("dump-logits", "--teacher", str(ts), "--dataset", SYNTH, "--out", b)
     np.testing.assert_array_equal(arrays(a)[0], arrays(b)[0])
     assert arrays(a)[4].members[0]["sha256"] == arrays(b)[4].members[0]["sha256"]
+    # torch.export (TorchScript is deprecated as of torch 2.13), with a dynamic batch dimension
+    program = torch.export.export(m, (torch.zeros(4, 16),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    pt2 = tmp_path / "t.pt2"
+    torch.export.save(program, str(pt2))
+    c = str(tmp_path / "c.zarr")
+    run_kdcache("dump-logits", "--teacher", str(pt2), "--dataset", SYNTH, "--out", c)
+    np.testing.assert_array_equal(arrays(a)[0], arrays(c)[0])
+    (tmp_path / "bad.pt2").write_bytes(b"not an archive")
+    p = run_kdcache("dump-logits", "--teacher", str(tmp_path / "bad.pt2"), "--dataset", SYNTH,
+                    "--out", str(tmp_path / "d.zarr"), check=False)
+    assert p.returncode == 1 and "is not a torch.export program kdcache can load safely" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "d.zarr").exists()
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
 
 
 def test_second_dump_is_refused_then_overwritten(tmp_path):
