@@ -22,7 +22,7 @@ import torch
 
 from kdcache import __version__
 
-BENCHES = ("store_read", "dump", "train", "sweep", "online", "views", "storage", "sparse")
+BENCHES = ("store_read", "dump", "train", "sweep", "online", "views", "hf", "storage", "sparse")
 
 
 @dataclass
@@ -364,7 +364,74 @@ def bench_views(p: Profile, work: Path, device: str) -> dict[str, Any]:
             "sizes": sizes, "by_K": by_k}
 
 
-# -- 7. storage ---------------------------------------------------------------------------------
+# -- 7. a transformers teacher ---------------------------------------------------------------------
+def _hf_teacher(work: Path, vocab: int, hidden: int, layers: int, paragraphs: int) -> tuple[str, str]:
+    """A Llama-style teacher built from a config (random weights: the cost is what is measured) and a BPE
+    tokenizer trained on kdcache's own documentation; returns (model spec, corpus path)."""
+    import json as _json
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    root = Path(__file__).resolve().parent
+    texts = [t.strip() for f in (root.parent / "README.md", root / "store" / "FORMAT.md") if f.exists()
+             for t in f.read_text().split("\n\n") if len(t.strip()) > 20]
+    texts = (texts * (paragraphs // max(1, len(texts)) + 1))[:paragraphs]
+    corpus = work / "hf-corpus.jsonl"
+    corpus.write_text("".join(_json.dumps({"text": t}) + "\n" for t in texts))
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=2000, special_tokens=["<pad>", "<unk>"]))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
+                                      num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+                                      max_position_embeddings=512)
+    torch.manual_seed(0)
+    path = work / "hf-teacher"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    fast.save_pretrained(path)
+    return f"hf:{path}", str(corpus)
+
+
+def bench_hf(p: Profile, work: Path, device: str) -> dict[str, Any]:
+    """dump-logits of a ``transformers`` causal LM (per-token rows) against its bare forward loop over the
+    same batches, dense and top-k; tokens/s and bytes per token."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return {"skipped": "transformers is not installed (pip install 'kdcache[hf]')"}
+    from torch.utils.data import DataLoader
+    from kdcache.distributed import resolve_device
+    from kdcache.dump import DumpConfig, _Batches, _SequenceChunkBatches, _token_unit_chunks, dump_logits, prepare
+    vocab, hidden, layers, paragraphs = (2048, 64, 2, 60) if p is QUICK else (32000, 512, 8, 600)
+    teacher, corpus = _hf_teacher(work, vocab, hidden, layers, paragraphs)
+    dev = resolve_device(device)
+    rows = []
+    for layout, extra in (("dense", {}), ("topk", {"k": 20})):
+        cfg = DumpConfig(teachers=[teacher], dataset=f"hf-text:{corpus},seq=128", out=str(work / f"hf-{layout}.zarr"),
+                         layout=layout, overwrite=True, device=device, progress=False, batch_size=32, **extra)
+        from kdcache.integrations.hf import with_tokenizer
+        cfg.dataset = with_tokenizer(cfg.dataset, cfg.teachers)
+        dataset, members, manifest, _, index = prepare(cfg, dev)
+        module = members[0].module
+        unit_rows = _token_unit_chunks(manifest, cfg.batch_size) * manifest.chunk_rows
+        units = list(range(-(-manifest.num_samples // unit_rows)))
+
+        def bare() -> None:
+            sampler = _SequenceChunkBatches(index, units, unit_rows, cfg.batch_size)
+            loader = DataLoader(_Batches(dataset.dataset), sampler=sampler, batch_size=None)
+            with torch.inference_mode():
+                for _, _, x, _, _ in loader:
+                    module(x.to(dev))
+
+        summary: list[Any] = []
+        td, tb = interleave(lambda: summary.append(dump_logits(cfg)), bare, 1 if p is QUICK else p.reps)
+        tokens = manifest.num_samples
+        rows.append({"layout": layout + (" k=20" if extra else ""), "vocab": vocab, "tokens": tokens, "dump_s": td,
+                     "bare_forward_s": tb, "ratio": td / tb, "tokens_per_s": tokens / td,
+                     "bytes_per_token": summary[-1].bytes_on_disk / tokens, "goal": 1.10})
+    return {"teacher": f"Llama-style, hidden {hidden}, {layers} layers, vocab {vocab}", "rows": rows}
+
+
+# -- 8. storage ---------------------------------------------------------------------------------
 def bench_storage(p: Profile, work: Path, device: str, teacher: str | None) -> list[dict[str, Any]]:
     """Bytes per sample on real logits of an MNIST teacher (``teacher``, or one trained briefly here)."""
     from kdcache.dump import DumpConfig, dump_logits
@@ -529,6 +596,15 @@ def run_bench(quick: bool = False, only: list[str] | None = None, device: str = 
                 echo(_table(f"  K students of 784-800-800-10, {r['epochs']} epochs: a store of one view per epoch "
                             f"(dump included) against online consistent distillation (teacher on every batch)",
                             r["by_K"], ["K", "cached_views_s", "online_s", "ratio", "store_reused_s", "reused_ratio"]))
+            elif name == "hf":
+                r = bench_hf(p, work, device)
+                if "skipped" in r:
+                    echo(f"hf: skipped: {r['skipped']}\n")
+                else:
+                    echo(_table(f"dump-logits of a transformers causal LM ({r['teacher']}) against its bare forward "
+                                f"loop over the same batches (goal <= 1.10)", r["rows"],
+                                ["layout", "tokens", "dump_s", "bare_forward_s", "ratio", "tokens_per_s",
+                                 "bytes_per_token"]))
             elif name == "sparse":
                 r = bench_sparse(p, work, device, teacher)
                 r["stores"] = [store_fidelity(s) for s in logit_stores or []]

@@ -335,7 +335,7 @@ def run_cmd(pipeline_file: str, profile: str | None, quick: bool, dry_run: bool,
 @click.option("--json", "json_path", default=None, help="Write the results as JSON here.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--only", multiple=True,
-              type=click.Choice(["store_read", "dump", "train", "sweep", "online", "views", "storage", "sparse"]),
+              type=click.Choice(["store_read", "dump", "train", "sweep", "online", "views", "hf", "storage", "sparse"]),
               help="Run only these benchmarks (repeatable).")
 @click.option("--teacher", default=None,
               help="An MNIST teacher for the storage and sparse figures [default: one trained briefly].")

@@ -21,6 +21,8 @@ def test_quick_bench_reports_every_figure(tmp_path):
     assert r["train"]["ratio"] > 0 and [row["students"] for row in r["sweep"]] == [10, 4]
     assert [row["K"] for row in r["online"]["by_K"]] == [1, 4, 16]
     assert {row["dtype"] for row in r["storage"]} == {"float16", "float32"}
+    assert [row["layout"] for row in r["hf"]["rows"]] == ["dense", "topk k=20"]
+    assert all(row["ratio"] > 0 and row["bytes_per_token"] > 0 for row in r["hf"]["rows"])
     v = r["views"]
     assert v["dump_per_view_over_bare_pass"] > 0 and [row["K"] for row in v["by_K"]] == [1, 4]
     assert [row["layout"] for row in v["sizes"]] == ["dense", "topk k=3"]
