@@ -103,6 +103,8 @@ def format_inspect(info: dict[str, Any]) -> str:
         f"  complete    {info['complete']} ({info['chunks_written']}/{info['num_chunks']} chunks written)",
         f"  dataset     {info['dataset']['spec']} (length {info['dataset']['length']}, subset "
         f"{info['dataset'].get('subset') or 'all rows'}, fingerprint {info['dataset']['fingerprint'][:16]})",
+        *([f"  tokenizer   {info['dataset']['tokenizer']['name']} ({info['dataset']['tokenizer']['size']} tokens, "
+           f"sha256 {info['dataset']['tokenizer']['sha256'][:16]})"] if info['dataset'].get("tokenizer") else []),
         f"  created     {info['created_at']} by kdcache {info['kdcache_version']}",
     ]
     for mem in info["members"]:
