@@ -584,10 +584,11 @@ def _dump_to_cache(cfg: DumpConfig) -> DumpSummary:
             existing = open_store(str(path), allow_partial=True)
             done, rows = existing.manifest.complete, existing.manifest.num_samples
             existing.close()
-            if done:
+            if done and not cfg.overwrite:
                 cache.touch(path)
                 return DumpSummary(str(path), rows, 0, time.perf_counter() - t0, 0, cache_key=key, reused=True)
-        summary = dump_logits(dataclasses.replace(cfg, out=str(path), format=fmt, overwrite=False), members)
+        # --overwrite recomputes it in place (a store the user no longer trusts)
+        summary = dump_logits(dataclasses.replace(cfg, out=str(path), format=fmt), members)
         cache.touch(path)
     summary.cache_key = key
     return summary

@@ -51,6 +51,8 @@ def test_second_identical_dump_reuses_the_store_without_running_the_teacher(cach
     assert f"reusing cached store {path}" in second and batches(counter) == 21  # the teacher did not run
     assert dump("--out", "cache", env=env).stdout == second
     assert run_kdcache("verify", path).returncode == 0
+    third = dump("--overwrite", env=env).stdout  # recomputed on request, in place
+    assert f"wrote 2000 of 2000 rows to {path}" in third and batches(counter) == 42
 
 
 def test_what_changes_the_logits_changes_the_key(cache_env):
