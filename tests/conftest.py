@@ -34,6 +34,18 @@ def run_kdcache(*args: str, env: dict | None = None, check: bool = True, timeout
     return p
 
 
+def invoke_kdcache(*args: str) -> subprocess.CompletedProcess:
+    """The real CLI in this process (click's runner): for the many short commands of refusal tests, where
+    a subprocess would spend most of its time importing torch. Returns what run_kdcache returns."""
+    from click.testing import CliRunner
+
+    from kdcache.cli import cli
+    r = CliRunner().invoke(cli, list(args), prog_name="kdcache")
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return subprocess.CompletedProcess(list(args), r.exit_code, r.stdout, r.stderr)
+
+
 @pytest.fixture(params=["zarr", "hdf5", "zarr-memory"])
 def store_path(request, tmp_path):
     if request.param == "zarr":

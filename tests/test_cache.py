@@ -14,7 +14,7 @@ import pytest
 
 from kdcache import cache
 from kdcache.store import open_store
-from tests.conftest import DATA_ROOT, ROOT, run_kdcache
+from tests.conftest import DATA_ROOT, ROOT, invoke_kdcache, run_kdcache
 from tests.helpers import SYNTH
 
 SLOW = "tests.helpers:slow_teacher"
@@ -112,27 +112,27 @@ def test_a_killed_cached_dump_is_resumed(cache_env, tmp_path):
 def test_list_du_and_rm_on_both_backends(cache_env):
     dump()
     dump("--format", "hdf5", "--subset", "0:500")
-    listed = json.loads(run_kdcache("cache", "list", "--json").stdout)
+    listed = json.loads(invoke_kdcache("cache", "list", "--json").stdout)
     assert sorted(Path(e["path"]).suffix for e in listed) == [".h5", ".zarr"]
     assert all(e["complete"] and e["teachers"] == [SLOW] and e["dataset"] == SYNTH for e in listed)
     assert {e["rows"] for e in listed} == {2000, 500}
     total = sum(e["bytes"] for e in listed)
-    assert f"{total / 1e6:.1f} MB in 2 store(s)" in run_kdcache("cache", "du").stdout
+    assert f"{total / 1e6:.1f} MB in 2 store(s)" in invoke_kdcache("cache", "du").stdout
     h5 = next(e for e in listed if e["path"].endswith(".h5"))
     zarr_entry = next(e for e in listed if e["path"].endswith(".zarr"))
 
     with cache.locked(zarr_entry["path"], exclusive=False):  # a job reading it: rm is refused
-        p = run_kdcache("cache", "rm", zarr_entry["key"][:10], check=False)
+        p = invoke_kdcache("cache", "rm", zarr_entry["key"][:10])
         assert p.returncode == 1 and "is in use by a running job" in p.stderr
         assert len(p.stderr.strip().splitlines()) == 1
     assert Path(zarr_entry["path"]).exists()
 
-    assert f"removed {h5['key'][:12]}" in run_kdcache("cache", "rm", h5["key"][:10]).stdout
+    assert f"removed {h5['key'][:12]}" in invoke_kdcache("cache", "rm", h5["key"][:10]).stdout
     assert not Path(h5["path"]).exists()
     old = time.time() - 10 * 86400
     os.utime(Path(zarr_entry["path"]).with_suffix(".used"), (old, old))
-    assert "removed" not in run_kdcache("cache", "rm", "--older-than", "30").stdout
-    assert "removed" in run_kdcache("cache", "rm", "--older-than", "5").stdout
+    assert "removed" not in invoke_kdcache("cache", "rm", "--older-than", "30").stdout
+    assert "removed" in invoke_kdcache("cache", "rm", "--older-than", "5").stdout
     assert cache.entries() == []
 
 

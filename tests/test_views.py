@@ -17,7 +17,7 @@ from kdcache.stream import DatasetStream, DistillStream
 from kdcache.teacher_check import check_teacher
 from kdcache.views import Views, draw_params, epoch_view
 from tests import helpers
-from tests.conftest import run_kdcache
+from tests.conftest import invoke_kdcache, run_kdcache
 
 TEACHER = "tests.helpers:image_teacher"
 RECORDING = "tests.helpers:recording_image_teacher"
@@ -192,7 +192,7 @@ def test_verify_teacher_refuses_other_weights_and_changed_inputs(tmp_path):
 
 
 def _one_line_error(args, message):
-    p = run_kdcache(*args, check=False)
+    p = invoke_kdcache(*args)
     assert p.returncode == 1, p.stdout
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], p.stderr
