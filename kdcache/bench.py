@@ -326,7 +326,7 @@ def bench_views(p: Profile, work: Path, device: str) -> dict[str, Any]:
         for _ in range(views):
             bare()
 
-    t_views, t_plain = interleave(lambda: dump_logits(big_views), bare_passes, max(1, p.reps - 1))
+    t_views, t_plain = interleave(lambda: dump_logits(big_views), bare_passes, 1 if p is QUICK else p.reps - 1)
     sizes = []
     for layout, extra in (("dense", {}), ("topk", {"k": 3})):
         cfg = DumpConfig(**{**viewed.__dict__, "out": str(work / f"size-{layout}.zarr"), "layout": layout, **extra})
@@ -355,7 +355,7 @@ def bench_views(p: Profile, work: Path, device: str) -> dict[str, Any]:
                                        store=viewed.out, seeds=seeds, epochs=epochs, device=device, overwrite=True,
                                        progress=False))
 
-        tc, to, tr = interleave_all([cached, online, reuse], max(1, p.reps - 1))
+        tc, to, tr = interleave_all([cached, online, reuse], 1 if p is QUICK else p.reps - 1)
         by_k.append({"K": k, "cached_views_s": tc, "online_s": to, "ratio": tc / to, "store_reused_s": tr,
                      "reused_ratio": tr / to})
     return {"teacher": teacher, "augment": VIEWS_AUGMENT, "rows": rows, "dump_rows": p.dump_rows, "views": views,

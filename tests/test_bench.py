@@ -11,7 +11,7 @@ from tests.conftest import run_kdcache
 @pytest.mark.slow
 def test_quick_bench_reports_every_figure(tmp_path):
     out = tmp_path / "bench.json"
-    p = run_kdcache("bench", "--quick", "--json", str(out))
+    p = run_kdcache("bench", "--quick", "--json", str(out), timeout=900)
     r = json.loads(out.read_text())
     assert r["quick"] is True
     assert {row["backend"] for row in r["store_read"]} == {"zarr", "hdf5"}
