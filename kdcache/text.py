@@ -71,7 +71,45 @@ def _corpus(files: tuple[str, ...], stamps: tuple[int, ...], vocab: int, test_ev
     return words, [encode(p) for p in train], [encode(p) for p in test]
 
 
-class TextSequences(Dataset):
+class TokenWindows(Dataset):
+    """Sequences cut from token ids: each window's first tokens are the inputs, the next ones the labels;
+    batches are padded on the right (inputs with ``pad_id``, labels with -1). Subclasses call
+    :meth:`_set_windows`."""
+
+    pad_id = 0
+
+    def _set_windows(self, windows: list[np.ndarray]) -> None:
+        self._lengths = np.array([len(w) - 1 for w in windows], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum([len(w) for w in windows])[:-1]]).astype(np.int64)
+        self._tokens = torch.from_numpy(np.concatenate(windows).astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self._lengths)
+
+    def lengths(self, indices: np.ndarray | None = None) -> np.ndarray:
+        return self._lengths if indices is None else self._lengths[np.asarray(indices)]
+
+    def get_batch(self, indices: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = np.asarray(indices, dtype=np.int64)
+        lengths = self._lengths[idx]
+        width = int(lengths.max()) if len(idx) else 0
+        pos = np.arange(width)
+        valid = torch.from_numpy(pos[None, :] < lengths[:, None])
+        at = torch.from_numpy(self._starts[idx][:, None] + np.minimum(pos[None, :], lengths[:, None] - 1))
+        x = torch.where(valid, self._tokens[at], self.pad_id)
+        y = torch.where(valid, self._tokens[at + 1], -1)
+        return x, y
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = int(self._lengths[i])
+        x, y = self.get_batch(np.array([i]))
+        return x[0, :n], y[0, :n]
+
+    def tokens(self) -> int:
+        return int(self._lengths.sum())
+
+
+class TextSequences(TokenWindows):
     """Next-token windows of a tokenised text corpus; see the module docstring."""
 
     def __init__(self, path: str, split: str = "train", seq: int = 64, vocab: int = 8192, test_every: int = 10) -> None:
@@ -91,31 +129,4 @@ class TextSequences(Dataset):
         self.class_names = words
         self.num_classes = len(words)
         self.seq = seq
-        self._lengths = np.array([len(w) - 1 for w in windows], dtype=np.int64)
-        self._starts = np.concatenate([[0], np.cumsum([len(w) for w in windows])[:-1]]).astype(np.int64)
-        self._tokens = torch.from_numpy(np.concatenate(windows).astype(np.int64))
-
-    def __len__(self) -> int:
-        return len(self._lengths)
-
-    def lengths(self, indices: np.ndarray | None = None) -> np.ndarray:
-        return self._lengths if indices is None else self._lengths[np.asarray(indices)]
-
-    def get_batch(self, indices: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = np.asarray(indices, dtype=np.int64)
-        lengths = self._lengths[idx]
-        width = int(lengths.max()) if len(idx) else 0
-        pos = np.arange(width)
-        valid = torch.from_numpy(pos[None, :] < lengths[:, None])
-        at = torch.from_numpy(self._starts[idx][:, None] + np.minimum(pos[None, :], lengths[:, None] - 1))
-        x = torch.where(valid, self._tokens[at], 0)
-        y = torch.where(valid, self._tokens[at + 1], -1)
-        return x, y
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        n = int(self._lengths[i])
-        x, y = self.get_batch(np.array([i]))
-        return x[0, :n], y[0, :n]
-
-    def tokens(self) -> int:
-        return int(self._lengths.sum())
+        self._set_windows(windows)

@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from kdcache.errors import SpecError
+from kdcache.text import TokenWindows
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CONFIG_KEYS = {"hidden": "hidden_size", "layers": "num_hidden_layers", "heads": "num_attention_heads",
@@ -185,7 +185,7 @@ def with_tokenizer(dataset_spec: str | None, teachers: list[str] | None = None, 
     return dataset_spec
 
 
-class HFText(Dataset):
+class HFText(TokenWindows):
     """``hf-text:PATH[,tokenizer=PATH][,field=text][,seq=N][,split=train]``: a corpus read with
     ``datasets`` (JSON/JSONL, Parquet, plain text, or a ``save_to_disk`` directory), each record's
     ``field`` tokenized with the tokenizer and cut into windows of at most ``seq + 1`` tokens, one
@@ -221,32 +221,10 @@ class HFText(Dataset):
             raise SpecError(f"dataset spec {spec!r}: the corpus has no text of two tokens or more in field {field!r}")
         self.seq, self.num_classes = seq, len(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self._lengths = np.array([len(w) - 1 for w in windows], dtype=np.int64)
-        self._starts = np.concatenate([[0], np.cumsum([len(w) for w in windows])[:-1]]).astype(np.int64)
-        self._tokens = torch.from_numpy(np.concatenate(windows))
+        self._set_windows(windows)
 
     def identity(self) -> dict[str, Any]:
         return {"tokenizer": tokenizer_identity(self.tokenizer)}
-
-    def __len__(self) -> int:
-        return len(self._lengths)
-
-    def lengths(self, indices: np.ndarray | None = None) -> np.ndarray:
-        return self._lengths if indices is None else self._lengths[np.asarray(indices)]
-
-    def get_batch(self, indices: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = np.asarray(indices, dtype=np.int64)
-        lengths = self._lengths[idx]
-        width = int(lengths.max()) if len(idx) else 0
-        pos = np.arange(width)
-        valid = torch.from_numpy(pos[None, :] < lengths[:, None])
-        at = torch.from_numpy(self._starts[idx][:, None] + np.minimum(pos[None, :], lengths[:, None] - 1))
-        return torch.where(valid, self._tokens[at], self.pad_id), torch.where(valid, self._tokens[at + 1], -1)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        n = int(self._lengths[i])
-        x, y = self.get_batch(np.array([i]))
-        return x[0, :n], y[0, :n]
 
 
 def _records(path: str, split: str, spec: str) -> Any:
