@@ -6,7 +6,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	# The CPU build of torch first: a bare `torch` requirement would fetch a CUDA build of several GB.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,plot,xarray,hf]'
+	$(PY) -m pip install -q -e '.[test,plot,xarray,hf,s3]'
 	touch $@
 
 install: $(VENV)/.installed

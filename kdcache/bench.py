@@ -5,6 +5,7 @@ ratio: these machines are noisy, so the ratio is what counts.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -22,7 +23,7 @@ import torch
 
 from kdcache import __version__
 
-BENCHES = ("store_read", "dump", "train", "sweep", "online", "views", "hf", "storage", "sparse")
+from kdcache.cli import BENCH_NAMES as BENCHES  # noqa: E402  (the CLI lists them without importing torch)
 
 
 @dataclass
@@ -35,10 +36,11 @@ class Profile:
     rss_rows: int
     online_k: tuple[int, ...]
     dump_rows: int  # the dump's fixed costs need a full pass to be measured against: 60,000 even when quick
+    quick: bool = False
 
 
 QUICK = Profile(reps=3, read_rows=100_000, read_classes=100, mnist_rows=6_000, epochs=1, rss_rows=4_000,
-                online_k=(1, 4), dump_rows=60_000)
+                online_k=(1, 4), dump_rows=60_000, quick=True)
 FULL = Profile(reps=5, read_rows=1_000_000, read_classes=100, mnist_rows=60_000, epochs=1, rss_rows=20_000,
                online_k=(1, 4, 16), dump_rows=60_000)
 
@@ -149,7 +151,7 @@ def bench_dump(p: Profile, work: Path, device: str) -> list[dict[str, Any]]:
     out = []
     for name, teachers, rows_n in (("mnist 1200-1200", ["mlp:1200,1200"], p.dump_rows),
                                    ("3-member ensemble", ["mlp:1200,1200"] * 3,
-                                    p.mnist_rows if p is QUICK else p.dump_rows)):
+                                    p.mnist_rows if p.quick else p.dump_rows)):
         cfg = DumpConfig(teachers=teachers, dataset="mnist:train", out=str(work / "dump.zarr"),
                          subset=f"0:{rows_n}", overwrite=True, device=device, progress=False)
         ta, tb = interleave(lambda: dump_logits(cfg), bare_pass(cfg, device), p.reps)
@@ -221,7 +223,7 @@ def bench_sweep(p: Profile, work: Path, device: str, store: str) -> list[dict[st
     """A sweep in one stacked pass, in one pass one student after another (--no-stack), and as separate runs."""
     rows = []
     for student, temps, seeds, goal in SWEEPS:
-        seeds = seeds[:1] if p is QUICK else seeds
+        seeds = seeds[:1] if p.quick else seeds
         k = len(temps) * len(seeds)
 
         def stacked() -> None:
@@ -326,7 +328,7 @@ def bench_views(p: Profile, work: Path, device: str) -> dict[str, Any]:
         for _ in range(views):
             bare()
 
-    t_views, t_plain = interleave(lambda: dump_logits(big_views), bare_passes, 1 if p is QUICK else p.reps - 1)
+    t_views, t_plain = interleave(lambda: dump_logits(big_views), bare_passes, 1 if p.quick else p.reps - 1)
     sizes = []
     for layout, extra in (("dense", {}), ("topk", {"k": 3})):
         cfg = DumpConfig(**{**viewed.__dict__, "out": str(work / f"size-{layout}.zarr"), "layout": layout, **extra})
@@ -355,7 +357,7 @@ def bench_views(p: Profile, work: Path, device: str) -> dict[str, Any]:
                                        store=viewed.out, seeds=seeds, epochs=epochs, device=device, overwrite=True,
                                        progress=False))
 
-        tc, to, tr = interleave_all([cached, online, reuse], 1 if p is QUICK else p.reps - 1)
+        tc, to, tr = interleave_all([cached, online, reuse], 1 if p.quick else p.reps - 1)
         by_k.append({"K": k, "cached_views_s": tc, "online_s": to, "ratio": tc / to, "store_reused_s": tr,
                      "reused_ratio": tr / to})
     return {"teacher": teacher, "augment": VIEWS_AUGMENT, "rows": rows, "dump_rows": p.dump_rows, "views": views,
@@ -401,7 +403,7 @@ def bench_hf(p: Profile, work: Path, device: str) -> dict[str, Any]:
     from torch.utils.data import DataLoader
     from kdcache.distributed import resolve_device
     from kdcache.dump import DumpConfig, _Batches, _SequenceChunkBatches, _token_unit_chunks, dump_logits, prepare
-    vocab, hidden, layers, paragraphs = (2048, 64, 2, 60) if p is QUICK else (32000, 512, 8, 600)
+    vocab, hidden, layers, paragraphs = (2048, 64, 2, 60) if p.quick else (32000, 512, 8, 600)
     teacher, corpus = _hf_teacher(work, vocab, hidden, layers, paragraphs)
     dev = resolve_device(device)
     rows = []
@@ -423,7 +425,7 @@ def bench_hf(p: Profile, work: Path, device: str) -> dict[str, Any]:
                     module(x.to(dev))
 
         summary: list[Any] = []
-        td, tb = interleave(lambda: summary.append(dump_logits(cfg)), bare, 1 if p is QUICK else p.reps)
+        td, tb = interleave(lambda: summary.append(dump_logits(cfg)), bare, 1 if p.quick else p.reps)
         tokens = manifest.num_samples
         rows.append({"layout": layout + (" k=20" if extra else ""), "vocab": vocab, "tokens": tokens, "dump_s": td,
                      "bare_forward_s": tb, "ratio": td / tb, "tokens_per_s": tokens / td,
@@ -523,7 +525,7 @@ def bench_sparse(p: Profile, work: Path, device: str, teacher: str | None) -> di
     dump_logits(DumpConfig(teachers=[teacher], dataset="mnist:test", out=path, dtype="float32", overwrite=True,
                            device=device, progress=False))
     z_mnist = open_store(path).read(0, 10_000).logits[:, 0]
-    z_tail = long_tail_logits(1000 if p is QUICK else 4000, 5000)
+    z_tail = long_tail_logits(1000 if p.quick else 4000, 5000)
     return {"mnist_teacher": teacher, "mnist": topk_fidelity(z_mnist, [1, 5], temps),
             "long_tail_5000": topk_fidelity(z_tail, [1, 5, 20, 100], temps)}
 
@@ -539,16 +541,20 @@ def _bench_teacher(p: Profile, work: Path, device: str) -> Path:
 
 def run_bench(quick: bool = False, only: list[str] | None = None, device: str = "auto",
               json_path: str | None = None, echo: Callable[[str], None] = print,
-              teacher: str | None = None, logit_stores: list[str] | None = None) -> dict[str, Any]:
+              teacher: str | None = None, logit_stores: list[str] | None = None,
+              reps: int | None = None) -> dict[str, Any]:
     """Run the benchmarks named in ``only`` (all by default), print a table each, return (and write) JSON."""
     p = QUICK if quick else FULL
+    if reps:
+        p = dataclasses.replace(p, reps=reps)
     chosen = only or list(BENCHES)
     unknown = [b for b in chosen if b not in BENCHES]
     if unknown:
         from kdcache.errors import KdcacheError
         raise KdcacheError(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHES)}")
     result: dict[str, Any] = {
-        "kdcache_version": __version__, "date": time.strftime("%Y-%m-%d"), "quick": quick, "device": device,
+        "kdcache_version": __version__, "date": time.strftime("%Y-%m-%d"), "quick": quick, "reps": p.reps,
+        "device": device,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}}
     t_all = time.perf_counter()
@@ -605,6 +611,18 @@ def run_bench(quick: bool = False, only: list[str] | None = None, device: str = 
                                 f"loop over the same batches (goal <= 1.10)", r["rows"],
                                 ["layout", "tokens", "dump_s", "bare_forward_s", "ratio", "tokens_per_s",
                                  "bytes_per_token"]))
+            elif name == "s3":
+                from kdcache.bench_remote import bench_s3
+                r = bench_s3(p, work, device)
+                if "skipped" in r:
+                    echo(f"s3: skipped: {r['skipped']}\n")
+                else:
+                    echo(_table(f"shuffled stream of a store in S3 (loopback endpoint, {r['rows']} rows x "
+                                f"{r['classes']} classes, {r['store_MB']:.0f} MB) against the same store on local "
+                                f"disk", r["stream"], ["side", "seconds", "rows_per_s", "s3_over_local_throughput",
+                                                       "goal"]))
+                    echo(_table("dump-logits to S3 against dump-logits to local disk", [r["dump"]],
+                                ["teacher", "rows", "local_s", "s3_s", "s3_over_local", "goal"]))
             elif name == "sparse":
                 r = bench_sparse(p, work, device, teacher)
                 r["stores"] = [store_fidelity(s) for s in logit_stores or []]

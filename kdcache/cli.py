@@ -12,6 +12,8 @@ import click
 from kdcache import __version__
 from kdcache.errors import KdcacheError
 
+BENCH_NAMES = ("store_read", "dump", "train", "sweep", "online", "views", "hf", "s3", "storage", "sparse")
+
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn a KdcacheError (and a few OS errors a user causes) into `Error: ...` and exit 1."""
@@ -49,6 +51,22 @@ def _ints(text: str | None, name: str) -> list[int] | None:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise click.BadParameter(f"{text!r} is not a comma-separated list of integers", param_hint=name) from None
+
+
+def storage_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--storage-option KEY=VALUE`` (repeatable): options of remote stores (``s3://...``), for this
+    command and the processes it starts (see kdcache.store.remote)."""
+    @click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+                  help="Option of remote (s3://, gs://) stores, e.g. endpoint_url=http://127.0.0.1:9000; repeatable.")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, storage_options: tuple[str, ...] = (), **kwargs: Any) -> Any:
+        from kdcache.store.remote import set_storage_options
+        try:
+            set_storage_options(storage_options)
+        except KdcacheError as e:
+            raise click.BadParameter(str(e), param_hint="--storage-option") from None
+        return fn(*args, **kwargs)
+    return wrapper
 
 
 data_root_option = click.option("--data-root", type=click.Path(file_okay=False), default=None,
@@ -103,6 +121,7 @@ def cli() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace a complete store at --out.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
 @data_root_option
+@storage_option
 @_friendly
 def dump_logits_cmd(**kw: Any) -> None:
     """Run the teacher(s) once over a dataset and store their raw logits.
@@ -165,6 +184,9 @@ def dump_logits_cmd(**kw: Any) -> None:
 @click.option("--eval-dataset", default=None, help="Dataset for test accuracy and error count after each epoch.")
 @click.option("--eval-store", default=None, help="Teacher logits on the eval dataset, for student-teacher agreement.")
 @click.option("--data-seed", type=int, default=0, show_default=True, help="Seed of the data order.")
+@click.option("--remote-cache", default=None,
+              help="Directory keeping the blocks of a remote --store (s3://...) on local disk for later epochs.")
+@click.option("--remote-cache-size", default="10GB", show_default=True, help="Bound of --remote-cache (LRU).")
 @click.option("--allow-interpolation", is_flag=True,
               help="Sparse stores: serve a temperature between grid points, interpolated (not exact).")
 @click.option("--sweep-dirs/--no-sweep-dirs", default=None,
@@ -182,6 +204,7 @@ def dump_logits_cmd(**kw: Any) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace results (and checkpoints) already in --out.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars [default: on a terminal].")
 @data_root_option
+@storage_option
 @_friendly
 def train_student_cmd(**kw: Any) -> None:
     """Train students from cached teacher logits, temperature applied at load time.
@@ -277,6 +300,38 @@ def cache_rm_cmd(keys: tuple[str, ...], older_than: float | None) -> None:
         click.echo(f"removed {e.key[:12]} ({e.path}, {e.bytes / 1e6:.1f} MB)")
 
 
+@cli.command("train-tokenizer")
+@click.option("--corpus", required=True,
+              help="Text as hf-text: reads it: a .txt/.jsonl/.parquet file, a glob of them, or a save_to_disk directory.")
+@click.option("--vocab", type=click.IntRange(300), default=8192, show_default=True, help="Tokens, specials included.")
+@click.option("--field", default="text", show_default=True, help="The text field of JSON/Parquet records.")
+@click.option("--out", required=True, help="Directory to write the tokenizer to (save_pretrained).")
+@click.option("--overwrite", is_flag=True, help="Replace a tokenizer already at --out.")
+@_friendly
+def train_tokenizer_cmd(corpus: str, vocab: int, field: str, out: str, overwrite: bool) -> None:
+    """Train a byte-level BPE tokenizer on a corpus, for hf:llama,... models trained from scratch.
+
+    \b
+    kdcache train-tokenizer --corpus 'docs/*.txt' --vocab 4096 --out runs/tokenizer
+    kdcache train-student --dataset hf-text:'docs/*.txt',tokenizer=runs/tokenizer \\
+        --student hf:llama,hidden=256,layers=4,heads=4 --optimizer adam --lr 0.001 --out runs/teacher
+    """
+    import shutil
+    import tempfile
+    from pathlib import Path
+    from kdcache.integrations.hf import train_tokenizer
+    target = Path(out)
+    if target.exists() and not overwrite:
+        raise KdcacheError(f"{out} exists; give --overwrite to replace it, or another --out")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
+        tok = train_tokenizer(corpus, vocab, Path(tmp) / "tokenizer", field)
+        if target.exists():
+            shutil.rmtree(target)
+        (Path(tmp) / "tokenizer").rename(target)
+    click.echo(f"wrote a tokenizer of {len(tok)} tokens to {out}")
+
+
 @cli.command("report")
 @click.argument("run_dirs", nargs=-1, required=True)
 @click.option("--out", default=None, help="Write the markdown here as well as to the terminal.")
@@ -308,6 +363,7 @@ def report_cmd(run_dirs: tuple[str, ...], out: str | None, plot_path: str | None
 @click.option("--dry-run", is_flag=True, help="Print the plan and the commands, run nothing.")
 @click.option("--set", "overrides", multiple=True, metavar="NAME=VALUE",
               help="Override a variable of the file's vars (after the profile), e.g. --set corpus=my.txt.")
+@storage_option
 @_friendly
 def run_cmd(pipeline_file: str, profile: str | None, quick: bool, dry_run: bool, overrides: tuple[str, ...]) -> None:
     """Run a pipeline of kdcache commands; steps whose inputs did not change are skipped.
@@ -335,8 +391,10 @@ def run_cmd(pipeline_file: str, profile: str | None, quick: bool, dry_run: bool,
 @click.option("--json", "json_path", default=None, help="Write the results as JSON here.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--only", multiple=True,
-              type=click.Choice(["store_read", "dump", "train", "sweep", "online", "views", "hf", "storage", "sparse"]),
+              type=click.Choice(list(BENCH_NAMES)),
               help="Run only these benchmarks (repeatable).")
+@click.option("--reps", type=click.IntRange(1), default=None,
+              help="Measured repetitions of each side, after a warm-up [default: 3 with --quick, else 5].")
 @click.option("--teacher", default=None,
               help="An MNIST teacher for the storage and sparse figures [default: one trained briefly].")
 @click.option("--logits", "logit_stores", multiple=True, metavar="STORE",
@@ -344,8 +402,8 @@ def run_cmd(pipeline_file: str, profile: str | None, quick: bool, dry_run: bool,
                    "(repeatable), e.g. a large-vocabulary teacher's.")
 @data_root_option
 @_friendly
-def bench_cmd(quick: bool, json_path: str | None, device: str, only: tuple[str, ...], teacher: str | None,
-              logit_stores: tuple[str, ...], data_root: str | None) -> None:
+def bench_cmd(quick: bool, json_path: str | None, device: str, only: tuple[str, ...], reps: int | None,
+              teacher: str | None, logit_stores: tuple[str, ...], data_root: str | None) -> None:
     """Time every stage side by side with its physical limit, and cached against online distillation.
 
     Each benchmark alternates its two sides over several repetitions and reports medians and
@@ -361,7 +419,7 @@ def bench_cmd(quick: bool, json_path: str | None, device: str, only: tuple[str, 
     if data_root:
         os.environ["KDCACHE_DATA"] = data_root
     run_bench(quick, list(only) or None, device, json_path, echo=click.echo, teacher=teacher,
-              logit_stores=list(logit_stores))
+              logit_stores=list(logit_stores), reps=reps)
 
 
 @cli.command("inspect")
@@ -370,6 +428,7 @@ def bench_cmd(quick: bool, json_path: str | None, device: str, only: tuple[str, 
 @click.option("--xarray", "as_xarray", is_flag=True,
               help="Print the store as kdcache.open_xarray opens it (needs kdcache[xarray]).")
 @click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]), default=None)
+@storage_option
 @_friendly
 def inspect_cmd(store: str, as_json: bool, as_xarray: bool, fmt: str | None) -> None:
     """Show a store's manifest, size, completion and statistics of its logits.
@@ -402,6 +461,7 @@ def inspect_cmd(store: str, as_json: bool, as_xarray: bool, fmt: str | None) -> 
                    "[default: 1e-5; raise it for a store dumped with --amp].")
 @click.option("--device", default="auto", show_default=True)
 @data_root_option
+@storage_option
 @_friendly
 def verify_cmd(store: str, fmt: str | None, teachers: tuple[str, ...], rows: int, seed: int, tolerance: float | None,
                device: str, data_root: str | None) -> None:
@@ -446,6 +506,7 @@ def verify_cmd(store: str, fmt: str | None, teachers: tuple[str, ...], rows: int
 @click.option("--sampling-temperature", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True)
+@storage_option
 @_friendly
 def convert_cmd(src: str, dst: str, dtype: str | None, fmt: str | None, compression: str | None,
                 chunk_rows: int | None, layout: str | None, k: int | None, temperatures: str | None,

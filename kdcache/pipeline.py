@@ -17,7 +17,7 @@ from kdcache.errors import ConfigError, KdcacheError
 
 TOP_KEYS = {"pipeline", "description", "vars", "profiles", "steps", "state_dir"}
 STEP_KEYS = {"name", "command", "with"}
-COMMANDS = ("train-student", "dump-logits", "report", "convert", "inspect", "verify")
+COMMANDS = ("train-student", "dump-logits", "report", "convert", "inspect", "verify", "train-tokenizer")
 LIST_OPTIONS = {"temperatures", "alphas", "seeds", "lrs", "members"}  # comma-separated on the command line
 REF = re.compile(r"\$\{(vars|steps)\.([A-Za-z0-9_-]+)(?:\.([A-Za-z0-9_-]+))?\}")
 
@@ -333,7 +333,8 @@ class Runner:
             if a.status == "partial":
                 i = args.index("--temperature")
                 args[i + 1] = ",".join(format(float(t), "g") for t in a.todo)
-            if a.status in ("rerun",) and a.step.command in ("train-student", "dump-logits", "convert"):
+            if a.status in ("rerun",) and a.step.command in ("train-student", "dump-logits", "convert",
+                                                             "train-tokenizer"):
                 args.append("--overwrite")
             o = a.step.options
             if a.step.command == "train-student" and (o.get("temperatures") or len(o.get("seeds") or []) > 1

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -16,6 +17,31 @@ from kdcache.views import ViewAugmenter, Views, epoch_view
 
 DEFAULT_WINDOW_BYTES = 64 << 20
 MIN_BLOCKS = 64
+READ_AHEAD = {"local": 2, "remote": 8}  # blocks in flight by default
+T = TypeVar("T")
+
+
+def read_ahead(read: Callable[..., T], items: list[tuple[int, int]], depth: int) -> Iterator[T]:
+    """``read(*item)`` for every item, in order, with up to ``depth`` reads running ahead in threads
+    (hides the latency of object storage; memory is bounded by ``depth`` blocks). ``depth`` 0 reads
+    one after another in this thread."""
+    if depth <= 0 or len(items) <= 1:
+        for item in items:
+            yield read(*item)
+        return
+    pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="kdcache-read")
+    pending: list[Future] = []
+    try:
+        nxt = 0
+        for _ in range(len(items)):
+            while nxt < len(items) and len(pending) < depth:
+                pending.append(pool.submit(read, *items[nxt]))
+                nxt += 1
+            yield pending.pop(0).result()
+    finally:  # the consumer stopped early, or a read failed: drop what is queued, wait for what runs
+        for f in pending:
+            f.cancel()
+        pool.shutdown(wait=True)
 
 
 def check_pairing(store: LogitStore, dataset: Any, spec: str | None = None) -> None:
@@ -75,13 +101,23 @@ class DistillStream(IterableDataset):
         window_bytes: logits held in memory for the in-window shuffle (bounds memory).
         return_ids: also yield the batch's dataset indices, as a fourth element.
         allow_interpolation: sparse stores only: serve temperatures between the grid's, interpolated.
+        read_ahead: blocks read ahead in background threads, in order (default 2 on local disk, 8 for
+            a store at a URL such as ``s3://``, where each read waits on the network); 0 reads in line.
+            The blocks and their order do not depend on where the store is: the same seed gives the
+            same batches from a local copy and from object storage.
+        cache: a :class:`kdcache.store.BlockCache` (or a directory for one) that keeps the blocks of a
+            remote store on local disk, bounded in bytes, so later epochs read them from there.
     """
 
     def __init__(self, store: str | LogitStore, dataset: Any, batch_size: int = 128, *, shuffle: bool = True,
                  seed: int = 0, drop_last: bool = False, block_rows: int | None = None,
                  window_bytes: int = DEFAULT_WINDOW_BYTES, check: bool = True, return_ids: bool = False,
-                 allow_interpolation: bool = False) -> None:
+                 allow_interpolation: bool = False, read_ahead: int | None = None, cache: Any = None) -> None:
         self.store = store if isinstance(store, LogitStore) else open_store(store)
+        if cache is not None:
+            self.store.use_cache(cache)
+        remote = "://" in self.store.path
+        self.read_ahead = READ_AHEAD["remote" if remote else "local"] if read_ahead is None else read_ahead
         m = self.store.manifest
         if dataset is not None and check:
             check_pairing(self.store, dataset)
@@ -151,8 +187,9 @@ class DistillStream(IterableDataset):
             return
         rng = np.random.default_rng([self.seed, self.epoch, shard, 1])
         carry = None
+        reader = read_ahead(self.store.read, blocks, self.read_ahead)
         for w in range(0, len(blocks), self.window_blocks):
-            reads = [self.store.read(a, b) for a, b in blocks[w:w + self.window_blocks]]
+            reads = [next(reader) for _ in blocks[w:w + self.window_blocks]]
             if carry is not None:
                 reads.insert(0, carry)
             window = _concat(reads)
@@ -169,9 +206,9 @@ class DistillStream(IterableDataset):
         ids, offsets = self.store.sequence_index()
         rng = np.random.default_rng([self.seed, self.epoch, shard, 1])
         carry: tuple[Block, np.ndarray, np.ndarray] | None = None
+        reader = read_ahead(self.store.read_sequences, blocks, self.read_ahead)
         for w in range(0, len(blocks), self.window_blocks):
-            parts = [(self.store.read_sequences(a, b), ids[a:b], np.diff(offsets[a:b + 1]))
-                     for a, b in blocks[w:w + self.window_blocks]]
+            parts = [(next(reader), ids[a:b], np.diff(offsets[a:b + 1])) for a, b in blocks[w:w + self.window_blocks]]
             if carry is not None:
                 parts.insert(0, carry)
             reads = [p[0] for p in parts]

@@ -11,9 +11,9 @@ from tests.conftest import run_kdcache
 @pytest.mark.slow
 def test_quick_bench_reports_every_figure(tmp_path):
     out = tmp_path / "bench.json"
-    p = run_kdcache("bench", "--quick", "--json", str(out), timeout=900)
+    p = run_kdcache("bench", "--quick", "--reps", "1", "--json", str(out), timeout=900)
     r = json.loads(out.read_text())
-    assert r["quick"] is True
+    assert r["quick"] is True and r["reps"] == 1
     assert {row["backend"] for row in r["store_read"]} == {"zarr", "hdf5"}
     assert all(row["block_ratio"] > 0 and row["stream_ratio"] > 0 for row in r["store_read"])
     assert [row["teacher"] for row in r["dump"]["ratio"]] == ["mnist 1200-1200", "3-member ensemble"]
@@ -27,6 +27,10 @@ def test_quick_bench_reports_every_figure(tmp_path):
     assert v["dump_per_view_over_bare_pass"] > 0 and [row["K"] for row in v["by_K"]] == [1, 4]
     assert [row["layout"] for row in v["sizes"]] == ["dense", "topk k=3"]
     assert all(row["bytes_per_sample_per_view"] > 0 for row in v["sizes"])
+    if "skipped" not in r["s3"]:
+        sides = [row["side"] for row in r["s3"]["stream"]]
+        assert sides == ["local", "s3_in_line", "s3_read_ahead", "s3_cached"] and r["s3"]["dump"]["s3_over_local"] > 0
+        assert r["s3"]["cache"]["hits"] > 0
     for title in ("store read", "dump-logits against a bare", "distilled training", "a sweep in one stacked pass",
                   "cached (one dump", "augmented views (jitter:2", "storage: bytes per sample"):
         assert title in p.stdout

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -164,3 +166,72 @@ def test_per_token_topk_encoded_where_the_teacher_ran_is_the_same_store(hf, tmp_
                                encode_on_device=flag))
     a, b = open_store(str(tmp_path / "False.zarr")), open_store(str(tmp_path / "True.zarr"))
     assert (a.digests() == b.digests()).all()
+
+
+def test_holdout_globs_and_paragraphs_split_a_corpus_of_files(hf, tmp_path):
+    from kdcache.integrations.hf import corpus_texts
+    texts = [json.loads(line)["text"] for line in open(hf["corpus"])]
+    spec = f"hf-text:{hf['corpus']}"
+    train, test = (corpus_texts(hf["corpus"], "text", spec, split, 5) for split in ("train", "test"))
+    assert test == texts[4::5] and len(train) + len(test) == len(texts) and not set(train) & set(test)
+    (tmp_path / "a.txt").write_text("first paragraph\nstill the first\n\nsecond one\n")
+    (tmp_path / "b.txt").write_text("third paragraph\n")
+    assert [t.strip() for t in corpus_texts(f"{tmp_path}/*.txt", "text", spec)] == [
+        "first paragraph\nstill the first", "second one", "third paragraph"]
+    with pytest.raises(SpecError, match="give holdout=N to hold out every N-th record as split=test"):
+        load_dataset(f"{_data(hf)},split=test")
+    a = load_dataset(f"{_data(hf)},holdout=5").dataset
+    b = load_dataset(f"{_data(hf)},holdout=5,split=test").dataset
+    assert a.tokens() + b.tokens() == load_dataset(_data(hf)).dataset.tokens()
+
+
+def test_a_teacher_placed_with_device_map_auto_dumps_the_same_store(hf, tmp_path):
+    pytest.importorskip("accelerate")
+    from kdcache.dump import DumpConfig, dump_logits
+    for name, spec in (("plain", f"hf:{hf['teacher']}"), ("mapped", f"hf:{hf['teacher']},device_map=auto")):
+        dump_logits(DumpConfig(teachers=[spec], dataset=_data(hf), out=str(tmp_path / f"{name}.zarr"), layout="topk",
+                               k=4, chunk_rows=200, batch_size=16, progress=False))
+    a, b = open_store(str(tmp_path / "plain.zarr")), open_store(str(tmp_path / "mapped.zarr"))
+    assert (a.digests() == b.digests()).all()
+    assert load_model(f"hf:{hf['teacher']},device_map=auto").module.placed
+
+
+@pytest.mark.slow
+def test_kill_minus_nine_then_resume_gives_the_same_hf_store(hf, tmp_path):
+    from kdcache.dump import DumpConfig, dump_logits
+    args = ["dump-logits", "--teacher", f"hf:{hf['teacher']}", "--dataset", _data(hf, seq=8), "--layout", "topk",
+            "--k", "4", "--chunk-rows", "16", "--batch-size", "4", "--device", "cpu"]
+    ref, out = str(tmp_path / "ref.zarr"), tmp_path / "killed.zarr"
+    dump_logits(DumpConfig(teachers=[args[2]], dataset=args[4], out=ref, layout="topk", k=4, chunk_rows=16,
+                           batch_size=4, device="cpu", progress=False))
+    chunks = open_store(ref).manifest.num_chunks
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "KDCACHE_DATA": DATA_ROOT}
+    proc = subprocess.Popen([sys.executable, "-m", "kdcache", *args, "--out", str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    written = out / "chunk_sha256" / "c"
+    deadline = time.time() + 120
+    while time.time() < deadline and sum(len(f) for _, _, f in os.walk(written)) < 3:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = int(open_store(str(out), allow_partial=True).written_chunks().sum())
+    assert 0 < done < chunks, (done, chunks)
+    assert f"{done} chunks kept from an earlier run" in run_kdcache(*args, "--out", str(out)).stdout
+    a, b = open_store(ref), open_store(str(out))
+    assert (a.digests() == b.digests()).all()
+    for name in a.manifest.data_arrays:
+        np.testing.assert_array_equal(a.read(0, a.num_samples).data[name], b.read(0, b.num_samples).data[name])
+
+
+def test_quick_hf_pipeline_trains_a_tokenizer_a_teacher_and_distils_students(tmp_path):
+    """The shipped pipeline, quick profile, from a copy of the repo's README: every step through hf: specs."""
+    (tmp_path / "README.md").write_text((ROOT / "README.md").read_text())
+    (tmp_path / "pipelines").mkdir()
+    (tmp_path / "pipelines" / "hf_causal_lm.yaml").write_text((ROOT / "pipelines" / "hf_causal_lm.yaml").read_text())
+    run_kdcache("run", "pipelines/hf_causal_lm.yaml", "--quick", cwd=str(tmp_path))
+    root = tmp_path / "runs" / "hf_causal_lm-quick"
+    report = (root / "report.md").read_text()
+    assert "perplexity" in report and report.count("hf:llama,hidden=16,layers=1,heads=2") == 5
+    assert open_store(str(root / "top8.zarr")).manifest.dataset["tokenizer"]["size"] == 400
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(root / "teacher" / "hf")
+    assert teacher.config.vocab_size == 400 and (root / "from-sampled16" / "T2-a0.9-s0" / "hf").is_dir()

@@ -5,18 +5,22 @@ text corpora read with ``datasets`` and tokenized with the teacher's tokenizer (
 
 Model specs:
 
-- ``hf:PATH_OR_NAME[,dtype=bf16|fp16|fp32]``: ``AutoModelForCausalLM.from_pretrained`` (a local
-  directory, or a hub name where the machine reaches the hub); the module maps input ids
-  ``[B, L]`` to logits ``[B, L, vocab]`` (float32).
+- ``hf:PATH_OR_NAME[,dtype=bf16|fp16|fp32][,device_map=auto]``: ``AutoModelForCausalLM.from_pretrained``
+  (a local directory, or a hub name where the machine reaches the hub); the module maps input ids
+  ``[B, L]`` to logits ``[B, L, vocab]`` (float32). ``device_map=auto`` spreads a teacher too large
+  for one GPU over the GPUs of the machine (accelerate); kdcache then leaves its placement alone.
 - ``hf:llama,hidden=H,layers=N,heads=A[,intermediate=I][,kv_heads=K][,context=C]``: a fresh Llama-style
   model from a config, its vocabulary the dataset's (a student trained from scratch). kdcache's
   checkpoint of it records this spec, so it loads without unpickling; ``train-student`` also writes
   ``hf/`` beside it with ``save_pretrained`` (safetensors) and the tokenizer, for plain ``transformers``.
 
-Dataset spec: ``hf-text:PATH[,tokenizer=PATH][,field=text][,seq=N][,split=train]`` (see :class:`HFText`).
+Dataset spec: ``hf-text:PATH[,tokenizer=PATH][,field=text][,seq=N][,split=train][,holdout=N]`` (see
+:class:`HFText`). :func:`train_tokenizer` (``kdcache train-tokenizer``) makes a byte-level BPE tokenizer
+from such a corpus, for a teacher trained from scratch.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 from pathlib import Path
@@ -62,16 +66,23 @@ class CausalLM(nn.Module):
     ``[B, L, vocab]`` (float32) out. Padding is on the right, so causal attention never lets it
     change a real position's logits."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, placed: bool = False) -> None:
         super().__init__()
         self.model = model
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
+        # placed by accelerate (device_map=): inputs go to the first layer's device; .to() leaves it alone
+        self.placed = placed
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "CausalLM":
+        return self if self.placed else super()._apply(fn, recurse)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.max_positions is not None and input_ids.shape[1] > self.max_positions:
             from kdcache.errors import KdcacheError
             raise KdcacheError(f"sequences of {input_ids.shape[1]} tokens but the model's context is "
                                f"{self.max_positions}; give the dataset seq={self.max_positions} or less")
+        if self.placed:
+            input_ids = input_ids.to(self.model.get_input_embeddings().weight.device)
         return self.model(input_ids=input_ids.long()).logits.float()
 
 
@@ -86,8 +97,15 @@ def build_model(spec: str, num_classes: int | None) -> nn.Module:
     if head == "llama":
         return CausalLM(_from_config(transformers, spec, kv, num_classes))
     dtype = kv.pop("dtype", "fp32")
+    device_map = kv.pop("device_map", None)
     if kv or dtype not in DTYPES:
-        raise SpecError(f"model spec {spec!r}: options are dtype=bf16|fp16|fp32 (got {kv or dtype})")
+        raise SpecError(f"model spec {spec!r}: options are dtype=bf16|fp16|fp32 and device_map=auto "
+                        f"(got {kv or dtype})")
+    if device_map is not None:
+        try:
+            import accelerate  # noqa: F401
+        except ImportError:
+            raise SpecError(f"model spec {spec!r}: device_map needs accelerate: pip install 'kdcache[hf]'") from None
     path = Path(head)
     if not path.exists() and (head.startswith((".", "/")) or head.count("/") != 1):
         raise SpecError(f"model spec {spec!r}: {head} does not exist; give a directory written by save_pretrained "
@@ -97,13 +115,14 @@ def build_model(spec: str, num_classes: int | None) -> nn.Module:
     except Exception as e:
         raise SpecError(f"model spec {spec!r}: no transformers config there ({_first(e)})") from None
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(head, dtype=DTYPES[dtype])
+        placement = {} if device_map is None else {"device_map": device_map}
+        model = transformers.AutoModelForCausalLM.from_pretrained(head, dtype=DTYPES[dtype], **placement)
     except ValueError as e:
         raise SpecError(f"model spec {spec!r}: {type(config).__name__} is not a causal language model "
                         f"({_first(e)}); kdcache's hf: teachers are AutoModelForCausalLM models") from None
     except Exception as e:
         raise SpecError(f"model spec {spec!r}: cannot be loaded ({_first(e)})") from None
-    return CausalLM(model)
+    return CausalLM(model, placed=device_map is not None)
 
 
 def _from_config(transformers: Any, spec: str, kv: dict[str, str], num_classes: int | None) -> nn.Module:
@@ -186,11 +205,15 @@ def with_tokenizer(dataset_spec: str | None, teachers: list[str] | None = None, 
 
 
 class HFText(TokenWindows):
-    """``hf-text:PATH[,tokenizer=PATH][,field=text][,seq=N][,split=train]``: a corpus read with
-    ``datasets`` (JSON/JSONL, Parquet, plain text, or a ``save_to_disk`` directory), each record's
-    ``field`` tokenized with the tokenizer and cut into windows of at most ``seq + 1`` tokens, one
-    sequence each: inputs its first tokens, per-position labels the next ones (a row per real
-    position in a store; padding is never a row). ``num_classes`` is the tokenizer's size."""
+    """``hf-text:PATH[,tokenizer=PATH][,field=text][,seq=N][,split=train][,holdout=N]``: a corpus read
+    with ``datasets`` (JSON/JSONL, Parquet, plain text a paragraph per record, or a ``save_to_disk``
+    directory; PATH may be a glob of files of one format), each record's ``field`` tokenized with the
+    tokenizer and cut into windows of at most ``seq + 1`` tokens, one sequence each: inputs its first
+    tokens, per-position labels the next ones (a row per real position in a store; padding is never a
+    row). ``num_classes`` is the tokenizer's size.
+
+    ``split`` names a split of a ``save_to_disk`` directory. Files have one split; ``holdout=N`` makes
+    every N-th record the ``test`` split and the others ``train``."""
 
     def __init__(self, spec: str) -> None:
         _require()
@@ -200,21 +223,23 @@ class HFText(TokenWindows):
         split = kv.pop("split", "train")
         try:
             seq = int(kv.pop("seq", "128"))
+            holdout = int(kv.pop("holdout", "0"))
         except ValueError:
-            raise SpecError(f"dataset spec {spec!r}: seq is an integer") from None
+            raise SpecError(f"dataset spec {spec!r}: seq and holdout are integers") from None
         if kv:
-            raise SpecError(f"dataset spec {spec!r}: unknown keys {sorted(kv)}; known: tokenizer, field, seq, split")
+            raise SpecError(f"dataset spec {spec!r}: unknown keys {sorted(kv)}; known: tokenizer, field, seq, split, "
+                            f"holdout")
+        if holdout == 1 or holdout < 0 or (holdout and split not in ("train", "test")):
+            raise SpecError(f"dataset spec {spec!r}: holdout=N takes every N-th record (N >= 2) as split=test, the "
+                            f"rest as split=train")
         if not tok_path:
             raise SpecError(f"dataset spec {spec!r}: give tokenizer=PATH (dump-logits takes the one saved beside an "
                             f"hf: teacher)")
         if seq < 1:
             raise SpecError(f"dataset spec {spec!r}: seq must be at least 1")
         self.tokenizer = load_tokenizer(tok_path, spec)
-        records = _records(path, split, spec)
-        if field not in records.column_names:
-            raise SpecError(f"dataset spec {spec!r}: the corpus has no field {field!r}; its fields are "
-                            f"{', '.join(records.column_names)} (give field=NAME)")
-        ids = self.tokenizer(list(records[field]), add_special_tokens=True)["input_ids"]
+        texts = corpus_texts(path, field, spec, split, holdout)
+        ids = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
         windows = [np.asarray(t[a:a + seq + 1], dtype=np.int64) for t in ids for a in range(0, max(len(t) - 1, 0), seq)]
         windows = [w for w in windows if len(w) >= 2]
         if not windows:
@@ -227,29 +252,72 @@ class HFText(TokenWindows):
         return {"tokenizer": tokenizer_identity(self.tokenizer)}
 
 
-def _records(path: str, split: str, spec: str) -> Any:
+def corpus_texts(path: str, field: str, spec: str, split: str = "train", holdout: int = 0) -> list[str]:
+    """The ``field`` of every record of the corpus at ``path`` in ``split`` (see :class:`HFText`)."""
+    records = _records(path, split, spec, single_split=bool(holdout))
+    if field not in records.column_names:
+        raise SpecError(f"dataset spec {spec!r}: the corpus has no field {field!r}; its fields are "
+                        f"{', '.join(records.column_names)} (give field=NAME)")
+    texts = list(records[field])
+    if holdout:
+        texts = [t for i, t in enumerate(texts) if (i % holdout == holdout - 1) == (split == "test")]
+    return texts
+
+
+def _records(path: str, split: str, spec: str, single_split: bool = False) -> Any:
     import datasets
     datasets.disable_progress_bars()
     p = Path(path)
-    if not p.exists():
+    files = sorted(glob.glob(path)) if any(c in path for c in "*?[") else [path] if p.exists() else []
+    if not files:
         raise SpecError(f"dataset spec {spec!r}: {path} does not exist")
     try:
         if p.is_dir():
             loaded = datasets.load_from_disk(str(p))
             if isinstance(loaded, datasets.DatasetDict):
+                if single_split:
+                    raise SpecError(f"dataset spec {spec!r}: {path} has splits {', '.join(loaded)}; holdout= is "
+                                    f"for corpora of one split")
                 if split not in loaded:
                     raise SpecError(f"dataset spec {spec!r}: {path} has splits {', '.join(loaded)}, not {split!r}")
                 return loaded[split]
             return loaded
-        kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".arrow": "arrow"}.get(p.suffix)
+        kinds = {Path(f).suffix for f in files}
+        kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".md": "text", ".arrow": "arrow"}.get(
+            kinds.pop() if len(kinds) == 1 else "")
         if kind is None:
-            raise SpecError(f"dataset spec {spec!r}: cannot tell the format of {path}; use .jsonl/.json, .parquet, "
-                            f".txt, .arrow or a save_to_disk directory")
-        return datasets.load_dataset(kind, data_files=str(p), split="train")
+            raise SpecError(f"dataset spec {spec!r}: cannot tell the format of {path}; use .jsonl/.json, .parquet, .txt/.md, "
+                            f".arrow files (one format) or a save_to_disk directory")
+        if split != "train" and not single_split:
+            raise SpecError(f"dataset spec {spec!r}: files have one split, train; give holdout=N to hold out every "
+                            f"N-th record as split=test")
+        extra = {"sample_by": "paragraph"} if kind == "text" else {}
+        return datasets.load_dataset(kind, data_files=files, split="train", **extra)
     except SpecError:
         raise
     except Exception as e:
         raise SpecError(f"dataset spec {spec!r}: {path} cannot be read ({_first(e)})") from None
+
+
+def train_tokenizer(corpus: str, vocab: int, out: Path, field: str = "text") -> Any:
+    """A byte-level BPE tokenizer of ``vocab`` tokens trained on the corpus (``hf-text:`` paths and
+    formats), with ``<pad>``, ``<unk>`` and ``<eos>``; saved to ``out`` with ``save_pretrained``."""
+    transformers = _require()
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    spec = f"hf-text:{corpus}"
+    texts = corpus_texts(corpus, field, spec)
+    if not any(t.strip() for t in texts):
+        raise SpecError(f"train-tokenizer: {corpus} has no text in field {field!r}")
+    special = ["<pad>", "<unk>", "<eos>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=special, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                                eos_token="<eos>")
+    fast.save_pretrained(out)
+    return fast
 
 
 def _first(e: BaseException) -> str:

@@ -99,6 +99,9 @@ class HDF5Backend:
     def read_into(self, name: str, start: int, stop: int) -> np.ndarray:
         return self.file[name][start:stop]
 
+    def read_many(self, names: list[str], start: int, stop: int) -> list[np.ndarray]:
+        return [self.file[n][start:stop] for n in names]
+
     def flush(self) -> None:
         self.file.flush()
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -11,6 +12,7 @@ from kdcache.errors import StoreError
 from kdcache.store.format import (ARRAYS, FORMAT_VERSION, MANIFEST_DIGEST_KEY, SEQUENCE_ARRAYS, Manifest, chunk_digest,
                                   manifest_digest)
 from kdcache.store.hdf5_store import HDF5Backend
+from kdcache.store.remote import remote_problem
 from kdcache.store.zarr_store import ZarrBackend
 
 BACKENDS = {"zarr": ZarrBackend, "hdf5": HDF5Backend}
@@ -68,28 +70,32 @@ class LogitStore:
         self.allow_partial = allow_partial
         self.writable = writable
         self._seq_index: tuple[np.ndarray, np.ndarray] | None = None
+        self.cache: Any = None  # a BlockCache (use_cache)
         cls = BACKENDS[self.format]
         if _backend is None:
-            if not cls.exists(self.path):
+            if not _exists(cls, self.path):
                 raise StoreError(f"store {self.path!r} does not exist; create it with `kdcache dump-logits`")
             try:
                 _backend = cls(self.path, "r+" if writable else "r")
             except StoreError:
                 raise
             except Exception as e:
-                raise StoreError(f"{self.path}: cannot be opened as a {self.format} store ({e}); "
-                                 f"is it a kdcache store, and was it written completely?") from None
+                raise StoreError(f"{self.path}: " + (remote_problem(self.path, e) or
+                                 f"cannot be opened as a {self.format} store ({e}); is it a kdcache store, and was "
+                                 f"it written completely?")) from None
         self._b = _backend
         self._verified: set[int] = set()   # chunks whose sha256 this process has checked on read
         self._stored_digests: np.ndarray | None = None
+        self._digests_lock = threading.Lock()  # read-ahead threads share this store
         try:
             raw = self._b.read_manifest()
             digest = self._b.read_manifest_digest()
         except StoreError:
             raise
         except Exception as e:
-            raise StoreError(f"{self.path}: its manifest cannot be read ({_first_line(e)}); the store is damaged, "
-                             f"re-dump it") from None
+            raise StoreError(f"{self.path}: " + (remote_problem(self.path, e) or
+                             f"its manifest cannot be read ({_first_line(e)}); the store is damaged, re-dump it")) \
+                from None
         if raw is None:
             raise StoreError(f"{self.path}: no {('kdcache')!r} manifest attribute; this is not a kdcache store "
                              f"(or its creation was interrupted: re-dump with --overwrite)")
@@ -141,10 +147,19 @@ class LogitStore:
                 f"{m.dtype}, complete={m.complete})")
 
     def __getstate__(self) -> dict:
-        return {"path": self.path, "format": self.format, "allow_partial": self.allow_partial}
+        return {"path": self.path, "format": self.format, "allow_partial": self.allow_partial, "cache": self.cache}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["path"], state["format"], allow_partial=state["allow_partial"])
+        self.cache = state.get("cache")
+
+    def use_cache(self, cache: Any, max_bytes: int | str = "10GB") -> None:
+        """Keep the blocks this store reads in a local :class:`~kdcache.store.block_cache.BlockCache`
+        (or a directory for one), so that they are read from there the next time. Complete stores
+        only (a partial store is still being written)."""
+        from kdcache.store.block_cache import BlockCache
+        if self.manifest.complete:
+            self.cache = cache if isinstance(cache, BlockCache) else BlockCache(cache, max_bytes)
 
     def close(self) -> None:
         self._b.close()
@@ -165,6 +180,9 @@ class LogitStore:
         try:
             return self._b.read_into(name, start, stop)
         except Exception as e:
+            far = remote_problem(self.path, e)
+            if far:
+                raise StoreError(f"{self.path}: reading {name!r} rows {start}:{stop} failed: {far}") from None
             cr = self.manifest.chunk_rows if name in (*self.manifest.data_arrays, "sample_ids", "labels") else None
             where = f"rows {start}:{stop}" + (f" (chunks {start // cr}-{max(start, stop - 1) // cr})" if cr else "")
             raise StoreError(f"{self.path}: array {name!r}, {where} cannot be read ({_first_line(e)}); the store is "
@@ -181,18 +199,35 @@ class LogitStore:
         stop = min(stop, self.num_samples)
         if not 0 <= start <= stop:
             raise StoreError(f"{self.path}: rows {start}:{stop} are outside 0:{self.num_samples}")
-        data = {a: self._read(a, start, stop) for a in self.manifest.data_arrays}
-        block = Block(start, data, self._read("sample_ids", start, stop), self._read("labels", start, stop))
+        key = None
+        if self.cache is not None and check and stop > start:
+            cr = self.manifest.chunk_rows
+            key = self.cache.key(self.path, start, stop, self._digests_cached()[start // cr:-(-stop // cr)])
+            hit = self.cache.get(key)
+            if hit is not None:
+                return Block(start, {a: hit[a] for a in self.manifest.data_arrays}, hit["sample_ids"], hit["labels"])
+        names = [*self.manifest.data_arrays, "sample_ids", "labels"]
+        try:
+            arrays = dict(zip(names, self._b.read_many(names, start, stop)))
+        except Exception:  # read them one by one: the failure, named by array and chunk
+            arrays = {a: self._read(a, start, stop) for a in names}
+        block = Block(start, {a: arrays[a] for a in self.manifest.data_arrays}, arrays["sample_ids"], arrays["labels"])
         if check:
             self._check_read(block)
+        if key is not None:
+            self.cache.put(key, {**block.data, "sample_ids": block.sample_ids, "labels": block.labels})
         return block
+
+    def _digests_cached(self) -> np.ndarray:
+        with self._digests_lock:
+            if self._stored_digests is None:
+                self._stored_digests = self.digests()
+        return self._stored_digests
 
     def _check_read(self, block: Block) -> None:
         m = self.manifest
         cr = m.chunk_rows
-        if self._stored_digests is None:
-            self._stored_digests = self.digests()
-        stored = self._stored_digests
+        stored = self._digests_cached()
         stop = block.start + len(block)
         for c in range(block.start // cr, -(-stop // cr)):
             if c in self._verified or not stored[c].any():
@@ -476,9 +511,25 @@ class LogitStore:
 
 def write_failure(path: str, what: str, e: BaseException) -> str:
     """The one line for a write that failed (a full disk, a file-size limit, a lost connection)."""
+    far = remote_problem(path, e)
+    if far:
+        return (f"{path}: writing {what} failed: {far}; the chunks written before are kept: run the same command "
+                f"again to resume")
     reason = getattr(e, "strerror", None) or _first_line(e)
     return (f"{path}: writing {what} failed ({reason}); the chunks written before are kept: free space (or raise "
             f"the limit) and run the same command again to resume")
+
+
+def _exists(cls: Any, path: str) -> bool:
+    try:
+        return cls.exists(path)
+    except StoreError:
+        raise
+    except Exception as e:
+        problem = remote_problem(path, e)
+        if problem is None:
+            raise
+        raise StoreError(f"{path}: {problem}") from None
 
 
 def _first_line(e: BaseException) -> str:
@@ -519,7 +570,7 @@ def create_store(path: str | os.PathLike, manifest: Manifest, fmt: str | None = 
     path = str(path)
     fmt = detect_format(path, fmt)
     cls = BACKENDS[fmt]
-    if cls.exists(path):
+    if _exists(cls, path):
         try:
             existing = LogitStore(path, fmt, allow_partial=True, writable=True)
         except StoreError as e:

@@ -13,7 +13,7 @@ AMP_MODES = ("off", "bf16")
 
 # Options that do not change what is trained: a run resumed with other values of these continues the
 # same training (see kdcache.train.checkpoint).
-NOT_IDENTITY = ("overwrite", "progress", "device", "checkpoint_every")
+NOT_IDENTITY = ("overwrite", "progress", "device", "checkpoint_every", "remote_cache", "remote_cache_size")
 
 
 @dataclass
@@ -51,6 +51,8 @@ class TrainConfig:
     eval_store: str | None = None
     data_seed: int = 0
     allow_interpolation: bool = False
+    remote_cache: str | None = None           # a directory keeping a remote store's blocks on local disk
+    remote_cache_size: str = "10GB"           # its bound
     sweep_dirs: bool | None = None            # a sub-directory per run; default: when there are several
     stack: bool = True                        # students of one architecture train as one stacked model
     stack_group: int | None = None            # at most this many students per stack; default: what memory allows

@@ -53,6 +53,8 @@ def open_training_data(c: TrainConfig, device: torch.device | None = None) -> Tr
         _check_student_tokenizer(c.student, store.manifest.dataset, c.store)
         if c.members is not None:
             teacher_log_probs(torch.zeros(1, store.num_members, num_classes), 1.0, c.ensemble, c.members)
+        if c.remote_cache:
+            store.use_cache(c.remote_cache, c.remote_cache_size)
         stream: Any = DistillStream(store, data, c.batch_size, seed=c.data_seed, check=False, return_ids=True,
                                     allow_interpolation=c.allow_interpolation)
         _check_sparse_settings(store, c)

@@ -129,6 +129,9 @@ class StackedStudents:
         params, buffers = stack_module_state(modules)
         self.params = {k: v.detach().to(device).requires_grad_() for k, v in params.items()}
         self.buffers = {k: v.to(device) for k, v in buffers.items()}
+        # buffers a state dict holds (not the non-persistent ones, such as rotary tables rebuilt on load)
+        kept = set(self.scratch.state_dict())
+        self.saved_buffers = [k for k in self.buffers if k in kept]
         self.training = True
         plan = _mlp_plan(modules[0])
         if plan is not None:
@@ -197,7 +200,7 @@ class StackedStudents:
         """Student ``j`` as a plain module (one shared scratch module: use it before asking for another)."""
         with torch.no_grad():
             self.scratch.load_state_dict({**{k: v[j] for k, v in self.params.items()},
-                                          **{k: v[j] for k, v in self.buffers.items()}})
+                                          **{k: self.buffers[k][j] for k in self.saved_buffers}})
         return self.scratch
 
     def state(self) -> dict[str, torch.Tensor]:

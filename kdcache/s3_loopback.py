@@ -1,0 +1,123 @@
+"""A real S3 endpoint on the loopback interface, for tests and ``kdcache bench``: moto's threaded
+server in a child process, spoken to over HTTP like any object store (nothing is mocked inside the
+process that uses it). The child keeps its buckets while its HTTP server is stopped and started
+again, which is how a network failure in the middle of a dump is staged.
+
+    with LoopbackS3() as s3:
+        s3.make_bucket("logits")
+        env = s3.env          # AWS_ENDPOINT_URL, credentials and region for child processes
+        s3.pause(); s3.resume()
+
+Needs ``moto[server]`` (the ``test`` extra) and ``s3fs`` (the ``s3`` extra).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from typing import Any
+
+from kdcache.errors import KdcacheError
+
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "kdcache", "AWS_SECRET_ACCESS_KEY": "kdcache", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LoopbackS3:
+    """moto's S3 on ``http://127.0.0.1:PORT`` in a child process; see the module docstring."""
+
+    def __init__(self, port: int | None = None) -> None:
+        try:
+            import moto  # noqa: F401
+        except ImportError:
+            raise KdcacheError("a loopback S3 endpoint needs moto: pip install 'moto[server]'") from None
+        self.port = port or _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "kdcache.s3_loopback", str(self.port)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env={**os.environ, **CREDENTIALS})
+        self._expect("started", "start")
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment variables that point boto3/s3fs (and so kdcache) at this endpoint."""
+        return {**CREDENTIALS, "AWS_ENDPOINT_URL": self.url}
+
+    def _send(self, command: str, answer: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        self._expect(answer, command)
+
+    def _expect(self, answer: str, command: str) -> None:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if line != answer:
+            raise KdcacheError(f"the loopback S3 server on port {self.port} answered {line or 'nothing'!r} to "
+                               f"{command!r}")
+
+    def make_bucket(self, name: str) -> None:
+        self._send(f"bucket {name}", "ok")
+
+    def pause(self) -> None:
+        """Stop answering HTTP (connections are refused); buckets and objects are kept."""
+        self._send("stop", "stopped")
+
+    def resume(self) -> None:
+        self._send("start", "started")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self._send("quit", "bye")
+            except (BrokenPipeError, KdcacheError, AssertionError):
+                pass
+            self.proc.wait(timeout=30)
+
+    def __enter__(self) -> "LoopbackS3":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _serve(port: int) -> None:
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+    from werkzeug.serving import WSGIRequestHandler
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    WSGIRequestHandler.protocol_version = "HTTP/1.1"  # keep connections open between requests, as S3 does
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    print("started", flush=True)
+    for line in sys.stdin:
+        command, _, arg = line.strip().partition(" ")
+        if command == "stop":
+            server.stop()
+            print("stopped", flush=True)
+        elif command == "start":
+            server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+            server.start()
+            print("started", flush=True)
+        elif command == "bucket":
+            try:
+                boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}").create_bucket(Bucket=arg)
+                print("ok", flush=True)
+            except Exception as e:
+                print(f"error {e}".replace("\n", " "), flush=True)
+        elif command == "quit":
+            break
+    server.stop()
+    print("bye", flush=True)
+
+
+if __name__ == "__main__":
+    _serve(int(sys.argv[1]))
