@@ -371,25 +371,22 @@ def _hf_teacher(work: Path, vocab: int, hidden: int, layers: int, paragraphs: in
     """A Llama-style teacher built from a config (random weights: the cost is what is measured) and a BPE
     tokenizer trained on kdcache's own documentation; returns (model spec, corpus path)."""
     import json as _json
-    import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from kdcache.integrations.hf import _require, train_tokenizer
+    transformers = _require()
     root = Path(__file__).resolve().parent
     texts = [t.strip() for f in (root.parent / "README.md", root / "store" / "FORMAT.md") if f.exists()
              for t in f.read_text().split("\n\n") if len(t.strip()) > 20]
     texts = (texts * (paragraphs // max(1, len(texts)) + 1))[:paragraphs]
     corpus = work / "hf-corpus.jsonl"
     corpus.write_text("".join(_json.dumps({"text": t}) + "\n" for t in texts))
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=2000, special_tokens=["<pad>", "<unk>"]))
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+    path = work / "hf-teacher"
+    train_tokenizer(str(corpus), 2000, path)
     config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
                                       num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
                                       max_position_embeddings=512)
     torch.manual_seed(0)
-    path = work / "hf-teacher"
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    fast.save_pretrained(path)
     return f"hf:{path}", str(corpus)
 
 
@@ -403,7 +400,7 @@ def bench_hf(p: Profile, work: Path, device: str) -> dict[str, Any]:
     from torch.utils.data import DataLoader
     from kdcache.distributed import resolve_device
     from kdcache.dump import DumpConfig, _Batches, _SequenceChunkBatches, _token_unit_chunks, dump_logits, prepare
-    vocab, hidden, layers, paragraphs = (2048, 64, 2, 60) if p.quick else (32000, 512, 8, 600)
+    vocab, hidden, layers, paragraphs = (2048, 64, 2, 60) if p.quick else (32000, 512, 8, 200)
     teacher, corpus = _hf_teacher(work, vocab, hidden, layers, paragraphs)
     dev = resolve_device(device)
     rows = []

@@ -170,6 +170,9 @@ def dump_logits_cmd(**kw: Any) -> None:
 @click.option("--lr", "lrs", default="0.05", show_default=True, help="Learning rate, or a list for a sweep.")
 @click.option("--momentum", type=float, default=0.9, show_default=True)
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--max-norm", type=click.FloatRange(0, min_open=True), default=None,
+              help="Cap each unit's incoming weight vector at this L2 norm after every step (max-norm, used with "
+                   "dropout; the paper's teacher had it: 3.5 is usual).")
 @click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True)
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
 @click.option("--input-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
@@ -332,9 +335,57 @@ def train_tokenizer_cmd(corpus: str, vocab: int, field: str, out: str, overwrite
     click.echo(f"wrote a tokenizer of {len(tok)} tokens to {out}")
 
 
+@cli.command("evaluate")
+@click.argument("model")
+@click.option("--dataset", required=True, help="Dataset spec to evaluate on, e.g. mnist:test.")
+@click.option("--eval-store", default=None, help="The teacher's logits on that dataset: agreement with the teacher.")
+@click.option("--class-bias", "class_bias", multiple=True, metavar="C=B",
+              help="Add B to class C's logit before the argmax (repeatable); C=auto picks B on --tune-dataset.")
+@click.option("--tune-dataset", default=None, help="Held-out labelled data for --class-bias C=auto.")
+@click.option("--tune-subset", default=None, help="Rows of --tune-dataset, e.g. 50000:60000.")
+@click.option("--ensemble", type=click.Choice(["mean-prob", "mean-logit"]), default="mean-prob", show_default=True)
+@click.option("--members", default=None, help="With --eval-store: these ensemble members only, e.g. 0,2.")
+@click.option("--batch-size", type=click.IntRange(1), default=2048, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "json_path", default=None, help="Write the results here as JSON.")
+@data_root_option
+@storage_option
+@_friendly
+def evaluate_cmd(model: str, json_path: str | None, members: str | None, class_bias: tuple[str, ...],
+                 **kw: Any) -> None:
+    """Evaluate a checkpoint, TorchScript, torch.export or hf: model on a dataset: test errors, accuracy,
+    errors per class and agreement with the teacher, with optional per-class logit biases.
+
+    \b
+    kdcache evaluate runs/mnist_hinton/distilled/T20-a0.9-s0 --dataset mnist:test --json eval.json
+    kdcache evaluate runs/omitted/student --dataset mnist:test --class-bias 3=auto \\
+        --tune-dataset mnist:train --tune-subset 50000:60000
+    """
+    from pathlib import Path
+    from kdcache.evaluate import EvalConfig, evaluate
+    result = evaluate(EvalConfig(model=model, members=_ints(members, "--members"), class_bias=list(class_bias), **kw))
+    for t in result.get("tuned", []):
+        click.echo(f"class {t['class']}: bias {t['bias']:g} chosen on {t['tune_samples']} held-out rows "
+                   f"({t['tune_errors_at_0']} -> {t['tune_errors']} errors there)")
+    line = f"{model} on {kw['dataset']}: {result.get('eval_errors')} errors of {result['eval_samples']}"
+    if "eval_accuracy" in result:
+        line += f", accuracy {result['eval_accuracy']:.4f}"
+    if "teacher_agreement" in result:
+        line += f", teacher agreement {result['teacher_agreement']:.4f}"
+    click.echo(line)
+    if "errors_by_class" in result and len(result["errors_by_class"]) <= 20:
+        click.echo("errors by class: " + ", ".join(f"{c}: {e}/{n}" for c, (e, n) in
+                                                   enumerate(zip(result["errors_by_class"], result["samples_by_class"]))))
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+
+
 @cli.command("report")
 @click.argument("run_dirs", nargs=-1, required=True)
-@click.option("--out", default=None, help="Write the markdown here as well as to the terminal.")
+@click.option("--out", default=None,
+              help="Write the markdown here as well as to the terminal, and report.json (every run, its role and "
+                   "results) beside it.")
 @click.option("--plot", "plot_path", default=None, help="PNG of test error against T (needs matplotlib).")
 @click.option("--role", "roles", multiple=True, help="ROLE=DIR for --paper: teacher, baseline, distilled.")
 @click.option("--paper", default=None, help="Put a paper's figures side by side: hinton-mnist.")

@@ -237,24 +237,26 @@ class _Writer(threading.Thread):
         v = None if self._parts[0][2] is None else np.concatenate([p[2] for p in self._parts])
         self._parts = []
         cr = self.store.manifest.chunk_rows
-        for a in range(0, len(y), cr):  # a unit is one chunk, or for per-token stores a group of them
-            c = (start + a) // cr
-            if self.written[c]:
-                continue  # written by an earlier run: a partly written group is recomputed, never rewritten
-            yc = y[a:a + cr]
-            ids = (self.rows[start + a:start + a + len(yc)] if self.index is None
-                   else self.index.sample_ids(start + a, start + a + len(yc)))
+        # a unit is one chunk, or for per-token stores a group of them: its runs of chunks not written by an
+        # earlier run are written one write per run (a partly written group is recomputed, never rewritten)
+        first = start // cr
+        todo = ~self.written[first:first + -(-len(y) // cr)]
+        for c0, c1 in _runs(todo):
+            a, b = c0 * cr, min(c1 * cr, len(y))
+            yc = y[a:b]
+            ids = (self.rows[start + a:start + b] if self.index is None
+                   else self.index.sample_ids(start + a, start + b))
             if encoded:
-                data = {k: arr[a:a + cr] for k, arr in z.items() if not k.startswith("_")}
-                top1, ens_top1 = z["_top1"][a:a + cr], z["_ens_top1"][a:a + cr]
+                data = {k: arr[a:b] for k, arr in z.items() if not k.startswith("_")}
+                top1, ens_top1 = z["_top1"][a:b], z["_ens_top1"][a:b]
             else:
-                zc = z[a:a + cr]
-                data = self.encode(c, zc)
+                zc = z[a:b]
+                data = self._encode(first + c0, zc)
                 top1 = zc.argmax(-1)
                 # one member: the ensemble is the member (no softmax over the chunk on the writer's time)
                 ens_top1 = top1[:, 0] if zc.shape[1] == 1 else _mean_prob(zc.astype(np.float32)).argmax(-1)
             if v is not None:  # a store with views: each row's view parameters beside its logits
-                data = {**(data if isinstance(data, dict) else {"logits": data}), "view_params": v[a:a + cr]}
+                data = {**(data if isinstance(data, dict) else {"logits": data}), "view_params": v[a:b]}
             self.store.write_block(start + a, data, ids, yc)
             self.rows_written += len(yc)
             has = yc >= 0
@@ -263,11 +265,26 @@ class _Writer(threading.Thread):
                 self.correct[-1] += (ens_top1[has] == yc[has]).sum()
                 self.labelled += int(has.sum())
 
+    def _encode(self, chunk: int, z: np.ndarray) -> Any:
+        """The layout's arrays for the rows of consecutive chunks from ``chunk`` (sampled draws are seeded
+        chunk by chunk, so that a resumed or multi-process dump draws the same)."""
+        cr = self.store.manifest.chunk_rows
+        if self.store.manifest.layout != "sampled" or len(z) <= cr:
+            return self.encode(chunk, z)
+        parts = [self.encode(chunk + i, z[a:a + cr]) for i, a in enumerate(range(0, len(z), cr))]
+        return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+
     def finish(self) -> None:
         self.q.put(None)
         self.join()
         if self.error is not None:
             raise self.error
+
+
+def _runs(todo: np.ndarray) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each run of True in ``todo``."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], todo, [False]]).astype(np.int8)))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
 
 
 def _nbytes(logits: Any) -> int:
@@ -278,9 +295,10 @@ def encode_topk(z: torch.Tensor, k: int, temperatures: list[float]) -> dict[str,
     """The top-k layout's arrays of ``z [rows, members, classes]`` where ``z`` is (on the teacher's
     device: only k values and ids and a few normalisers per row go to the host), with the top-1 of
     each member and of the ensemble for the dump's accuracy. The same arithmetic as ``topk_rows``."""
+    from kdcache.sparse import log_normalizers
     z = z.float()
     values, ids = z.topk(k, dim=-1)
-    lse = torch.stack([torch.logsumexp(z / t, dim=-1) for t in temperatures], dim=-1)
+    lse = log_normalizers(z, temperatures, block_rows=max(1, z.numel() // z.shape[-1]) if z.is_cuda else 32)
     ens = ids[:, 0, 0] if z.shape[1] == 1 else torch.softmax(z, dim=-1).mean(1).argmax(-1)
     return {"topk_values": values, "topk_ids": ids.to(torch.int32), "log_normalizers": lse, "_top1": ids[..., 0],
             "_ens_top1": ens}

@@ -17,7 +17,7 @@ from kdcache.errors import ConfigError, KdcacheError
 
 TOP_KEYS = {"pipeline", "description", "vars", "profiles", "steps", "state_dir"}
 STEP_KEYS = {"name", "command", "with"}
-COMMANDS = ("train-student", "dump-logits", "report", "convert", "inspect", "verify", "train-tokenizer")
+COMMANDS = ("train-student", "dump-logits", "report", "convert", "inspect", "verify", "train-tokenizer", "evaluate")
 LIST_OPTIONS = {"temperatures", "alphas", "seeds", "lrs", "members"}  # comma-separated on the command line
 REF = re.compile(r"\$\{(vars|steps)\.([A-Za-z0-9_-]+)(?:\.([A-Za-z0-9_-]+))?\}")
 
@@ -297,7 +297,7 @@ class Runner:
             stamp = self._read_stamp(step)
             out = step.options.get("out") or step.options.get("dst")
             exists = out is not None and Path(str(out)).exists()
-            if step.command in ("report", "inspect", "verify"):
+            if step.command in ("report", "inspect", "verify", "evaluate"):
                 actions.append(Action(step, "run", digest, base, detail="always runs (cheap)"))
                 continue
             if step.command == "dump-logits" and out in (None, "cache"):

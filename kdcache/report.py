@@ -45,6 +45,33 @@ def collect_runs(dirs: list[str]) -> list[dict[str, Any]]:
     return runs
 
 
+def assign_roles(runs: list[dict[str, Any]], roles: dict[str, str] | None = None) -> None:
+    """Set each run's ``role``: the one ``roles`` (ROLE -> run or sweep directory) gives it, else
+    ``teacher`` for a run another run distilled from, ``distilled`` for a student with soft targets, and
+    ``baseline`` for the rest."""
+    by_dir = {str(Path(d).resolve()): role for role, d in (roles or {}).items()}
+    used = set()
+    for r in runs:
+        for spec in r["teacher"].split(", "):
+            used.add(str(Path(spec[3:] if spec.startswith("hf:") else spec).resolve()))
+            if spec.startswith("hf:"):
+                used.add(str(Path(spec[3:]).resolve().parent))  # RUN/hf: the run that saved it
+    for r in runs:
+        here = str(Path(r["dir"]).resolve())
+        r["role"] = (by_dir.get(here) or by_dir.get(str(Path(r["group"]).resolve()))
+                     or ("teacher" if here in used else "distilled" if r["distilled"] else "baseline"))
+
+
+def report_json(runs: list[dict[str, Any]], paper: str | None = None) -> dict[str, Any]:
+    """What ``report.json`` holds: every run with its role and results, and the paper's figures."""
+    keys = ("dir", "role", "teacher", "student", "inputs", "temperature", "alpha", "seed", "epochs", "test_errors",
+            "test_accuracy", "teacher_agreement", "test_perplexity", "diverged", "wall_seconds")
+    out: dict[str, Any] = {"runs": [{("spec" if k == "student" else k): r.get(k) for k in keys} for r in runs]}
+    if paper:
+        out["paper"] = {"name": paper, **PAPERS[paper]}
+    return out
+
+
 def _inputs(config: dict[str, Any], ident: dict[str, Any]) -> str:
     """What the student saw and where its targets came from: plain or augmented inputs, cached views
     or an online teacher."""
@@ -133,8 +160,10 @@ def plot(runs: list[dict[str, Any]], path: str) -> bool:
     styles = iter([":", "--", "-.", (0, (1, 3))] * 8)
     for r in runs:
         if not r["distilled"] and r["test_errors"] is not None:
-            ax.axhline(r["test_errors"], linestyle=next(styles), linewidth=1, color="grey",
-                       label=f"{r['student']} without distillation")
+            label = (f"teacher {r['student']}" if r.get("role") == "teacher"
+                     else f"{r['student']} without distillation")
+            ax.axhline(r["test_errors"], linestyle=next(styles), linewidth=1,
+                       color="black" if r.get("role") == "teacher" else "grey", label=label)
     ax.set_xscale("log")
     ax.set_xlabel("temperature T")
     ax.set_ylabel("test errors")
@@ -151,6 +180,7 @@ def plot(runs: list[dict[str, Any]], path: str) -> bool:
 def write_report(dirs: list[str], out: str | None, plot_path: str | None, roles: dict[str, str] | None = None,
                  paper: str | None = None) -> str:
     runs = collect_runs(dirs)
+    assign_roles(runs, roles)
     text = "# kdcache report\n\n" + markdown(runs, roles, paper) + "\n"
     if plot_path:
         if plot(runs, plot_path):
@@ -160,4 +190,5 @@ def write_report(dirs: list[str], out: str | None, plot_path: str | None, roles:
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text)
+        Path(out).with_suffix(".json").write_text(json.dumps(report_json(runs, paper), indent=2) + "\n")
     return text

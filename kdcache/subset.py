@@ -25,10 +25,19 @@ def resolve_subset(spec: str | None, dataset: Any) -> tuple[np.ndarray, str | No
     Rows are the dataset's items (for a sequence dataset: whole sequences). ``None``: every row.
     ``START:STOP``: a range. ``exclude-classes:3[,5]``: rows whose label is not
     listed (the paper's transfer set without 3s). ``FILE.npy`` / ``FILE.txt``: explicit indices, in order.
+    ``A+B``: the rows of ``A`` that are also in ``B``, in ``A``'s order (``0:50000+exclude-classes:3``).
     """
     n = len(dataset)
     if not spec:
         return np.arange(n, dtype=np.int64), None
+    if "+" in spec:
+        parts = [resolve_subset(part, dataset) for part in spec.split("+")]
+        idx = parts[0][0]
+        for other, _ in parts[1:]:
+            idx = idx[np.isin(idx, other)]
+        if len(idx) == 0:
+            raise SpecError(f"--subset {spec!r} selects no rows of a dataset of {n}")
+        return idx, "+".join(str(d) for _, d in parts)
     if spec.startswith("exclude-classes:"):
         try:
             classes = sorted({int(c) for c in spec.split(":", 1)[1].split(",") if c.strip()})

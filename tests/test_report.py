@@ -1,9 +1,11 @@
 """kdcache report: the table from real run directories, the paper side by side, the plot."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from tests.conftest import run_kdcache
+from tests.conftest import invoke_kdcache, run_kdcache
 from tests.helpers import SYNTH
 
 TEST = "synthetic:n=300,dim=16,classes=5,seed=0"
@@ -28,6 +30,37 @@ def test_table_lists_every_run_sorted_by_temperature(runs):
     assert [r.split(" | ")[3] for r in rows] == ["plain", "plain, cached", "plain, cached", "plain, cached"]
     assert "Over seeds" not in md  # one seed per setting: no spread to show
     assert (runs / "r.md").read_text().startswith("# kdcache report")
+    # report.json beside it: the teacher found as the run the students were distilled from
+    listed = json.loads((runs / "r.json").read_text())["runs"]
+    assert [r["role"] for r in listed] == ["teacher", "distilled", "distilled", "distilled"]
+    assert [r["temperature"] for r in listed] == [None, 1, 3, 10] and listed[0]["spec"] == "mlp:32"
+    assert all(isinstance(r["test_errors"], int) and 0 <= r["test_accuracy"] <= 1 for r in listed)
+    assert {r["alpha"] for r in listed[1:]} == {0.9} and {r["seed"] for r in listed} == {0}
+
+
+def test_evaluate_a_checkpoint_with_a_class_bias_chosen_on_held_out_rows(runs, tmp_path):
+    student = str(runs / "students" / "T3-a0.9-s0")
+    out = tmp_path / "e.json"
+    store = str(runs / "t-test.zarr")
+    invoke_kdcache("dump-logits", "--teacher", str(runs / "teacher"), "--dataset", TEST, "--out", store)
+    p = invoke_kdcache("evaluate", student, "--dataset", TEST, "--eval-store", store, "--json", str(out))
+    plain = json.loads(out.read_text())
+    assert plain["eval_samples"] == 300 and sum(plain["errors_by_class"]) == plain["eval_errors"]
+    assert sum(plain["samples_by_class"]) == 300 and 0 <= plain["teacher_agreement"] <= 1
+    assert f"{plain['eval_errors']} errors of 300" in p.stdout
+    # a huge bias for class 2: every prediction becomes 2
+    invoke_kdcache("evaluate", student, "--dataset", TEST, "--class-bias", "2=1000", "--json", str(out))
+    biased = json.loads(out.read_text())
+    assert biased["class_bias"] == {"2": 1000.0}
+    assert biased["errors_by_class"][2] == 0 and biased["eval_errors"] == 300 - biased["samples_by_class"][2]
+    p = invoke_kdcache("evaluate", student, "--dataset", TEST, "--class-bias", "2=auto", "--tune-dataset", SYNTH,
+                       "--tune-subset", "1000:2000", "--json", str(out))
+    tuned = json.loads(out.read_text())["tuned"][0]
+    assert tuned["class"] == 2 and tuned["tune_errors"] <= tuned["tune_errors_at_0"] and "chosen on 1000" in p.stdout
+    for args, message in ((["--class-bias", "9=1"], "outside 0..4"), (["--class-bias", "2=auto"], "--tune-dataset"),
+                          (["--class-bias", "two"], "expected CLASS=BIAS")):
+        p = invoke_kdcache("evaluate", student, "--dataset", TEST, *args)
+        assert p.returncode == 1 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
 def test_paper_side_by_side(runs):

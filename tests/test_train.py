@@ -123,3 +123,17 @@ def test_adam_weight_decay_unlabelled_rows_and_a_student_checkpoint_as_start(tea
                 "--out", str(again))
     first = json.loads((again / "metrics.json").read_text())[0]["loss"]
     assert first < metrics[0]["loss"]  # it started from the trained weights, not from scratch
+
+
+@pytest.mark.parametrize("stack", ["--stack", "--no-stack"])
+def test_max_norm_caps_every_units_incoming_weights(teacher_store, stack):
+    from safetensors.torch import load_file
+
+    from tests.conftest import invoke_kdcache
+    out = teacher_store / f"maxnorm{stack}"
+    invoke_kdcache("train-student", "--dataset", SYNTH, "--store", str(teacher_store / "t.zarr"), "--student", "mlp:32",
+                   "--temperature", "1,4", "--epochs", "1", "--lr", "0.5", "--max-norm", "0.7", stack, "--out", str(out))
+    norms = [w.norm(dim=1).max().item() for d in ("T1-a0.9-s0", "T4-a0.9-s0")
+             for k, w in load_file(str(out / d / "model.safetensors")).items() if k.endswith("weight")]
+    assert len(norms) == 4 and max(norms) <= 0.7 + 1e-5 and min(norms) > 0.69  # large lr: every layer hits the cap
+    assert json.loads((out / "T4-a0.9-s0" / "config.json").read_text())["max_norm"] == 0.7

@@ -39,6 +39,7 @@ class TrainConfig:
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 0.0
+    max_norm: float | None = None             # cap on each unit's incoming weight norm (with dropout)
     schedule: str = "cosine"
     dropout: float = 0.0
     input_dropout: float = 0.0

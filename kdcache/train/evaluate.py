@@ -22,8 +22,9 @@ from kdcache.train.config import TrainConfig
 class Evaluator:
     """Accuracy and error count on an eval dataset, and agreement with the teacher where an eval store exists."""
 
-    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
+    def __init__(self, cfg: TrainConfig, device: torch.device, by_class: bool = False) -> None:
         self.device = device
+        self.by_class = by_class  # also errors and rows per class (sample datasets)
         self.data = load_dataset(cfg.eval_dataset, cfg.data_root) if cfg.eval_dataset else None
         self.teacher_pred = None
         if cfg.eval_store:
@@ -59,6 +60,8 @@ class Evaluator:
             batch_size = max(1, 4096 // int(self.data.dataset.lengths(np.arange(n)).max()))
         correct = agree = with_teacher = labelled = row = 0
         nll = 0.0
+        classes = self.data.num_classes or 0
+        wrong_by_class, rows_by_class = np.zeros(classes, dtype=np.int64), np.zeros(classes, dtype=np.int64)
         for a in range(0, n, batch_size):
             idx = np.arange(a, min(a + batch_size, n))
             x, y = get_batch(self.data.dataset, idx)
@@ -73,6 +76,9 @@ class Evaluator:
             has = y >= 0
             correct += int((pred[has] == y[has]).sum())
             labelled += int(has.sum())
+            if self.by_class and not per_token:
+                rows_by_class += np.bincount(y[has].numpy(), minlength=classes)[:classes]
+                wrong_by_class += np.bincount(y[has][pred[has] != y[has]].numpy(), minlength=classes)[:classes]
             if self.teacher_pred is not None:
                 t = self.teacher_pred[row:row + len(pred)] if per_token else self.teacher_pred[a:a + len(idx)]
                 row += len(pred)
@@ -86,6 +92,8 @@ class Evaluator:
                 out.update(eval_nll=nll / labelled, eval_perplexity=math.exp(min(nll / labelled, 700.0)))
         if with_teacher:
             out["teacher_agreement"] = agree / with_teacher
+        if self.by_class and not per_token:
+            out.update(errors_by_class=wrong_by_class.tolist(), samples_by_class=rows_by_class.tolist())
         return out
 
 

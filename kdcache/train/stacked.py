@@ -21,7 +21,8 @@ from torch import nn
 from kdcache.losses import distillation_losses
 from kdcache.models import MLP
 from kdcache.train.config import TrainConfig, lr_at
-from kdcache.train.students import Student, autocast, correct_count, initial_rng, load_rng_tensors, own_rng, rng_tensors
+from kdcache.train.students import (Student, autocast, correct_count, initial_rng, linear_weights, load_rng_tensors,
+                                    max_norm_, own_rng, rng_tensors)
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -148,6 +149,7 @@ class StackedStudents:
             self.how = "torch.func vmap"
         self.optimizer = StackedOptimizer(c.optimizer, self.params, [s.lr for s in students], c.momentum,
                                           c.weight_decay)
+        self.constrained = [self.params[n] for n in linear_weights(modules[0])] if c.max_norm else []
         self.temperatures = [s.temperature for s in students]
         self.alphas = [s.alpha for s in students]
         self.active = torch.ones(len(students), dtype=torch.bool, device=device)
@@ -186,6 +188,8 @@ class StackedStudents:
             total = losses.sum() if self.all_active else torch.where(self.active, losses, 0.0).sum()
             grads = torch.autograd.grad(total, list(self.params.values()))
             self.optimizer.step(list(grads), None if self.all_active else self.active)
+            if self.constrained:
+                max_norm_(self.constrained, c.max_norm, None if self.all_active else self.active)
         return losses.detach(), correct_count(logits, y)
 
     def sync_ranks(self, src: int) -> None:

@@ -67,6 +67,23 @@ def make_optimizer(params: Any, c: TrainConfig, lr: float) -> torch.optim.Optimi
     return torch.optim.Adam(params, lr=lr, weight_decay=c.weight_decay)
 
 
+def linear_weights(module: nn.Module) -> list[str]:
+    """Names of the weights of ``module``'s ``nn.Linear`` layers (what ``--max-norm`` constrains)."""
+    return [f"{name}.weight" if name else "weight" for name, m in module.named_modules() if isinstance(m, nn.Linear)]
+
+
+@torch.no_grad()
+def max_norm_(weights: list[torch.Tensor], bound: float, active: torch.Tensor | None = None) -> None:
+    """Scale each unit's incoming weight vector (a row of a Linear weight ``[..., out, in]``) down to L2 norm
+    ``bound`` where it is longer: the max-norm constraint of Srivastava, Hinton et al. (2014) used with
+    dropout. ``active`` (stacked students ``[S]``) leaves inactive students' weights as they are."""
+    for w in weights:
+        scale = (bound / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+        if active is not None:
+            scale = torch.where(active.view(-1, *[1] * (w.ndim - 1)), scale, 1.0)
+        w.mul_(scale)
+
+
 def correct_count(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Rows whose argmax is their label (label -1 rows never count), on the device: no sync."""
     return ((logits.detach().argmax(-1) == labels) & (labels >= 0)).sum(-1)
@@ -84,6 +101,7 @@ class SeparateStudent:
                                                           if device.type == "cuda" else None)
                       if ddp else self.plain)
         self.optimizer = make_optimizer(self.model.parameters(), c, student.lr)
+        self.constrained = [self.plain.get_parameter(n) for n in linear_weights(self.plain)] if c.max_norm else []
         self.rng = initial_rng(student.seed, rank)
         self.cuda_rng: torch.Tensor | None = None
         self.stopped = False
@@ -116,6 +134,8 @@ class SeparateStudent:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            if self.constrained:
+                max_norm_(self.constrained, c.max_norm)
         return loss.detach().float()[None], correct_count(logits, y)[None]
 
     def module(self, j: int) -> nn.Module:
