@@ -617,7 +617,7 @@ def run_bench(quick: bool = False, only: list[str] | None = None, device: str = 
                     echo(_table(f"shuffled stream of a store in S3 (loopback endpoint, {r['rows']} rows x "
                                 f"{r['classes']} classes, {r['store_MB']:.0f} MB) against the same store on local "
                                 f"disk", r["stream"], ["side", "seconds", "rows_per_s", "s3_over_local_throughput",
-                                                       "goal"]))
+                                                       "server_cpu_s", "client_cpu_s", "cores_busy", "goal"]))
                     echo(_table("dump-logits to S3 against dump-logits to local disk", [r["dump"]],
                                 ["teacher", "rows", "local_s", "s3_s", "s3_over_local", "goal"]))
             elif name == "sparse":

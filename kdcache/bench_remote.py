@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,6 +40,15 @@ def _endpoint() -> Iterator[Any]:
             s3fs.S3FileSystem.clear_instance_cache()
 
 
+def _cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _write_store(path: str, rows: int, classes: int) -> None:
     from kdcache.store import Manifest, create_store
     rng = np.random.default_rng(0)
@@ -67,7 +77,7 @@ def bench_s3(p: Profile, work: Path, device: str) -> dict[str, Any]:
     from kdcache.store.block_cache import BlockCache
     from kdcache.stream import DistillStream
     out: dict[str, Any] = {"rows": p.read_rows, "classes": p.read_classes}
-    with _endpoint():
+    with _endpoint() as s3:
         local, remote = str(work / "s3-bench.zarr"), "s3://kdcache-bench/stream.zarr"
         _write_store(local, p.read_rows, p.read_classes)
         _write_store(remote, p.read_rows, p.read_classes)
@@ -80,18 +90,29 @@ def bench_s3(p: Profile, work: Path, device: str) -> dict[str, Any]:
             "s3_cached": DistillStream(remote, None, batch_size=1024, cache=cache),
         }
 
-        def epoch(stream: DistillStream) -> Any:
+        cpu = {k: [0.0, 0.0, 0.0] for k in streams}  # the server's and this process's CPU seconds, wall seconds
+
+        def epoch(name: str, stream: DistillStream) -> Any:
             def run() -> None:
                 stream.set_epoch(stream.epoch + 1)  # a new shuffle every time, as epochs are
+                server, me, t = _cpu_seconds(s3.proc.pid), time.process_time(), time.perf_counter()
                 for _ in stream:
                     pass
+                c = cpu[name]
+                c[0] += _cpu_seconds(s3.proc.pid) - server
+                c[1] += time.process_time() - me
+                c[2] += time.perf_counter() - t
             return run
 
         # the warm-up pass of each side is its first epoch: it fills the cache
-        times = dict(zip(streams, interleave_all([epoch(s) for s in streams.values()], p.reps)))
+        times = dict(zip(streams, interleave_all([epoch(k, s) for k, s in streams.items()], p.reps)))
         out["stream_s"] = times
+        # on a machine of few cores the endpoint and the client share them: "cores busy" near the core count
+        # means the stream is bound by the CPU cost of each request, which reading ahead cannot hide
         out["stream"] = [{"side": k, "seconds": v, "rows_per_s": p.read_rows / v,
                           "s3_over_local_throughput": times["local"] / v if k != "local" else 1.0,
+                          "server_cpu_s": cpu[k][0] / (p.reps + 1), "client_cpu_s": cpu[k][1] / (p.reps + 1),
+                          "cores_busy": (cpu[k][0] + cpu[k][1]) / cpu[k][2],
                           "goal": {"s3_read_ahead": ">= 0.5", "s3_cached": ">= 0.9 (epochs after the first)"}.get(k)}
                          for k, v in times.items()]
         out["cache"] = {"hits": cache.hits, "misses": cache.misses, "MB": cache.nbytes() / 1e6}

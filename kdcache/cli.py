@@ -387,24 +387,30 @@ def evaluate_cmd(model: str, json_path: str | None, members: str | None, class_b
               help="Write the markdown here as well as to the terminal, and report.json (every run, its role and "
                    "results) beside it.")
 @click.option("--plot", "plot_path", default=None, help="PNG of test error against T (needs matplotlib).")
-@click.option("--role", "roles", multiple=True, help="ROLE=DIR for --paper: teacher, baseline, distilled.")
+@click.option("--role", "roles", multiple=True,
+              help="ROLE=DIR: the role of a run or sweep (teacher, baseline, distilled); repeatable. With --paper "
+                   "the first DIR of each role is set beside the paper's figure.")
 @click.option("--paper", default=None, help="Put a paper's figures side by side: hinton-mnist.")
+@click.option("--note", "notes", multiple=True, help="A paragraph under the title (what was run, and why); repeatable.")
+@click.option("--evaluation", "evaluations", multiple=True, metavar="FILE.json",
+              help="A `kdcache evaluate --json` result to tabulate below the runs (repeatable).")
 @_friendly
 def report_cmd(run_dirs: tuple[str, ...], out: str | None, plot_path: str | None, roles: tuple[str, ...],
-               paper: str | None) -> None:
+               paper: str | None, notes: tuple[str, ...], evaluations: tuple[str, ...]) -> None:
     """A markdown table of runs (and a plot of test error against temperature).
 
     \b
     kdcache report runs/teacher runs/student runs/distilled --plot runs/report.png --out runs/report.md
     """
     from kdcache.report import write_report
-    role_map = {}
+    role_map: dict[str, list[str]] = {}
     for r in roles:
         k, sep, v = r.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{r!r} is not ROLE=DIR", param_hint="--role")
-        role_map[k] = v
-    click.echo(write_report(list(run_dirs), out, plot_path, role_map, paper))
+        if not sep or k not in ("teacher", "baseline", "distilled"):
+            raise click.BadParameter(f"{r!r} is not ROLE=DIR with ROLE teacher, baseline or distilled",
+                                     param_hint="--role")
+        role_map.setdefault(k, []).append(v)
+    click.echo(write_report(list(run_dirs), out, plot_path, role_map, paper, list(notes), list(evaluations)))
 
 
 @cli.command("run")

@@ -45,11 +45,11 @@ def collect_runs(dirs: list[str]) -> list[dict[str, Any]]:
     return runs
 
 
-def assign_roles(runs: list[dict[str, Any]], roles: dict[str, str] | None = None) -> None:
-    """Set each run's ``role``: the one ``roles`` (ROLE -> run or sweep directory) gives it, else
+def assign_roles(runs: list[dict[str, Any]], roles: dict[str, list[str]] | None = None) -> None:
+    """Set each run's ``role``: the one ``roles`` (ROLE -> run or sweep directories) gives it, else
     ``teacher`` for a run another run distilled from, ``distilled`` for a student with soft targets, and
     ``baseline`` for the rest."""
-    by_dir = {str(Path(d).resolve()): role for role, d in (roles or {}).items()}
+    by_dir = {str(Path(d).resolve()): role for role, dirs in (roles or {}).items() for d in dirs}
     used = set()
     for r in runs:
         for spec in r["teacher"].split(", "):
@@ -62,11 +62,13 @@ def assign_roles(runs: list[dict[str, Any]], roles: dict[str, str] | None = None
                      or ("teacher" if here in used else "distilled" if r["distilled"] else "baseline"))
 
 
-def report_json(runs: list[dict[str, Any]], paper: str | None = None) -> dict[str, Any]:
+def report_json(runs: list[dict[str, Any]], paper: str | None = None, notes: list[str] | None = None
+                ) -> dict[str, Any]:
     """What ``report.json`` holds: every run with its role and results, and the paper's figures."""
     keys = ("dir", "role", "teacher", "student", "inputs", "temperature", "alpha", "seed", "epochs", "test_errors",
             "test_accuracy", "teacher_agreement", "test_perplexity", "diverged", "wall_seconds")
-    out: dict[str, Any] = {"runs": [{("spec" if k == "student" else k): r.get(k) for k in keys} for r in runs]}
+    out: dict[str, Any] = {"notes": notes or [],
+                           "runs": [{("spec" if k == "student" else k): r.get(k) for k in keys} for r in runs]}
     if paper:
         out["paper"] = {"name": paper, **PAPERS[paper]}
     return out
@@ -88,7 +90,7 @@ def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def markdown(runs: list[dict[str, Any]], roles: dict[str, str] | None = None, paper: str | None = None) -> str:
+def markdown(runs: list[dict[str, Any]], roles: dict[str, list[str]] | None = None, paper: str | None = None) -> str:
     ppl = any(r.get("test_perplexity") is not None for r in runs)  # token-level runs (sequence data)
     lines = ["| run | teacher | student | inputs | T | alpha | test errors | accuracy | agreement |"
              + (" perplexity |" if ppl else "") + " epochs | wall s |",
@@ -107,7 +109,7 @@ def markdown(runs: list[dict[str, Any]], roles: dict[str, str] | None = None, pa
         lines += ["", f"Side by side with {ref['title']}:", "",
                   "| model | paper | kdcache (best run) | kdcache runs |", "|---|---|---|---|"]
         for role, paper_errors in ref["rows"].items():
-            group = (roles or {}).get(role)
+            group = ((roles or {}).get(role) or [None])[0]
             mine = [r for r in runs if group and (r["group"] == group or r["dir"] == group)
                     and r["test_errors"] is not None]
             best = min(mine, key=lambda r: r["test_errors"]) if mine else None
@@ -139,6 +141,33 @@ def seed_summary(runs: list[dict[str, Any]]) -> list[str]:
         out.append(f"| {group} | {student} | {inputs} | {_fmt(t, 'g')} | {alpha:g} | {len(errs)} | {mean:.1f} | "
                    f"{_fmt(std, '.1f')} | {min(errs)}-{max(errs)} |")
     return out
+
+
+def evaluation_table(paths: list[str]) -> list[str]:
+    """The markdown lines for ``kdcache evaluate --json`` files: one row each, with the errors on every
+    class any of them biases (the omitted-class correction, before and after)."""
+    evals = []
+    for path in paths:
+        try:
+            evals.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as e:
+            raise KdcacheError(f"--evaluation {path}: cannot be read as kdcache evaluate JSON ({e})") from None
+    focus = sorted({int(c) for e in evals for c in e.get("class_bias", {})}
+                   | {int(t["class"]) for e in evals for t in e.get("tuned", [])})
+    head = "| model | dataset | class bias | test errors | accuracy |" + "".join(f" errors on {c} |" for c in focus)
+    lines = ["", "Evaluations (kdcache evaluate):", "", head, "|" + "---|" * (5 + len(focus))]
+    for e in evals:
+        biases = {int(c): b for c, b in e.get("class_bias", {}).items()} | {int(t["class"]): t["bias"]
+                                                                         for t in e.get("tuned", [])}
+        bias = ", ".join(f"{c}: {b:+g}" for c, b in sorted(biases.items())) or "-"
+        if e.get("tuned"):
+            bias += f" (chosen on {e['tuned'][0]['tune_samples']} held-out rows)"
+        per = e.get("errors_by_class") or []
+        n = e.get("samples_by_class") or []
+        cells = "".join(f" {per[c]}/{n[c]} |" if c < len(per) else " - |" for c in focus)
+        lines.append(f"| {e['model']} | {e['dataset']} | {bias} | {_fmt(e.get('eval_errors'), 'd')} | "
+                     f"{_fmt(e.get('eval_accuracy'), '.4f')} |{cells}")
+    return lines
 
 
 def plot(runs: list[dict[str, Any]], path: str) -> bool:
@@ -177,11 +206,14 @@ def plot(runs: list[dict[str, Any]], path: str) -> bool:
     return True
 
 
-def write_report(dirs: list[str], out: str | None, plot_path: str | None, roles: dict[str, str] | None = None,
-                 paper: str | None = None) -> str:
+def write_report(dirs: list[str], out: str | None, plot_path: str | None, roles: dict[str, list[str]] | None = None,
+                 paper: str | None = None, notes: list[str] | None = None, evaluations: list[str] | None = None) -> str:
     runs = collect_runs(dirs)
     assign_roles(runs, roles)
-    text = "# kdcache report\n\n" + markdown(runs, roles, paper) + "\n"
+    text = "# kdcache report\n\n" + "".join(f"{n.strip()}\n\n" for n in notes or []) + markdown(runs, roles, paper)
+    if evaluations:
+        text += "\n" + "\n".join(evaluation_table(evaluations))
+    text += "\n"
     if plot_path:
         if plot(runs, plot_path):
             text += f"\n![test error against temperature]({Path(plot_path).name})\n"
@@ -190,5 +222,8 @@ def write_report(dirs: list[str], out: str | None, plot_path: str | None, roles:
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text)
-        Path(out).with_suffix(".json").write_text(json.dumps(report_json(runs, paper), indent=2) + "\n")
+        doc = report_json(runs, paper, notes)
+        if evaluations:
+            doc["evaluations"] = [json.loads(Path(e).read_text()) for e in evaluations]
+        Path(out).with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
     return text

@@ -108,3 +108,16 @@ def test_remote_store_without_its_filesystem_package_is_one_line():
     assert p.returncode == 1 and p.stderr.strip().splitlines() == [
         "Error: cannot open 's3://bucket/teacher.zarr': Install s3fs to access S3 (e.g. pip install s3fs for s3://, "
         "gcsfs for gs://)"]
+
+
+def test_subsets_combine_with_plus_in_the_first_ones_order():
+    from kdcache.datasets import load_dataset
+    from kdcache.errors import SpecError
+    from kdcache.subset import dataset_labels, resolve_subset
+    data = load_dataset(SYNTH).dataset
+    labels = dataset_labels(data)
+    idx, desc = resolve_subset("100:600+exclude-classes:3", data)
+    assert desc == "range:100:600+exclude-classes:3"
+    assert idx.tolist() == [i for i in range(100, 600) if labels[i] != 3]
+    with pytest.raises(SpecError, match="selects no rows"):
+        resolve_subset("0:10+10:20", data)

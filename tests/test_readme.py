@@ -1,6 +1,7 @@
 """Every command in the README runs: the tour, the torchrun lines, the Python snippet, the quick example."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -63,6 +64,11 @@ def test_make_example_pipeline_runs(tmp_path):
     p = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     report = (tmp_path / "runs/mnist_hinton-quick/report.md").read_text()
-    assert "| student 784-800-800-10 distilled | 74 |" in report
+    assert "| student 784-800-800-10 distilled | 74 |" in report and "Quick profile" in report
+    runs = json.loads((tmp_path / "runs/mnist_hinton-quick/report.json").read_text())["runs"]
+    few = {role: [r["test_errors"] for r in runs if "few-" in r["dir"] and r["role"] == role]
+           for role in ("baseline", "distilled")}
+    assert len(few["baseline"]) == len(few["distilled"]) == 3  # three seeds each
+    assert max(few["distilled"]) < min(few["baseline"])  # soft targets help on 3% of the data, for every seed
     again = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
-    assert again.stdout.count("] skip (up to date)") == 5
+    assert again.stdout.count("] skip (up to date)") == 8

@@ -57,6 +57,13 @@ def test_evaluate_a_checkpoint_with_a_class_bias_chosen_on_held_out_rows(runs, t
                        "--tune-subset", "1000:2000", "--json", str(out))
     tuned = json.loads(out.read_text())["tuned"][0]
     assert tuned["class"] == 2 and tuned["tune_errors"] <= tuned["tune_errors_at_0"] and "chosen on 1000" in p.stdout
+    (tmp_path / "before.json").write_text(json.dumps(plain))
+    md = invoke_kdcache("report", student, "--evaluation", str(tmp_path / "before.json"), "--evaluation", str(out),
+                        "--note", "Omitted class.", "--out", str(tmp_path / "r.md")).stdout
+    assert "Omitted class." in md and "| errors on 2 |" in md
+    rows = [line for line in md.splitlines() if line.startswith(f"| {student} | {TEST} |")]
+    assert len(rows) == 2 and f"| {plain['errors_by_class'][2]}/{plain['samples_by_class'][2]} |" in rows[0]
+    assert len(json.loads((tmp_path / "r.json").read_text())["evaluations"]) == 2
     for args, message in ((["--class-bias", "9=1"], "outside 0..4"), (["--class-bias", "2=auto"], "--tune-dataset"),
                           (["--class-bias", "two"], "expected CLASS=BIAS")):
         p = invoke_kdcache("evaluate", student, "--dataset", TEST, *args)
