@@ -32,7 +32,9 @@ def _free_port() -> int:
 class LoopbackS3:
     """moto's S3 on ``http://127.0.0.1:PORT`` in a child process; see the module docstring."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, auth: bool = False) -> None:
+        """``auth``: check every request's credentials against moto's IAM (none exist: every key is
+        refused), to stage wrong credentials."""
         try:
             import moto  # noqa: F401
         except ImportError:
@@ -41,7 +43,8 @@ class LoopbackS3:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([sys.executable, "-m", "kdcache.s3_loopback", str(self.port)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     env={**os.environ, **CREDENTIALS})
+                                     env={**os.environ, **CREDENTIALS,
+                                          **({"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if auth else {})})
         self._expect("started", "start")
 
     @property

@@ -192,3 +192,10 @@ def test_bad_remote_input_is_one_line_and_writes_nothing(s3, url, tmp_path, monk
     assert not s3fs.S3FileSystem(skip_instance_cache=True).exists(url("x.zarr").removeprefix("s3://"))
     p = invoke_kdcache(*DUMP, "--out", url("y.zarr"), "--storage-option", "endpoint_url")
     assert p.returncode == 2 and "expected KEY=VALUE" in p.stderr
+    with LoopbackS3(auth=True) as strict:  # an endpoint that knows no key: wrong credentials
+        monkeypatch.setenv("AWS_ENDPOINT_URL", strict.url)
+        s3fs.S3FileSystem.clear_instance_cache()
+        p = invoke_kdcache(*DUMP, "--out", "s3://kdcache/x.zarr")
+        s3fs.S3FileSystem.clear_instance_cache()
+    assert p.returncode == 1 and "was refused (wrong or expired credentials" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1

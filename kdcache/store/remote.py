@@ -64,7 +64,9 @@ def url_fs(path: str) -> tuple[Any, str]:
 
 def remote_problem(path: str, e: BaseException) -> str | None:
     """What a failure talking to object storage means, in a few words with the fix; None when ``e``
-    is not such a failure."""
+    is not such a failure (nor is anything for a local path)."""
+    if not is_url(path):
+        return None
     seen: list[BaseException] = []
     while e is not None and e not in seen:
         seen.append(e)
@@ -75,8 +77,8 @@ def remote_problem(path: str, e: BaseException) -> str | None:
     if names & {"NoCredentialsError", "PartialCredentialsError"}:
         return (f"no credentials for {path}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or "
                 f"--storage-option anon=true for a public bucket")
-    if any(code in text for code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden",
-                                     "InvalidToken", "ExpiredToken")):
+    if "PermissionError" in names or any(code in text for code in (
+            "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden", "InvalidToken", "ExpiredToken")):
         return (f"access to {path} was refused (wrong or expired credentials, or no permission): check "
                 f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the profile, and the bucket's policy")
     if "NoSuchBucket" in text or "specified bucket does not exist" in text:
