@@ -178,6 +178,7 @@ def test_bad_remote_input_is_one_line_and_writes_nothing(s3, url, tmp_path, monk
         dead = f"http://127.0.0.1:{closed.getsockname()[1]}"
     cases.append(({"AWS_ENDPOINT_URL": dead}, url("x.zarr"), "cannot reach the object store"))
     cases.append(({}, "s3://no-such-bucket/x.zarr", "bucket 'no-such-bucket' does not exist"))
+    cases.append(({}, url("x.h5"), "an HDF5 store is a local file"))
     cases.append(({"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "AWS_SHARED_CREDENTIALS_FILE":
                    str(tmp_path / "none"), "AWS_CONFIG_FILE": str(tmp_path / "none")}, url("x.zarr"), "no credentials"))
     import s3fs

@@ -20,6 +20,14 @@ BACKENDS = {"zarr": ZarrBackend, "hdf5": HDF5Backend}
 
 def detect_format(path: str, fmt: str | None = None) -> str:
     """The backend for ``path``: ``fmt`` when given, else from the suffix."""
+    found = _format_of(str(path), fmt)
+    if found == "hdf5" and "://" in str(path):
+        raise StoreError(f"{path}: an HDF5 store is a local file; in object storage use Zarr (a URL ending in "
+                         f".zarr; `kdcache convert` copies an HDF5 store there)")
+    return found
+
+
+def _format_of(path: str, fmt: str | None) -> str:
     if fmt:
         if fmt not in BACKENDS:
             raise StoreError(f"unknown store format {fmt!r}; use zarr or hdf5")
