@@ -557,89 +557,11 @@ def run_bench(quick: bool = False, only: list[str] | None = None, device: str = 
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kdcache-bench-") as tmp:
         work = Path(tmp)
-        store = None
+        shared: dict[str, Any] = {}  # what several benchmarks use: the MNIST teacher's store
         for name in chosen:
             t0 = time.perf_counter()
-            if name == "store_read":
-                r: Any = bench_store_read(p, work)
-                echo(_table("store read: block reads and shuffled stream, against np.memmap of the same bytes", r,
-                            ["backend", "dtype", "compression", "block_MBps", "memmap_MBps", "block_ratio",
-                             "stream_rows_per_s", "memmap_stream_rows_per_s", "stream_ratio"]))
-            elif name == "dump":
-                r = {"ratio": bench_dump(p, work, device), "memory": peak_rss(p.rss_rows, work, device)}
-                echo(_table("dump-logits against a bare teacher-inference loop over the same DataLoader (goal <= 1.05)",
-                            r["ratio"], ["teacher", "rows", "dump_s", "bare_inference_s", "ratio"]))
-                mem = r["memory"]
-                echo(f"  peak RSS: {mem['peak_rss_MiB'][0]:.0f} MiB at {mem['rows'][0]} rows, "
-                     f"{mem['peak_rss_MiB'][1]:.0f} MiB at {mem['rows'][1]} rows (1000 classes; the 10N store is "
-                     f"{mem['store_MB_at_10N']:.0f} MB); ratio {mem['ratio_10N_over_N']:.2f}\n")
-            elif name in ("train", "sweep"):
-                store = store or _teacher_store(p, work, device)
-                if name == "train":
-                    r = bench_train(p, work, device, store)
-                    echo(_table("distilled training from a store against plain supervised training (goal <= 1.03)",
-                                [r], list(r)))
-                else:
-                    r = bench_sweep(p, work, device, store)
-                    echo(_table("a sweep in one stacked pass (and in one pass, one student after another) against "
-                                "separate runs", r, list(r[0])))
-            elif name == "online":
-                r = bench_online(p, work, device)
-                echo(_table(f"cached (one dump + K students from the store) against online distillation "
-                            f"(teacher {r['teacher']}, student {r['student']}, {r['rows']} rows, {r['epochs']} epoch)",
-                            r["by_K"], ["K", "cached_s", "online_s", "ratio", "extrapolated"]))
-                echo(f"  caching wins from K = {r['caching_wins_from_K']}\n")
-            elif name == "views":
-                r = bench_views(p, work, device)
-                echo(_table(f"augmented views ({r['augment']}, {r['views']} views of {r['dump_rows']} rows, teacher "
-                            f"{r['teacher']}): dump of the views against {r['views']} bare teacher passes over the "
-                            f"plain rows", [r], ["dump_views_s", "bare_passes_s", "dump_per_view_over_bare_pass"]))
-                echo(_table("  bytes per sample per view", r["sizes"],
-                            ["layout", "bytes_per_sample_per_view", "bytes_per_sample_without_views"]))
-                echo(_table(f"  K students of 784-800-800-10, {r['epochs']} epochs: a store of one view per epoch "
-                            f"(dump included) against online consistent distillation (teacher on every batch)",
-                            r["by_K"], ["K", "cached_views_s", "online_s", "ratio", "store_reused_s", "reused_ratio"]))
-            elif name == "hf":
-                r = bench_hf(p, work, device)
-                if "skipped" in r:
-                    echo(f"hf: skipped: {r['skipped']}\n")
-                else:
-                    echo(_table(f"dump-logits of a transformers causal LM ({r['teacher']}) against its bare forward "
-                                f"loop over the same batches (goal <= 1.10)", r["rows"],
-                                ["layout", "tokens", "dump_s", "bare_forward_s", "ratio", "tokens_per_s",
-                                 "bytes_per_token"]))
-            elif name == "s3":
-                from kdcache.bench_remote import bench_s3
-                r = bench_s3(p, work, device)
-                if "skipped" in r:
-                    echo(f"s3: skipped: {r['skipped']}\n")
-                else:
-                    echo(_table(f"shuffled stream of a store in S3 (loopback endpoint, {r['rows']} rows x "
-                                f"{r['classes']} classes, {r['store_MB']:.0f} MB) against the same store on local "
-                                f"disk", r["stream"], ["side", "seconds", "rows_per_s", "s3_over_local_throughput",
-                                                       "server_cpu_s", "client_cpu_s", "cores_busy", "goal"]))
-                    echo(_table("dump-logits to S3 against dump-logits to local disk", [r["dump"]],
-                                ["teacher", "rows", "local_s", "s3_s", "s3_over_local", "goal"]))
-            elif name == "sparse":
-                r = bench_sparse(p, work, device, teacher)
-                r["stores"] = [store_fidelity(s) for s in logit_stores or []]
-                for key, title in (("mnist", "MNIST teacher, 10 classes"), ("long_tail_5000", "synthetic long-tail "
-                                                                                            "teacher, 5000 classes")):
-                    echo(_table(f"sparse top-k ({title}): KL to the full p_T, with the exact tail bucket against "
-                                f"top-k renormalised without it", r[key],
-                                ["k", "T", "bytes_per_row_topk", "bytes_per_row_dense", "tail_mass",
-                                 "kl_full_vs_topk_with_tail", "kl_topk_renormalised_vs_full",
-                                 "kl_full_vs_topk_renormalised"]))
-                for f in r["stores"]:
-                    echo(_table(f"sparse top-k ({f['teacher']} on {f['dataset']}, {f['classes']} classes, first "
-                                f"{f['rows']} {'positions' if f['per_token'] else 'rows'} of {f['store']})", f["table"],
-                                ["k", "T", "bytes_per_row_topk", "bytes_per_row_dense", "tail_mass",
-                                 "kl_full_vs_topk_with_tail", "kl_topk_renormalised_vs_full",
-                                 "kl_full_vs_topk_renormalised"]))
-            elif name == "storage":
-                r = bench_storage(p, work, device, teacher)
-                echo(_table("storage: bytes per sample on real MNIST teacher logits (10 classes, 1 member)", r,
-                            ["backend", "dtype", "compression", "bytes_per_sample", "reference_C_x_M_x_2"]))
+            r = _measure(name, p, work, device, teacher, logit_stores or [], shared)
+            _show(name, r, echo)
             result[name] = r
             result.setdefault("seconds", {})[name] = time.perf_counter() - t0
     result["total_seconds"] = time.perf_counter() - t_all
@@ -647,6 +569,92 @@ def run_bench(quick: bool = False, only: list[str] | None = None, device: str = 
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(result, indent=2))
     return result
+
+
+def _measure(name: str, p: Profile, work: Path, device: str, teacher: str | None, logit_stores: list[str],
+             shared: dict[str, Any]) -> Any:
+    """The figures of benchmark ``name``."""
+    if name == "store_read":
+        return bench_store_read(p, work)
+    if name == "dump":
+        return {"ratio": bench_dump(p, work, device), "memory": peak_rss(p.rss_rows, work, device)}
+    if name in ("train", "sweep"):
+        store = shared["store"] = shared.get("store") or _teacher_store(p, work, device)
+        return bench_train(p, work, device, store) if name == "train" else bench_sweep(p, work, device, store)
+    if name == "online":
+        return bench_online(p, work, device)
+    if name == "views":
+        return bench_views(p, work, device)
+    if name == "hf":
+        return bench_hf(p, work, device)
+    if name == "s3":
+        from kdcache.bench_remote import bench_s3
+        return bench_s3(p, work, device)
+    if name == "sparse":
+        r = bench_sparse(p, work, device, teacher)
+        r["stores"] = [store_fidelity(s) for s in logit_stores]
+        return r
+    return bench_storage(p, work, device, teacher)
+
+
+def _show(name: str, r: Any, echo: Callable[[str], None]) -> None:
+    """Print benchmark ``name``'s figures as tables."""
+    if isinstance(r, dict) and "skipped" in r:
+        echo(f"{name}: skipped: {r['skipped']}\n")
+    elif name == "store_read":
+        echo(_table("store read: block reads and shuffled stream, against np.memmap of the same bytes", r,
+                    ["backend", "dtype", "compression", "block_MBps", "memmap_MBps", "block_ratio",
+                     "stream_rows_per_s", "memmap_stream_rows_per_s", "stream_ratio"]))
+    elif name == "dump":
+        echo(_table("dump-logits against a bare teacher-inference loop over the same DataLoader (goal <= 1.05)",
+                    r["ratio"], ["teacher", "rows", "dump_s", "bare_inference_s", "ratio"]))
+        mem = r["memory"]
+        echo(f"  peak RSS: {mem['peak_rss_MiB'][0]:.0f} MiB at {mem['rows'][0]} rows, "
+             f"{mem['peak_rss_MiB'][1]:.0f} MiB at {mem['rows'][1]} rows (1000 classes; the 10N store is "
+             f"{mem['store_MB_at_10N']:.0f} MB); ratio {mem['ratio_10N_over_N']:.2f}\n")
+    elif name == "train":
+        echo(_table("distilled training from a store against plain supervised training (goal <= 1.03)", [r], list(r)))
+    elif name == "sweep":
+        echo(_table("a sweep in one stacked pass (and in one pass, one student after another) against separate runs",
+                    r, list(r[0])))
+    elif name == "online":
+        echo(_table(f"cached (one dump + K students from the store) against online distillation "
+                    f"(teacher {r['teacher']}, student {r['student']}, {r['rows']} rows, {r['epochs']} epoch)",
+                    r["by_K"], ["K", "cached_s", "online_s", "ratio", "extrapolated"]))
+        echo(f"  caching wins from K = {r['caching_wins_from_K']}\n")
+    elif name == "views":
+        echo(_table(f"augmented views ({r['augment']}, {r['views']} views of {r['dump_rows']} rows, teacher "
+                    f"{r['teacher']}): dump of the views against {r['views']} bare teacher passes over the "
+                    f"plain rows", [r], ["dump_views_s", "bare_passes_s", "dump_per_view_over_bare_pass"]))
+        echo(_table("  bytes per sample per view", r["sizes"],
+                    ["layout", "bytes_per_sample_per_view", "bytes_per_sample_without_views"]))
+        echo(_table(f"  K students of 784-800-800-10, {r['epochs']} epochs: a store of one view per epoch "
+                    f"(dump included) against online consistent distillation (teacher on every batch)",
+                    r["by_K"], ["K", "cached_views_s", "online_s", "ratio", "store_reused_s", "reused_ratio"]))
+    elif name == "hf":
+        echo(_table(f"dump-logits of a transformers causal LM ({r['teacher']}) against its bare forward "
+                    f"loop over the same batches (goal <= 1.10)", r["rows"],
+                    ["layout", "tokens", "dump_s", "bare_forward_s", "ratio", "tokens_per_s", "bytes_per_token"]))
+    elif name == "s3":
+        echo(_table(f"shuffled stream of a store in S3 (loopback endpoint, {r['rows']} rows x {r['classes']} "
+                    f"classes, {r['store_MB']:.0f} MB) against the same store on local disk", r["stream"],
+                    ["side", "seconds", "rows_per_s", "s3_over_local_throughput", "server_cpu_s", "client_cpu_s",
+                     "cores_busy", "goal"]))
+        echo(_table("dump-logits to S3 against dump-logits to local disk", [r["dump"]],
+                    ["teacher", "rows", "local_s", "s3_s", "s3_over_local", "goal"]))
+    elif name == "sparse":
+        kl = ["k", "T", "bytes_per_row_topk", "bytes_per_row_dense", "tail_mass", "kl_full_vs_topk_with_tail",
+              "kl_topk_renormalised_vs_full", "kl_full_vs_topk_renormalised"]
+        for key, title in (("mnist", "MNIST teacher, 10 classes"),
+                           ("long_tail_5000", "synthetic long-tail teacher, 5000 classes")):
+            echo(_table(f"sparse top-k ({title}): KL to the full p_T, with the exact tail bucket against "
+                        f"top-k renormalised without it", r[key], kl))
+        for f in r["stores"]:
+            echo(_table(f"sparse top-k ({f['teacher']} on {f['dataset']}, {f['classes']} classes, first "
+                        f"{f['rows']} {'positions' if f['per_token'] else 'rows'} of {f['store']})", f["table"], kl))
+    elif name == "storage":
+        echo(_table("storage: bytes per sample on real MNIST teacher logits (10 classes, 1 member)", r,
+                    ["backend", "dtype", "compression", "bytes_per_sample", "reference_C_x_M_x_2"]))
 
 
 def _table(title: str, rows: list[dict[str, Any]], cols: list[str]) -> str:

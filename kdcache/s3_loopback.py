@@ -16,7 +16,7 @@ import os
 import socket
 import subprocess
 import sys
-from typing import Any
+from typing import IO, Any, cast
 
 from kdcache.errors import KdcacheError
 
@@ -45,6 +45,7 @@ class LoopbackS3:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env={**os.environ, **CREDENTIALS,
                                           **({"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if auth else {})})
+        self._in, self._out = cast(IO[str], self.proc.stdin), cast(IO[str], self.proc.stdout)  # PIPE: never None
         self._expect("started", "start")
 
     @property
@@ -53,14 +54,12 @@ class LoopbackS3:
         return {**CREDENTIALS, "AWS_ENDPOINT_URL": self.url}
 
     def _send(self, command: str, answer: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
+        self._in.write(command + "\n")
+        self._in.flush()
         self._expect(answer, command)
 
     def _expect(self, answer: str, command: str) -> None:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().strip()
+        line = self._out.readline().strip()
         if line != answer:
             raise KdcacheError(f"the loopback S3 server on port {self.port} answered {line or 'nothing'!r} to "
                                f"{command!r}")
@@ -79,7 +78,7 @@ class LoopbackS3:
         if self.proc.poll() is None:
             try:
                 self._send("quit", "bye")
-            except (BrokenPipeError, KdcacheError, AssertionError):
+            except (BrokenPipeError, KdcacheError):
                 pass
             self.proc.wait(timeout=30)
 
