@@ -43,7 +43,7 @@ def set_storage_options(pairs: Iterable[str]) -> None:
     for pair in pairs:
         key, eq, value = pair.partition("=")
         if not eq or not key.strip():
-            raise StoreError(f"--storage-option {pair!r}: expected KEY=VALUE, e.g. endpoint_url=http://127.0.0.1:9000")
+            raise StoreError(f"{pair!r}: expected KEY=VALUE, e.g. endpoint_url=http://127.0.0.1:9000")
         try:
             options[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
