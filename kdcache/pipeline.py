@@ -16,7 +16,7 @@ import yaml
 from kdcache.errors import ConfigError, KdcacheError
 
 TOP_KEYS = {"pipeline", "description", "vars", "profiles", "steps", "state_dir"}
-STEP_KEYS = {"name", "command", "with"}
+STEP_KEYS = {"name", "command", "with", "use"}
 COMMANDS = ("train-student", "dump-logits", "report", "convert", "inspect", "verify", "train-tokenizer", "evaluate")
 LIST_OPTIONS = {"temperatures", "alphas", "seeds", "lrs", "members"}  # comma-separated on the command line
 REF = re.compile(r"\$\{(vars|steps)\.([A-Za-z0-9_-]+)(?:\.([A-Za-z0-9_-]+))?\}")
@@ -29,6 +29,7 @@ class Step:
     options: dict[str, Any]
     line: int
     needs: list[str] = field(default_factory=list)
+    use: str | None = None   # an existing output to use instead of running the step (``use:``)
 
 
 @dataclass
@@ -188,7 +189,14 @@ def load_pipeline(path: str, profile: str | None = None, overrides: dict[str, st
         for param in cmd.params:
             if param.required and param.name not in options:
                 raise err(("steps", i, "with"), f"{command} needs {param.opts[0] if param.opts else param.name}")
-        steps.append(Step(name, command, options, lines.get(("steps", i), 1), needs))
+        use = resolve(raw.get("use"), ("steps", i, "use"))
+        if use not in (None, ""):
+            out_key = next((k for k in ("out", "dst") if k in options), None)
+            if not isinstance(use, str) or out_key is None:
+                raise err(("steps", i, "use"), "expected the path of an existing output (a run directory or a "
+                          "store) standing in for a step that has out")
+            options[out_key] = use
+        steps.append(Step(name, command, options, lines.get(("steps", i), 1), needs, use or None))
         seen.add(name)
     state = Path(data.get("state_dir") or Path("runs") / ".pipeline" / data["pipeline"])
     if profile:
@@ -261,10 +269,18 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _fingerprint(path: Path) -> list:
+    """What identifies an output the pipeline did not make: each file's name, size and mtime, so that
+    the steps after a ``use:`` step rerun when that output is made again."""
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+    return [(str(f.relative_to(path)) if f != path else f.name, f.stat().st_size, f.stat().st_mtime_ns)
+            for f in files]
+
+
 @dataclass
 class Action:
     step: Step
-    status: str              # "run", "rerun", "skip", "partial"
+    status: str              # "run", "rerun", "skip", "partial", "use"
     digest: str
     base: str = ""           # the digest without the temperature list (train-student sweeps)
     todo: list[float] | None = None  # temperatures still to train, for a partial sweep
@@ -289,12 +305,26 @@ class Runner:
         actions = []
         changed: set[str] = set()
         for step in self.p.steps:
+            if step.use is not None:
+                given = Path(step.use)
+                if not given.exists():
+                    raise KdcacheError(f"{self.p.path}: step {step.name!r}: use: {step.use} does not exist; give the "
+                                       f"path of a finished output, or leave use empty to run the step")
+                digest = _digest({"use": step.use, "files": _fingerprint(given)})
+                self.digests[step.name] = digest
+                stamp = self._read_stamp(step)
+                if stamp is None or stamp.get("digest") != digest:
+                    changed.add(step.name)
+                actions.append(Action(step, "use", digest, detail=f"given: {step.use}"))
+                continue
             opts = {k: v for k, v in step.options.items() if k != "temperatures"}
             base = _digest({"command": step.command, "options": opts, "needs": [self.digests[n] for n in step.needs]})
             temps = step.options.get("temperatures") if step.command == "train-student" else None
             digest = _digest([base, temps])
             self.digests[step.name] = digest
             stamp = self._read_stamp(step)
+            if stamp is not None and "use" in stamp:
+                stamp = None  # it last stood for a given output: what is at out now was not made here
             out = step.options.get("out") or step.options.get("dst")
             exists = out is not None and Path(str(out)).exists()
             if step.command in ("report", "inspect", "verify", "evaluate"):
@@ -319,7 +349,8 @@ class Runner:
             else:
                 why = "its inputs changed" if stamp.get("digest") != digest else "its output is missing"
                 if set(step.needs) & changed:
-                    why = f"step {sorted(set(step.needs) & changed)[0]!r} reran"
+                    first = sorted(set(step.needs) & changed)[0]
+                    why = f"step {first!r} " + ("was given another output" if self.p.step(first).use else "reran")
                 actions.append(Action(step, "rerun", digest, base, detail=why))
             if actions[-1].status != "skip":
                 changed.add(step.name)
@@ -340,10 +371,14 @@ class Runner:
             if a.step.command == "train-student" and (o.get("temperatures") or len(o.get("seeds") or []) > 1
                                                       or len(o.get("alphas") or []) > 1):
                 args.append("--sweep-dirs")  # stable layout: adding a temperature later adds a directory
-            label = {"run": "run", "rerun": "rerun", "skip": "skip", "partial": "run part"}[a.status]
+            label = {"run": "run", "rerun": "rerun", "skip": "skip", "partial": "run part", "use": "use"}[a.status]
             echo(f"[{a.step.name}] {label}" + (f" ({a.detail})" if a.detail else "") +
-                 ("" if a.status == "skip" else ": kdcache " + " ".join(args)))
+                 ("" if a.status in ("skip", "use") else ": kdcache " + " ".join(args)))
             if dry_run or a.status == "skip":
+                continue
+            if a.status == "use":
+                self.p.state_dir.mkdir(parents=True, exist_ok=True)
+                self._stamp(a.step).write_text(json.dumps({"digest": a.digest, "use": a.step.use}, indent=2))
                 continue
             t0 = time.perf_counter()
             try:

@@ -107,18 +107,37 @@ def markdown(runs: list[dict[str, Any]], roles: dict[str, list[str]] | None = No
             raise KdcacheError(f"--paper {paper!r} is unknown; known: {', '.join(PAPERS)}")
         ref = PAPERS[paper]
         lines += ["", f"Side by side with {ref['title']}:", "",
-                  "| model | paper | kdcache (best run) | kdcache runs |", "|---|---|---|---|"]
+                  "| model | paper | kdcache, best setting (mean ± std over seeds) | kdcache, every setting |",
+                  "|---|---|---|---|"]
         for role, paper_errors in ref["rows"].items():
-            group = ((roles or {}).get(role) or [None])[0]
-            mine = [r for r in runs if group and (r["group"] == group or r["dir"] == group)
-                    and r["test_errors"] is not None]
-            best = min(mine, key=lambda r: r["test_errors"]) if mine else None
-            best_s = "-" if best is None else (f"{best['test_errors']}" + (
-                f" (T={best['temperature']:g})" if best["temperature"] is not None else "") + f", {best['epochs']} epochs")
-            every = ", ".join(f"T={r['temperature']:g}: {r['test_errors']}" if r["temperature"] is not None
-                              else str(r["test_errors"]) for r in mine) or "-"
+            groups = set((roles or {}).get(role) or [])
+            mine = [r for r in runs if (r["group"] in groups or r["dir"] in groups) and r["test_errors"] is not None
+                    and not r["diverged"]]
+            settings = _by_setting(mine)
+            best = min(settings, key=lambda s: s[1]) if settings else None
+            best_s = "-" if best is None else f"{_mean_spread(best[1], best[2], best[3])}" + (
+                f" (T={best[0]:g})" if best[0] is not None else "") + f", {mine[0]['epochs']} epochs"
+            every = ", ".join((f"T={t:g}: " if t is not None else "") + _mean_spread(m, sd, n)
+                              for t, m, sd, n in settings) or "-"
             lines.append(f"| {ref['labels'][role]} | {paper_errors} | {best_s} | {every} |")
     return "\n".join(lines)
+
+
+def _by_setting(runs: list[dict[str, Any]]) -> list[tuple[float | None, float, float | None, int]]:
+    """(temperature, mean test errors, std over seeds or None, seeds) per temperature, in order of T."""
+    by_t: dict[Any, list[int]] = {}
+    for r in runs:
+        by_t.setdefault(r["temperature"], []).append(r["test_errors"])
+    out = []
+    for t, errs in sorted(by_t.items(), key=lambda kv: -1 if kv[0] is None else kv[0]):
+        mean = sum(errs) / len(errs)
+        std = (sum((e - mean) ** 2 for e in errs) / (len(errs) - 1)) ** 0.5 if len(errs) > 1 else None
+        out.append((t, mean, std, len(errs)))
+    return out
+
+
+def _mean_spread(mean: float, std: float | None, n: int) -> str:
+    return f"{mean:.0f}" if n == 1 else f"{mean:.1f} ± {std:.1f} ({n} seeds)"
 
 
 def seed_summary(runs: list[dict[str, Any]]) -> list[str]:
@@ -179,20 +198,24 @@ def plot(runs: list[dict[str, Any]], path: str) -> bool:
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
-    by_arch: dict[str, list[tuple[float, int]]] = {}
+    groups: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
-        if r["distilled"] and r["temperature"] is not None and r["test_errors"] is not None:
-            by_arch.setdefault(r["student"], []).append((r["temperature"], r["test_errors"]))
-    for arch, pts in sorted(by_arch.items()):
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=arch)
+        if r["test_errors"] is not None and not r["diverged"]:
+            groups.setdefault(r["group"], []).append(r)
+    several = len({r["student"] for r in runs}) < len(groups)  # then a line is named by its directory too
     styles = iter([":", "--", "-.", (0, (1, 3))] * 8)
-    for r in runs:
-        if not r["distilled"] and r["test_errors"] is not None:
-            label = (f"teacher {r['student']}" if r.get("role") == "teacher"
-                     else f"{r['student']} without distillation")
-            ax.axhline(r["test_errors"], linestyle=next(styles), linewidth=1,
-                       color="black" if r.get("role") == "teacher" else "grey", label=label)
+    for group, rs in groups.items():
+        name = rs[0]["student"] + (f" ({Path(group).name})" if several else "")
+        distilled = [r for r in rs if r["distilled"] and r["temperature"] is not None]
+        if distilled:
+            pts = _by_setting(distilled)
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0 for p in pts], marker="o",
+                        capsize=3, label=name + (f", mean ± std of {pts[0][3]} seeds" if pts[0][3] > 1 else ""))
+        for r in [r for r in rs if not r["distilled"]][:1]:
+            mean = sum(x["test_errors"] for x in rs if not x["distilled"]) / sum(not x["distilled"] for x in rs)
+            teacher = r.get("role") == "teacher"
+            ax.axhline(mean, linestyle=next(styles), linewidth=1, color="black" if teacher else "grey",
+                       label=f"teacher {r['student']}" if teacher else f"{name} without distillation")
     ax.set_xscale("log")
     ax.set_xlabel("temperature T")
     ax.set_ylabel("test errors")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kdcache.errors import ConfigError
+from kdcache.errors import ConfigError, KdcacheError
 from kdcache.pipeline import Runner, argv, load_pipeline
 from tests.conftest import ROOT, run_kdcache
 from tests.helpers import SYNTH
@@ -30,9 +30,11 @@ state_dir: {{root}}/state
 vars:
   root: {{root}}
   epochs: 1
+  teacher: ""
 steps:
   - name: teacher
     command: train-student
+    use: ${{vars.teacher}}
     with:
       dataset: "{SYNTH}"
       student: mlp:32
@@ -64,7 +66,8 @@ steps:
 def write(tmp_path, temps="[1, 4]", epochs=None):
     text = TINY.replace("{root}", str(tmp_path / "runs")).replace("{temps}", temps)
     if epochs is not None:
-        text = text.replace("epochs: 1\nsteps", f"epochs: {epochs}\nsteps")
+        text = text.replace("epochs: 1\n", f"epochs: {epochs}\n", 1)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     f = tmp_path / "tiny.yaml"
     f.write_text(text)
     return str(f)
@@ -93,6 +96,36 @@ def test_rerun_skips_adding_a_temperature_trains_only_it_and_a_change_reruns_dep
 
     f = write(tmp_path, temps="[1, 4, 8]", epochs=2)
     assert statuses(f) == {"teacher": "rerun", "logits": "rerun", "students": "rerun", "report": "run"}
+
+
+def test_a_step_can_use_an_output_made_elsewhere_and_its_dependents_follow_it(tmp_path):
+    first = write(tmp_path / "a")  # trains runs/teacher the usual way
+    Runner(load_pipeline(first)).run(echo=lambda s: None)
+    teacher = tmp_path / "a" / "runs" / "teacher"
+    model = (teacher / "model.safetensors").read_bytes()
+
+    second = write(tmp_path / "b")
+    use = {"teacher": str(teacher)}
+    lines: list[str] = []
+    Runner(load_pipeline(second, overrides=use)).run(echo=lines.append)
+    assert lines[0] == f"[teacher] use (given: {teacher})"
+    assert not (tmp_path / "b" / "runs" / "teacher").exists(), "the step did not run"
+    assert f"--teacher {teacher}" in lines[1]
+    assert (tmp_path / "b" / "runs" / "students" / "T4-a0.9-s0" / "model.safetensors").exists()
+    assert (teacher / "model.safetensors").read_bytes() == model, "the given output is left as it was"
+    assert {a.step.name: a.status for a in Runner(load_pipeline(second, overrides=use)).plan()} == \
+        {"teacher": "use", "logits": "skip", "students": "skip", "report": "run"}
+
+    # the given teacher made again (2 epochs): what was made from it reruns, and says why
+    Runner(load_pipeline(write(tmp_path / "a", epochs=2))).run(echo=lambda s: None)
+    actions = {a.step.name: a for a in Runner(load_pipeline(second, overrides=use)).plan()}
+    assert actions["logits"].status == "rerun" and actions["logits"].detail == "step 'teacher' was given another output"
+
+    # no longer given: the step runs here, into its own out
+    assert statuses(second)["teacher"] == "run"
+    with pytest.raises(KdcacheError, match=r"step 'teacher': use: .*nope does not exist; give the path of a "
+                                            r"finished output"):
+        Runner(load_pipeline(second, overrides={"teacher": str(tmp_path / "nope")})).plan()
 
 
 def test_dry_run_prints_the_commands_and_runs_nothing(tmp_path):

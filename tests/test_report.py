@@ -103,3 +103,8 @@ def test_several_seeds_get_mean_and_spread(runs):
     assert cells[2:6] == ["plain, cached", "2", "0.9", "3"]
     assert float(cells[6]) == pytest.approx(sum(errors) / 3, abs=0.05)
     assert cells[8] == f"{min(errors)}-{max(errors)}"
+    # beside the paper: the setting's mean and spread over seeds, not one run
+    md = run_kdcache("report", str(runs / "seeds"), "--paper", "hinton-mnist", "--role", f"distilled={runs / 'seeds'}",
+                     "--plot", str(runs / "seeds.png")).stdout
+    row = next(x for x in md.splitlines() if x.startswith("| student 784-800-800-10 distilled | 74 |"))
+    assert f"| {cells[6]} ± {cells[7]} (3 seeds) (T=2), 1 epochs | T=2: {cells[6]} ± {cells[7]} (3 seeds) |" in row
