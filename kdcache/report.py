@@ -110,34 +110,36 @@ def markdown(runs: list[dict[str, Any]], roles: dict[str, list[str]] | None = No
                   "| model | paper | kdcache, best setting (mean ± std over seeds) | kdcache, every setting |",
                   "|---|---|---|---|"]
         for role, paper_errors in ref["rows"].items():
-            groups = set((roles or {}).get(role) or [])
-            mine = [r for r in runs if (r["group"] in groups or r["dir"] in groups) and r["test_errors"] is not None
-                    and not r["diverged"]]
+            group = ((roles or {}).get(role) or [None])[0]  # the first --role of each: the paper's setting
+            mine = [r for r in runs if group and (r["group"] == group or r["dir"] == group)
+                    and r["test_errors"] is not None and not r["diverged"]]
             settings = _by_setting(mine)
-            best = min(settings, key=lambda s: s[1]) if settings else None
-            best_s = "-" if best is None else f"{_mean_spread(best[1], best[2], best[3])}" + (
-                f" (T={best[0]:g})" if best[0] is not None else "") + f", {mine[0]['epochs']} epochs"
-            every = ", ".join((f"T={t:g}: " if t is not None else "") + _mean_spread(m, sd, n)
-                              for t, m, sd, n in settings) or "-"
+            alphas = len({s[1] for s in settings})
+            best = min(settings, key=lambda s: s[2]) if settings else None
+            best_s = "-" if best is None else f"{_setting(*best[:2], alphas, *best[2:])}, {mine[0]['epochs']} epochs"
+            every = ", ".join(_setting(*s[:2], alphas, *s[2:]) for s in settings) or "-"
             lines.append(f"| {ref['labels'][role]} | {paper_errors} | {best_s} | {every} |")
     return "\n".join(lines)
 
 
-def _by_setting(runs: list[dict[str, Any]]) -> list[tuple[float | None, float, float | None, int]]:
-    """(temperature, mean test errors, std over seeds or None, seeds) per temperature, in order of T."""
-    by_t: dict[Any, list[int]] = {}
+def _by_setting(runs: list[dict[str, Any]]) -> list[tuple[float | None, float, float, float | None, int]]:
+    """(temperature, alpha, mean test errors, std over seeds or None, seeds) per setting, in order of T."""
+    by: dict[tuple, list[int]] = {}
     for r in runs:
-        by_t.setdefault(r["temperature"], []).append(r["test_errors"])
-    out = []
-    for t, errs in sorted(by_t.items(), key=lambda kv: -1 if kv[0] is None else kv[0]):
-        mean = sum(errs) / len(errs)
-        std = (sum((e - mean) ** 2 for e in errs) / (len(errs) - 1)) ** 0.5 if len(errs) > 1 else None
-        out.append((t, mean, std, len(errs)))
-    return out
+        by.setdefault((r["temperature"], r["alpha"]), []).append(r["test_errors"])
+    return [(t, a, *_mean_std(errs), len(errs))
+            for (t, a), errs in sorted(by.items(), key=lambda kv: (-1 if kv[0][0] is None else kv[0][0], kv[0][1]))]
 
 
-def _mean_spread(mean: float, std: float | None, n: int) -> str:
-    return f"{mean:.0f}" if n == 1 else f"{mean:.1f} ± {std:.1f} ({n} seeds)"
+def _mean_std(errs: list[int]) -> tuple[float, float | None]:
+    mean = sum(errs) / len(errs)
+    return mean, (sum((e - mean) ** 2 for e in errs) / (len(errs) - 1)) ** 0.5 if len(errs) > 1 else None
+
+
+def _setting(t: float | None, alpha: float, alphas: int, mean: float, std: float | None, n: int) -> str:
+    """``T=2: 104.3 ± 3.1 (3 seeds)``, naming alpha too where the runs have several."""
+    where = ", ".join(([f"T={t:g}"] if t is not None else []) + ([f"alpha={alpha:g}"] if alphas > 1 else []))
+    return (f"{where}: " if where else "") + (f"{mean:.0f}" if n == 1 else f"{mean:.1f} ± {std:.1f} ({n} seeds)")
 
 
 def seed_summary(runs: list[dict[str, Any]]) -> list[str]:
@@ -155,8 +157,7 @@ def seed_summary(runs: list[dict[str, Any]]) -> list[str]:
         errs = [r["test_errors"] for r in rs if r["test_errors"] is not None and not r["diverged"]]
         if not errs:
             continue
-        mean = sum(errs) / len(errs)
-        std = (sum((e - mean) ** 2 for e in errs) / (len(errs) - 1)) ** 0.5 if len(errs) > 1 else None
+        mean, std = _mean_std(errs)
         out.append(f"| {group} | {student} | {inputs} | {_fmt(t, 'g')} | {alpha:g} | {len(errs)} | {mean:.1f} | "
                    f"{_fmt(std, '.1f')} | {min(errs)}-{max(errs)} |")
     return out
@@ -207,15 +208,17 @@ def plot(runs: list[dict[str, Any]], path: str) -> bool:
     for group, rs in groups.items():
         name = rs[0]["student"] + (f" ({Path(group).name})" if several else "")
         distilled = [r for r in rs if r["distilled"] and r["temperature"] is not None]
-        if distilled:
-            pts = _by_setting(distilled)
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0 for p in pts], marker="o",
-                        capsize=3, label=name + (f", mean ± std of {pts[0][3]} seeds" if pts[0][3] > 1 else ""))
-        for r in [r for r in rs if not r["distilled"]][:1]:
-            mean = sum(x["test_errors"] for x in rs if not x["distilled"]) / sum(not x["distilled"] for x in rs)
-            teacher = r.get("role") == "teacher"
-            ax.axhline(mean, linestyle=next(styles), linewidth=1, color="black" if teacher else "grey",
-                       label=f"teacher {r['student']}" if teacher else f"{name} without distillation")
+        for alpha in sorted({r["alpha"] for r in distilled}):
+            pts = _by_setting([r for r in distilled if r["alpha"] == alpha])
+            ax.errorbar([p[0] for p in pts], [p[2] for p in pts], yerr=[p[3] or 0 for p in pts], marker="o", capsize=3,
+                        label=name + (f", alpha {alpha:g}" if len({r["alpha"] for r in distilled}) > 1 else "")
+                        + (f", mean ± std of {pts[0][4]} seeds" if pts[0][4] > 1 else ""))
+        alone = [r for r in rs if not r["distilled"]]
+        if alone:  # a level: the mean over its seeds
+            teacher = alone[0].get("role") == "teacher"
+            ax.axhline(_mean_std([r["test_errors"] for r in alone])[0], linestyle=next(styles), linewidth=1,
+                       color="black" if teacher else "grey",
+                       label=f"teacher {alone[0]['student']}" if teacher else f"{name} without distillation")
     ax.set_xscale("log")
     ax.set_xlabel("temperature T")
     ax.set_ylabel("test errors")

@@ -107,4 +107,4 @@ def test_several_seeds_get_mean_and_spread(runs):
     md = run_kdcache("report", str(runs / "seeds"), "--paper", "hinton-mnist", "--role", f"distilled={runs / 'seeds'}",
                      "--plot", str(runs / "seeds.png")).stdout
     row = next(x for x in md.splitlines() if x.startswith("| student 784-800-800-10 distilled | 74 |"))
-    assert f"| {cells[6]} ± {cells[7]} (3 seeds) (T=2), 1 epochs | T=2: {cells[6]} ± {cells[7]} (3 seeds) |" in row
+    assert f"| T=2: {cells[6]} ± {cells[7]} (3 seeds), 1 epochs | T=2: {cells[6]} ± {cells[7]} (3 seeds) |" in row
