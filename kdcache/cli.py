@@ -174,6 +174,10 @@ def dump_logits_cmd(**kw: Any) -> None:
               help="Cap each unit's incoming weight vector at this L2 norm after every step (max-norm, used with "
                    "dropout; the paper's teacher had it: 3.5 is usual).")
 @click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True)
+@click.option("--warmup", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Raise the learning rate linearly from 0 over this many epochs (a fraction is fine), then follow "
+                   "--schedule: keeps the first large soft-target gradients of high temperatures from killing "
+                   "ReLU units of small students.")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
 @click.option("--input-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
 @click.option("--jitter", type=click.IntRange(0), default=0, show_default=True,

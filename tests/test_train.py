@@ -137,3 +137,22 @@ def test_max_norm_caps_every_units_incoming_weights(teacher_store, stack):
              for k, w in load_file(str(out / d / "model.safetensors")).items() if k.endswith("weight")]
     assert len(norms) == 4 and max(norms) <= 0.7 + 1e-5 and min(norms) > 0.69  # large lr: every layer hits the cap
     assert json.loads((out / "T4-a0.9-s0" / "config.json").read_text())["max_norm"] == 0.7
+
+
+@pytest.mark.parametrize("stack", ["--stack", "--no-stack"])
+def test_warmup_ramps_the_learning_rate_then_follows_the_schedule(teacher_store, stack):
+    from tests.conftest import invoke_kdcache
+    out = teacher_store / f"warmup{stack}"
+    # 2,000 rows in batches of 100: 20 steps an epoch, a ramp of 30 steps
+    invoke_kdcache("train-student", "--dataset", SYNTH, "--store", str(teacher_store / "t.zarr"), "--student", "mlp:8",
+                   "--temperature", "1,8", "--epochs", "2", "--batch-size", "100", "--lr", "0.3", "--schedule",
+                   "constant", "--warmup", "1.5", stack, "--out", str(out))
+    for run in ("T1-a0.9-s0", "T8-a0.9-s0"):
+        metrics = json.loads((out / run / "metrics.json").read_text())
+        assert metrics[0]["lr"] == pytest.approx(0.3 * 20 / 30)  # after step 20 of 30
+        assert metrics[1]["lr"] == pytest.approx(0.3)
+        assert json.loads((out / run / "config.json").read_text())["warmup"] == 1.5
+    p = run_kdcache("train-student", "--dataset", SYNTH, "--student", "mlp:8", "--epochs", "2", "--warmup", "3",
+                    "--out", str(teacher_store / "nowarm"), check=False)
+    assert p.returncode == 1 and p.stderr.strip() == ("Error: --warmup 3: give a number of epochs between 0 and "
+                                                      "--epochs (2)")

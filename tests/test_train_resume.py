@@ -96,7 +96,7 @@ def store(tmp_path_factory):
 def _distil(store: Path, out: Path, *extra: str) -> list[str]:
     return ["train-student", "--dataset", SYNTH, "--store", str(store), "--student", "tests.helpers:slow_mlp",
             "--temperature", "2,4", "--seed", "0,1", "--epochs", "3", "--batch-size", "100",
-            "--checkpoint-every", "4", "--out", str(out), *extra]
+            "--checkpoint-every", "4", "--warmup", "1.5", "--out", str(out), *extra]  # kills land in the ramp too
 
 
 @pytest.mark.slow
@@ -119,7 +119,7 @@ def test_a_killed_plain_run_with_jitter_and_dropout_resumes_to_the_same_weights(
     def cmd(out: Path) -> list[str]:
         return ["train-student", "--dataset", "mnist:train", "--subset", "0:1200", "--student",
                 "tests.helpers:slow_mnist_mlp", "--jitter", "1", "--epochs", "2", "--batch-size", "100",
-                "--checkpoint-every", "5", "--out", str(out)]
+                "--warmup", "1", "--checkpoint-every", "5", "--out", str(out)]
     run_kdcache(*cmd(tmp_path / "ref"))
     kill_at(_kdcache(*cmd(tmp_path / "killed")), tmp_path / "count", random.Random(SEED + 1).randint(6, 22))
     p = run_kdcache(*cmd(tmp_path / "killed"))
@@ -156,7 +156,7 @@ def test_damaged_checkpoints_other_commands_and_other_formats(store, tmp_path):
     _same(tmp_path / "ref", out, ["T2-a0.9-s0", "T4-a0.9-s1"])
     # --overwrite starts afresh with another command
     kill_at(_kdcache(*_distil(store, tmp_path / "again")), tmp_path / "count2", 10)
-    p = run_kdcache(*_distil(store, tmp_path / "again", "--epochs", "1", "--overwrite"))
+    p = run_kdcache(*_distil(store, tmp_path / "again", "--epochs", "1", "--warmup", "0.5", "--overwrite"))
     assert "resuming" not in p.stderr
     assert len(json.loads((tmp_path / "again" / "T2-a0.9-s0" / "metrics.json").read_text())) == 1
 

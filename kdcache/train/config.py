@@ -41,6 +41,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_norm: float | None = None             # cap on each unit's incoming weight norm (with dropout)
     schedule: str = "cosine"
+    warmup: float = 0.0                       # epochs over which the lr rises linearly from 0 (a fraction is fine)
     dropout: float = 0.0
     input_dropout: float = 0.0
     jitter: int = 0
@@ -109,6 +110,8 @@ class TrainConfig:
             raise ConfigError(f"--optimizer {c.optimizer!r}: use sgd or adam")
         if c.schedule not in ("cosine", "constant"):
             raise ConfigError(f"--schedule {c.schedule!r}: use cosine or constant")
+        if not 0 <= c.warmup <= c.epochs:
+            raise ConfigError(f"--warmup {c.warmup:g}: give a number of epochs between 0 and --epochs ({c.epochs})")
         if c.amp not in AMP_MODES:
             raise ConfigError(f"--amp {c.amp!r}: use one of {', '.join(AMP_MODES)}")
         if c.distills and c.jitter:
@@ -146,3 +149,10 @@ def lr_at(base_lr: float, epoch: int, epochs: int, schedule: str) -> float:
         return base_lr
     import math
     return base_lr * (1 + math.cos(math.pi * epoch / epochs)) / 2
+
+
+def warmup_scale(step: int, warmup_steps: int) -> float:
+    """The factor on the learning rate of optimizer step ``step`` (0-based, counted from the first
+    epoch): rising linearly to 1 over ``warmup_steps``, then 1. A closed form, so a resumed run
+    continues the same ramp."""
+    return 1.0 if step >= warmup_steps else (step + 1) / warmup_steps

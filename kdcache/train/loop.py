@@ -26,7 +26,7 @@ from kdcache.specs import load_model
 from kdcache.train import divergence
 from kdcache.train.batches import device_batches
 from kdcache.train.checkpoint import Checkpoints
-from kdcache.train.config import TrainConfig
+from kdcache.train.config import TrainConfig, warmup_scale
 from kdcache.train.evaluate import Evaluator
 from kdcache.train.results import write_run, write_summary
 from kdcache.train.source import TrainingData, check_student, open_training_data, probe_inputs
@@ -158,11 +158,17 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
         if step == 0 or sums is None:
             sums = EpochSums.zeros(len(students), device)
         safe_steps = _steps_every_rank_takes(src.stream, info)
+        per_epoch = safe_steps if info.enabled else len(src.stream)  # the same on every rank: so is the lr
+        warmup_steps = round(c.warmup * per_epoch)
         bar = _progress(len(src.stream), show, f"epoch {epoch + 1}/{c.epochs}", done=step)
         with _join(units, info):
             for batch in device_batches(loader, device, skip=step, augment=augment):
                 if src.teacher is not None:  # online distillation: the teacher on this very batch
                     batch.z = src.teacher(batch.x)
+                done = epoch * per_epoch + step  # optimizer steps before this one
+                if warmup_steps and done <= warmup_steps:
+                    for u in units:
+                        u.set_epoch_lr(epoch, warmup_scale(done, warmup_steps))
                 train_step(units, batch, sums)
                 step += 1
                 if bar is not None:

@@ -166,8 +166,8 @@ class StackedStudents:
         if hasattr(self, "_base"):
             self._base.train(mode)
 
-    def set_epoch_lr(self, epoch: int) -> None:
-        self.optimizer.set_lrs([lr_at(s.lr, epoch, self.c.epochs, self.c.schedule) for s in self.students])
+    def set_epoch_lr(self, epoch: int, scale: float = 1.0) -> None:
+        self.optimizer.set_lrs([scale * lr_at(s.lr, epoch, self.c.epochs, self.c.schedule) for s in self.students])
 
     def lr(self, j: int) -> float:
         return self.optimizer.lrs[j]

@@ -113,9 +113,9 @@ class SeparateStudent:
     def train(self) -> None:
         self.model.train()
 
-    def set_epoch_lr(self, epoch: int) -> None:
+    def set_epoch_lr(self, epoch: int, scale: float = 1.0) -> None:
         for g in self.optimizer.param_groups:
-            g["lr"] = lr_at(self.students[0].lr, epoch, self.c.epochs, self.c.schedule)
+            g["lr"] = scale * lr_at(self.students[0].lr, epoch, self.c.epochs, self.c.schedule)
 
     def lr(self, j: int) -> float:
         return self.optimizer.param_groups[0]["lr"]
