@@ -37,7 +37,7 @@ def collect_runs(dirs: list[str]) -> list[dict[str, Any]]:
                 "inputs": _inputs(config, ident),
                 "distilled": from_teacher and config["alpha"] > 0,
                 "temperature": config["temperature"] if from_teacher else None, "alpha": config["alpha"],
-                "seed": config["seed"], "epochs": len(metrics), "test_errors": last.get("eval_errors"),
+                "seed": config["seed"], "lr": config.get("lr"), "epochs": len(metrics), "test_errors": last.get("eval_errors"),
                 "test_accuracy": last.get("eval_accuracy"), "teacher_agreement": last.get("teacher_agreement"),
                 "test_perplexity": last.get("eval_perplexity"), "diverged": bool(last.get("diverged")),
                 "wall_seconds": sum(m["seconds"] for m in metrics)})
@@ -114,21 +114,22 @@ def markdown(runs: list[dict[str, Any]], roles: dict[str, list[str]] | None = No
             mine = [r for r in runs if group and (r["group"] == group or r["dir"] == group)
                     and r["test_errors"] is not None and not r["diverged"]]
             settings = _by_setting(mine)
-            alphas = len({s[1] for s in settings})
-            best = min(settings, key=lambda s: s[2]) if settings else None
-            best_s = "-" if best is None else f"{_setting(*best[:2], alphas, *best[2:])}, {mine[0]['epochs']} epochs"
-            every = ", ".join(_setting(*s[:2], alphas, *s[2:]) for s in settings) or "-"
+            best = min(settings, key=lambda st: st["mean"]) if settings else None
+            best_s = "-" if best is None else f"{_setting(best, settings)}, {mine[0]['epochs']} epochs"
+            every = "; ".join(_setting(st, settings) for st in settings) or "-"
             lines.append(f"| {ref['labels'][role]} | {paper_errors} | {best_s} | {every} |")
     return "\n".join(lines)
 
 
-def _by_setting(runs: list[dict[str, Any]]) -> list[tuple[float | None, float, float, float | None, int]]:
-    """(temperature, alpha, mean test errors, std over seeds or None, seeds) per setting, in order of T."""
+def _by_setting(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per setting (temperature, alpha, lr), in order of T: its mean test errors over seeds,
+    their std (None for one seed) and the number of seeds."""
     by: dict[tuple, list[int]] = {}
     for r in runs:
-        by.setdefault((r["temperature"], r["alpha"]), []).append(r["test_errors"])
-    return [(t, a, *_mean_std(errs), len(errs))
-            for (t, a), errs in sorted(by.items(), key=lambda kv: (-1 if kv[0][0] is None else kv[0][0], kv[0][1]))]
+        by.setdefault((r["temperature"], r["alpha"], r["lr"]), []).append(r["test_errors"])
+    order = sorted(by, key=lambda k: (-1 if k[0] is None else k[0], k[1], k[2] or 0))
+    return [dict(zip(("t", "alpha", "lr"), k)) | dict(zip(("mean", "std"), _mean_std(by[k])), n=len(by[k]))
+            for k in order]
 
 
 def _mean_std(errs: list[int]) -> tuple[float, float | None]:
@@ -136,10 +137,13 @@ def _mean_std(errs: list[int]) -> tuple[float, float | None]:
     return mean, (sum((e - mean) ** 2 for e in errs) / (len(errs) - 1)) ** 0.5 if len(errs) > 1 else None
 
 
-def _setting(t: float | None, alpha: float, alphas: int, mean: float, std: float | None, n: int) -> str:
-    """``T=2: 104.3 ± 3.1 (3 seeds)``, naming alpha too where the runs have several."""
-    where = ", ".join(([f"T={t:g}"] if t is not None else []) + ([f"alpha={alpha:g}"] if alphas > 1 else []))
-    return (f"{where}: " if where else "") + (f"{mean:.0f}" if n == 1 else f"{mean:.1f} ± {std:.1f} ({n} seeds)")
+def _setting(st: dict[str, Any], settings: list[dict[str, Any]]) -> str:
+    """``T=2: 104.3 ± 3.1 (3 seeds)``, naming alpha and lr too where ``settings`` have several."""
+    where = [f"T={st['t']:g}"] if st["t"] is not None else []
+    where += [f"{k}={st[k]:g}" for k in ("alpha", "lr") if len({x[k] for x in settings}) > 1 and st[k] is not None]
+    n = st["n"]
+    return (", ".join(where) + ": " if where else "") + (
+        f"{st['mean']:.0f}" if n == 1 else f"{st['mean']:.1f} ± {st['std']:.1f} ({n} seeds)")
 
 
 def seed_summary(runs: list[dict[str, Any]]) -> list[str]:
@@ -147,18 +151,19 @@ def seed_summary(runs: list[dict[str, Any]]) -> list[str]:
     lines of a markdown table; none when every setting has one seed)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in runs:
-        key = (r["group"], r["student"], r["inputs"], r["temperature"], r["alpha"])
+        key = (r["group"], r["student"], r["inputs"], r["temperature"], r["alpha"], r["lr"])
         groups.setdefault(key, []).append(r)
     if all(len(g) < 2 for g in groups.values()):
         return []
     out = ["", "Over seeds (test errors):", "",
-           "| runs in | student | inputs | T | alpha | seeds | mean | std | min-max |", "|---|---|---|---|---|---|---|---|---|"]
-    for (group, student, inputs, t, alpha), rs in groups.items():
+           "| runs in | student | inputs | T | alpha | lr | seeds | mean | std | min-max |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for (group, student, inputs, t, alpha, lr), rs in groups.items():
         errs = [r["test_errors"] for r in rs if r["test_errors"] is not None and not r["diverged"]]
         if not errs:
             continue
         mean, std = _mean_std(errs)
-        out.append(f"| {group} | {student} | {inputs} | {_fmt(t, 'g')} | {alpha:g} | {len(errs)} | {mean:.1f} | "
+        out.append(f"| {group} | {student} | {inputs} | {_fmt(t, 'g')} | {alpha:g} | {_fmt(lr, 'g')} | {len(errs)} | {mean:.1f} | "
                    f"{_fmt(std, '.1f')} | {min(errs)}-{max(errs)} |")
     return out
 
@@ -208,11 +213,14 @@ def plot(runs: list[dict[str, Any]], path: str) -> bool:
     for group, rs in groups.items():
         name = rs[0]["student"] + (f" ({Path(group).name})" if several else "")
         distilled = [r for r in rs if r["distilled"] and r["temperature"] is not None]
-        for alpha in sorted({r["alpha"] for r in distilled}):
-            pts = _by_setting([r for r in distilled if r["alpha"] == alpha])
-            ax.errorbar([p[0] for p in pts], [p[2] for p in pts], yerr=[p[3] or 0 for p in pts], marker="o", capsize=3,
-                        label=name + (f", alpha {alpha:g}" if len({r["alpha"] for r in distilled}) > 1 else "")
-                        + (f", mean ± std of {pts[0][4]} seeds" if pts[0][4] > 1 else ""))
+        lines = sorted({(r["alpha"], r["lr"]) for r in distilled}, key=lambda k: (k[0], k[1] or 0))
+        for alpha, lr in lines:  # a line per alpha and lr, over T
+            pts = _by_setting([r for r in distilled if (r["alpha"], r["lr"]) == (alpha, lr)])
+            ax.errorbar([p["t"] for p in pts], [p["mean"] for p in pts], yerr=[p["std"] or 0 for p in pts],
+                        marker="o", capsize=3,
+                        label=name + "".join(f", {k} {v:g}" for k, v, i in (("alpha", alpha, 0), ("lr", lr, 1))
+                                             if v is not None and len({x[i] for x in lines}) > 1)
+                        + (f", mean ± std of {pts[0]['n']} seeds" if pts[0]["n"] > 1 else ""))
         alone = [r for r in rs if not r["distilled"]]
         if alone:  # a level: the mean over its seeds
             teacher = alone[0].get("role") == "teacher"

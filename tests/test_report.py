@@ -92,19 +92,24 @@ def test_not_a_run_directory(tmp_path):
     assert p.returncode == 1 and "holds no kdcache run" in p.stderr
 
 
-def test_several_seeds_get_mean_and_spread(runs):
+def test_several_seeds_get_mean_and_spread_for_each_setting(runs):
     run_kdcache("train-student", "--dataset", SYNTH, "--store", str(runs / "t.zarr"), "--student", "mlp:8",
-                "--temperature", "2", "--seed", "0,1,2", "--epochs", "1", "--eval-dataset", TEST,
+                "--temperature", "2", "--seed", "0,1,2", "--lr", "0.05,0.2", "--epochs", "1", "--eval-dataset", TEST,
                 "--out", str(runs / "seeds"))
     md = run_kdcache("report", str(runs / "seeds")).stdout
-    line = next(x for x in md.splitlines() if x.startswith(f"| {runs / 'seeds'} |"))  # the setting, over seeds
-    cells = [c.strip() for c in line.strip("|").split("|")]
-    errors = [int(x.split(" | ")[6]) for x in md.splitlines() if x.startswith(f"| {runs / 'seeds'}/")]
-    assert cells[2:6] == ["plain, cached", "2", "0.9", "3"]
-    assert float(cells[6]) == pytest.approx(sum(errors) / 3, abs=0.05)
-    assert cells[8] == f"{min(errors)}-{max(errors)}"
-    # beside the paper: the setting's mean and spread over seeds, not one run
+    settings = [x for x in md.splitlines() if x.startswith(f"| {runs / 'seeds'} |")]  # a setting over seeds each
+    assert len(settings) == 2
+    means = []
+    for line, lr in zip(settings, ("0.05", "0.2")):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        errors = [int(x.split(" | ")[6]) for x in md.splitlines()
+                  if x.startswith(f"| {runs / 'seeds'}/") and x.split(" | ")[0].endswith(f"-lr{lr}")]
+        assert cells[2:7] == ["plain, cached", "2", "0.9", lr, "3"] and len(errors) == 3
+        assert float(cells[7]) == pytest.approx(sum(errors) / 3, abs=0.05)
+        assert cells[9] == f"{min(errors)}-{max(errors)}"
+        means.append(f"T=2, lr={lr}: {cells[7]} ± {cells[8]} (3 seeds)")
+    # beside the paper: each setting's mean and spread over seeds, not one run
     md = run_kdcache("report", str(runs / "seeds"), "--paper", "hinton-mnist", "--role", f"distilled={runs / 'seeds'}",
                      "--plot", str(runs / "seeds.png")).stdout
     row = next(x for x in md.splitlines() if x.startswith("| student 784-800-800-10 distilled | 74 |"))
-    assert f"| T=2: {cells[6]} ± {cells[7]} (3 seeds), 1 epochs | T=2: {cells[6]} ± {cells[7]} (3 seeds) |" in row
+    assert row.endswith(f" | {means[0]}; {means[1]} |") and ", 1 epochs |" in row
