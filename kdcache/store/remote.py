@@ -57,9 +57,30 @@ def url_fs(path: str) -> tuple[Any, str]:
     error, not a crash."""
     import fsspec
     try:
-        return fsspec.core.url_to_fs(path, **storage_options())
+        fs, inner = fsspec.core.url_to_fs(path, **storage_options())
     except (ImportError, ValueError, TypeError) as e:
         raise StoreError(f"cannot open {path!r}: {e} (for s3:// pip install 'kdcache[s3]'; gcsfs for gs://)") from None
+    _quiet_lost_requests()
+    return fs, inner
+
+
+def _quiet_lost_requests() -> None:
+    """When the endpoint goes away mid-write, requests still in flight on the event loops of fsspec
+    and zarr fail after the error that kdcache reports in one line; asyncio would then log each of
+    them as "Task exception was never retrieved" with a traceback. Those records (connection errors
+    only) are dropped from the ``asyncio`` logger; anything else it logs is left alone."""
+    import logging
+    log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _LostRequests) for f in log.filters):
+        log.addFilter(_LostRequests())
+
+
+class _LostRequests:
+    def filter(self, record: Any) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        lost = "never retrieved" in str(record.msg) and (
+            isinstance(exc, OSError) or type(exc).__module__.startswith(("aiohttp", "aiobotocore", "botocore")))
+        return not lost
 
 
 def remote_problem(path: str, e: BaseException) -> str | None:
