@@ -73,10 +73,8 @@ def _params(cmd: click.Command) -> dict[str, click.Parameter]:
     return out
 
 
-def load_pipeline(path: str, profile: str | None = None, overrides: dict[str, str] | None = None) -> Pipeline:
-    """Parse and validate a pipeline file; every error names the file, the key and the line.
-
-    ``overrides`` (``kdcache run --set NAME=VALUE``) replace declared variables after the profile's."""
+def _read_yaml(path: str) -> tuple[Any, dict[tuple, int]]:
+    """The parsed file and the line of every key path in it."""
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"pipeline file {path!r} does not exist")
@@ -88,23 +86,15 @@ def load_pipeline(path: str, profile: str | None = None, overrides: dict[str, st
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else path
         raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    lines = _lines(node) if node is not None else {}
+    return data, (_lines(node) if node is not None else {})
 
-    def err(keys: tuple, msg: str) -> ConfigError:
-        line = next((lines[keys[:i]] for i in range(len(keys), -1, -1) if keys[:i] in lines), 1)
-        dotted = ".".join(str(k) if not isinstance(k, int) else f"[{k}]" for k in keys).replace(".[", "[")
-        return ConfigError(f"{path}:{line}: {dotted or 'file'}: {msg}")
 
-    if not isinstance(data, dict):
-        raise err((), "expected a mapping with 'pipeline' and 'steps'")
-    for k in data:
-        if k not in TOP_KEYS:
-            raise err((k,), f"unknown key; expected one of {', '.join(sorted(TOP_KEYS))}")
-    if not isinstance(data.get("pipeline"), str):
-        raise err(("pipeline",), "expected the pipeline's name, a string")
-    variables = dict(data.get("vars") or {})
+def _variables(path: str, data: dict[str, Any], profile: str | None, overrides: dict[str, str] | None,
+               err: Callable[[tuple, str], ConfigError]) -> dict[str, Any]:
+    """The file's ``vars``, then its profile's values, then ``--set`` overrides (numbers stay numbers)."""
     if not isinstance(data.get("vars", {}), dict):
         raise err(("vars",), "expected a mapping of names to values")
+    variables = dict(data.get("vars") or {})
     profiles = data.get("profiles") or {}
     if profile:
         if profile not in profiles:
@@ -122,6 +112,28 @@ def load_pipeline(path: str, profile: str | None = None, overrides: dict[str, st
         except yaml.YAMLError:
             parsed = v
         variables[k] = parsed if isinstance(parsed, (int, float, bool)) else v  # numbers stay numbers
+    return variables
+
+
+def load_pipeline(path: str, profile: str | None = None, overrides: dict[str, str] | None = None) -> Pipeline:
+    """Parse and validate a pipeline file; every error names the file, the key and the line.
+
+    ``overrides`` (``kdcache run --set NAME=VALUE``) replace declared variables after the profile's."""
+    data, lines = _read_yaml(path)
+
+    def err(keys: tuple, msg: str) -> ConfigError:
+        line = next((lines[keys[:i]] for i in range(len(keys), -1, -1) if keys[:i] in lines), 1)
+        dotted = ".".join(str(k) if not isinstance(k, int) else f"[{k}]" for k in keys).replace(".[", "[")
+        return ConfigError(f"{path}:{line}: {dotted or 'file'}: {msg}")
+
+    if not isinstance(data, dict):
+        raise err((), "expected a mapping with 'pipeline' and 'steps'")
+    for k in data:
+        if k not in TOP_KEYS:
+            raise err((k,), f"unknown key; expected one of {', '.join(sorted(TOP_KEYS))}")
+    if not isinstance(data.get("pipeline"), str):
+        raise err(("pipeline",), "expected the pipeline's name, a string")
+    variables = _variables(path, data, profile, overrides, err)
     steps_raw = data.get("steps")
     if not isinstance(steps_raw, list) or not steps_raw:
         raise err(("steps",), "expected a non-empty list of steps")
