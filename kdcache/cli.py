@@ -210,6 +210,8 @@ def dump_logits_cmd(**kw: Any) -> None:
 @click.option("--workers", type=click.IntRange(0), default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace results (and checkpoints) already in --out.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars [default: on a terminal].")
+@click.option("--fail-on-divergence", is_flag=True,
+              help="Exit with status 3 when any student diverged [default: only when every student did].")
 @data_root_option
 @storage_option
 @_friendly
@@ -221,6 +223,10 @@ def train_student_cmd(**kw: Any) -> None:
     are written at epoch ends (and every --checkpoint-every steps): killed, the same command resumes
     and ends with the weights an uninterrupted run would have. Under `torchrun --standalone --nproc-per-node N --no-python kdcache train-student ...`
     each rank streams its share of the store (DistributedDataParallel).
+
+    A student that diverges (a non-finite loss, a loss four times its initial value, or a collapse to
+    chance accuracy) is stopped and marked; the exit status is 3 when every student diverged (with
+    --fail-on-divergence, when any did), else 0.
 
     \b
     kdcache train-student --dataset mnist:train --student mlp:1200,1200 --dropout 0.5 --jitter 2 \\
@@ -241,9 +247,15 @@ def train_student_cmd(**kw: Any) -> None:
         if not kw["teachers"]:
             raise click.UsageError("--store auto needs --teacher: the teacher whose cached store to use")
         kw["store"], kw["teachers"] = str(lookup(kw["teachers"], kw["dataset"], kw["data_root"])), None
+    fail_on_divergence = kw.pop("fail_on_divergence")
     results = train_students(TrainConfig(**kw))
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(format_table(results))
+    diverged = [r["run"] for r in results if r.get("diverged")]
+    if diverged and (fail_on_divergence or len(diverged) == len(results)):
+        click.echo(f"Error: {len(diverged)} of {len(results)} students diverged ({', '.join(diverged)}); "
+                   f"their metrics.json say where and why", err=True)
+        sys.exit(3)
 
 
 @cli.group("cache")

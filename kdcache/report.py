@@ -65,7 +65,7 @@ def assign_roles(runs: list[dict[str, Any]], roles: dict[str, list[str]] | None 
 def report_json(runs: list[dict[str, Any]], paper: str | None = None, notes: list[str] | None = None
                 ) -> dict[str, Any]:
     """What ``report.json`` holds: every run with its role and results, and the paper's figures."""
-    keys = ("dir", "role", "teacher", "student", "inputs", "temperature", "alpha", "seed", "epochs", "test_errors",
+    keys = ("dir", "role", "teacher", "student", "inputs", "temperature", "alpha", "lr", "seed", "epochs", "test_errors",
             "test_accuracy", "teacher_agreement", "test_perplexity", "diverged", "wall_seconds")
     out: dict[str, Any] = {"notes": notes or [],
                            "runs": [{("spec" if k == "student" else k): r.get(k) for k in keys} for r in runs]}
@@ -92,12 +92,13 @@ def _fmt(v: Any, spec: str) -> str:
 
 def markdown(runs: list[dict[str, Any]], roles: dict[str, list[str]] | None = None, paper: str | None = None) -> str:
     ppl = any(r.get("test_perplexity") is not None for r in runs)  # token-level runs (sequence data)
-    lines = ["| run | teacher | student | inputs | T | alpha | test errors | accuracy | agreement |"
+    lines = ["| run | teacher | student | inputs | T | alpha | lr | test errors | accuracy | agreement |"
              + (" perplexity |" if ppl else "") + " epochs | wall s |",
-             "|" + "---|" * (12 if ppl else 11)]
+             "|" + "---|" * (13 if ppl else 12)]
     for r in runs:
         lines.append(f"| {r['dir']} | {r['teacher']} | {r['student']} | {r['inputs']} | {_fmt(r['temperature'], 'g')} | "
-                     f"{r['alpha']:g} | {'diverged' if r['diverged'] else _fmt(r['test_errors'], 'd')} | {_fmt(r['test_accuracy'], '.4f')} | "
+                     f"{r['alpha']:g} | {_fmt(r['lr'], 'g')} | {'diverged' if r['diverged'] else _fmt(r['test_errors'], 'd')} | "
+                     f"{_fmt(r['test_accuracy'], '.4f')} | "
                      f"{_fmt(r['teacher_agreement'], '.4f')} |"
                      + (f" {_fmt(r.get('test_perplexity'), '.2f')} |" if ppl else "")
                      + f" {r['epochs']} | {r['wall_seconds']:.0f} |")

@@ -162,10 +162,12 @@ def sparse_kl(student_logits: torch.Tensor, targets: SparseTargets, temperature:
     lse = t.log_normalizer(temperature)[:, 0]
     if t.layout == "topk":
         logp = values / temperature - lse[:, None]
-        # the kept mass can exceed 1 by rounding (fp16 values); clamp, the tail is then empty
         p = logp.exp()
-        tail = (1 - p.sum(-1)).clamp(min=0)
         logq_kept = log_q.gather(1, ids)
+        if ids.shape[-1] >= s.shape[-1]:  # k = number of classes: every class is kept, the tail is empty
+            return (p * (logp - logq_kept)).sum(-1).mean()
+        # the kept mass can exceed 1 by rounding (fp16 values); clamp, the tail is then empty
+        tail = (1 - p.sum(-1)).clamp(min=0)
         masked = s.scatter(1, ids, float("-inf"))
         logq_tail = torch.logsumexp(masked, dim=-1) - torch.logsumexp(s, dim=-1)
         kept = (p * (logp - logq_kept)).sum(-1)

@@ -130,9 +130,16 @@ class _Counter(nn.Module):
 
 
 def slow_mlp() -> nn.Module:
-    """A student for 16-feature, 5-class data with dropout, counted per forward; not kdcache's own MLP,
-    so a sweep of it stacks through torch.func vmap."""
-    return nn.Sequential(_Counter(), nn.Linear(16, 32), nn.Tanh(), nn.Dropout(0.2), nn.Linear(32, 5))
+    """A student for 16-feature, 5-class data, counted per forward; not kdcache's own MLP, so a sweep of
+    it stacks through torch.func vmap (it draws nothing: a module with dropout trains one by one)."""
+    return nn.Sequential(_Counter(), nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 5))
+
+
+def dropout_convnet() -> nn.Module:
+    """small_convnet with dropout: vmap would draw every student's masks from one generator, so a sweep
+    of it trains one by one."""
+    return nn.Sequential(nn.Unflatten(1, (1, 16)), nn.Conv1d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Dropout(0.3), nn.Linear(64, 5))
 
 
 def small_convnet() -> nn.Module:
@@ -201,3 +208,18 @@ class _WrongWidth(Brightness):
 
 def wrong_width_augment() -> Brightness:
     return _WrongWidth()
+
+
+class Overflowing(nn.Module):
+    """A 16-feature, 5-class student whose logits overflow float32 from the start (non-finite at step 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * 1e39
+
+
+def overflowing_student() -> nn.Module:
+    return Overflowing()

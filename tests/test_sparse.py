@@ -54,6 +54,20 @@ def test_topk_bucket_kl_is_exact_at_grid_temperatures(T):
     assert got == pytest.approx((pb * np.log(pb / qb)).sum(1).mean(), rel=1e-4)
 
 
+@pytest.mark.parametrize("T", GRID)
+def test_topk_with_k_equal_to_the_classes_is_the_dense_kl(T):
+    """Every class kept: the tail is empty (not a bucket of rounding error against a student tail of -inf)."""
+    g = torch.Generator().manual_seed(1)
+    z, s = torch.randn(64, 1, 10, generator=g) * 5, torch.randn(64, 10, generator=g) * 3
+    got = sparse_kl(s, topk_targets(z, 10), T)
+    want = torch.nn.functional.kl_div(torch.log_softmax(s / T, -1), torch.log_softmax(z[:, 0] / T, -1),
+                                      log_target=True, reduction="batchmean")
+    assert torch.isfinite(got) and got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-7)
+    labels = torch.randint(0, 10, (64,), generator=g)
+    dense = distillation_loss(s, z, labels, T, 0.9)
+    assert distillation_loss(s, topk_targets(z, 10), labels, T, 0.9).item() == pytest.approx(dense.item(), rel=1e-5)
+
+
 def test_kept_probabilities_are_the_full_softmax_at_every_grid_temperature():
     z = torch.randn(32, 2, 300) * 4
     t = topk_targets(z, 20)
@@ -122,6 +136,17 @@ def test_dump_topk_equals_convert_from_dense_and_trains(dense, suffix):
     p = run_kdcache("train-student", "--dataset", SYNTH, "--store", out, "--student", "mlp:16", "--temperature",
                     "4", "--epochs", "1", "--out", str(dense / f"st{suffix}"))
     assert "| T4-a0.9-s0 | 4 |" in p.stdout
+    # k = the number of classes: the student trains exactly as from the dense store
+    full_k = str(dense / f"top5{suffix}")
+    run_kdcache("convert", str(dense / "dense.zarr"), full_k, "--layout", "topk", "--k", "5", "--temperatures", "1,4",
+                "--chunk-rows", "250")
+    runs = {}
+    for name, src in (("topk5", full_k), ("dense", str(dense / "dense.zarr"))):
+        p = run_kdcache("train-student", "--dataset", SYNTH, "--store", src, "--student", "mlp:16", "--temperature",
+                        "4", "--epochs", "2", "--out", str(dense / f"{name}{suffix}"))
+        assert "diverged" not in p.stderr
+        runs[name] = json.loads((dense / f"{name}{suffix}" / "metrics.json").read_text())
+    assert [m["loss"] for m in runs["topk5"]] == pytest.approx([m["loss"] for m in runs["dense"]], rel=1e-4)
     p = run_kdcache("train-student", "--dataset", SYNTH, "--store", out, "--student", "mlp:16", "--temperature",
                     "2", "--epochs", "1", "--out", str(dense / f"st2{suffix}"), check=False)
     assert p.returncode == 1 and "temperature 2 is not in the store's grid [1.0, 4.0]" in p.stderr

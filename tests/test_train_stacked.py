@@ -76,6 +76,38 @@ def test_vmap_students_and_stack_groups_match_separate_runs(tmp_path, store, cap
             torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dropout", [dict(dropout=0.3), dict(input_dropout=0.2), dict(dropout=0.3, input_dropout=0.2)])
+def test_stacked_students_with_dropout_are_each_the_student_alone(tmp_path, store, dropout, capfd):
+    """Each student's dropout masks come from its own generator: a stack of 1, 2 or 3, in groups or
+    alone, gives every student the weights it gets alone (the stack's composition changes nothing)."""
+    kw = dict(student="mlp:64,64", lrs=[0.1], alphas=[0.9], seeds=[0], **dropout)
+    alone = {r["run"]: _weights(r["dir"]) for r in _sweep(tmp_path, store, "alone", temperatures=[2.0, 5.0, 20.0],
+                                                              stack=False, sweep_dirs=True, **kw)}
+    for name, temps, extra in (("one", [2.0], {}), ("two", [2.0, 5.0], {}), ("three", [2.0, 5.0, 20.0], {}),
+                               ("groups", [2.0, 5.0, 20.0], {"stack_group": 2})):
+        got = _sweep(tmp_path, store, name, temperatures=temps, sweep_dirs=True, **kw, **extra)
+        if len(temps) > 1:
+            assert "train as one stacked model (batched matrix products)" in capfd.readouterr().err
+        for r in got:
+            w = _weights(r["dir"])
+            for k in w:
+                torch.testing.assert_close(w[k], alone[r["run"]][k], rtol=1e-5, atol=2e-6)
+    # the dropout is real: another seed gives other weights
+    other = _sweep(tmp_path, store, "seed1", temperatures=[2.0], sweep_dirs=True, **{**kw, "seeds": [1]})
+    assert not torch.equal(_weights(other[0]["dir"])["net.2.weight"], alone["T2-a0.9-s0"]["net.2.weight"])
+
+
+def test_a_module_that_draws_dropout_inside_vmap_trains_one_by_one(tmp_path, store, capfd):
+    kw = dict(student="tests.helpers:dropout_convnet", lrs=[0.05], temperatures=[2.0, 8.0], seeds=[0])
+    swept = _sweep(tmp_path, store, "sweep", **kw)
+    err = capfd.readouterr().err
+    assert "cannot be stacked (it draws random numbers in training (dropout)" in err and "one by one" in err
+    for r in swept:
+        alone = _sweep(tmp_path, store, f"alone-{r['run']}", **{**kw, "temperatures": [r["temperature"]]})
+        wa, wb = _weights(r["dir"]), _weights(alone[0]["dir"])
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_students_vmap_cannot_run_train_one_by_one_with_a_note(tmp_path):
     corpus = tmp_path / "c.txt"
     from tests.helpers import write_corpus

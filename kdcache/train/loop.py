@@ -81,12 +81,19 @@ class EpochSums:
     seconds: float = 0.0
     mark_loss: torch.Tensor | None = None  # the loss sums and rows at the last divergence check
     mark_rows: float = 0.0
+    labels: torch.Tensor | None = None     # labelled rows per class [classes] (what chance accuracy is)
 
     @classmethod
-    def zeros(cls, students: int, device: torch.device) -> "EpochSums":
+    def zeros(cls, students: int, classes: int, device: torch.device) -> "EpochSums":
         return cls(torch.zeros(students, dtype=torch.float64, device=device),
                    torch.zeros(students, dtype=torch.float64, device=device), torch.zeros(5, dtype=torch.float64),
-                   mark_loss=torch.zeros(students, dtype=torch.float64, device=device))
+                   mark_loss=torch.zeros(students, dtype=torch.float64, device=device),
+                   labels=torch.zeros(classes, dtype=torch.float64, device=device))
+
+    def majority(self) -> float | None:
+        """The share of the epoch's labelled rows in their most common class (None without labels)."""
+        total = float(self.labels.sum())
+        return float(self.labels.max()) / total if total > 0 else None
 
     def window_loss(self) -> list[float | None]:
         """Each student's mean loss per row since the last call (one host sync)."""
@@ -98,12 +105,14 @@ class EpochSums:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"sums/loss": self.loss, "sums/correct": self.correct, "sums/seen": self.seen,
                 "sums/seconds": torch.tensor(self.seconds, dtype=torch.float64), "sums/mark_loss": self.mark_loss,
-                "sums/mark_rows": torch.tensor(self.mark_rows, dtype=torch.float64)}
+                "sums/mark_rows": torch.tensor(self.mark_rows, dtype=torch.float64), "sums/labels": self.labels}
 
     @classmethod
-    def from_tensors(cls, t: dict[str, torch.Tensor], device: torch.device) -> "EpochSums":
+    def from_tensors(cls, t: dict[str, torch.Tensor], classes: int, device: torch.device) -> "EpochSums":
+        labels = t.get("sums/labels", torch.zeros(classes, dtype=torch.float64))
         return cls(t["sums/loss"].to(device), t["sums/correct"].to(device), t["sums/seen"],
-                   float(t["sums/seconds"]), t["sums/mark_loss"].to(device), float(t["sums/mark_rows"]))
+                   float(t["sums/seconds"]), t["sums/mark_loss"].to(device), float(t["sums/mark_rows"]),
+                   labels.to(device))
 
 
 def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[str, Any]]:
@@ -125,7 +134,7 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
 
     first_epoch, step, sums = 0, 0, None
     if found is not None:
-        first_epoch, step, sums = restore(found, ckpts, units, students, jitter_gen, device)
+        first_epoch, step, sums = restore(found, ckpts, units, students, jitter_gen, src.num_classes, device)
         if info.is_main:
             log(f"resuming {out} from {found[0].name}: epoch {first_epoch + 1}, step {step}")
 
@@ -138,15 +147,22 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
         if sums is not None and step > 0:
             mine.update(sums.tensors())
         ckpts.save(epoch, step, shared, mine, {"histories": {s.name: s.history for s in students},
-                                               "early_loss": {s.name: s.early_loss for s in students},
+                                               "initial_loss": {s.name: s.initial_loss for s in students},
+                                               "peak_loss": {s.name: s.peak_loss for s in students},
                                                "diverged": {s.name: s.diverged for s in students}})
 
     slots = [(u, j) for u in units for j in range(len(u.students))]  # student i is student j of unit u
 
-    def stop_diverged(window: list[float | None], epoch: int, step: int | None) -> None:
-        for i in divergence.check(students, window, epoch, step, log if info.is_main else lambda m: None):
+    say = log if info.is_main else lambda m: None
+
+    def stop(indices: list[int]) -> None:
+        for i in indices:
             u, j = slots[i]
             u.stop(j)
+
+    def stop_diverged(window: list[float | None], epoch: int, step: int | None) -> None:
+        stop(divergence.check_start(students, say))
+        stop(divergence.check(students, window, epoch, step, say))
 
     # -- the loop ---------------------------------------------------------------------------------
     for epoch in range(first_epoch, c.epochs):
@@ -156,10 +172,11 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
             u.set_epoch_lr(epoch)
             u.train()
         if step == 0 or sums is None:
-            sums = EpochSums.zeros(len(students), device)
+            sums = EpochSums.zeros(len(students), src.num_classes, device)
         safe_steps = _steps_every_rank_takes(src.stream, info)
         per_epoch = safe_steps if info.enabled else len(src.stream)  # the same on every rank: so is the lr
         warmup_steps = round(c.warmup * per_epoch)
+        check_every = divergence.check_interval(per_epoch)
         bar = _progress(len(src.stream), show, f"epoch {epoch + 1}/{c.epochs}", done=step)
         with _join(units, info):
             for batch in device_batches(loader, device, skip=step, augment=augment):
@@ -173,7 +190,11 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
                 step += 1
                 if bar is not None:
                     bar.update(1)
-                if not info.enabled and step % divergence.CHECK_EVERY == 0:
+                if students[0].initial_loss is None and epoch == 0 and step == 1 and safe_steps >= 1:
+                    divergence.record_initial(students, first_batch_losses(sums, info))
+                    if not info.enabled:  # under DDP, stops wait for the epoch end (every rank's Join agrees)
+                        stop(divergence.check_start(students, say))
+                if not info.enabled and step % check_every == 0:
                     stop_diverged(sums.window_loss(), epoch, step)
                 if c.checkpoint_every and step % c.checkpoint_every == 0 and step < safe_steps:
                     sums.seconds += time.perf_counter() - t0
@@ -184,7 +205,9 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
         sums.seconds += time.perf_counter() - t0
         if info.enabled:
             sync_ranks(units, step, info)
-        finish_epoch(epoch, sums, units, src, evaluator, info, stop_diverged)
+        finish_epoch(epoch, sums, units, src, evaluator, info, stop_diverged,
+                     lambda loss, acc, majority: stop(divergence.check_collapse(
+                         students, loss, acc, majority, epoch, say)) if epoch + 1 > c.warmup else None)
         step, sums = 0, None
         if epoch + 1 < c.epochs:  # after the last epoch the results themselves are written next
             save(epoch + 1, 0)
@@ -213,16 +236,32 @@ def train_step(units: list[Any], batch: Any, sums: EpochSums) -> None:
         sums.correct[a:a + n] += correct.double()
         a += n
     sums.seen += batch.counts
+    y = batch.y.reshape(-1)
+    sums.labels.scatter_add_(0, y.clamp(min=0), (y >= 0).double())
+
+
+def first_batch_losses(sums: EpochSums, info: DistInfo) -> list[float | None]:
+    """Each student's mean loss over the run's first batch (of every rank: one all-reduce under torchrun),
+    taken before any update: the reference the divergence checks compare with."""
+    rows = torch.tensor([float(sums.seen[4])], dtype=torch.float64, device=sums.loss.device)
+    both = torch.cat([sums.loss, rows])
+    if info.enabled:
+        import torch.distributed as dist
+        dist.all_reduce(both)
+    total, n = both[:-1], float(both[-1])
+    sums.mark_loss, sums.mark_rows = sums.loss.clone(), float(sums.seen[4])
+    return (total / max(n, 1)).tolist() if n > 0 else [None] * len(total)
 
 
 def finish_epoch(epoch: int, sums: EpochSums, units: list[Any], src: TrainingData, evaluator: Evaluator,
-                 info: DistInfo, stop_diverged: Callable[[list[float | None], int, int | None], None]) -> None:
-    """Add up the epoch over ranks, check it saw every row once and that no student diverged,
-    evaluate, and append each student's metrics (a diverged student's last entry says so)."""
+                 info: DistInfo, stop_diverged: Callable[[list[float | None], int, int | None], None],
+                 stop_collapsed: Callable[[list[float | None], list[float | None], float | None], None]) -> None:
+    """Add up the epoch over ranks, check it saw every row once and that no student diverged or
+    collapsed, evaluate, and append each student's metrics (a diverged student's last entry says so)."""
     if info.enabled:
         import torch.distributed as dist
         seen = sums.seen.to(sums.loss.device)
-        for t in (sums.loss, sums.correct, seen):
+        for t in (sums.loss, sums.correct, seen, sums.labels):
             dist.all_reduce(t)
         sums.seen = seen.cpu()
         sums.mark_loss, sums.mark_rows = torch.zeros_like(sums.loss), 0.0  # the whole epoch, over every rank
@@ -230,6 +269,9 @@ def finish_epoch(epoch: int, sums: EpochSums, units: list[Any], src: TrainingDat
     before = [s.diverged is not None and s.diverged["epoch"] <= epoch for s in students]  # in an earlier epoch
     stop_diverged(sums.window_loss(), epoch, None)
     seen = sums.seen
+    epoch_loss = (sums.loss.cpu() / max(float(seen[4]), 1)).tolist()
+    accuracy = (sums.correct.cpu() / float(seen[1])).tolist() if seen[1] else [None] * len(students)
+    stop_collapsed(epoch_loss, accuracy, sums.majority())
     expected = src.expected
     coverage_ok = (int(seen[0]) == expected[0] and int(seen[2]) == expected[1]
                    and math.isclose(float(seen[3]), expected[2], rel_tol=1e-12))
@@ -353,7 +395,7 @@ def _contiguous(n: int, count: int) -> list[list[int]]:
 
 
 def restore(found: tuple[Path, dict[str, Any]], ckpts: Checkpoints, units: list[Any], students: list[Student],
-            jitter_gen: torch.Generator, device: torch.device) -> tuple[int, int, EpochSums | None]:
+            jitter_gen: torch.Generator, classes: int, device: torch.device) -> tuple[int, int, EpochSums | None]:
     """Load a checkpoint into the units; returns (epoch, steps of it done, the epoch's sums so far)."""
     d, state = found
     shared, mine = ckpts.load(d)
@@ -362,14 +404,15 @@ def restore(found: tuple[Path, dict[str, Any]], ckpts: Checkpoints, units: list[
         u.load_rng(mine)
     for s in students:
         s.history = list(state["histories"][s.name])
-        s.early_loss = state["early_loss"][s.name]
+        s.initial_loss = state.get("initial_loss", {}).get(s.name)
+        s.peak_loss = state.get("peak_loss", {}).get(s.name)
         s.diverged = state["diverged"][s.name]
     for u in units:
         for j, s in enumerate(u.students):
             if s.diverged is not None:
                 u.stop(j)
     jitter_gen.set_state(mine["loop/jitter_rng"])
-    sums = EpochSums.from_tensors(mine, device) if state["step"] > 0 else None
+    sums = EpochSums.from_tensors(mine, classes, device) if state["step"] > 0 else None
     return state["epoch"], state["step"], sums
 
 

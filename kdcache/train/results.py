@@ -31,7 +31,7 @@ def write_run(r: Student, module: nn.Module, c: TrainConfig, arch: str, input_sh
     save_pretrained(module, r.out, getattr(data.dataset, "tokenizer", None))  # hf: students, for plain transformers
     (r.out / "config.json").write_text(json.dumps(config, indent=2))
     (r.out / "metrics.json").write_text(json.dumps(r.history, indent=2))
-    final = r.history[-1]
+    final = {("last_lr" if k == "lr" else k): v for k, v in r.history[-1].items()}  # lr: the configured one
     return {"run": r.name, "dir": str(r.out), "student": c.student, "teacher": (store_ident or {}).get("members"),
             "temperature": r.temperature if c.distills else None, "alpha": r.alpha, "seed": r.seed,
             "lr": r.lr, "epochs": c.epochs, "wall_seconds": sum(h["seconds"] for h in r.history), **final}

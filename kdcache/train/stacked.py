@@ -94,12 +94,13 @@ def _mlp_plan(module: nn.Module) -> tuple[list[str], float, float] | None:
 
 
 def _mlp_forward(linears: list[str], dropout: float, input_dropout: float) -> Callable[..., torch.Tensor]:
-    def forward(params: dict[str, torch.Tensor], x: torch.Tensor, training: bool) -> torch.Tensor:
+    def forward(params: dict[str, torch.Tensor], x: torch.Tensor, training: bool,
+                noise: Callable[[float, int, int, torch.dtype], torch.Tensor]) -> torch.Tensor:
         s_count = params[f"{linears[0]}.weight"].shape[0]
         h = x.flatten(1)
         shared = True  # every student sees the same input until the first layer
         if training and input_dropout > 0:
-            h = F.dropout(h.expand(s_count, *h.shape), input_dropout)
+            h = h * noise(input_dropout, len(h), h.shape[1], h.dtype)
             shared = False
         for i, name in enumerate(linears):
             w, b = params[f"{name}.weight"], params[f"{name}.bias"]
@@ -112,9 +113,40 @@ def _mlp_forward(linears: list[str], dropout: float, input_dropout: float) -> Ca
             if i < len(linears) - 1:
                 h = F.relu(h)
                 if training and dropout > 0:
-                    h = F.dropout(h, dropout)
+                    h = h * noise(dropout, h.shape[1], h.shape[2], h.dtype)
         return h
     return forward
+
+
+class _StudentRng:
+    """One stacked student's own generator states (CPU and CUDA), as a student trained alone keeps them."""
+
+    def __init__(self, seed: int, rank: int) -> None:
+        self.rng = initial_rng(seed, rank)
+        self.cuda_rng: torch.Tensor | None = None
+
+
+def _deterministic_in_training(module: nn.Module, probe_x: torch.Tensor, device: torch.device) -> bool:
+    """Whether ``module`` in training mode gives the same output for two different RNG states (no dropout
+    or other draws inside it): vmap would draw for all students from one generator."""
+    m = copy.deepcopy(module).train()
+    outs = []
+    with torch.no_grad():
+        for seed in (1, 2):
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                outs.append(m(probe_x.to(device)))
+    return all(torch.equal(a, b) for a, b in zip(_tensors(outs[0]), _tensors(outs[1])))
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [v for v in out.values() if isinstance(v, torch.Tensor)]
+    if isinstance(out, (list, tuple)):
+        return [v for v in out if isinstance(v, torch.Tensor)]
+    return [t for t in vars(out).values() if isinstance(t, torch.Tensor)] if hasattr(out, "__dict__") else []
 
 
 class StackedStudents:
@@ -134,10 +166,13 @@ class StackedStudents:
         kept = set(self.scratch.state_dict())
         self.saved_buffers = [k for k in self.buffers if k in kept]
         self.training = True
+        # each student draws its dropout masks from its own generator, in the order it would alone, so
+        # that its result does not depend on the stack it is in
+        self.rngs = [_StudentRng(s.seed, rank) for s in students]
         plan = _mlp_plan(modules[0])
         if plan is not None:
             fwd = _mlp_forward(*plan)
-            self._forward = lambda x: fwd(self.params, x, self.training)
+            self._forward = lambda x: fwd(self.params, x, self.training, self._noise)
             self.how = "batched matrix products"
         else:
             from torch.func import functional_call, vmap
@@ -154,8 +189,16 @@ class StackedStudents:
         self.alphas = [s.alpha for s in students]
         self.active = torch.ones(len(students), dtype=torch.bool, device=device)
         self.all_active = True
-        self.rng = initial_rng(students[0].seed, rank)
-        self.cuda_rng: torch.Tensor | None = None
+
+    def _noise(self, p: float, rows: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """``[students, rows, width]`` dropout multipliers (0 or ``1 / (1 - p)``), student j's drawn from its
+        own generator exactly as ``F.dropout`` draws them for a student alone."""
+        ones = torch.ones(rows, width, dtype=dtype, device=self.device)
+        masks = []
+        for r in self.rngs:
+            with own_rng(r, self.device):
+                masks.append(F.dropout(ones, p, True))
+        return torch.stack(masks)
 
     @property
     def join_modules(self) -> list[nn.Module]:
@@ -180,16 +223,15 @@ class StackedStudents:
     def step(self, x: torch.Tensor, y: torch.Tensor, z: Any, mask: torch.Tensor | None
              ) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.c
-        with own_rng(self, self.device):
-            logits = self.forward(x)
-            if mask is not None:
-                logits = logits[:, mask]
-            losses = distillation_losses(logits, z, y, self.temperatures, self.alphas, c.ensemble, c.members)
-            total = losses.sum() if self.all_active else torch.where(self.active, losses, 0.0).sum()
-            grads = torch.autograd.grad(total, list(self.params.values()))
-            self.optimizer.step(list(grads), None if self.all_active else self.active)
-            if self.constrained:
-                max_norm_(self.constrained, c.max_norm, None if self.all_active else self.active)
+        logits = self.forward(x)
+        if mask is not None:
+            logits = logits[:, mask]
+        losses = distillation_losses(logits, z, y, self.temperatures, self.alphas, c.ensemble, c.members)
+        total = losses.sum() if self.all_active else torch.where(self.active, losses, 0.0).sum()
+        grads = torch.autograd.grad(total, list(self.params.values()))
+        self.optimizer.step(list(grads), None if self.all_active else self.active)
+        if self.constrained:
+            max_norm_(self.constrained, c.max_norm, None if self.all_active else self.active)
         return losses.detach(), correct_count(logits, y)
 
     def sync_ranks(self, src: int) -> None:
@@ -232,16 +274,24 @@ class StackedStudents:
                     st[key] = torch.stack([tensors[f"{s.name}/optim/{pname}/{key}"] for s in self.students]).to(p.device)
 
     def rng_state(self) -> dict[str, torch.Tensor]:
-        return rng_tensors(self, "stack:" + self.students[0].name)
+        """Each student's generators under its own name, as a student alone keeps them: a checkpoint of a
+        stack resumes one by one and the other way round."""
+        out: dict[str, torch.Tensor] = {}
+        for s, r in zip(self.students, self.rngs):
+            out.update(rng_tensors(r, s.name))
+        return out
 
     def load_rng(self, tensors: dict[str, torch.Tensor]) -> bool:
-        return load_rng_tensors(self, "stack:" + self.students[0].name, tensors)
+        return all([load_rng_tensors(r, s.name, tensors) for s, r in zip(self.students, self.rngs)])
 
 
 def try_stack(students: list[Student], modules: list[nn.Module], c: TrainConfig, device: torch.device,
               probe_x: torch.Tensor, rank: int = 0) -> tuple[StackedStudents | None, str]:
     """A stack of these students, or None and the reason they cannot stack (from a probe forward and
     backward on two rows, in eval mode so that nothing is drawn or updated)."""
+    if _mlp_plan(modules[0]) is None and not _deterministic_in_training(modules[0], probe_x, device):
+        return None, ("it draws random numbers in training (dropout): under vmap its students would share one "
+                      "generator, so each would depend on the others")
     try:
         stack = StackedStudents(students, modules, c, device, rank)
         stack.train(False)

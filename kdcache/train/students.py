@@ -31,7 +31,8 @@ class Student:
     lr: float
     out: Path
     history: list[dict[str, Any]] = field(default_factory=list)
-    early_loss: float | None = None          # mean loss of its first window (see kdcache.train.divergence)
+    initial_loss: float | None = None        # its loss on its first batch, before any update (see divergence)
+    peak_loss: float | None = None           # the highest window loss of its divergence checks so far
     diverged: dict[str, Any] | None = None   # where and how it diverged; it trains no more
 
 
