@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import glob
 import gzip
 import hashlib
 import os
@@ -314,3 +315,82 @@ def _load_text(spec: str, rest: str, data_root: str | os.PathLike | None) -> Res
         raise SpecError(f"dataset spec {spec!r}: unknown keys {sorted(kv)}; known: split, seq, vocab, test_every")
     ds = TextSequences(path, split, **args)
     return ResolvedDataset(ds, spec, "text", split, ds.num_classes, ds.class_names)
+
+
+# -- paths in recorded specs ------------------------------------------------------------------------
+def _spec_paths(spec: str) -> list[tuple[int, int]]:
+    """(start, end) of each local file path inside a dataset spec: the PATH of ``text:``/``hf-text:``,
+    a ``.npz`` file, and the value of ``tokenizer=``."""
+    spans = []
+    kind, sep, rest = spec.partition(":")
+    if kind in ("text", "hf-text") and sep:
+        start = len(kind) + 1
+        end = spec.find(",", start)
+        spans.append((start, len(spec) if end < 0 else end))
+    elif kind.endswith(".npz"):
+        spans.append((0, len(kind)))
+    at = spec.find(",tokenizer=")
+    if at >= 0:
+        start = at + len(",tokenizer=")
+        end = spec.find(",", start)
+        spans.append((start, len(spec) if end < 0 else end))
+    return [s for s in spans if s[1] > s[0] and "://" not in spec[s[0]:s[1]]]
+
+
+def _rewrite_paths(spec: str, fn: Any) -> str:
+    out, last = [], 0
+    for a, b in _spec_paths(spec):
+        out += [spec[last:a], fn(spec[a:b])]
+        last = b
+    return "".join(out) + spec[last:]
+
+
+def portable_spec(spec: str, store: str | None) -> str:
+    """``spec`` as a store's manifest records it: local paths relative to the directory holding the store
+    (a store at a URL keeps them as given), so a manifest names no machine's absolute paths."""
+    if not store or "://" in store:
+        return spec
+    base = os.path.dirname(os.path.abspath(store))
+    return _rewrite_paths(spec, lambda p: os.path.relpath(os.path.abspath(p), base))
+
+
+def portable_model_spec(spec: str, store: str | None) -> str:
+    """A teacher spec as a manifest records it: the path of an ``hf:PATH`` model or a checkpoint made
+    relative to the directory holding the store, like :func:`portable_spec`."""
+    if not store or "://" in store:
+        return spec
+    base = os.path.dirname(os.path.abspath(store))
+    rel = lambda p: os.path.relpath(os.path.abspath(p), base)  # noqa: E731
+    if spec.startswith("hf:"):
+        head, sep, tail = spec[3:].partition(",")
+        return f"hf:{rel(head)}{sep}{tail}" if os.path.exists(head) else spec
+    return rel(spec) if os.path.exists(spec) else spec
+
+
+def recorded_spec(spec: str, store: str | None) -> str:
+    """The inverse of :func:`portable_spec`: a recorded spec's relative paths joined to the directory of
+    ``store`` where they exist there (else left as they are, relative to the working directory)."""
+    if not store or "://" in store:
+        return spec
+    base = os.path.dirname(os.path.abspath(store))
+
+    def resolve(p: str) -> str:
+        if os.path.isabs(p):
+            return p
+        joined = os.path.normpath(os.path.join(base, p))
+        return joined if glob.glob(joined) or os.path.exists(joined) else p
+    return _rewrite_paths(spec, resolve)
+
+
+def recorded_model_spec(spec: str, store: str | None) -> str:
+    """The inverse of :func:`portable_model_spec`: a recorded teacher path joined to the store's directory
+    where it exists there."""
+    if not store or "://" in store:
+        return spec
+    base = os.path.dirname(os.path.abspath(store))
+    hf = spec.startswith("hf:")
+    head, sep, tail = (spec[3:] if hf else spec).partition(",") if hf else (spec, "", "")
+    joined = os.path.normpath(os.path.join(base, head))
+    if os.path.isabs(head) or not os.path.exists(joined):
+        return spec
+    return ("hf:" if hf else "") + joined + sep + tail

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from kdcache.datasets import ResolvedDataset, get_batch, load_dataset
+from kdcache.datasets import ResolvedDataset, get_batch, load_dataset, portable_model_spec, portable_spec
 from kdcache.distributed import DistInfo, init_distributed, resolve_device, shutdown
 from kdcache.errors import KdcacheError, SpecError
 from kdcache.specs import ResolvedModel, load_model
@@ -434,11 +434,13 @@ def prepare(cfg: DumpConfig, device: torch.device, members: list[ResolvedModel] 
     for i, m in enumerate(members):
         d = m.describe()
         d["name"] = f"{i}:{d['name']}"
+        d["spec"] = portable_model_spec(d["spec"], cfg.out)
         described.append(d)
     manifest = Manifest(
         num_samples=num_rows, num_classes=num_classes, num_members=len(members), dtype=dtype,
         chunk_rows=cfg.chunk_rows or 1, members=described, layout=cfg.layout, layout_params=params,
-        dataset={**dataset.describe(), "subset": subset_desc}, compression=cfg.compression, class_names=names,
+        dataset={**dataset.describe(), "spec": portable_spec(dataset.spec, cfg.out), "subset": subset_desc},
+        compression=cfg.compression, class_names=names,
         sequences=sequences, views=None if views is None else dataclasses.asdict(views))
     if not cfg.chunk_rows:
         manifest.chunk_rows = default_chunk_rows(manifest.row_bytes(), num_rows)

@@ -30,7 +30,9 @@ def collect_runs(dirs: list[str]) -> list[dict[str, Any]]:
             metrics = json.loads((r / "metrics.json").read_text())
             last = metrics[-1]
             ident = config.get("store_identity") or {}
-            teacher = ", ".join(m["spec"] for m in ident.get("members", [])) or "-"
+            from kdcache.datasets import recorded_model_spec
+            teacher = ", ".join(recorded_model_spec(m["spec"], config.get("store"))
+                                for m in ident.get("members", [])) or "-"
             from_teacher = bool(config.get("store") or config.get("teachers"))
             runs.append({
                 "dir": str(r), "group": str(d), "student": config["arch"], "teacher": teacher,

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdcache.datasets import get_batch, load_dataset
+from kdcache.datasets import get_batch, load_dataset, recorded_spec
 from kdcache.distributed import resolve_device
 from kdcache.errors import KdcacheError
 from kdcache.specs import load_model
@@ -53,7 +53,7 @@ def check_teacher(path: str, teachers: list[str], rows: int = 256, seed: int = 0
     if len(teachers) != m.num_members:
         raise KdcacheError(f"{path} holds {m.num_members} ensemble member(s), {len(teachers)} --teacher given; give "
                            f"one per member, in order ({', '.join(mm['spec'] for mm in m.members)})")
-    data = load_dataset(m.dataset["spec"], data_root)
+    data = load_dataset(recorded_spec(m.dataset["spec"], path), data_root)
     check_pairing(store, data)
     dev = resolve_device(device)
     modules = []

@@ -115,3 +115,91 @@ def test_views_replay_with_plain_libraries(tmp_path, suffix):
         d = hashlib.sha256(logits[a:b].tobytes() + params[a:b].tobytes() + ids[a:b].tobytes()
                            + labels[a:b].tobytes()).digest()
         assert bytes(digests[k]) == d
+
+
+def test_token_windows_and_every_identity_hash_recompute_from_the_document(tmp_path):
+    """From FORMAT.md alone, with numpy, json, hashlib, the tokenizer and safetensors (torch only for
+    the sampled layout's generator): the hf-text windows, the tokenizer's sha256, the fingerprint of a
+    sequence dataset, the weights sha256 of an hf: teacher, the sampled draws, and portable names."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+    from safetensors.numpy import load_file
+
+    from tests.conftest import ROOT
+    from tests.test_hf import _save_model
+    texts = [p.strip() for p in (ROOT / "README.md").read_text().split("\n\n") if len(p.strip()) > 20][:40]
+    corpus = tmp_path / "data" / "chat.jsonl"
+    corpus.parent.mkdir()
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    teacher = _save_model(tmp_path / "models" / "teacher", texts, 300)
+    spec = f"hf-text:{corpus},seq=16"
+    common = ["--teacher", f"hf:{teacher}", "--dataset", spec, "--dtype", "float32", "--chunk-rows", "64",
+              "--batch-size", "8"]
+    dense, sampled = str(tmp_path / "stores" / "dense.zarr"), str(tmp_path / "stores" / "sampled.zarr")
+    run_kdcache("dump-logits", *common, "--out", dense)
+    run_kdcache("dump-logits", *common, "--layout", "sampled", "--samples", "6", "--sampling-temperature", "2",
+                "--temperatures", "1,2", "--out", sampled)
+    g = zarr.open_group(dense, mode="r")
+    m = dict(g.attrs["kdcache"])
+    # portable names: paths relative to the store's directory, the tokenizer by its name
+    assert m["dataset"]["spec"] == "hf-text:../data/chat.jsonl,seq=16,tokenizer=../models/teacher"
+    assert m["dataset"]["tokenizer"]["name"] == "teacher" and str(tmp_path) not in json.dumps(m)
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(teacher))
+    vocab = [[t, i] for t, i in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    body = json.dumps({"vocab": vocab, "special": tok.special_tokens_map}, sort_keys=True, separators=(",", ":"))
+    assert m["dataset"]["tokenizer"]["sha256"] == hashlib.sha256(body.encode()).hexdigest()
+    assert m["dataset"]["tokenizer"]["size"] == len(tok)
+
+    seq = 16
+    windows = []
+    for t in tok(texts, add_special_tokens=True)["input_ids"]:
+        windows += [t[a:a + seq + 1] for a in range(0, max(len(t) - 1, 0), seq)]
+    windows = [np.array(w, dtype=np.int64) for w in windows if len(w) >= 2]
+    seq_ids, offsets, labels = g["sequence_ids"][:], g["sequence_offsets"][:], g["labels"][:]
+    assert m["dataset"]["length"] == len(windows) and len(seq_ids) == len(windows)
+    for i, s in enumerate(seq_ids):
+        np.testing.assert_array_equal(labels[offsets[i]:offsets[i + 1]], windows[s][1:])
+
+    n = len(windows)
+    idx = np.unique(np.linspace(0, n - 1, min(n, 256)).round().astype(np.int64))
+    width = max(len(windows[i]) - 1 for i in idx)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    x = np.full((len(idx), width), pad, dtype=np.int64)
+    y = np.full((len(idx), width), -1, dtype=np.int64)
+    for r, i in enumerate(idx):
+        w = windows[i]
+        x[r, :len(w) - 1], y[r, :len(w) - 1] = w[:-1], w[1:]
+    h = hashlib.sha256(f"kdcache-fingerprint-1;n={n}".encode())
+    h.update(f";torch.int64;{(width,)}".encode())
+    h.update(x.tobytes() + y.tobytes())
+    assert m["dataset"]["fingerprint"] == h.hexdigest()
+
+    weights = load_file(str(teacher / "model.safetensors"))
+    h = hashlib.sha256()
+    for k in sorted(f"model.{k}" for k in weights):
+        a = np.ascontiguousarray(weights[k[len("model."):]])
+        h.update(f"{k};torch.{a.dtype};{tuple(a.shape)};".encode() + a.tobytes())
+    assert m["members"][0]["sha256"] == h.hexdigest()
+
+    s = zarr.open_group(sampled, mode="r")
+    sm = dict(s.attrs["kdcache"])
+    p, R, N = sm["layout_params"], sm["chunk_rows"], sm["num_samples"]
+    z_all = g["logits"][:]
+    ids, counts, values = s["sampled_ids"][:], s["sampled_counts"][:], s["sampled_values"][:]
+    for c in range(-(-N // R)):
+        a, b = c * R, min(c * R + R, N)
+        gen = torch.Generator().manual_seed(p["seed"] * 1000003 + c)
+        z = torch.from_numpy(z_all[a:b].astype(np.float32))
+        probs = torch.softmax(z / p["sampling_temperature"], dim=-1).reshape(-1, z.shape[-1])
+        draws = torch.multinomial(probs, p["samples"], replacement=True, generator=gen).sort(dim=-1).values.numpy()
+        want_ids = np.full((len(draws), p["samples"]), -1, dtype=np.int32)
+        want_counts = np.zeros_like(want_ids)
+        for line, d in enumerate(draws):
+            u, cnt = np.unique(d, return_counts=True)
+            want_ids[line, :len(u)], want_counts[line, :len(u)] = u, cnt
+        np.testing.assert_array_equal(ids[a:b].reshape(-1, p["samples"]), want_ids)
+        np.testing.assert_array_equal(counts[a:b].reshape(-1, p["samples"]), want_counts)
+        zz = z.reshape(-1, z.shape[-1]).numpy()
+        want_values = np.where(want_ids >= 0, np.take_along_axis(zz, np.maximum(want_ids, 0), 1), 0)
+        np.testing.assert_array_equal(values[a:b].reshape(-1, p["samples"]), want_values)

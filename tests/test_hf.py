@@ -61,9 +61,13 @@ def test_rows_are_the_models_own_logits_at_real_positions(hf, tmp_path, layout):
                 "--dtype", "float32", *extra, "--out", out)
     s = open_store(out)
     m = s.manifest
-    assert m.per_token and m.num_classes == 300 and m.dataset["spec"].endswith(f"tokenizer={hf['teacher']}")
+    # portable: the corpus and the tokenizer beside the teacher, relative to the store's directory
+    assert m.per_token and m.num_classes == 300 and m.dataset["spec"] == "hf-text:../hf0/corpus.jsonl,seq=24," \
+        "tokenizer=../hf0/teacher".replace("hf0", os.path.basename(hf["dir"]))
+    assert m.dataset["tokenizer"]["name"] == "teacher" and str(tmp_path) not in json.dumps(m.dataset)
     assert m.dataset["tokenizer"]["size"] == 300 and len(m.dataset["tokenizer"]["sha256"]) == 64
-    data = load_dataset(m.dataset["spec"]).dataset
+    from kdcache.datasets import recorded_spec
+    data = load_dataset(recorded_spec(m.dataset["spec"], out)).dataset
     ids, offsets = s.sequence_index()
     model = transformers.AutoModelForCausalLM.from_pretrained(hf["teacher"]).eval()
     first = slice(0, 40)

@@ -163,7 +163,8 @@ def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     special = {k: v for k, v in sorted(tokenizer.special_tokens_map.items())}
     body = json.dumps({"vocab": vocab, "special": special}, sort_keys=True, separators=(",", ":"))
-    return {"name": str(getattr(tokenizer, "name_or_path", "")), "size": len(tokenizer),
+    name = str(getattr(tokenizer, "name_or_path", "")).rstrip("/\\")
+    return {"name": name.replace("\\", "/").rsplit("/", 1)[-1], "size": len(tokenizer),  # a name, not a path
             "sha256": hashlib.sha256(body.encode()).hexdigest()}
 
 
@@ -197,7 +198,8 @@ def with_tokenizer(dataset_spec: str | None, teachers: list[str] | None = None, 
     if store:
         from kdcache.store import open_store
         s = open_store(store)
-        recorded = s.manifest.dataset.get("spec", "")
+        from kdcache.datasets import recorded_spec
+        recorded = recorded_spec(s.manifest.dataset.get("spec", ""), store)
         s.close()
         if ",tokenizer=" in recorded:
             return f"{dataset_spec},tokenizer={recorded.split(',tokenizer=')[1].split(',')[0]}"

@@ -236,8 +236,15 @@ class Manifest:
         return d
 
     def identity(self) -> dict[str, Any]:
+        """What two stores of the same thing share: names and paths (the dataset's spec, the tokenizer's
+        name) are left out, the hashes carry the identity."""
         d = dataclasses.asdict(self)
-        return {k: d[k] for k in IDENTITY_FIELDS}
+        out = {k: d[k] for k in IDENTITY_FIELDS}
+        data = {k: v for k, v in (out["dataset"] or {}).items() if k != "spec"}
+        if isinstance(data.get("tokenizer"), dict):
+            data["tokenizer"] = {k: v for k, v in data["tokenizer"].items() if k != "name"}
+        out["dataset"] = data
+        return out
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> "Manifest":
