@@ -25,6 +25,9 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise click.ClickException(_one_line(str(e))) from None
         except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
             raise click.ClickException(f"{e.strerror}: {e.filename}") from None
+        finally:
+            from kdcache.store.remote import drain_event_loops
+            drain_event_loops()  # nothing of a remote store's requests may print after the one line
     return wrapper
 
 
@@ -88,8 +91,11 @@ def cli() -> None:
 
 @cli.command("dump-logits")
 @click.option("--teacher", "teachers", multiple=True, required=True,
-              help="Model spec; repeat for an ensemble: mlp:1200,1200, pkg.mod:fn, a checkpoint or TorchScript file.")
-@click.option("--dataset", required=True, help="Dataset spec: mnist:train, synthetic:N, FILE.npz, pkg.mod:fn.")
+              help="Model spec; repeat for an ensemble: mlp:1200,1200, hf:DIR (a transformers causal LM), pkg.mod:fn, "
+                   "a train-student checkpoint, or a TorchScript file (deprecated in PyTorch; prefer the others).")
+@click.option("--dataset", required=True,
+              help="Dataset spec: mnist:train, synthetic:N, text:PATH, hf-text:PATH[,seq=N,tokenizer=DIR], FILE.npz, "
+                   "pkg.mod:fn.")
 @click.option("--out", default=None,
               help="Store path: DIR.zarr, FILE.h5, or an fsspec URL [default: the store cache, keyed by teacher "
                    "and data; a store already there is reused].")

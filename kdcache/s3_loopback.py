@@ -89,6 +89,103 @@ class LoopbackS3:
         self.close()
 
 
+class FaultProxy:
+    """A TCP proxy on the loopback interface in front of ``target_port``, to stage network faults while the
+    server behind it keeps its data: ``pass`` forwards bytes both ways, ``stall`` keeps every connection
+    open and swallows what either side sends (a dead load balancer, a half-open connection), ``cut``
+    closes every connection and refuses new ones. Threads of this process; stopped by ``close()``.
+
+        with FaultProxy(s3.port) as proxy:
+            url = proxy.url           # point the client here
+            proxy.set("stall"); proxy.set("pass")
+    """
+
+    def __init__(self, target_port: int) -> None:
+        import threading
+        self.target = ("127.0.0.1", target_port)
+        self.mode = "pass"
+        self._lock = threading.Lock()
+        self._conns: list[socket.socket] = []
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.port = self._listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def set(self, mode: str) -> None:
+        if mode not in ("pass", "stall", "cut"):
+            raise KdcacheError(f"proxy mode {mode!r}: use pass, stall or cut")
+        with self._lock:
+            self.mode = mode
+            if mode == "cut":
+                for c in self._conns:
+                    _close(c)
+                self._conns.clear()
+
+    def _accept(self) -> None:
+        import threading
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                if self.mode == "cut":
+                    _close(client)
+                    continue
+                try:
+                    upstream = socket.create_connection(self.target, timeout=5)
+                    upstream.settimeout(None)
+                except OSError:
+                    _close(client)
+                    continue
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        while not self._closed:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                break
+            if not data:
+                break
+            if self.mode == "stall":
+                continue  # swallowed: the sender waits for an answer that never comes
+            try:
+                dst.sendall(data)
+            except OSError:
+                break
+        _close(dst)
+        _close(src)
+
+    def close(self) -> None:
+        self._closed = True
+        _close(self._listener)
+        self.set("cut")
+
+    def __enter__(self) -> "FaultProxy":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _close(s: socket.socket) -> None:
+    try:
+        s.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        s.close()
+    except OSError:
+        pass
+
+
 def _serve(port: int) -> None:
     import logging
 

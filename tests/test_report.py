@@ -102,7 +102,7 @@ def test_several_seeds_get_mean_and_spread_for_each_setting(runs):
     means = []
     for line, lr in zip(settings, ("0.05", "0.2")):
         cells = [c.strip() for c in line.strip("|").split("|")]
-        errors = [int(x.split(" | ")[6]) for x in md.splitlines()
+        errors = [int(x.split(" | ")[7]) for x in md.splitlines()
                   if x.startswith(f"| {runs / 'seeds'}/") and x.split(" | ")[0].endswith(f"-lr{lr}")]
         assert cells[2:7] == ["plain, cached", "2", "0.9", lr, "3"] and len(errors) == 3
         assert float(cells[7]) == pytest.approx(sum(errors) / 3, abs=0.05)

@@ -173,3 +173,30 @@ def test_a_killed_torchrun_run_resumes_to_the_same_weights(store, tmp_path):
     p = subprocess.run(cmd(tmp_path / "killed"), env=_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "resuming" in p.stderr, p.stderr[-3000:]
     _same(tmp_path / "ref", tmp_path / "killed", ["T2-a0.9-s0", "T4-a0.9-s1"])
+
+
+@pytest.mark.slow
+def test_a_killed_stacked_sweep_with_dropout_resumes_to_the_same_weights(store, tmp_path):
+    """kdcache's own MLP stacks with each student's dropout masks drawn from its own generator: the
+    generators are checkpointed per student, so a kill -9 resumes onto the same masks."""
+    def cmd(out: Path) -> list[str]:
+        return ["train-student", "--dataset", SYNTH, "--store", str(store), "--student", "mlp:32,16",
+                "--dropout", "0.3", "--input-dropout", "0.1", "--temperature", "2,4", "--seed", "0,1",
+                "--epochs", "3", "--batch-size", "20", "--checkpoint-every", "3", "--out", str(out)]
+    runs = ["T2-a0.9-s0", "T2-a0.9-s1", "T4-a0.9-s0", "T4-a0.9-s1"]
+    run_kdcache(*cmd(tmp_path / "ref"))
+    out = tmp_path / "killed"
+    p = subprocess.Popen(_kdcache(*cmd(out)), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    t0 = time.monotonic()
+    while not list(out.glob("resume/ckpt-*/state.json")):  # the first checkpoint, then a random moment
+        assert p.poll() is None, p.communicate()[1].decode()[-2000:]
+        assert time.monotonic() - t0 < 120
+        time.sleep(0.002)
+    time.sleep(random.Random(SEED + 2).uniform(0, 0.2))
+    assert p.poll() is None, "finished before it was killed"
+    kill_tree(p.pid)
+    p.communicate()
+    assert not (out / "T2-a0.9-s0" / "model.safetensors").exists()
+    p = run_kdcache(*cmd(out))
+    assert "resuming" in p.stderr and "train as one stacked model (batched matrix products)" in p.stderr
+    _same(tmp_path / "ref", out, runs)

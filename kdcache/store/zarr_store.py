@@ -9,7 +9,7 @@ import numpy as np
 
 from kdcache.store.format import MANIFEST_DIGEST_KEY, MANIFEST_KEY, manifest_digest
 from kdcache.store.remote import is_url as _is_url
-from kdcache.store.remote import storage_options
+from kdcache.store.remote import bounded, fs_options
 from kdcache.store.remote import url_fs as _url_fs
 
 
@@ -28,10 +28,10 @@ class ZarrBackend:
     def __init__(self, path: str, mode: str) -> None:
         import zarr
         self.path = path
-        remote = {"storage_options": storage_options()} if _is_url(path) else {}
+        remote = {"storage_options": fs_options(path)} if _is_url(path) else {}
         if remote:
             _url_fs(path)  # a missing filesystem package: one line
-        self.group = zarr.open_group(store=path, mode=mode, **remote)
+        self.group = bounded(path, lambda: zarr.open_group(store=path, mode=mode, **remote))
         self._arrays: dict[str, Any] = {}  # opening an array reads its metadata: one round trip, done once
 
     @staticmethod
@@ -62,12 +62,12 @@ class ZarrBackend:
 
         def create(name: str) -> Any:
             shape, chunks, dtype, fill = arrays[name]
-            return self.group.create_array(
+            return self._remote(bounded(path, lambda: self.group.create_array(
                 name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
                 dimension_names=(dims or {}).get(name),
                 # sample_ids and labels are 16 of the 36 bytes of a 10-class fp16 row; zstd makes them ~0.
                 compressors=_codecs(compression if name in data_arrays else "zstd" if name in ("sample_ids", "labels")
-                                    else "none"))
+                                    else "none"))))
         if _is_url(path):  # one metadata put per array: all in flight at once, far from the store
             from concurrent.futures import ThreadPoolExecutor
             with ThreadPoolExecutor(len(arrays)) as pool:
@@ -80,7 +80,7 @@ class ZarrBackend:
         if name in self._arrays:
             return True
         try:
-            self._arrays[name] = self.group[name]
+            self._arrays[name] = self._remote(bounded(self.path, lambda: self.group[name]))
         except KeyError:
             return False
         return True
@@ -88,20 +88,24 @@ class ZarrBackend:
     def array(self, name: str) -> Any:
         a = self._arrays.get(name)
         if a is None:
-            a = self._arrays[name] = self.group[name]
+            a = self._arrays[name] = self._remote(bounded(self.path, lambda: self.group[name]))
         return a
 
+    def _remote(self, a: Any) -> Any:
+        return _Bounded(self.path, a) if _is_url(self.path) else a
+
     def read_manifest(self) -> Any:
-        return self.group.attrs.asdict().get(MANIFEST_KEY)
+        return bounded(self.path, lambda: self.group.attrs.asdict()).get(MANIFEST_KEY)
 
     def read_manifest_digest(self) -> str | None:
-        return self.group.attrs.asdict().get(MANIFEST_DIGEST_KEY)
+        return bounded(self.path, lambda: self.group.attrs.asdict()).get(MANIFEST_DIGEST_KEY)
 
     def has_manifest(self) -> bool:
-        return MANIFEST_KEY in self.group.attrs
+        return bounded(self.path, lambda: MANIFEST_KEY in self.group.attrs)
 
     def write_manifest(self, d: dict) -> None:
-        self.group.attrs.update({MANIFEST_DIGEST_KEY: manifest_digest(d), MANIFEST_KEY: d})  # one metadata put
+        bounded(self.path, lambda: self.group.attrs.update({MANIFEST_DIGEST_KEY: manifest_digest(d),
+                                                            MANIFEST_KEY: d}))  # one metadata put
 
     def nbytes_on_disk(self) -> int:
         if _is_url(self.path):
@@ -121,11 +125,11 @@ class ZarrBackend:
         import asyncio
 
         from zarr.core.sync import sync
-        arrays = [self.array(n)._async_array for n in names]
+        arrays = [getattr(self.array(n), "array", self.array(n))._async_array for n in names]
 
         async def gather() -> list[Any]:
             return await asyncio.gather(*(a.getitem(slice(start, stop)) for a in arrays))
-        return [np.asarray(a) for a in sync(gather())]
+        return [np.asarray(a) for a in bounded(self.path, lambda: sync(gather()))]
 
     def flush(self) -> None:
         pass  # every zarr write is a whole-object put
@@ -150,3 +154,19 @@ def _check_bucket(path: str) -> None:
     if not there:
         raise StoreError(f"{path}: bucket {bucket!r} does not exist at this endpoint: create it, or check the URL "
                          f"and endpoint_url")
+
+
+class _Bounded:
+    """A zarr array of a remote store whose reads and writes each end within the stall bound."""
+
+    def __init__(self, path: str, array: Any) -> None:
+        self.path, self.array = path, array
+
+    def __getitem__(self, key: Any) -> Any:
+        return bounded(self.path, self.array.__getitem__, key)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        bounded(self.path, self.array.__setitem__, key, value)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.array, name)
