@@ -211,20 +211,25 @@ def remove(entry: Entry) -> None:
     entry.path.with_suffix(".lock").unlink(missing_ok=True)
 
 
-def lookup(teachers: list[str], dataset_spec: str, data_root: str | None = None) -> Path:
-    """The complete cached store of these teachers over this whole dataset (``train-student --store
-    auto``); refused with one line when there is none (saying which dump makes it) or several."""
+def lookup(teachers: list[str], dataset_spec: str, data_root: str | None = None, subset: str | None = None) -> Path:
+    """The complete cached store of these teachers over this dataset, or over the ``subset`` of it (the
+    same transfer set as ``dump-logits --subset``: ``train-student --store auto``); refused with one line
+    when there is none (saying which dump makes it) or several."""
     from kdcache.datasets import load_dataset
     from kdcache.specs import load_model
+    from kdcache.subset import resolve_subset
     data = load_dataset(dataset_spec, data_root)
+    wanted = resolve_subset(subset, data.dataset)[1] if subset else None
     shas = [load_model(t, data.input_shape, data.num_classes).describe()["sha256"] for t in teachers]
     fp = data.fingerprint
     found = [e for e in entries() if not e.problem and e.complete and e.member_sha256 == shas
-             and e.fingerprint == fp and e.subset is None]
+             and e.fingerprint == fp and e.subset == wanted]
     teacher_args = " ".join(f"--teacher {t}" for t in teachers)
     if not found:
-        raise KdcacheError(f"no cached store of {', '.join(teachers)} over {dataset_spec}; make it with "
-                           f"`kdcache dump-logits {teacher_args} --dataset {dataset_spec}`")
+        over = f"{dataset_spec}" + (f" (--subset {subset})" if subset else "")
+        raise KdcacheError(f"no cached store of {', '.join(teachers)} over {over}; make it with "
+                           f"`kdcache dump-logits {teacher_args} --dataset {dataset_spec}"
+                           f"{f' --subset {subset}' if subset else ''}`")
     if len(found) > 1:
         which = ", ".join(f"{e.key[:12]} ({e.layout}, {e.dtype}{', views' if e.views else ''})" for e in found)
         raise KdcacheError(f"{len(found)} cached stores of {', '.join(teachers)} over {dataset_spec}: {which}; "

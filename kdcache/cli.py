@@ -252,7 +252,8 @@ def train_student_cmd(**kw: Any) -> None:
         from kdcache.cache import lookup
         if not kw["teachers"]:
             raise click.UsageError("--store auto needs --teacher: the teacher whose cached store to use")
-        kw["store"], kw["teachers"] = str(lookup(kw["teachers"], kw["dataset"], kw["data_root"])), None
+        kw["store"] = str(lookup(kw["teachers"], kw["dataset"], kw["data_root"], kw["subset"]))
+        kw["teachers"], kw["subset"] = None, None  # the store found defines the transfer set
     fail_on_divergence = kw.pop("fail_on_divergence")
     results = train_students(TrainConfig(**kw))
     if int(os.environ.get("RANK", "0")) == 0:

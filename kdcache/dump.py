@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from kdcache.datasets import ResolvedDataset, get_batch, load_dataset, portable_model_spec, portable_spec
 from kdcache.distributed import DistInfo, init_distributed, resolve_device, shutdown
 from kdcache.errors import KdcacheError, SpecError
+from kdcache.losses import teacher_log_probs
 from kdcache.specs import ResolvedModel, load_model
 from kdcache.store.format import INDEX_CHUNK_FACTOR, sequence_lengths_digest
 from kdcache.text import is_sequence_dataset
@@ -574,6 +575,8 @@ def dump_logits(cfg: DumpConfig, members: list[ResolvedModel] | None = None) -> 
             if fmt == "hdf5" and info.enabled:
                 _merge_hdf5_parts(store, cfg.out, info.world_size)
             store.mark_complete()
+        if info.is_main and resumed:  # the summary covers the whole store, not only what this run wrote
+            _count_kept(store, written, writer)
         accuracy, rows_written = _gather_counts(writer, info)  # a collective: every rank waits for the merge
         if part:
             os.remove(path)
@@ -652,6 +655,36 @@ def _token_rows(modules: list[torch.nn.Module], x: torch.Tensor, y: torch.Tensor
     z = out.index_select(0, keep.to(device, non_blocking=True)).float()
     labels = y.reshape(-1)[keep] if y.ndim == 2 else y.repeat_interleave(torch.from_numpy(lengths))[lo:hi]
     return z, labels, max(a, base) - a
+
+
+def _count_kept(store: LogitStore, kept: np.ndarray, writer: _Writer) -> None:
+    """Add the teacher's correct rows of the chunks an earlier run wrote (``kept``) to ``writer``'s counts,
+    read back chunk by chunk: the ensemble is the members' mean probability at T = 1, as when dumping
+    (a sparse store with several members: the mean over each member's kept ids)."""
+    m = store.manifest
+    for c in np.flatnonzero(kept):
+        a, b = m.chunk_range(int(c))
+        blk = store.read(a, b)
+        y = np.asarray(blk.labels)
+        has = y >= 0
+        if not has.any():
+            continue
+        if m.layout == "dense":
+            z = torch.from_numpy(np.asarray(blk.logits, dtype=np.float32))
+            top1 = z.argmax(-1).numpy()
+            ens = teacher_log_probs(z, 1.0).argmax(-1).numpy()
+        else:
+            from kdcache.sparse import targets_from_arrays
+            t = targets_from_arrays(m, blk.data)
+            top1 = t.top1().numpy()
+            p = torch.exp(t.values.float() - t.log_normalizer(1.0)[..., None]) if 1.0 in t.temperatures else \
+                torch.softmax(t.values.float(), -1)
+            mass = torch.zeros(len(y), m.num_classes).scatter_add_(1, t.ids.clamp(min=0).flatten(1),
+                                                                  (p * (t.ids >= 0)).flatten(1))
+            ens = mass.argmax(-1).numpy()
+        writer.correct[:-1] += (top1[has] == y[has, None]).sum(0)
+        writer.correct[-1] += int((ens[has] == y[has]).sum())
+        writer.labelled += int(has.sum())
 
 
 def _gather_counts(writer: _Writer, info: DistInfo) -> tuple[list[float | None], int]:

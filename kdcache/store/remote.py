@@ -258,6 +258,11 @@ def remote_problem(path: str, e: BaseException) -> str | None:
                 f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the profile, and the bucket's policy")
     if "NoSuchBucket" in text or "specified bucket does not exist" in text:
         return f"bucket {bucket!r} does not exist at this endpoint: create it, or check the URL and endpoint_url"
+    if "no answer from the object store within" in text:
+        limit = text.split("no answer from the object store within ", 1)[1].split(" s", 1)[0]
+        return (f"the object store for {path} at {endpoint(path)} did not answer within {limit} s (a stalled "
+                f"network, proxy or load balancer): check the network; --storage-option read_timeout=SECONDS "
+                f"sets how long a request may wait")
     if names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionRefusedError",
                 "ServerDisconnectedError", "ReadTimeoutError", "ConnectionClosedError", "ClientOSError",
                 "ConnectionError", "ClientConnectionError", "TimeoutError"}:
