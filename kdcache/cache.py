@@ -11,6 +11,15 @@ not the logits. The cache directory (``$KDCACHE_CACHE``, default ``$XDG_CACHE_HO
     stores/KEY.lock               flock: held exclusively by the dump writing the store, shared by the
                                   jobs reading it (so `cache rm` refuses a store in use)
     stores/KEY.used               its modification time is when the store was last used
+    stores/KEY.repairing          present while damaged chunks are being recomputed
+    stores/KEY.verified           JSON: the size and modification time of each of the store's files
+                                  when its chunks last matched their digests
+
+Reuse checks before it says "complete": the files whose size or modification time differ from
+``KEY.verified`` (changed, deleted or added since) name the chunks to re-read and check against
+their digests, a stat of each file when nothing changed. Damaged chunks are recomputed as a
+resumed dump recomputes unwritten ones; a change that names no chunk (metadata, an HDF5 file, no
+record yet) is checked by a full verify.
 
 Locks are POSIX ``flock``: they hold between processes of one machine and on network file systems
 that support it; ranks of one torchrun job do not lock against each other.
@@ -108,6 +117,112 @@ def locked(path: str | os.PathLike, exclusive: bool, wait: bool = True) -> Itera
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def file_state(path: Path) -> dict[str, list[int]]:
+    """Size and modification time (ns) of each file of a store, by path relative to it."""
+    if path.is_file():
+        st = path.stat()
+        return {"": [st.st_size, st.st_mtime_ns]}
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            full = os.path.join(root, f)
+            st = os.stat(full)
+            out[os.path.relpath(full, path)] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def record_verified(path: Path) -> None:
+    """Record the store's files as they are now: its chunks were just written or checked."""
+    path = Path(path)
+    tmp = path.with_suffix(f".verified.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"files": file_state(path)}, sort_keys=True))
+    os.replace(tmp, path.with_suffix(".verified"))
+
+
+def changed_chunks(path: Path, store: Any) -> list[int] | None:
+    """The chunks whose files changed since the store was last verified; None when that cannot be
+    narrowed to chunks (never verified, metadata or an HDF5 file changed): check every chunk."""
+    from kdcache.store.format import SEQUENCE_ARRAYS
+    from kdcache.store.logit_store import BACKENDS
+    try:
+        before = json.loads(path.with_suffix(".verified").read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    now = file_state(path)
+    changed = [f for f in set(now) | set(before) if now.get(f) != before.get(f)]
+    m = store.manifest
+    arrays = m.arrays()
+    chunks: set[int] = set()
+    for f in changed:
+        hit = BACKENDS[store.format].chunk_of_file(f)
+        if hit is None or hit[0] not in arrays or hit[0] in SEQUENCE_ARRAYS:
+            return None
+        name, i = hit
+        rows = arrays[name][1][0]  # the array's chunk length along its first axis
+        if name == "chunk_sha256":
+            chunks.update(range(i * rows, min((i + 1) * rows, m.num_chunks)))
+        else:
+            chunks.update(range(i * rows // m.chunk_rows, min(-(-(i + 1) * rows // m.chunk_rows), m.num_chunks)))
+    return sorted(chunks)
+
+
+def damaged_chunks(path: Path, key: str) -> list[int]:
+    """The damaged chunks of a complete cached store, re-reading only those whose files changed since
+    it was last verified (all of them when that is unknown); the store is recorded as verified when
+    none is damaged. Damage that no chunk accounts for is refused with the `cache rm` that clears it."""
+    from kdcache.store import open_store
+    s = open_store(str(path), allow_partial=True)
+    try:
+        chunks = changed_chunks(path, s)
+        if chunks is None:
+            problems = s.verify()
+            bad = s.damaged_chunks(range(s.manifest.num_chunks)) if problems else []
+            if problems and not bad:
+                raise StoreError(f"cached store {key[:12]} is damaged ({problems[0]}); remove it with "
+                                 f"`kdcache cache rm {key[:12]}` and dump again")
+        else:
+            bad = s.damaged_chunks(chunks)
+    finally:
+        s.close()
+    if not bad:
+        record_verified(path)
+    return bad
+
+
+def forget_damaged(path: Path, bad: list[int]) -> list[int]:
+    """Make a resumed dump recompute the ``bad`` chunks; returns every chunk it will recompute. A file
+    that cannot be decoded at all (of an array whose files hold several chunks) is removed, and the
+    chunks it held join ``bad``: a partial write would have to read it first."""
+    from kdcache.store import LogitStore
+    from kdcache.store.logit_store import detect_format
+    s = LogitStore(str(path), detect_format(str(path)), allow_partial=True, writable=True)
+    try:
+        m = s.manifest
+        arrays = m.arrays()
+        todo = set(bad)
+        if s.format == "zarr":
+            for c in sorted(bad):
+                for name in (*m.data_arrays, "sample_ids", "labels"):
+                    rows = arrays[name][1][0]
+                    i = c * m.chunk_rows // rows
+                    try:
+                        s._read(name, i * rows, (i + 1) * rows)
+                    except StoreError:
+                        f = path / name / "c" / str(i)  # zarr v3's default chunk key: c/i[/j...]
+                        if f.is_dir():
+                            shutil.rmtree(f)
+                        else:
+                            f.unlink(missing_ok=True)
+                        todo.update(range(i * rows // m.chunk_rows,
+                                          min(-(-(i + 1) * rows // m.chunk_rows), m.num_chunks)))
+        path.with_suffix(".repairing").touch()  # until the resumed dump completes: its failures say `cache rm`
+        s.forget_chunks(sorted(todo))
+    finally:
+        s.close()
+    path.with_suffix(".verified").unlink(missing_ok=True)
+    return sorted(todo)
 
 
 def touch(path: str | os.PathLike) -> None:
@@ -208,6 +323,8 @@ def remove(entry: Entry) -> None:
         elif entry.path.exists():
             entry.path.unlink()
         entry.path.with_suffix(".used").unlink(missing_ok=True)
+        entry.path.with_suffix(".verified").unlink(missing_ok=True)
+        entry.path.with_suffix(".repairing").unlink(missing_ok=True)
     entry.path.with_suffix(".lock").unlink(missing_ok=True)
 
 

@@ -17,10 +17,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kdcache.datasets import ResolvedDataset, get_batch, load_dataset, portable_model_spec, portable_spec
 from kdcache.distributed import DistInfo, init_distributed, resolve_device, shutdown
-from kdcache.errors import KdcacheError, SpecError
+from kdcache.errors import KdcacheError, SpecError, StoreError
 from kdcache.losses import teacher_log_probs
 from kdcache.specs import ResolvedModel, load_model
 from kdcache.store.format import INDEX_CHUNK_FACTOR, sequence_lengths_digest
+from kdcache.store.logit_store import _ranges
 from kdcache.text import is_sequence_dataset
 from kdcache.store import LogitStore, Manifest, create_store, default_chunk_rows, detect_format, open_store
 from kdcache.subset import resolve_subset
@@ -70,6 +71,7 @@ class DumpSummary:
     resumed_chunks: int = 0
     cache_key: str | None = None
     reused: bool = False
+    repaired_chunks: list[int] = field(default_factory=list)  # damaged chunks of a cached store, recomputed
 
     def lines(self) -> list[str]:
         if self.reused:
@@ -81,6 +83,9 @@ class DumpSummary:
             acc = f"; teacher accuracy {self.ensemble_accuracy:.4f}" + (f" (members {per})" if len(self.member_accuracy) > 1 else "")
         rate = self.rows_written / self.seconds if self.seconds > 0 else float("nan")
         resumed = f", {self.resumed_chunks} chunks kept from an earlier run" if self.resumed_chunks else ""
+        if self.repaired_chunks:
+            resumed = (f", {self.resumed_chunks} chunks of the cached store kept, damaged chunks "
+                       f"{_ranges(self.repaired_chunks)} recomputed")
         key = f", cache key {self.cache_key[:12]}" if self.cache_key else ""
         return [f"wrote {self.rows_written} of {self.rows} rows to {self.path} in {self.seconds:.1f}s "
                 f"({rate:,.0f} rows/s, {self.bytes_on_disk / 1e6:.1f} MB on disk{resumed}{key}){acc}"]
@@ -602,18 +607,34 @@ def _dump_to_cache(cfg: DumpConfig) -> DumpSummary:
     path = cache.store_path(key, cfg.format or "zarr")
     with cache.locked(path, exclusive=True):  # a second identical dump waits here, then reuses the store
         fmt = detect_format(str(path))
+        repaired: list[int] = []
         if _exists(str(path), fmt):
             cache.check_entry(path, key)
             existing = open_store(str(path), allow_partial=True)
             done, rows = existing.manifest.complete, existing.manifest.num_samples
             existing.close()
             if done and not cfg.overwrite:
-                cache.touch(path)
-                return DumpSummary(str(path), rows, 0, time.perf_counter() - t0, 0, cache_key=key, reused=True)
+                bad = cache.damaged_chunks(path, key)  # only the chunks whose files changed since last verified
+                if not bad:
+                    cache.touch(path)
+                    return DumpSummary(str(path), rows, 0, time.perf_counter() - t0, 0, cache_key=key, reused=True)
+                repaired = cache.forget_damaged(path, bad)
+                print(f"cached store {key[:12]}: chunks {_ranges(repaired)} are damaged (changed since the store was "
+                      f"last verified); recomputing them", file=sys.stderr)
         # --overwrite recomputes it in place (a store the user no longer trusts)
-        summary = dump_logits(dataclasses.replace(cfg, out=str(path), format=fmt), members)
+        try:
+            summary = dump_logits(dataclasses.replace(cfg, out=str(path), format=fmt), members)
+        except StoreError as e:
+            if not path.with_suffix(".repairing").exists():
+                raise
+            why = str(e).split("; the chunks written before")[0].removeprefix(f"{path}: ")
+            raise StoreError(f"cached store {key[:12]} could not be repaired ({why}); remove it with "
+                             f"`kdcache cache rm {key[:12]}` and dump again") from None
+        path.with_suffix(".repairing").unlink(missing_ok=True)
+        cache.record_verified(path)
         cache.touch(path)
     summary.cache_key = key
+    summary.repaired_chunks = repaired
     return summary
 
 

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kdcache import cache
@@ -181,3 +182,79 @@ def test_bad_cache_input_is_one_line(cache_env, tmp_path):
     p = run_kdcache("cache", "rm", "abc", check=False)
     assert p.returncode == 1 and "key prefix 'abc' matches 2 cached stores" in p.stderr
     assert len(cache.entries()) == 4
+
+
+def _arrays(path: Path) -> dict:
+    s = open_store(str(path))
+    out = {name: s._read(name, 0, s.manifest.arrays()[name][0][0]) for name in s.manifest.arrays()}
+    s.close()
+    return out
+
+
+def _flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x40]))
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+def test_a_damaged_cached_store_is_repaired_not_reused(cache_env, tmp_path, fmt):
+    counter, env = counted(tmp_path)
+    path = Path(dump("--format", fmt, env=env).stdout.split(" to ")[1].split(" in ")[0])
+    before = _arrays(path)
+    assert path.with_suffix(".verified").exists()
+    # unchanged, or only touched: reused without running the teacher
+    os.utime(path / "logits" / "c" / "3" / "0" / "0" if fmt == "zarr" else path)
+    assert "reusing cached store" in dump("--format", fmt, env=env).stdout and batches(counter) == 21
+
+    if fmt == "zarr":
+        _flip(path / "logits" / "c" / "5" / "0" / "0", 7)  # one byte of one chunk's logits
+        (path / "logits" / "c" / "12" / "0" / "0").unlink()  # one chunk file gone
+        _flip(path / "labels" / "c" / "1", 3)  # compressed labels of chunks 16-19: cannot be decoded
+        expected = "5, 12, 16-19"
+    else:
+        import h5py
+        with h5py.File(path, "r") as f:
+            offsets = [f["logits"].id.get_chunk_info(c).byte_offset for c in (5, 12)]
+        for o in offsets:
+            _flip(path, o + 7)
+        expected = "5, 12"
+    p = dump("--format", fmt, env=env)
+    assert f"chunks {expected} are damaged (changed since the store was last verified); recomputing them" in p.stderr
+    assert f"damaged chunks {expected} recomputed" in p.stdout and "reusing" not in p.stdout
+    recomputed = 2 if fmt == "hdf5" else 6
+    assert batches(counter) == 21 + 1 + recomputed  # a probe, then only the damaged chunks
+    after = _arrays(path)
+    assert all(np.array_equal(before[k], after[k]) for k in before)  # as the uninterrupted dump wrote it
+    assert run_kdcache("verify", str(path)).returncode == 0
+    assert "reusing cached store" in dump("--format", fmt, env=env).stdout and batches(counter) == 22 + recomputed
+
+
+def test_a_cached_store_never_verified_is_checked_whole_and_lost_ids_are_recomputed(cache_env, tmp_path):
+    path = Path(dump().stdout.split(" to ")[1].split(" in ")[0])
+    path.with_suffix(".verified").unlink()  # never verified (a cache from an older kdcache): a full check
+    assert "reusing cached store" in dump().stdout and path.with_suffix(".verified").exists()
+    (path / "sample_ids" / "c" / "0").unlink()  # the ids of chunks 0-15 gone: recomputed, ids and all
+    p = dump()
+    assert "chunks 0-15 are damaged" in p.stderr and run_kdcache("verify", str(path)).returncode == 0
+
+
+def test_a_cached_store_that_cannot_be_repaired_is_refused_with_cache_rm(cache_env, tmp_path):
+    import h5py
+    path = Path(dump("--format", "hdf5").stdout.split(" to ")[1].split(" in ")[0])
+    with h5py.File(path, "r") as f:
+        info = f["sample_ids"].id.get_chunk_info(0)
+    for o in range(info.byte_offset + 2, info.byte_offset + info.size, 5):
+        _flip(path, o)  # compressed ids that no longer decode: HDF5 cannot rewrite part of that chunk
+    p = dump("--format", "hdf5", check=False)
+    assert p.returncode == 1, p.stderr
+    said = p.stderr.strip().splitlines()
+    assert said[0] == f"cached store {path.stem[:12]}: chunks 0-15 are damaged (changed since the store was last verified); recomputing them"
+    assert len(said) == 2 and said[1].startswith(f"Error: cached store {path.stem[:12]} could not be repaired (writing rows 0:100")
+    assert said[1].endswith(f"remove it with `kdcache cache rm {path.stem[:12]}` and dump again")
+    again = dump("--format", "hdf5", check=False)  # the same advice, not an endless resume
+    assert again.returncode == 1 and again.stderr.strip().splitlines() == said[1:]
+    assert f"removed {path.stem[:12]}" in run_kdcache("cache", "rm", path.stem[:12]).stdout
+    assert "wrote 2000 of 2000 rows" in dump("--format", "hdf5").stdout

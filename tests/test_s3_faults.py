@@ -179,3 +179,22 @@ def test_a_network_fault_during_training_ends_in_one_line_and_the_rerun_ends_wit
         assert all(torch.equal(a[k], b[k]) for k in a)
         figures[moment] = (r["returncode"], round(r["seconds"], 1))
     print(json.dumps({"train": kind, "exit status and seconds to the error": figures}))
+
+
+@pytest.mark.slow
+def test_a_stall_while_inspecting_or_verifying_a_remote_store_ends_in_one_line(s3, tmp_path):
+    server, proxy = s3
+    url = f"s3://kdcache/{tmp_path.name}-inspect.zarr"
+    _run([*DUMP, *FAST, "--out", url], proxy)
+    figures = {}
+    for command in (["inspect", url], ["verify", url], ["train-student", "--dataset", SYNTH, "--store", url,
+                                                         "--student", "mlp:8", "--epochs", "1", "--out",
+                                                         str(tmp_path / "s")]):
+        r = faulted([*command[:1], *FAST, *command[1:]], server, proxy, "stall", 0, tmp_path)
+        line = _one_error_line(r)
+        assert "object store" in line and proxy.url in line and ("stopped answering" in line or "did not answer" in line), line
+        assert r["seconds"] < BOUND_S, (command[0], r["seconds"])
+        figures[command[0]] = round(r["seconds"], 1)
+        assert r["returncode"] == 1
+    assert "complete" in _run(["inspect", url], proxy).stdout  # the network back: the store is as it was
+    print(json.dumps({"stalled": figures}))

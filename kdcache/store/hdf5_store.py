@@ -27,6 +27,10 @@ class HDF5Backend:
         return os.path.exists(path)
 
     @staticmethod
+    def chunk_of_file(relpath: str) -> tuple[str, int] | None:
+        return None  # one file: any change is a change to every array
+
+    @staticmethod
     def remove(path: str) -> None:
         os.remove(path)
 

@@ -419,6 +419,40 @@ class LogitStore:
             problems.append("sample_ids repeat a sample")
         return problems
 
+    def damaged_chunks(self, chunks: Iterator[int] | list[int] | range) -> list[int]:
+        """Those of ``chunks`` that are unwritten, cannot be read, or no longer match their digest: the
+        cheap re-check of the chunks whose files changed (see kdcache.cache), chunk by chunk."""
+        cr = self.manifest.chunk_rows
+        bad = []
+        for c in sorted(set(int(c) for c in chunks)):
+            try:
+                stored = np.asarray(self._read("chunk_sha256", c, c + 1))[0]
+                part = self.read(c * cr, (c + 1) * cr, check=False)
+            except StoreError:
+                bad.append(c)
+                continue
+            if not stored.any() or not np.array_equal(
+                    chunk_digest(*(part.data[k] for k in self.manifest.data_arrays), part.sample_ids, part.labels),
+                    stored):
+                bad.append(c)
+        return bad
+
+    def forget_chunks(self, chunks: list[int]) -> None:
+        """Mark ``chunks`` unwritten (their digests zeroed) and the store incomplete, so that resuming
+        the dump recomputes exactly those chunks."""
+        if not self.writable:
+            raise StoreError(f"{self.path}: opened read-only")
+        try:
+            for c in chunks:
+                self._b.array("chunk_sha256")[c:c + 1] = np.zeros((1, 32), dtype=np.uint8)  # a whole digest chunk
+            self._b.flush()
+            self.manifest.complete = False
+            self._b.write_manifest(self.manifest.to_dict())
+        except Exception as e:
+            raise StoreError(write_failure(self.path, f"the digests of chunks {_ranges(np.array(chunks))}", e)) \
+                from None
+        self._stored_digests = None
+
     def _digests_for_verify(self) -> tuple[np.ndarray, list[int]]:
         """The stored chunk digests, read entry by entry where the array is damaged (those count as unwritten)."""
         try:

@@ -263,6 +263,12 @@ def remote_problem(path: str, e: BaseException) -> str | None:
         return (f"the object store for {path} at {endpoint(path)} did not answer within {limit} s (a stalled "
                 f"network, proxy or load balancer): check the network; --storage-option read_timeout=SECONDS "
                 f"sets how long a request may wait")
+    if names & {"ReadTimeoutError", "ConnectTimeoutError", "ServerTimeoutError", "TimeoutError"}:
+        c = fs_options(path).get("config_kwargs", {})
+        return (f"the object store for {path} at {endpoint(path)} stopped answering (requests timed out after "
+                f"{c.get('connect_timeout', '?')} s to connect, {c.get('read_timeout', '?')} s to read, retried: a "
+                f"stalled network, proxy or load balancer): check the network; --storage-option "
+                f"read_timeout=SECONDS sets how long a request may wait")
     if names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionRefusedError",
                 "ServerDisconnectedError", "ReadTimeoutError", "ConnectionClosedError", "ClientOSError",
                 "ConnectionError", "ClientConnectionError", "TimeoutError"}:

@@ -76,6 +76,15 @@ class ZarrBackend:
             self._arrays.update({name: create(name) for name in arrays})
         return self
 
+    @staticmethod
+    def chunk_of_file(relpath: str) -> tuple[str, int] | None:
+        """The array and the chunk index along its first axis that a file of a local store holds
+        (``logits/c/3/0/0`` -> ``("logits", 3)``: zarr v3's default chunk keys); None for metadata."""
+        parts = relpath.replace(os.sep, "/").split("/")
+        if len(parts) >= 3 and parts[1] == "c" and parts[2].isdigit():
+            return parts[0], int(parts[2])
+        return None
+
     def has(self, name: str) -> bool:
         if name in self._arrays:
             return True
