@@ -167,6 +167,9 @@ def dump_logits_cmd(**kw: Any) -> None:
 @click.option("--temperature", "temperatures", default=None, help="T, or a list T1,T2,... for a sweep [default: 4].")
 @click.option("--alpha", "alphas", default=None,
               help="Weight of the soft term, or a list [default: 0.9 with --store, 0 without].")
+@click.option("--loss", "losses", default="kd", show_default=True,
+              help="The soft term: kd (KL at temperature T, times T^2) or logit-mse (Ba & Caruana's logit "
+                   "matching, the high-T limit of kd; dense stores only), or a list kd,logit-mse for a sweep.")
 @click.option("--seed", "seeds", default="0", show_default=True, help="Seed, or a list for a sweep.")
 @click.option("--ensemble", type=click.Choice(["mean-prob", "mean-logit"]), default="mean-prob", show_default=True)
 @click.option("--members", default=None, help="Use only these ensemble members, e.g. 0,2.")
@@ -244,6 +247,7 @@ def train_student_cmd(**kw: Any) -> None:
     from kdcache.train import TrainConfig, format_table, train_students
     kw["temperatures"] = _floats(kw["temperatures"], "--temperature") if kw["temperatures"] else None
     kw["alphas"] = _floats(kw["alphas"], "--alpha") if kw["alphas"] else None
+    kw["losses"] = [x.strip() for x in kw["losses"].split(",")]
     kw["seeds"] = _ints(kw["seeds"], "--seed")
     kw["lrs"] = _floats(kw["lrs"], "--lr")
     kw["members"] = _ints(kw["members"], "--members")

@@ -11,6 +11,13 @@ import torch.nn.functional as F
 from kdcache.errors import KdcacheError
 
 ENSEMBLE_REDUCTIONS = ("mean-prob", "mean-logit")
+LOSSES = ("kd", "logit-mse")  # the soft term: tempered KL (Hinton et al.), or logit matching (Ba & Caruana)
+
+
+def check_loss(name: str) -> str:
+    if name not in LOSSES:
+        raise KdcacheError(f"loss {name!r} is unknown; use one of {', '.join(LOSSES)}")
+    return name
 
 
 @functools.lru_cache(maxsize=256)
@@ -64,14 +71,36 @@ def soft_targets(teacher_logits: torch.Tensor, temperature: float, ensemble: str
     return teacher_log_probs(teacher_logits, temperature, ensemble, members).exp()
 
 
+def logit_matching(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                   members: Sequence[int] | None = None) -> torch.Tensor:
+    """Ba & Caruana's logit regression, per row: ``sum_i (v_i - z_i)^2 / (2 C)`` with the student's
+    logits ``v`` and the teacher's ``z`` (the members' mean logit) each centred over the C classes,
+    averaged over the batch. Its gradient, ``(v_i - z_i) / C`` for centred logits, is the limit of the
+    gradient of the ``T^2``-scaled KD term as T grows (Hinton et al. 2015, sec. 2.1; a test pins it).
+
+    ``student_logits`` ``[..., batch, classes]``; ``teacher_logits`` ``[batch, members, classes]``.
+    Returns ``[...]`` (a scalar for one student)."""
+    if not isinstance(teacher_logits, torch.Tensor):
+        raise KdcacheError("logit matching needs every logit: a top-k or sampled store does not keep the logits "
+                           "outside its k (or draws); use a dense store, or the kd loss")
+    z = teacher_logits.float()
+    if members is not None:
+        z = z[:, list(members)]
+    z = z.mean(dim=1)
+    v = student_logits.float()
+    d = (v - v.mean(dim=-1, keepdim=True)) - (z - z.mean(dim=-1, keepdim=True))
+    return d.pow(2).sum(dim=-1).mean(dim=-1) / (2 * d.shape[-1])
+
+
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: Any, labels: torch.Tensor,
                       temperature: float = 1.0, alpha: float = 0.0, ensemble: str = "mean-prob",
-                      members: Sequence[int] | None = None) -> torch.Tensor:
+                      members: Sequence[int] | None = None, loss: str = "kd") -> torch.Tensor:
     """``alpha * T^2 * KL(p_T(teacher) || p_T(student)) + (1 - alpha) * CE(student, label)``.
 
     The ``T^2`` keeps the soft term's gradient the same size as T changes (Hinton et al. 2015, sec. 2).
     The KL is averaged over the batch (``batchmean``); the cross-entropy over the rows that have a
-    label (label -1 rows contribute only the soft term).
+    label (label -1 rows contribute only the soft term). With ``loss="logit-mse"`` the soft term is
+    :func:`logit_matching` instead (the temperature and ``ensemble`` play no part).
 
     Args:
         student_logits: ``[batch, classes]``.
@@ -81,29 +110,32 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: Any, labels:
     """
     if not 0.0 <= alpha <= 1.0:
         raise KdcacheError(f"alpha must be in [0, 1], got {alpha}")
-    loss = student_logits.new_zeros(())
+    total = student_logits.new_zeros(())
     if alpha > 0:
         if teacher_logits is None:
             raise KdcacheError("alpha > 0 needs teacher logits: pass a store")
-        if isinstance(teacher_logits, torch.Tensor):
+        if check_loss(loss) == "logit-mse":
+            total = total + alpha * logit_matching(student_logits, teacher_logits, members)
+        elif isinstance(teacher_logits, torch.Tensor):
             target = teacher_log_probs(teacher_logits, temperature, ensemble, members)
             student = F.log_softmax(student_logits.float() / temperature, dim=-1)
             kl = F.kl_div(student, target, log_target=True, reduction="batchmean")
+            total = total + alpha * temperature ** 2 * kl
         else:
             from kdcache.sparse import sparse_kl
             kl = sparse_kl(student_logits, teacher_logits.member(members), temperature)
-        loss = loss + alpha * temperature ** 2 * kl
+            total = total + alpha * temperature ** 2 * kl
     if alpha < 1:
         labelled = labels >= 0
         n = labelled.sum().clamp(min=1)  # a tensor, not a Python int: no device sync per step
         ce = F.cross_entropy(student_logits.float(), labels.clamp(min=0), reduction="none")
-        loss = loss + (1 - alpha) * (ce * labelled).sum() / n
-    return loss
+        total = total + (1 - alpha) * (ce * labelled).sum() / n
+    return total
 
 
 def distillation_losses(student_logits: torch.Tensor, teacher_logits: Any, labels: torch.Tensor,
                         temperatures: Sequence[float], alphas: Sequence[float], ensemble: str = "mean-prob",
-                        members: Sequence[int] | None = None) -> torch.Tensor:
+                        members: Sequence[int] | None = None, losses: Sequence[str] | None = None) -> torch.Tensor:
     """:func:`distillation_loss` for S students at once (a stacked sweep): one loss per student.
 
     Args:
@@ -111,6 +143,8 @@ def distillation_losses(student_logits: torch.Tensor, teacher_logits: Any, label
         teacher_logits: as for :func:`distillation_loss`, shared by every student.
         labels: ``[batch]``.
         temperatures, alphas: one per student.
+        losses: one per student (``kd`` or ``logit-mse``; all ``kd`` when None). A logit-mse student's
+            temperature is not used.
 
     Returns:
         ``[students]`` float32; entry i equals ``distillation_loss(student_logits[i], ..., temperatures[i],
@@ -123,6 +157,11 @@ def distillation_losses(student_logits: torch.Tensor, teacher_logits: Any, label
     for a in alphas:
         if not 0.0 <= a <= 1.0:
             raise KdcacheError(f"alpha must be in [0, 1], got {a}")
+    losses = [check_loss(x) for x in losses] if losses is not None else ["kd"] * s_count
+    if len(losses) != s_count:
+        raise KdcacheError(f"{s_count} students need {s_count} losses, got {len(losses)}")
+    matching = [x == "logit-mse" for x in losses]
+    temperatures = [1.0 if m else t for t, m in zip(temperatures, matching)]  # not used by logit matching
     s = student_logits.float()
     dev = s.device
     loss = s.new_zeros(s_count)
@@ -139,13 +178,26 @@ def distillation_losses(student_logits: torch.Tensor, teacher_logits: Any, label
             target = target[pick]                                               # [S, batch, classes]
             log_q = F.log_softmax(s / temps[:, None, None], dim=-1)
             kl = (target.exp() * (target - log_q)).sum(dim=(1, 2)) / batch  # kl_div(..., reduction="batchmean")
+            if any(matching):
+                mse = logit_matching(s, teacher_logits, members)
+                soft = torch.where(_constant(tuple(matching), dev, torch.bool), mse, temps ** 2 * kl)
+                return _plus_hard(loss + alpha * soft, s, labels, alphas, alpha)
+        elif any(matching):
+            logit_matching(s, teacher_logits, members)  # refused, in its words
         else:
             from kdcache.sparse import sparse_kl
             one = teacher_logits.member(members)
             kl = torch.stack([sparse_kl(s[i], one, float(t)) if a > 0 else s.new_zeros(())
                               for i, (t, a) in enumerate(zip(temperatures, alphas))])
         loss = loss + alpha * temps ** 2 * kl
+    return _plus_hard(loss, s, labels, alphas, alpha)
+
+
+def _plus_hard(loss: torch.Tensor, s: torch.Tensor, labels: torch.Tensor, alphas: Sequence[float],
+               alpha: torch.Tensor) -> torch.Tensor:
+    """``loss + (1 - alpha) * CE`` per student of ``s`` ``[S, batch, classes]``."""
     if any(a < 1 for a in alphas):
+        s_count, batch = s.shape[:2]
         labelled = labels >= 0
         n = labelled.sum().clamp(min=1)
         ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), labels.clamp(min=0).repeat(s_count), reduction="none")

@@ -39,11 +39,13 @@ def collect_runs(dirs: list[str]) -> list[dict[str, Any]]:
                 "inputs": _inputs(config, ident),
                 "distilled": from_teacher and config["alpha"] > 0,
                 "temperature": config["temperature"] if from_teacher else None, "alpha": config["alpha"],
+                "soft_loss": (config.get("soft_loss") or "kd") if from_teacher else None,
                 "seed": config["seed"], "lr": config.get("lr"), "epochs": len(metrics), "test_errors": last.get("eval_errors"),
                 "test_accuracy": last.get("eval_accuracy"), "teacher_agreement": last.get("teacher_agreement"),
                 "test_perplexity": last.get("eval_perplexity"), "diverged": bool(last.get("diverged")),
                 "wall_seconds": sum(m["seconds"] for m in metrics)})
-    runs.sort(key=lambda r: (dirs.index(r["group"]), r["temperature"] or 0, r["alpha"], r["seed"]))
+    runs.sort(key=lambda r: (dirs.index(r["group"]), r.get("soft_loss") == "logit-mse", r["temperature"] or 0, r["alpha"],
+                             r["seed"]))
     return runs
 
 
@@ -67,7 +69,7 @@ def assign_roles(runs: list[dict[str, Any]], roles: dict[str, list[str]] | None 
 def report_json(runs: list[dict[str, Any]], paper: str | None = None, notes: list[str] | None = None
                 ) -> dict[str, Any]:
     """What ``report.json`` holds: every run with its role and results, and the paper's figures."""
-    keys = ("dir", "role", "teacher", "student", "inputs", "temperature", "alpha", "lr", "seed", "epochs", "test_errors",
+    keys = ("dir", "role", "teacher", "student", "inputs", "soft_loss", "temperature", "alpha", "lr", "seed", "epochs", "test_errors",
             "test_accuracy", "teacher_agreement", "test_perplexity", "diverged", "wall_seconds")
     out: dict[str, Any] = {"notes": notes or [],
                            "runs": [{("spec" if k == "student" else k): r.get(k) for k in keys} for r in runs]}
@@ -92,13 +94,18 @@ def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _t_cell(r: dict[str, Any]) -> str:
+    """The T column: the temperature, or ``logit-mse`` for a logit-matching student (it has none)."""
+    return "logit-mse" if r.get("soft_loss") == "logit-mse" else _fmt(r["temperature"], "g")
+
+
 def markdown(runs: list[dict[str, Any]], roles: dict[str, list[str]] | None = None, paper: str | None = None) -> str:
     ppl = any(r.get("test_perplexity") is not None for r in runs)  # token-level runs (sequence data)
     lines = ["| run | teacher | student | inputs | T | alpha | lr | test errors | accuracy | agreement |"
              + (" perplexity |" if ppl else "") + " epochs | wall s |",
              "|" + "---|" * (13 if ppl else 12)]
     for r in runs:
-        lines.append(f"| {r['dir']} | {r['teacher']} | {r['student']} | {r['inputs']} | {_fmt(r['temperature'], 'g')} | "
+        lines.append(f"| {r['dir']} | {r['teacher']} | {r['student']} | {r['inputs']} | {_t_cell(r)} | "
                      f"{r['alpha']:g} | {_fmt(r['lr'], 'g')} | {'diverged' if r['diverged'] else _fmt(r['test_errors'], 'd')} | "
                      f"{_fmt(r['test_accuracy'], '.4f')} | "
                      f"{_fmt(r['teacher_agreement'], '.4f')} |"
@@ -125,13 +132,13 @@ def markdown(runs: list[dict[str, Any]], roles: dict[str, list[str]] | None = No
 
 
 def _by_setting(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One entry per setting (temperature, alpha, lr), in order of T: its mean test errors over seeds,
-    their std (None for one seed) and the number of seeds."""
+    """One entry per setting (temperature, alpha, lr, soft loss), in order of T (logit matching, which
+    has none, last): its mean test errors over seeds, their std (None for one seed) and the number of seeds."""
     by: dict[tuple, list[int]] = {}
     for r in runs:
-        by.setdefault((r["temperature"], r["alpha"], r["lr"]), []).append(r["test_errors"])
-    order = sorted(by, key=lambda k: (-1 if k[0] is None else k[0], k[1], k[2] or 0))
-    return [dict(zip(("t", "alpha", "lr"), k)) | dict(zip(("mean", "std"), _mean_std(by[k])), n=len(by[k]))
+        by.setdefault((r["temperature"], r["alpha"], r["lr"], r.get("soft_loss")), []).append(r["test_errors"])
+    order = sorted(by, key=lambda k: (k[3] == "logit-mse", -1 if k[0] is None else k[0], k[1], k[2] or 0))
+    return [dict(zip(("t", "alpha", "lr", "loss"), k)) | dict(zip(("mean", "std"), _mean_std(by[k])), n=len(by[k]))
             for k in order]
 
 
@@ -142,7 +149,7 @@ def _mean_std(errs: list[int]) -> tuple[float, float | None]:
 
 def _setting(st: dict[str, Any], settings: list[dict[str, Any]]) -> str:
     """``T=2: 104.3 ± 3.1 (3 seeds)``, naming alpha and lr too where ``settings`` have several."""
-    where = [f"T={st['t']:g}"] if st["t"] is not None else []
+    where = ["logit matching"] if st.get("loss") == "logit-mse" else [f"T={st['t']:g}"] if st["t"] is not None else []
     where += [f"{k}={st[k]:g}" for k in ("alpha", "lr") if len({x[k] for x in settings}) > 1 and st[k] is not None]
     n = st["n"]
     return (", ".join(where) + ": " if where else "") + (
@@ -154,7 +161,7 @@ def seed_summary(runs: list[dict[str, Any]]) -> list[str]:
     lines of a markdown table; none when every setting has one seed)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in runs:
-        key = (r["group"], r["student"], r["inputs"], r["temperature"], r["alpha"], r["lr"])
+        key = (r["group"], r["student"], r["inputs"], _t_cell(r), r["alpha"], r["lr"])
         groups.setdefault(key, []).append(r)
     if all(len(g) < 2 for g in groups.values()):
         return []
@@ -166,7 +173,7 @@ def seed_summary(runs: list[dict[str, Any]]) -> list[str]:
         if not errs:
             continue
         mean, std = _mean_std(errs)
-        out.append(f"| {group} | {student} | {inputs} | {_fmt(t, 'g')} | {alpha:g} | {_fmt(lr, 'g')} | {len(errs)} | {mean:.1f} | "
+        out.append(f"| {group} | {student} | {inputs} | {t} | {alpha:g} | {_fmt(lr, 'g')} | {len(errs)} | {mean:.1f} | "
                    f"{_fmt(std, '.1f')} | {min(errs)}-{max(errs)} |")
     return out
 
@@ -224,6 +231,11 @@ def plot(runs: list[dict[str, Any]], path: str) -> bool:
                         label=name + "".join(f", {k} {v:g}" for k, v, i in (("alpha", alpha, 0), ("lr", lr, 1))
                                              if v is not None and len({x[i] for x in lines}) > 1)
                         + (f", mean ± std of {pts[0]['n']} seeds" if pts[0]["n"] > 1 else ""))
+        for alpha, lr in sorted({(r["alpha"], r["lr"]) for r in rs if r.get("soft_loss") == "logit-mse"
+                                 and r["distilled"]}, key=lambda k: (k[0], k[1] or 0)):  # no T: a level
+            errs = [r["test_errors"] for r in rs if r.get("soft_loss") == "logit-mse" and (r["alpha"], r["lr"]) == (alpha, lr)]
+            ax.axhline(_mean_std(errs)[0], linestyle=next(styles), linewidth=1, color="tab:red",
+                       label=f"{name}, logit matching" + (f", mean of {len(errs)} seeds" if len(errs) > 1 else ""))
         alone = [r for r in rs if not r["distilled"]]
         if alone:  # a level: the mean over its seeds
             teacher = alone[0].get("role") == "teacher"

@@ -1,4 +1,5 @@
-"""The loss against an independent numpy computation, and the T^2 factor's purpose."""
+"""The loss against an independent numpy computation, the T^2 factor's purpose, and logit matching as
+the high-temperature limit of distillation."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +7,9 @@ import pytest
 import torch
 
 from kdcache.errors import KdcacheError
-from kdcache.losses import distillation_loss, soft_targets, teacher_log_probs
+from kdcache.losses import distillation_loss, distillation_losses, soft_targets, teacher_log_probs
+from kdcache.sparse import targets_from_arrays, topk_rows
+from tests.test_train_stacked import _topk_manifest
 
 
 def np_softmax(z):
@@ -86,3 +89,54 @@ def test_refusals():
         teacher_log_probs(z, 1.0, "median")
     with pytest.raises(KdcacheError, match=r"teacher_logits must be \[batch, members, classes\]"):
         teacher_log_probs(torch.zeros(2, 3), 1.0)
+
+
+def test_kd_approaches_logit_matching_as_t_grows():
+    """Hinton et al. sec. 2.1: with zero-mean logits, the gradient of the T^2-scaled soft loss tends to
+    (v_i - z_i) / C as T grows, which is the gradient of logit matching (Ba & Caruana): the relative
+    error shrinks like 1/T (err * T levels off), and at T = 1 the two differ. With an ensemble both
+    reductions tend to the members' mean logit. Run with -s for the figures."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(256, 10, generator=g) * 2
+    y = torch.full((256,), -1)
+    for members in (1, 3):
+        z = torch.randn(256, members, 10, generator=g) * 3
+        x = s.clone().requires_grad_()
+        distillation_loss(x, z, y, 1.0, 1.0, loss="logit-mse").backward()
+        matching = x.grad.clone()
+        torch.testing.assert_close(matching, ((s - s.mean(-1, keepdim=True))
+                                              - (z.mean(1) - z.mean((1, 2))[:, None])) / 10 / 256)
+        for ensemble in ("mean-prob", "mean-logit"):
+            err = {}
+            for T in (1.0, 2.0, 5.0, 20.0, 100.0, 1000.0):
+                x = s.clone().requires_grad_()
+                distillation_loss(x, z, y, T, 1.0, ensemble).backward()
+                err[T] = ((x.grad - matching).norm() / matching.norm()).item()
+            print(members, ensemble, {T: round(e, 4) for T, e in err.items()})
+            assert err[1.0] > 0.3  # at T = 1 distillation is not logit matching
+            assert all(err[a] > err[b] for a, b in ((1.0, 2.0), (2.0, 5.0), (5.0, 20.0), (20.0, 100.0)))
+            rate = [err[T] * T for T in (20.0, 100.0, 1000.0)]  # ~ constant: the error is O(1/T)
+            assert max(rate) / min(rate) < 1.05, rate
+            assert err[1000.0] < 2e-3
+
+
+def test_logit_matching_is_the_stacked_students_own_loss_and_refused_without_dense_logits():
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(3, 12, 7, generator=g)
+    z = torch.randn(12, 2, 7, generator=g)
+    y = torch.randint(0, 7, (12,), generator=g)
+    losses, temps, alphas = ["kd", "logit-mse", "logit-mse"], [4.0, None, None], [0.9, 0.9, 0.5]
+    got = distillation_losses(s, z, y, temps, alphas, losses=losses)
+    want = torch.stack([distillation_loss(s[i], z, y, t, a, loss=l) for i, (t, a, l) in
+                        enumerate(zip(temps, alphas, losses))])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    alone = distillation_loss(s[1], z, y, None, 1.0, loss="logit-mse")
+    d = (s[1] - s[1].mean(-1, keepdim=True)) - (z.mean(1) - z.mean(1).mean(-1, keepdim=True))
+    assert alone.item() == pytest.approx((d ** 2).sum().item() / (2 * 7 * 12), rel=1e-6)
+    with pytest.raises(KdcacheError, match="loss 'mse' is unknown; use one of kd, logit-mse"):
+        distillation_loss(s[0], z, y, 1.0, 0.5, loss="mse")
+    sparse = targets_from_arrays(_topk_manifest(), topk_rows(z[:, :1], 3, [1.0]))
+    with pytest.raises(KdcacheError, match="logit matching needs every logit"):
+        distillation_loss(s[0], sparse, y, 1.0, 0.5, loss="logit-mse")
+    with pytest.raises(KdcacheError, match="logit matching needs every logit"):
+        distillation_losses(s, sparse, y, temps, alphas, losses=losses)

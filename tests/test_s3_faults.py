@@ -127,6 +127,10 @@ MOMENTS = {"creation": 0, "mid-way": 20, "completion": 40}
 # every moment for a stall (what the timeouts and deadlines bound); the endpoint stopped and the
 # connection cut mid-way (their errors are immediate; tests/test_s3.py covers the stopped endpoint too)
 CASES = {"stall": ("creation", "mid-way", "completion"), "stopped": ("mid-way",), "cut": ("mid-way",)}
+# KDCACHE_FAULT_MATRIX=full: every fault at every moment (for the figures; about 10 minutes)
+FULL = os.environ.get("KDCACHE_FAULT_MATRIX") == "full"
+if FULL:
+    CASES = {kind: tuple(MOMENTS) for kind in CASES}
 
 
 @pytest.mark.slow
@@ -150,7 +154,7 @@ def test_a_network_fault_during_a_dump_ends_in_one_line_and_the_rerun_completes_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["stall", "cut"])
+@pytest.mark.parametrize("kind", ["stall", "stopped", "cut"] if FULL else ["stall", "cut"])
 def test_a_network_fault_during_training_ends_in_one_line_and_the_rerun_ends_with_the_same_weights(
         s3, kind, tmp_path):
     import torch
@@ -164,6 +168,8 @@ def test_a_network_fault_during_training_ends_in_one_line_and_the_rerun_ends_wit
     figures = {}
     # 40 student forwards (2 epochs of 20): opening the store, mid-way through epoch 1, the start of epoch 2
     moments = {"creation": 0, "mid-way": 10} if kind == "stall" else {"mid-way": 10}
+    if FULL:
+        moments = {"creation": 0, "mid-way": 10, "completion": 40}
     for moment, batches in moments.items():
         out = tmp_path / f"{kind}-{moment}"
         r = faulted([*TRAIN, *FAST, "--store", store, "--checkpoint-every", "5", "--out", str(out)], server, proxy,

@@ -185,3 +185,34 @@ def test_bf16_autocast_trains_students_on_cpu(tmp_path, store, stack):
         wa, wb = _weights(a["dir"]), _weights(b["dir"])
         assert all(wb[k].dtype == torch.float32 for k in wb)  # weights stay fp32; only compute is bf16
         assert not torch.equal(wa["net.2.weight"], wb["net.2.weight"])
+
+
+def test_logit_matching_is_a_sweep_axis_stacked_like_temperature(tmp_path, store):
+    kw = dict(losses=["kd", "logit-mse"], temperatures=[2.0, 8.0], seeds=[0], lrs=[0.1], alphas=[0.9])
+    stacked = _sweep(tmp_path, store, "stacked", **kw)
+    alone = _sweep(tmp_path, store, "alone", stack=False, **kw)
+    assert [r["run"] for r in stacked] == ["T2-a0.9-s0", "T8-a0.9-s0", "logit-mse-a0.9-s0"]  # one: it has no T
+    assert [r["soft_loss"] for r in stacked] == ["kd", "kd", "logit-mse"] and stacked[2]["temperature"] is None
+    for a, b in zip(stacked, alone):
+        wa, wb = _weights(a["dir"]), _weights(b["dir"])
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+    config = json.loads((tmp_path / "stacked" / "logit-mse-a0.9-s0" / "config.json").read_text())
+    assert config["soft_loss"] == "logit-mse" and config["temperature"] is None and "losses" not in config
+    w = {r["run"]: _weights(r["dir"])["net.2.weight"] for r in stacked}
+    assert not torch.equal(w["T8-a0.9-s0"], w["logit-mse-a0.9-s0"])
+    assert "| logit-mse-a0.9-s0 | logit-mse | - | 0.9 | 0 |" in (tmp_path / "stacked" / "summary.md").read_text()
+
+
+def test_logit_matching_refusals_are_one_line(tmp_path, store):
+    sparse = str(tmp_path / "top2.zarr")
+    dump_logits(DumpConfig(teachers=["tests.helpers:slow_teacher"], dataset=SYNTH, out=sparse, layout="topk", k=2,
+                           progress=False))
+    base = ["train-student", "--dataset", SYNTH, "--student", "mlp:8", "--epochs", "1", "--out", str(tmp_path / "x")]
+    for extra, said in ((["--store", sparse, "--loss", "logit-mse"],
+                         f"--loss logit-mse matches every logit, and {sparse} is a topk store, which keeps only some "
+                         f"of them; dump a dense store (--layout dense) for it, or use --loss kd"),
+                        (["--store", store, "--loss", "kd,l2"], "--loss 'l2' is unknown; use one of kd, logit-mse"),
+                        (["--loss", "logit-mse"], "--loss logit-mse needs --store (or an online --teacher)")):
+        p = run_kdcache(*base, *extra, check=False)
+        assert p.returncode == 1 and said in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr

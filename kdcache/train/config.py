@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from kdcache.errors import ConfigError
-from kdcache.losses import ENSEMBLE_REDUCTIONS
+from kdcache.losses import ENSEMBLE_REDUCTIONS, LOSSES
 
 DEFAULT_TEMPERATURE = 4.0
 DEFAULT_ALPHA = 0.9
@@ -20,7 +20,8 @@ NOT_IDENTITY = ("overwrite", "progress", "device", "checkpoint_every", "remote_c
 class TrainConfig:
     """Everything ``train-student`` needs; the CLI options map onto these fields one to one.
 
-    ``temperatures``, ``alphas``, ``seeds`` and ``lrs`` are sweep axes: one student per combination.
+    ``losses``, ``temperatures``, ``alphas``, ``seeds`` and ``lrs`` are sweep axes: one student per
+    combination (a ``logit-mse`` student has no temperature: one per alpha, seed and lr).
     """
 
     dataset: str
@@ -32,6 +33,7 @@ class TrainConfig:
     alphas: list[float] | None = None         # default [0.9] with a store, [0.0] without
     seeds: list[int] = field(default_factory=lambda: [0])
     lrs: list[float] = field(default_factory=lambda: [DEFAULT_LR])
+    losses: list[str] = field(default_factory=lambda: ["kd"])  # the soft term: kd, logit-mse (kdcache.losses)
     ensemble: str = "mean-prob"
     members: list[int] | None = None
     epochs: int = 10
@@ -93,6 +95,14 @@ class TrainConfig:
             c.alphas, c.temperatures = [0.0], [1.0]
         c.temperatures = c.temperatures or [DEFAULT_TEMPERATURE]
         c.alphas = c.alphas if c.alphas is not None else [DEFAULT_ALPHA]
+        if not c.losses:
+            raise ConfigError("--loss needs at least one value")
+        for name in c.losses:
+            if name not in LOSSES:
+                raise ConfigError(f"--loss {name!r} is unknown; use one of {', '.join(LOSSES)} (or a list of them)")
+        if "logit-mse" in c.losses and not c.distills:
+            raise ConfigError("--loss logit-mse needs --store (or an online --teacher): it matches the teacher's "
+                              "logits")
         if not c.lrs or not c.seeds:
             raise ConfigError("--lr and --seed need at least one value")
         for t in c.temperatures:
@@ -139,6 +149,8 @@ class TrainConfig:
         d = asdict(self)
         for k in NOT_IDENTITY:
             d.pop(k)
+        if d["losses"] == ["kd"]:
+            d.pop("losses")  # the identity of runs checkpointed before --loss existed
         return d
 
 

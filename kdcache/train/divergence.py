@@ -50,7 +50,7 @@ def check_start(students: list[Any], log: Callable[[str], None]) -> list[int]:
         s.diverged = {"epoch": 1, "step": 1, "loss": None, "initial_loss": None, "reason": "non-finite at start"}
         log(f"warning: student {s.name} has loss {s.initial_loss} on its first batch, before any update, so the "
             f"learning rate is not the cause: the teacher's targets or the inputs give a non-finite loss at "
-            f"T = {s.temperature:g} (check the store with `kdcache verify`): stopped; the others go on")
+            f"{s.setting} (check the store with `kdcache verify`): stopped; the others go on")
         stopped.append(i)
     return stopped
 
@@ -106,5 +106,5 @@ def _stop(s: Any, epoch: int, step: int | None, loss: float, reason: str, what: 
     else:
         why = f"The T^2-scaled soft-target gradient grows with T: try --lr {s.lr / 4:g}"
     verb = "collapsed" if reason == "collapsed" else "diverged"
-    log(f"warning: student {s.name} {verb} in epoch {epoch + 1} ({what}) at T = {s.temperature:g}, "
+    log(f"warning: student {s.name} {verb} in epoch {epoch + 1} ({what}) at {s.setting}, "
         f"lr = {s.lr:g}: stopped; the others go on. {why}")

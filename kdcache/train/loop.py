@@ -299,19 +299,24 @@ def finish_epoch(epoch: int, sums: EpochSums, units: list[Any], src: TrainingDat
 
 
 # -- set-up ---------------------------------------------------------------------------------------
-def run_name(t: float, a: float, s: int, lr: float, c: TrainConfig) -> str:
-    name = f"T{t:g}-a{a:g}-s{s}" if c.distills else f"supervised-s{s}"
+def run_name(t: float | None, a: float, s: int, lr: float, c: TrainConfig, loss: str = "kd") -> str:
+    name = (f"supervised-s{s}" if not c.distills else f"logit-mse-a{a:g}-s{s}" if loss == "logit-mse"
+            else f"T{t:g}-a{a:g}-s{s}")
     return name + (f"-lr{lr:g}" if len(c.lrs) > 1 else "")
 
 
 def plan_students(c: TrainConfig, out: Path) -> list[Student]:
-    """One Student per combination of the sweep axes, each with its output directory."""
-    combos = list(itertools.product(c.temperatures, c.alphas, c.seeds, c.lrs))
+    """One Student per combination of the sweep axes, each with its output directory; a logit-mse
+    student has no temperature, so there is one per (alpha, seed, lr)."""
+    combos = []
+    for loss in c.losses:
+        temps = [None] if loss == "logit-mse" else c.temperatures
+        combos += [(loss, *x) for x in itertools.product(temps, c.alphas, c.seeds, c.lrs)]
     sweep = len(combos) > 1 if c.sweep_dirs is None else c.sweep_dirs
     students = []
-    for t, a, s, lr in combos:
-        name = run_name(t, a, s, lr, c)
-        students.append(Student(name, t, a, s, lr, out / name if sweep else out))
+    for loss, t, a, s, lr in combos:
+        name = run_name(t, a, s, lr, c, loss)
+        students.append(Student(name, t, a, s, lr, out / name if sweep else out, loss=loss))
     return students
 
 

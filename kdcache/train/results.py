@@ -19,13 +19,14 @@ def write_run(r: Student, module: nn.Module, c: TrainConfig, arch: str, input_sh
               num_classes: int, store_ident: dict[str, Any] | None, data: ResolvedDataset) -> dict[str, Any]:
     """Write one run's checkpoint, config.json and metrics.json; return its line of the summary."""
     r.out.mkdir(parents=True, exist_ok=True)
-    config = {**asdict(c), "run": r.name, "temperature": r.temperature, "alpha": r.alpha, "seed": r.seed,
-              "lr": r.lr, "arch": arch, "input_shape": list(input_shape), "num_classes": num_classes,
+    config = {**asdict(c), "run": r.name, "soft_loss": r.loss if c.distills else None, "temperature": r.temperature, "alpha": r.alpha,
+              "seed": r.seed, "lr": r.lr, "arch": arch, "input_shape": list(input_shape), "num_classes": num_classes,
               "store_identity": store_ident, "dataset_identity": data.describe()}
-    for k in ("temperatures", "alphas", "seeds", "lrs", "overwrite", "progress"):
+    for k in ("losses", "temperatures", "alphas", "seeds", "lrs", "overwrite", "progress"):
         config.pop(k)
     save_checkpoint(module, r.out, arch, input_shape, num_classes,
-                    extra={"dropout": c.dropout, "run": r.name, "temperature": r.temperature, "alpha": r.alpha,
+                    extra={"dropout": c.dropout, "run": r.name, "soft_loss": r.loss if c.distills else None, "temperature": r.temperature,
+                           "alpha": r.alpha,
                            "seed": r.seed, "lr": r.lr, "store": c.store})
     from kdcache.integrations.hf import save_pretrained
     save_pretrained(module, r.out, getattr(data.dataset, "tokenizer", None))  # hf: students, for plain transformers
@@ -33,7 +34,8 @@ def write_run(r: Student, module: nn.Module, c: TrainConfig, arch: str, input_sh
     (r.out / "metrics.json").write_text(json.dumps(r.history, indent=2))
     final = {("last_lr" if k == "lr" else k): v for k, v in r.history[-1].items()}  # lr: the configured one
     return {"run": r.name, "dir": str(r.out), "student": c.student, "teacher": (store_ident or {}).get("members"),
-            "temperature": r.temperature if c.distills else None, "alpha": r.alpha, "seed": r.seed,
+            "soft_loss": r.loss if c.distills else None, "temperature": r.temperature if c.distills else None,
+            "alpha": r.alpha, "seed": r.seed,
             "lr": r.lr, "epochs": c.epochs, "wall_seconds": sum(h["seconds"] for h in r.history), **final}
 
 
@@ -55,13 +57,14 @@ def format_table(results: list[dict[str, Any]]) -> str:
     eval perplexity."""
     ppl = any(r.get("eval_perplexity") is not None for r in results)
     lrs = len({r.get("lr") for r in results}) > 1
-    head = ("| run | T | alpha | seed |" + (" lr |" if lrs else "")
+    losses = any(r.get("soft_loss") == "logit-mse" for r in results)
+    head = ("| run |" + (" soft loss |" if losses else "") + " T | alpha | seed |" + (" lr |" if lrs else "")
             + " loss | train acc | eval acc | eval errors | teacher agreement |" + (" eval perplexity |" if ppl else ""))
-    rows = [head, "|" + "---|" * (9 + ppl + lrs)]
+    rows = [head, "|" + "---|" * (9 + ppl + lrs + losses)]
     f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
     for r in results:
         name = r["run"] + (" (diverged)" if r.get("diverged") else "")
-        rows.append(f"| {name} | {f(r['temperature'], 'g')} | {f(r['alpha'], 'g')} | {r['seed']} |"
+        rows.append(f"| {name} |" + (f" {r.get('soft_loss') or '-'} |" if losses else "") + f" {f(r['temperature'], 'g')} | {f(r['alpha'], 'g')} | {r['seed']} |"
                     + (f" {f(r.get('lr'), 'g')} |" if lrs else "")
                     + f" {f(r['loss'], '.4f')} | {f(r['train_accuracy'], '.4f')} | {f(r.get('eval_accuracy'), '.4f')} | "
                     f"{f(r.get('eval_errors'), 'd')} | {f(r.get('teacher_agreement'), '.4f')} |"

@@ -187,6 +187,7 @@ class StackedStudents:
         self.constrained = [self.params[n] for n in linear_weights(modules[0])] if c.max_norm else []
         self.temperatures = [s.temperature for s in students]
         self.alphas = [s.alpha for s in students]
+        self.losses = [s.loss for s in students]
         self.active = torch.ones(len(students), dtype=torch.bool, device=device)
         self.all_active = True
 
@@ -226,7 +227,8 @@ class StackedStudents:
         logits = self.forward(x)
         if mask is not None:
             logits = logits[:, mask]
-        losses = distillation_losses(logits, z, y, self.temperatures, self.alphas, c.ensemble, c.members)
+        losses = distillation_losses(logits, z, y, self.temperatures, self.alphas, c.ensemble, c.members,
+                                     self.losses)
         total = losses.sum() if self.all_active else torch.where(self.active, losses, 0.0).sum()
         grads = torch.autograd.grad(total, list(self.params.values()))
         self.optimizer.step(list(grads), None if self.all_active else self.active)

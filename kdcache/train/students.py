@@ -25,7 +25,7 @@ class Student:
     """One run of a sweep: its settings, where it is written, and its metrics so far."""
 
     name: str
-    temperature: float
+    temperature: float | None                # None for a logit-mse student (it has none)
     alpha: float
     seed: int
     lr: float
@@ -34,6 +34,12 @@ class Student:
     initial_loss: float | None = None        # its loss on its first batch, before any update (see divergence)
     peak_loss: float | None = None           # the highest window loss of its divergence checks so far
     diverged: dict[str, Any] | None = None   # where and how it diverged; it trains no more
+    loss: str = "kd"                         # the soft term (kdcache.losses.LOSSES)
+
+    @property
+    def setting(self) -> str:
+        """``T = 4``, or ``logit matching``: what its soft term is, in words."""
+        return "logit matching" if self.loss == "logit-mse" else f"T = {self.temperature:g}"
 
 
 def initial_rng(seed: int, rank: int = 0) -> torch.Tensor:
@@ -131,7 +137,7 @@ class SeparateStudent:
                 logits = self.model(x)
             if mask is not None:
                 logits = logits[mask]
-            loss = distillation_loss(logits, z, y, s.temperature, s.alpha, c.ensemble, c.members)
+            loss = distillation_loss(logits, z, y, s.temperature, s.alpha, c.ensemble, c.members, s.loss)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
