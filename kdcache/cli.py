@@ -399,6 +399,8 @@ def evaluate_cmd(model: str, json_path: str | None, members: str | None, class_b
         line += f", accuracy {result['eval_accuracy']:.4f}"
     if "teacher_agreement" in result:
         line += f", teacher agreement {result['teacher_agreement']:.4f}"
+    if "teacher_errors" in result:
+        line += f"; the teacher (the eval store) {result['teacher_errors']} errors"
     click.echo(line)
     if "errors_by_class" in result and len(result["errors_by_class"]) <= 20:
         click.echo("errors by class: " + ", ".join(f"{c}: {e}/{n}" for c, (e, n) in
@@ -417,7 +419,10 @@ def evaluate_cmd(model: str, json_path: str | None, members: str | None, class_b
 @click.option("--role", "roles", multiple=True,
               help="ROLE=DIR: the role of a run or sweep (teacher, baseline, distilled); repeatable. With --paper "
                    "the first DIR of each role is set beside the paper's figure.")
-@click.option("--paper", default=None, help="Put a paper's figures side by side: hinton-mnist.")
+@click.option("--paper", default=None,
+              help="Put a paper's figures side by side: hinton-mnist (section 3) or hinton-ensemble (section 4: an "
+                   "ensemble distilled into one model; the ensemble's errors are those of the distilled runs' "
+                   "--eval-store).")
 @click.option("--note", "notes", multiple=True, help="A paragraph under the title (what was run, and why); repeatable.")
 @click.option("--evaluation", "evaluations", multiple=True, metavar="FILE.json",
               help="A `kdcache evaluate --json` result to tabulate below the runs (repeatable).")

@@ -14,6 +14,15 @@ PAPERS = {
         "labels": {"teacher": "teacher 784-1200-1200-10", "baseline": "student 784-800-800-10 alone",
                    "distilled": "student 784-800-800-10 distilled"},
     },
+    # Section 4 (speech): frame accuracy in %, higher is better; kdcache's column is MNIST test errors.
+    "hinton-ensemble": {
+        "title": "Hinton, Vinyals, Dean (2015), section 4: the paper's column is frame accuracy (%) on speech, "
+                 "kdcache's test errors out of 10,000 on MNIST",
+        "rows": {"baseline": 58.9, "ensemble": 61.1, "distilled": 60.8},
+        "labels": {"baseline": "a single model alone", "ensemble": "the ensemble of its 10 (mean of probabilities)",
+                   "distilled": "one model of the same size, distilled from the ensemble"},
+        "higher_is_better": True,
+    },
 }
 
 
@@ -42,6 +51,7 @@ def collect_runs(dirs: list[str]) -> list[dict[str, Any]]:
                 "soft_loss": (config.get("soft_loss") or "kd") if from_teacher else None,
                 "seed": config["seed"], "lr": config.get("lr"), "epochs": len(metrics), "test_errors": last.get("eval_errors"),
                 "test_accuracy": last.get("eval_accuracy"), "teacher_agreement": last.get("teacher_agreement"),
+                "teacher_errors": last.get("teacher_errors"),
                 "test_perplexity": last.get("eval_perplexity"), "diverged": bool(last.get("diverged")),
                 "wall_seconds": sum(m["seconds"] for m in metrics)})
     runs.sort(key=lambda r: (dirs.index(r["group"]), r.get("soft_loss") == "logit-mse", r["temperature"] or 0, r["alpha"],
@@ -70,7 +80,7 @@ def report_json(runs: list[dict[str, Any]], paper: str | None = None, notes: lis
                 ) -> dict[str, Any]:
     """What ``report.json`` holds: every run with its role and results, and the paper's figures."""
     keys = ("dir", "role", "teacher", "student", "inputs", "soft_loss", "temperature", "alpha", "lr", "seed", "epochs", "test_errors",
-            "test_accuracy", "teacher_agreement", "test_perplexity", "diverged", "wall_seconds")
+            "test_accuracy", "teacher_agreement", "teacher_errors", "test_perplexity", "diverged", "wall_seconds")
     out: dict[str, Any] = {"notes": notes or [],
                            "runs": [{("spec" if k == "student" else k): r.get(k) for k in keys} for r in runs]}
     if paper:
@@ -119,16 +129,44 @@ def markdown(runs: list[dict[str, Any]], roles: dict[str, list[str]] | None = No
         lines += ["", f"Side by side with {ref['title']}:", "",
                   "| model | paper | kdcache, best setting (mean ± std over seeds) | kdcache, every setting |",
                   "|---|---|---|---|"]
+        mean_of: dict[str, float] = {}
         for role, paper_errors in ref["rows"].items():
+            if role == "ensemble":  # the teacher itself: its errors on the distilled students' eval store
+                group = ((roles or {}).get("distilled") or [None])[0]
+                errs = {r["teacher_errors"] for r in runs if group and (r["group"] == group or r["dir"] == group)
+                        and r.get("teacher_errors") is not None}
+                if len(errs) == 1:
+                    mean_of[role] = float(min(errs))
+                lines.append(f"| {ref['labels'][role]} | {paper_errors} | "
+                             f"{'-' if role not in mean_of else format(mean_of[role], '.0f')} | - |")
+                continue
             group = ((roles or {}).get(role) or [None])[0]  # the first --role of each: the paper's setting
             mine = [r for r in runs if group and (r["group"] == group or r["dir"] == group)
                     and r["test_errors"] is not None and not r["diverged"]]
             settings = _by_setting(mine)
             best = min(settings, key=lambda st: st["mean"]) if settings else None
+            if best is not None:
+                mean_of[role] = best["mean"]
             best_s = "-" if best is None else f"{_setting(best, settings)}, {mine[0]['epochs']} epochs"
             every = "; ".join(_setting(st, settings) for st in settings) or "-"
             lines.append(f"| {ref['labels'][role]} | {paper_errors} | {best_s} | {every} |")
+        if "ensemble" in ref["rows"]:
+            lines += ["", gain_kept(ref["rows"], mean_of)]
     return "\n".join(lines)
+
+
+def gain_kept(paper: dict[str, float], errors: dict[str, float]) -> str:
+    """The fraction of the ensemble's gain over a single model that the distilled model keeps, the
+    paper's (accuracy) and kdcache's (test errors, best distilled setting against the mean single model)."""
+    p_gain, p_kept = paper["ensemble"] - paper["baseline"], paper["distilled"] - paper["baseline"]
+    text = (f"Gain kept: in the paper the ensemble gains {p_gain:.1f} points over a single model and the distilled "
+            f"model keeps {p_kept:.1f} of them ({p_kept / p_gain:.0%}).")
+    if all(k in errors for k in ("baseline", "ensemble", "distilled")):
+        gain, kept = errors["baseline"] - errors["ensemble"], errors["baseline"] - errors["distilled"]
+        text += (f" Here the ensemble makes {gain:.1f} fewer test errors than a single model (mean over the members) "
+                 f"and the distilled model {kept:.1f} fewer"
+                 + (f": it keeps {kept / gain:.0%} of the gain." if gain > 0 else " (the ensemble gained nothing)."))
+    return text
 
 
 def _by_setting(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -58,7 +58,7 @@ class Evaluator:
         per_token = is_sequence_dataset(self.data.dataset)
         if per_token:  # about 4096 positions a batch: their logits over a large vocabulary are what costs
             batch_size = max(1, 4096 // int(self.data.dataset.lengths(np.arange(n)).max()))
-        correct = agree = with_teacher = labelled = row = 0
+        correct = agree = with_teacher = labelled = row = teacher_right = teacher_labelled = 0
         nll = 0.0
         classes = self.data.num_classes or 0
         wrong_by_class, rows_by_class = np.zeros(classes, dtype=np.int64), np.zeros(classes, dtype=np.int64)
@@ -85,6 +85,9 @@ class Evaluator:
                 ok = t >= 0
                 agree += int((pred[ok] == t[ok]).sum())
                 with_teacher += int(ok.sum())
+                both = ok & has  # the teacher's (ensemble's) own errors on the labelled rows
+                teacher_right += int((t[both] == y[both]).sum())
+                teacher_labelled += int(both.sum())
         out: dict[str, Any] = {"eval_samples": labelled}
         if labelled:
             out.update(eval_accuracy=correct / labelled, eval_errors=labelled - correct)
@@ -92,6 +95,9 @@ class Evaluator:
                 out.update(eval_nll=nll / labelled, eval_perplexity=math.exp(min(nll / labelled, 700.0)))
         if with_teacher:
             out["teacher_agreement"] = agree / with_teacher
+        if teacher_labelled:
+            out.update(teacher_accuracy=teacher_right / teacher_labelled,
+                       teacher_errors=teacher_labelled - teacher_right)
         if self.by_class and not per_token:
             out.update(errors_by_class=wrong_by_class.tolist(), samples_by_class=rows_by_class.tolist())
         return out
