@@ -3,6 +3,7 @@ their inputs have not changed since they last ran."""
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import re
 import time
@@ -19,6 +20,7 @@ TOP_KEYS = {"pipeline", "description", "vars", "profiles", "steps", "state_dir"}
 STEP_KEYS = {"name", "command", "with", "use"}
 COMMANDS = ("train-student", "dump-logits", "report", "convert", "inspect", "verify", "train-tokenizer", "evaluate")
 LIST_OPTIONS = {"temperatures", "alphas", "seeds", "lrs", "members"}  # comma-separated on the command line
+PIPELINE_DIR = "${pipeline.dir}"
 REF = re.compile(r"\$\{(vars|steps)\.([A-Za-z0-9_-]+)(?:\.([A-Za-z0-9_-]+))?\}")
 
 
@@ -112,7 +114,9 @@ def _variables(path: str, data: dict[str, Any], profile: str | None, overrides: 
         except yaml.YAMLError:
             parsed = v
         variables[k] = parsed if isinstance(parsed, (int, float, bool)) else v  # numbers stay numbers
-    return variables
+    here = str(Path(path).resolve().parent)  # ${pipeline.dir}: files shipped beside the pipeline, from any cwd
+    return {k: os.path.normpath(v.replace(PIPELINE_DIR, here)) if isinstance(v, str) and PIPELINE_DIR in v else v
+            for k, v in variables.items()}
 
 
 def load_pipeline(path: str, profile: str | None = None, overrides: dict[str, str] | None = None) -> Pipeline:
