@@ -40,11 +40,12 @@ def collect_runs(dirs: list[str]) -> list[dict[str, Any]]:
             last = metrics[-1]
             ident = config.get("store_identity") or {}
             from kdcache.datasets import recorded_model_spec
-            teacher = ", ".join(recorded_model_spec(m["spec"], config.get("store"))
-                                for m in ident.get("members", [])) or "-"
+            specs = [recorded_model_spec(m["spec"], config.get("store")) for m in ident.get("members", [])]
+            teacher = (", ".join(specs) if len(specs) <= 3 else
+                       f"{len(specs)} members: {specs[0]}, {specs[1]}, ..., {specs[-1]}") if specs else "-"
             from_teacher = bool(config.get("store") or config.get("teachers"))
             runs.append({
-                "dir": str(r), "group": str(d), "student": config["arch"], "teacher": teacher,
+                "dir": str(r), "group": str(d), "student": config["arch"], "teacher": teacher, "teacher_specs": specs,
                 "inputs": _inputs(config, ident),
                 "distilled": from_teacher and config["alpha"] > 0,
                 "temperature": config["temperature"] if from_teacher else None, "alpha": config["alpha"],
@@ -66,7 +67,7 @@ def assign_roles(runs: list[dict[str, Any]], roles: dict[str, list[str]] | None 
     by_dir = {str(Path(d).resolve()): role for role, dirs in (roles or {}).items() for d in dirs}
     used = set()
     for r in runs:
-        for spec in r["teacher"].split(", "):
+        for spec in r["teacher_specs"]:
             used.add(str(Path(spec[3:] if spec.startswith("hf:") else spec).resolve()))
             if spec.startswith("hf:"):
                 used.add(str(Path(spec[3:]).resolve().parent))  # RUN/hf: the run that saved it
