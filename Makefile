@@ -15,6 +15,7 @@ example: install
 	$(VENV)/bin/kdcache run pipelines/mnist_hinton.yaml --quick
 
 test: install
+	$(VENV)/bin/ruff check kdcache tests
 	$(PY) -m pytest -q
 
 .PHONY: install example test

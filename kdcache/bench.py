@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from kdcache import __version__
-
 from kdcache.cli import BENCH_NAMES as BENCHES  # noqa: E402  (the CLI lists them without importing torch)
 
 
@@ -86,7 +85,8 @@ def bench_store_read(p: Profile, work: Path) -> list[dict[str, Any]]:
                               "subset": None})
         s = create_store(path, m, overwrite=True)
         for a in range(0, n, 16 * 4096):
-            s.write_block(a, data[a:a + 16 * 4096], np.arange(a, min(a + 16 * 4096, n)), np.zeros(min(16 * 4096, n - a)))
+            s.write_block(a, data[a:a + 16 * 4096], np.arange(a, min(a + 16 * 4096, n)),
+                          np.zeros(min(16 * 4096, n - a)))
         s.mark_complete()
         s.close()
         store = open_store(path)
@@ -129,9 +129,10 @@ def bench_store_read(p: Profile, work: Path) -> list[dict[str, Any]]:
 # -- 2. dump -------------------------------------------------------------------------------------
 def bare_pass(cfg: Any, device: str) -> Callable[[], None]:
     """A bare teacher-inference loop over the batches ``dump_logits(cfg)`` runs (unaugmented inputs)."""
+    from torch.utils.data import DataLoader
+
     from kdcache.distributed import resolve_device
     from kdcache.dump import _autocast, _Batches, _ChunkBatches, prepare
-    from torch.utils.data import DataLoader
     dev = resolve_device(device)
     dataset, members, manifest, rows, _ = prepare(cfg, dev)
     modules = [m.module for m in members]
@@ -335,7 +336,8 @@ def bench_views(p: Profile, work: Path, device: str) -> dict[str, Any]:
         s = dump_logits(cfg)
         base = dump_logits(DumpConfig(**{**cfg.__dict__, "out": str(work / f"size-{layout}-plain.zarr"),
                                          "augment": None, "views": None}))
-        sizes.append({"layout": layout + (" k=3" if extra else ""), "bytes_per_sample_per_view": s.bytes_on_disk / s.rows,
+        sizes.append({"layout": layout + (" k=3" if extra else ""),
+                      "bytes_per_sample_per_view": s.bytes_on_disk / s.rows,
                       "bytes_per_sample_without_views": base.bytes_on_disk / base.rows})
     by_k = []
     for k in (1, 4):
@@ -398,6 +400,7 @@ def bench_hf(p: Profile, work: Path, device: str) -> dict[str, Any]:
     except ImportError:
         return {"skipped": "transformers is not installed (pip install 'kdcache[hf]')"}
     from torch.utils.data import DataLoader
+
     from kdcache.distributed import resolve_device
     from kdcache.dump import DumpConfig, _Batches, _SequenceChunkBatches, _token_unit_chunks, dump_logits, prepare
     vocab, hidden, layers, paragraphs = (2048, 64, 2, 60) if p.quick else (32000, 512, 8, 200)

@@ -230,8 +230,9 @@ def train_student_cmd(**kw: Any) -> None:
     Lists of temperatures, alphas, seeds and learning rates train one student per combination, all in
     one pass over the stream; students of one architecture train as one stacked model. Checkpoints
     are written at epoch ends (and every --checkpoint-every steps): killed, the same command resumes
-    and ends with the weights an uninterrupted run would have. Under `torchrun --standalone --nproc-per-node N --no-python kdcache train-student ...`
-    each rank streams its share of the store (DistributedDataParallel).
+    and ends with the weights an uninterrupted run would have. Under
+    `torchrun --standalone --nproc-per-node N --no-python kdcache train-student ...` each rank streams
+    its share of the store (DistributedDataParallel).
 
     A student that diverges (a non-finite loss, a loss four times its initial value, or a collapse to
     chance accuracy) is stopped and marked; the exit status is 3 when every student diverged (with
@@ -244,6 +245,7 @@ def train_student_cmd(**kw: Any) -> None:
         --temperature 1,2,5,10,20 --eval-dataset mnist:test --out runs/distilled
     """
     import os
+
     from kdcache.train import TrainConfig, format_table, train_students
     kw["temperatures"] = _floats(kw["temperatures"], "--temperature") if kw["temperatures"] else None
     kw["alphas"] = _floats(kw["alphas"], "--alpha") if kw["alphas"] else None
@@ -318,6 +320,7 @@ def cache_rm_cmd(keys: tuple[str, ...], older_than: float | None) -> None:
     """Remove cached stores by key (a unique prefix is enough) or by age. A store that a running job
     dumps or reads is refused."""
     import time
+
     from kdcache.cache import entries, find, remove
     if not keys and older_than is None:
         raise click.UsageError("give KEY... or --older-than DAYS")
@@ -332,7 +335,8 @@ def cache_rm_cmd(keys: tuple[str, ...], older_than: float | None) -> None:
 
 @cli.command("train-tokenizer")
 @click.option("--corpus", required=True,
-              help="Text as hf-text: reads it: a .txt/.jsonl/.parquet file, a glob of them, or a save_to_disk directory.")
+              help="Text as hf-text: reads it: a .txt/.jsonl/.parquet file, a glob of them, "
+                   "or a save_to_disk directory.")
 @click.option("--vocab", type=click.IntRange(300), default=8192, show_default=True, help="Tokens, specials included.")
 @click.option("--field", default="text", show_default=True, help="The text field of JSON/Parquet records.")
 @click.option("--out", required=True, help="Directory to write the tokenizer to (save_pretrained).")
@@ -349,6 +353,7 @@ def train_tokenizer_cmd(corpus: str, vocab: int, field: str, out: str, overwrite
     import shutil
     import tempfile
     from pathlib import Path
+
     from kdcache.integrations.hf import train_tokenizer
     target = Path(out)
     if target.exists() and not overwrite:
@@ -389,6 +394,7 @@ def evaluate_cmd(model: str, json_path: str | None, members: str | None, class_b
         --tune-dataset mnist:train --tune-subset 50000:60000
     """
     from pathlib import Path
+
     from kdcache.evaluate import EvalConfig, evaluate
     result = evaluate(EvalConfig(model=model, members=_ints(members, "--members"), class_bias=list(class_bias), **kw))
     for t in result.get("tuned", []):
@@ -404,7 +410,8 @@ def evaluate_cmd(model: str, json_path: str | None, members: str | None, class_b
     click.echo(line)
     if "errors_by_class" in result and len(result["errors_by_class"]) <= 20:
         click.echo("errors by class: " + ", ".join(f"{c}: {e}/{n}" for c, (e, n) in
-                                                   enumerate(zip(result["errors_by_class"], result["samples_by_class"]))))
+                                                   enumerate(zip(result["errors_by_class"],
+                                                                 result["samples_by_class"]))))
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
@@ -504,6 +511,7 @@ def bench_cmd(quick: bool, json_path: str | None, device: str, only: tuple[str, 
     kdcache bench --only sparse --logits runs/text_sparse/test-dense.zarr
     """
     import os
+
     from kdcache.bench import run_bench
     if data_root:
         os.environ["KDCACHE_DATA"] = data_root

@@ -251,7 +251,8 @@ def _parse_kv(text: str, positional: tuple[str, ...]) -> dict[str, str]:
 
 def load_dataset(spec: str, data_root: str | os.PathLike | None = None) -> ResolvedDataset:
     """Resolve a dataset spec: ``mnist:train``, ``synthetic:N[,dim=D,classes=C,seed=S]``,
-    ``text:PATH[,split=,seq=,vocab=,test_every=]`` (see :mod:`kdcache.text`), ``file.npz[:split]`` or ``package.module:callable`` (returning a map-style Dataset)."""
+    ``text:PATH[,split=,seq=,vocab=,test_every=]`` (see :mod:`kdcache.text`), ``file.npz[:split]`` or
+    ``package.module:callable`` (returning a map-style Dataset)."""
     name, _, rest = spec.partition(":")
     if name == "mnist":
         return ResolvedDataset(load_mnist(rest or "train", data_root), spec, "mnist", rest or "train", 10,
@@ -262,7 +263,8 @@ def load_dataset(spec: str, data_root: str | os.PathLike | None = None) -> Resol
             n = int(kv.pop("n", 10000))
             args = {k: int(kv.pop(k)) for k in ("dim", "classes", "seed") if k in kv}
         except ValueError:
-            raise SpecError(f"synthetic dataset spec {spec!r} needs integers, e.g. synthetic:10000,dim=64,classes=10")
+            raise SpecError(f"synthetic dataset spec {spec!r} needs integers, "
+                            f"e.g. synthetic:10000,dim=64,classes=10") from None
         if kv:
             raise SpecError(f"synthetic dataset spec {spec!r}: unknown keys {sorted(kv)}; known: n, dim, classes, seed")
         ds = SyntheticDataset(n, **args)
@@ -292,7 +294,8 @@ def load_dataset(spec: str, data_root: str | os.PathLike | None = None) -> Resol
             raise SpecError(f"unknown dataset spec {spec!r} (and no module {name!r} to import); {known}") from None
         obj = fn()
         if not hasattr(obj, "__getitem__") or not hasattr(obj, "__len__"):
-            raise SpecError(f"{spec} returned {type(obj).__name__}, not a map-style Dataset with __len__ and __getitem__")
+            raise SpecError(f"{spec} returned {type(obj).__name__}, not a map-style Dataset "
+                            f"with __len__ and __getitem__")
         classes = getattr(obj, "num_classes", None)
         return ResolvedDataset(obj, spec, name, None, classes, getattr(obj, "class_names", None))
     raise SpecError(f"unknown dataset spec {spec!r}; {known}")

@@ -20,11 +20,11 @@ from kdcache.distributed import DistInfo, init_distributed, resolve_device, shut
 from kdcache.errors import KdcacheError, SpecError, StoreError
 from kdcache.losses import teacher_log_probs
 from kdcache.specs import ResolvedModel, load_model
+from kdcache.store import LogitStore, Manifest, create_store, default_chunk_rows, detect_format, open_store
 from kdcache.store.format import INDEX_CHUNK_FACTOR, sequence_lengths_digest
 from kdcache.store.logit_store import _ranges
-from kdcache.text import is_sequence_dataset
-from kdcache.store import LogitStore, Manifest, create_store, default_chunk_rows, detect_format, open_store
 from kdcache.subset import resolve_subset
+from kdcache.text import is_sequence_dataset
 from kdcache.views import ViewAugmenter, Views, make_views
 
 QUEUE_BATCHES = 8
@@ -80,7 +80,8 @@ class DumpSummary:
         acc = ""
         if self.ensemble_accuracy is not None:
             per = ", ".join(f"{a:.4f}" for a in self.member_accuracy if a is not None)
-            acc = f"; teacher accuracy {self.ensemble_accuracy:.4f}" + (f" (members {per})" if len(self.member_accuracy) > 1 else "")
+            acc = (f"; teacher accuracy {self.ensemble_accuracy:.4f}"
+                   + (f" (members {per})" if len(self.member_accuracy) > 1 else ""))
         rate = self.rows_written / self.seconds if self.seconds > 0 else float("nan")
         resumed = f", {self.resumed_chunks} chunks kept from an earlier run" if self.resumed_chunks else ""
         if self.repaired_chunks:
@@ -464,8 +465,8 @@ def _check_context(members: list[ResolvedModel], dataset: ResolvedDataset) -> No
     for m in members:
         limit = getattr(m.module, "max_positions", None)
         if seq and limit and seq > limit:
-            raise SpecError(f"dataset {dataset.spec!r} has sequences of up to {seq} tokens but teacher {m.spec!r} has a "
-                            f"context of {limit}; give the dataset seq={limit} or less")
+            raise SpecError(f"dataset {dataset.spec!r} has sequences of up to {seq} tokens but teacher {m.spec!r} "
+                            f"has a context of {limit}; give the dataset seq={limit} or less")
     used = dataset.describe().get("tokenizer") if hasattr(dataset.dataset, "identity") else None
     if used is None:
         return
@@ -540,7 +541,8 @@ def dump_logits(cfg: DumpConfig, members: list[ResolvedModel] | None = None) -> 
         sampler = (_ChunkBatches(rows, mine, manifest.chunk_rows, cfg.batch_size) if index is None
                    else _SequenceChunkBatches(index, mine, unit_rows, cfg.batch_size))
         augmenter = None if manifest.views is None else ViewAugmenter(Views(**manifest.views), cfg.out)
-        loader = DataLoader(_Batches(dataset.dataset, augmenter, manifest.samples_per_view), sampler=sampler, batch_size=None, num_workers=cfg.workers,
+        loader = DataLoader(_Batches(dataset.dataset, augmenter, manifest.samples_per_view), sampler=sampler,
+                            batch_size=None, num_workers=cfg.workers,
                             pin_memory=device.type == "cuda", persistent_workers=False,
                             prefetch_factor=4 if cfg.workers else None)
         show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()

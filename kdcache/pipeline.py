@@ -3,8 +3,8 @@ their inputs have not changed since they last ran."""
 from __future__ import annotations
 
 import hashlib
-import os
 import json
+import os
 import re
 import time
 from dataclasses import dataclass, field

@@ -50,13 +50,14 @@ def collect_runs(dirs: list[str]) -> list[dict[str, Any]]:
                 "distilled": from_teacher and config["alpha"] > 0,
                 "temperature": config["temperature"] if from_teacher else None, "alpha": config["alpha"],
                 "soft_loss": (config.get("soft_loss") or "kd") if from_teacher else None,
-                "seed": config["seed"], "lr": config.get("lr"), "epochs": len(metrics), "test_errors": last.get("eval_errors"),
+                "seed": config["seed"], "lr": config.get("lr"), "epochs": len(metrics),
+                "test_errors": last.get("eval_errors"),
                 "test_accuracy": last.get("eval_accuracy"), "teacher_agreement": last.get("teacher_agreement"),
                 "teacher_errors": last.get("teacher_errors"),
                 "test_perplexity": last.get("eval_perplexity"), "diverged": bool(last.get("diverged")),
                 "wall_seconds": sum(m["seconds"] for m in metrics)})
-    runs.sort(key=lambda r: (dirs.index(r["group"]), r.get("soft_loss") == "logit-mse", r["temperature"] or 0, r["alpha"],
-                             r["seed"]))
+    runs.sort(key=lambda r: (dirs.index(r["group"]), r.get("soft_loss") == "logit-mse", r["temperature"] or 0,
+                             r["alpha"], r["seed"]))
     return runs
 
 
@@ -80,8 +81,9 @@ def assign_roles(runs: list[dict[str, Any]], roles: dict[str, list[str]] | None 
 def report_json(runs: list[dict[str, Any]], paper: str | None = None, notes: list[str] | None = None
                 ) -> dict[str, Any]:
     """What ``report.json`` holds: every run with its role and results, and the paper's figures."""
-    keys = ("dir", "role", "teacher", "student", "inputs", "soft_loss", "temperature", "alpha", "lr", "seed", "epochs", "test_errors",
-            "test_accuracy", "teacher_agreement", "teacher_errors", "test_perplexity", "diverged", "wall_seconds")
+    keys = ("dir", "role", "teacher", "student", "inputs", "soft_loss", "temperature", "alpha", "lr", "seed", "epochs",
+            "test_errors", "test_accuracy", "teacher_agreement", "teacher_errors", "test_perplexity", "diverged",
+            "wall_seconds")
     out: dict[str, Any] = {"notes": notes or [],
                            "runs": [{("spec" if k == "student" else k): r.get(k) for k in keys} for r in runs]}
     if paper:
@@ -117,7 +119,8 @@ def markdown(runs: list[dict[str, Any]], roles: dict[str, list[str]] | None = No
              "|" + "---|" * (13 if ppl else 12)]
     for r in runs:
         lines.append(f"| {r['dir']} | {r['teacher']} | {r['student']} | {r['inputs']} | {_t_cell(r)} | "
-                     f"{r['alpha']:g} | {_fmt(r['lr'], 'g')} | {'diverged' if r['diverged'] else _fmt(r['test_errors'], 'd')} | "
+                     f"{r['alpha']:g} | {_fmt(r['lr'], 'g')} | "
+                     f"{'diverged' if r['diverged'] else _fmt(r['test_errors'], 'd')} | "
                      f"{_fmt(r['test_accuracy'], '.4f')} | "
                      f"{_fmt(r['teacher_agreement'], '.4f')} |"
                      + (f" {_fmt(r.get('test_perplexity'), '.2f')} |" if ppl else "")
@@ -272,7 +275,8 @@ def plot(runs: list[dict[str, Any]], path: str) -> bool:
                         + (f", mean ± std of {pts[0]['n']} seeds" if pts[0]["n"] > 1 else ""))
         for alpha, lr in sorted({(r["alpha"], r["lr"]) for r in rs if r.get("soft_loss") == "logit-mse"
                                  and r["distilled"]}, key=lambda k: (k[0], k[1] or 0)):  # no T: a level
-            errs = [r["test_errors"] for r in rs if r.get("soft_loss") == "logit-mse" and (r["alpha"], r["lr"]) == (alpha, lr)]
+            errs = [r["test_errors"] for r in rs
+                    if r.get("soft_loss") == "logit-mse" and (r["alpha"], r["lr"]) == (alpha, lr)]
             ax.axhline(_mean_std(errs)[0], linestyle=next(styles), linewidth=1, color="tab:red",
                        label=f"{name}, logit matching" + (f", mean of {len(errs)} seeds" if len(errs) > 1 else ""))
         alone = [r for r in rs if not r["distilled"]]

@@ -85,7 +85,8 @@ def _build_arch(arch: str, input_shape: tuple[int, ...] | None, num_classes: int
         if not isinstance(model, nn.Module):
             raise SpecError(f"model spec {arch!r} returned {type(model).__name__}, not a torch.nn.Module")
         return model
-    raise SpecError(f"unknown model spec {arch!r}; use mlp:H1,H2,..., lstm:EMBED,HIDDEN, hf:PATH, package.module:callable, "
+    raise SpecError(f"unknown model spec {arch!r}; use mlp:H1,H2,..., lstm:EMBED,HIDDEN, hf:PATH, "
+                    f"package.module:callable, "
                     f"a kdcache checkpoint ({CHECKPOINT_NAME} or its run directory) or a TorchScript file")
 
 
@@ -178,6 +179,7 @@ def save_checkpoint(module: nn.Module, path: str | os.PathLike, arch: str, input
                     num_classes: int, extra: dict[str, Any] | None = None) -> Path:
     """Write ``module``'s weights as safetensors with the architecture in the header."""
     from safetensors.torch import save_file
+
     from kdcache import __version__
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -215,5 +217,6 @@ def load_checkpoint(path: str | os.PathLike, spec: str | None = None) -> Resolve
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
-        raise SpecError(f"{path}: weights do not fit architecture {meta['arch']!r} ({str(e).splitlines()[0]})") from None
+        raise SpecError(f"{path}: weights do not fit architecture {meta['arch']!r} "
+                        f"({str(e).splitlines()[0]})") from None
     return ResolvedModel(module, spec or str(path), meta["arch"], Path(path).parent.name or meta["arch"])

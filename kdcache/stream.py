@@ -88,7 +88,8 @@ class DistillStream(IterableDataset):
     ``inputs`` are already augmented, exactly as the teacher saw them.
 
     ``teacher_logits`` are the raw stored logits ``[batch, members, classes]`` (float32) of exactly
-    the samples in ``inputs`` (for a top-k or sampled store, a :class:`kdcache.sparse.SparseTargets`), matched through the store's ``sample_ids``. Each epoch reads the
+    the samples in ``inputs`` (for a top-k or sampled store, a :class:`kdcache.sparse.SparseTargets`),
+    matched through the store's ``sample_ids``. Each epoch reads the
     store in blocks whose order is shuffled, then shuffles rows within a window of blocks held in
     memory; the order depends only on ``seed`` and the epoch (``set_epoch``). Blocks are dealt
     round-robin to DataLoader workers and torchrun ranks, so an epoch sees every row exactly once

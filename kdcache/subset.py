@@ -54,7 +54,8 @@ def resolve_subset(spec: str | None, dataset: Any) -> tuple[np.ndarray, str | No
         path = Path(spec)
         if not path.exists():
             raise SpecError(f"--subset index file {spec!r} does not exist")
-        idx = (np.load(path, allow_pickle=False) if path.suffix == ".npy" else np.loadtxt(path, dtype=np.int64, ndmin=1))
+        idx = (np.load(path, allow_pickle=False) if path.suffix == ".npy"
+               else np.loadtxt(path, dtype=np.int64, ndmin=1))
         idx = np.asarray(idx, dtype=np.int64).ravel()
         import hashlib
         desc = f"indices:{path.name}:sha256={hashlib.sha256(idx.tobytes()).hexdigest()[:16]}"
@@ -70,7 +71,8 @@ def resolve_subset(spec: str | None, dataset: Any) -> tuple[np.ndarray, str | No
         idx = np.arange(start, stop, dtype=np.int64)
         desc = f"range:{start}:{stop}"
     else:
-        raise SpecError(f"--subset {spec!r}: expected START:STOP, exclude-classes:C[,C...] or an index file (.npy/.txt)")
+        raise SpecError(f"--subset {spec!r}: expected START:STOP, exclude-classes:C[,C...] "
+                        f"or an index file (.npy/.txt)")
     if len(idx) == 0:
         raise SpecError(f"--subset {spec!r} selects no rows of a dataset of {n}")
     if idx.min() < 0 or idx.max() >= n:

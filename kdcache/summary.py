@@ -90,7 +90,8 @@ def inspect_store(path: str, fmt: str | None = None, allow_partial: bool = True)
 def format_inspect(info: dict[str, Any]) -> str:
     lines = [
         f"{info['path']} ({info['backend']}, format v{info['format_version']}, layout {info['layout']})",
-        f"  logits      {info['shape'][0]} {'positions' if info.get('sequences') else 'rows' if info.get('views') else 'samples'} x "
+        f"  logits      {info['shape'][0]} "
+        f"{'positions' if info.get('sequences') else 'rows' if info.get('views') else 'samples'} x "
         f"{info['shape'][1]} members x {info['shape'][2]} classes, "
         f"{info['dtype']}, chunks of {info['chunk_rows']} rows, compression {info['compression']}",
         *([f"  layout      {info['layout']} {json.dumps(info['layout_params'])}"] if info["layout"] != "dense" else []),
@@ -163,7 +164,8 @@ def convert_store(src: str, dst: str, dtype: str | None = None, fmt: str | None 
             part = blk.rows(slice(a, a + tm.chunk_rows))
             data = encode((start + a) // tm.chunk_rows, part.logits)
             if tm.views is not None:  # a store with views keeps each row's view parameters
-                data = {**(data if isinstance(data, dict) else {"logits": data}), "view_params": part.data["view_params"]}
+                data = {**(data if isinstance(data, dict) else {"logits": data}),
+                        "view_params": part.data["view_params"]}
             target.write_block(start + a, data, part.sample_ids, part.labels)
     target.mark_complete()
     source.close()

@@ -39,7 +39,8 @@ class TeacherCheck:
         return not self.problems
 
     def line(self) -> str:
-        views = f" (views {', '.join(map(str, self.views[:8]))}{' ...' if len(self.views) > 8 else ''})" if self.views else ""
+        views = (f" (views {', '.join(map(str, self.views[:8]))}{' ...' if len(self.views) > 8 else ''})"
+                 if self.views else "")
         agree = ", ".join(f"{a:.4f}" for a in self.top1_agreement)
         return (f"{self.path}: live teacher on {self.rows} rows{views}: largest difference {self.max_abs_diff:.3g} "
                 f"from the stored logits, top-1 agreement {agree}")
@@ -79,7 +80,7 @@ def check_teacher(path: str, teachers: list[str], rows: int = 256, seed: int = 0
     for a in range(0, len(picked), batch_size):
         sel = picked[a:a + batch_size]
         stored, live = _stored_and_live(store, sel, data.dataset, modules, augmenter, dev)
-        for name, s_vals, l_vals in stored_pairs(m, stored, live):
+        for _name, s_vals, l_vals in stored_pairs(m, stored, live):
             diff = np.abs(s_vals - l_vals)
             allowed = ulp * np.abs(s_vals) + slack * (1 + np.abs(l_vals))
             worst = max(worst, float(diff.max(initial=0)))
@@ -109,7 +110,8 @@ def _pick_rows(store: LogitStore, rows: int, seed: int) -> np.ndarray:
         chosen = np.sort(rng.choice(seqs, size=min(len(seqs), max(1, rows // max(1, m.sequences["max_length"]))),
                                     replace=False)) if len(seqs) else seqs
         return chosen  # sequence numbers
-    candidates = np.concatenate([np.arange(*m.chunk_range(int(c))) for c in written]) if len(written) else np.zeros(0, int)
+    candidates = (np.concatenate([np.arange(*m.chunk_range(int(c))) for c in written]) if len(written)
+                  else np.zeros(0, int))
     return np.sort(rng.choice(candidates, size=min(rows, len(candidates)), replace=False))
 
 

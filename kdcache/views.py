@@ -152,8 +152,8 @@ class ViewAugmenter:
     def apply(self, x: torch.Tensor, params: torch.Tensor | np.ndarray) -> torch.Tensor:
         p = torch.as_tensor(np.asarray(params) if not isinstance(params, torch.Tensor) else params)
         if p.ndim != 2 or p.shape[1] != len(self.views.columns) or p.shape[0] != len(x):
-            raise StoreError(f"{self.where}: view parameters of shape {tuple(p.shape)} for {len(x)} inputs; augmentation "
-                             f"{self.views.augment!r} takes {len(self.views.columns)} columns per input")
+            raise StoreError(f"{self.where}: view parameters of shape {tuple(p.shape)} for {len(x)} inputs; "
+                             f"augmentation {self.views.augment!r} takes {len(self.views.columns)} columns per input")
         if list(x.shape[1:]) != list(self.views.item_shape):
             raise StoreError(f"{self.where}: its views were drawn for items of shape {tuple(self.views.item_shape)}, "
                              f"the dataset gives {tuple(x.shape[1:])}; pass the dataset the store was dumped from")

@@ -78,7 +78,8 @@ def test_two_concurrent_identical_dumps_give_one_correct_store(cache_env, tmp_pa
     env = {**os.environ, "PYTHONPATH": str(ROOT), "KDCACHE_DATA": DATA_ROOT, **env, "KDCACHE_TEST_DELAY": "0.05"}
     cmd = [sys.executable, "-m", "kdcache", "dump-logits", "--teacher", SLOW, "--dataset", SYNTH, "--chunk-rows",
            "100", "--batch-size", "100"]
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     said = sorted(o[0].split(" ")[0] for o in outs)
@@ -251,8 +252,10 @@ def test_a_cached_store_that_cannot_be_repaired_is_refused_with_cache_rm(cache_e
     p = dump("--format", "hdf5", check=False)
     assert p.returncode == 1, p.stderr
     said = p.stderr.strip().splitlines()
-    assert said[0] == f"cached store {path.stem[:12]}: chunks 0-15 are damaged (changed since the store was last verified); recomputing them"
-    assert len(said) == 2 and said[1].startswith(f"Error: cached store {path.stem[:12]} could not be repaired (writing rows 0:100")
+    assert said[0] == (f"cached store {path.stem[:12]}: chunks 0-15 are damaged "
+                       f"(changed since the store was last verified); recomputing them")
+    assert len(said) == 2 and said[1].startswith(f"Error: cached store {path.stem[:12]} could not be repaired "
+                                                 f"(writing rows 0:100")
     assert said[1].endswith(f"remove it with `kdcache cache rm {path.stem[:12]}` and dump again")
     again = dump("--format", "hdf5", check=False)  # the same advice, not an endless resume
     assert again.returncode == 1 and again.stderr.strip().splitlines() == said[1:]

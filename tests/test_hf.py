@@ -111,14 +111,16 @@ def test_a_student_with_another_tokenizer_is_refused(hf, tmp_path):
     run_kdcache("dump-logits", "--teacher", f"hf:{hf['teacher']}", "--dataset", _data(hf), "--out", store)
     p = run_kdcache("train-student", "--dataset", _data(hf), "--store", store, "--student", f"hf:{hf['other']}",
                     "--epochs", "1", "--out", str(tmp_path / "s"), check=False)
-    assert p.returncode == 1 and "has tokenizer" in p.stderr and "use a student with the teacher's tokenizer" in p.stderr
+    assert (p.returncode == 1 and "has tokenizer" in p.stderr
+            and "use a student with the teacher's tokenizer" in p.stderr)
     assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "s").exists()
 
 
 def test_bad_hf_input_is_one_line_and_writes_nothing(hf, tmp_path):
     out = tmp_path / "x.zarr"
     vit = tmp_path / "vit"
-    transformers.ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(vit)
+    transformers.ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=8).save_pretrained(vit)
     empty = tmp_path / "empty.jsonl"
     empty.write_text(json.dumps({"text": ""}) + "\n")
     teacher = ["--teacher", f"hf:{hf['teacher']}"]

@@ -127,7 +127,7 @@ def test_logit_matching_is_the_stacked_students_own_loss_and_refused_without_den
     y = torch.randint(0, 7, (12,), generator=g)
     losses, temps, alphas = ["kd", "logit-mse", "logit-mse"], [4.0, None, None], [0.9, 0.9, 0.5]
     got = distillation_losses(s, z, y, temps, alphas, losses=losses)
-    want = torch.stack([distillation_loss(s[i], z, y, t, a, loss=l) for i, (t, a, l) in
+    want = torch.stack([distillation_loss(s[i], z, y, t, a, loss=loss_name) for i, (t, a, loss_name) in
                         enumerate(zip(temps, alphas, losses))])
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     alone = distillation_loss(s[1], z, y, None, 1.0, loss="logit-mse")

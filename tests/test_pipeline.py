@@ -147,10 +147,14 @@ def test_output_not_made_by_the_pipeline_is_not_overwritten(tmp_path):
 
 @pytest.mark.parametrize("edit,message", [
     (lambda d: d.update(stepz=[]), r":\d+: stepz: unknown key"),
-    (lambda d: d["steps"][0]["with"].update(epochs="many"), r":\d+: steps\[0\]\.with\.epochs: 'many' is not a valid integer"),
-    (lambda d: d["steps"][0]["with"].update(colour="red"), r":\d+: steps\[0\]\.with\.colour: train-student has no option 'colour'"),
-    (lambda d: d["steps"][1]["with"].update(teacher=["${steps.nope.out}"]), r"refers to step 'nope', which is not defined"),
-    (lambda d: d["steps"][0]["with"].update(out="${steps.logits.out}"), r"refers to step 'logits', which is defined later"),
+    (lambda d: d["steps"][0]["with"].update(epochs="many"),
+     r":\d+: steps\[0\]\.with\.epochs: 'many' is not a valid integer"),
+    (lambda d: d["steps"][0]["with"].update(colour="red"),
+     r":\d+: steps\[0\]\.with\.colour: train-student has no option 'colour'"),
+    (lambda d: d["steps"][1]["with"].update(teacher=["${steps.nope.out}"]),
+     r"refers to step 'nope', which is not defined"),
+    (lambda d: d["steps"][0]["with"].update(out="${steps.logits.out}"),
+     r"refers to step 'logits', which is defined later"),
     (lambda d: d["steps"][2].update(command="train"), r"'train' is not a step command"),
     (lambda d: d["steps"][2]["with"].update(temperature=["hot"]), r"expected a number or a list of numbers"),
     (lambda d: d["steps"][0]["with"].pop("student"), r"train-student needs --student"),
@@ -204,7 +208,8 @@ def test_a_pipeline_can_dump_into_the_cache_and_train_from_it(tmp_path, monkeypa
     monkeypatch.setenv("KDCACHE_CACHE", str(tmp_path / "cache"))
     text = TINY.replace("{root}", str(tmp_path / "runs")).replace("{temps}", "[2]")
     text = text.replace("      out: ${vars.root}/t.zarr\n", "")
-    text = text.replace("      store: ${steps.logits.out}\n", '      store: auto\n      teacher: ["${steps.teacher.out}"]\n')
+    text = text.replace("      store: ${steps.logits.out}\n",
+                        '      store: auto\n      teacher: ["${steps.teacher.out}"]\n')
     f = tmp_path / "cached.yaml"
     f.write_text(text)
     said = []

@@ -198,7 +198,8 @@ def test_a_stall_while_inspecting_or_verifying_a_remote_store_ends_in_one_line(s
                                                          str(tmp_path / "s")]):
         r = faulted([*command[:1], *FAST, *command[1:]], server, proxy, "stall", 0, tmp_path)
         line = _one_error_line(r)
-        assert "object store" in line and proxy.url in line and ("stopped answering" in line or "did not answer" in line), line
+        assert ("object store" in line and proxy.url in line
+                and ("stopped answering" in line or "did not answer" in line)), line
         assert r["seconds"] < BOUND_S, (command[0], r["seconds"])
         figures[command[0]] = round(r["seconds"], 1)
         assert r["returncode"] == 1

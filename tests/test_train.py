@@ -97,8 +97,8 @@ def test_refusals_are_one_line(teacher_store, tmp_path):
 def test_torchrun_ddp_sees_every_sample_once_per_epoch(teacher_store):
     out = teacher_store / "ddp"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "KDCACHE_DATA": DATA_ROOT}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kdcache", "train-student",
-           "--dataset", SYNTH, "--store", str(teacher_store / "t.zarr"), "--student", "mlp:16",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kdcache",
+           "train-student", "--dataset", SYNTH, "--store", str(teacher_store / "t.zarr"), "--student", "mlp:16",
            "--temperature", "2,4", "--epochs", "2", "--batch-size", "64", "--device", "cpu", "--out", str(out)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -132,7 +132,8 @@ def test_max_norm_caps_every_units_incoming_weights(teacher_store, stack):
     from tests.conftest import invoke_kdcache
     out = teacher_store / f"maxnorm{stack}"
     invoke_kdcache("train-student", "--dataset", SYNTH, "--store", str(teacher_store / "t.zarr"), "--student", "mlp:32",
-                   "--temperature", "1,4", "--epochs", "1", "--lr", "0.5", "--max-norm", "0.7", stack, "--out", str(out))
+                   "--temperature", "1,4", "--epochs", "1", "--lr", "0.5", "--max-norm", "0.7", stack,
+                   "--out", str(out))
     norms = [w.norm(dim=1).max().item() for d in ("T1-a0.9-s0", "T4-a0.9-s0")
              for k, w in load_file(str(out / d / "model.safetensors")).items() if k.endswith("weight")]
     assert len(norms) == 4 and max(norms) <= 0.7 + 1e-5 and min(norms) > 0.69  # large lr: every layer hits the cap

@@ -10,7 +10,7 @@ import torch
 
 from kdcache.dump import DumpConfig, dump_logits
 from kdcache.losses import distillation_loss, distillation_losses
-from kdcache.sparse import topk_rows, targets_from_arrays
+from kdcache.sparse import targets_from_arrays, topk_rows
 from kdcache.specs import load_model
 from kdcache.train import TrainConfig, train_students
 from tests.conftest import run_kdcache

@@ -129,7 +129,7 @@ def test_replay_is_exact_and_the_live_teacher_gives_the_stored_logits(tmp_path, 
         stream.set_epoch(epoch)
         v = stream.view
         rows = 0
-        for x, y, z, sid in stream:  # shuffled: find each row by its id
+        for x, _y, _z, sid in stream:  # shuffled: find each row by its id
             pos = v * 600 + np.searchsorted(ids, sid.numpy())
             assert torch.equal(x, seen[pos]), f"view {v}: replayed inputs differ from the teacher's"
             rows += len(x)

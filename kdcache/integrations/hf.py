@@ -285,11 +285,11 @@ def _records(path: str, split: str, spec: str, single_split: bool = False) -> An
                 return loaded[split]
             return loaded
         kinds = {Path(f).suffix for f in files}
-        kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".md": "text", ".arrow": "arrow"}.get(
-            kinds.pop() if len(kinds) == 1 else "")
+        kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".md": "text",
+                ".arrow": "arrow"}.get(kinds.pop() if len(kinds) == 1 else "")
         if kind is None:
-            raise SpecError(f"dataset spec {spec!r}: cannot tell the format of {path}; use .jsonl/.json, .parquet, .txt/.md, "
-                            f".arrow files (one format) or a save_to_disk directory")
+            raise SpecError(f"dataset spec {spec!r}: cannot tell the format of {path}; use .jsonl/.json, .parquet, "
+                            f".txt/.md, .arrow files (one format) or a save_to_disk directory")
         if split != "train" and not single_split:
             raise SpecError(f"dataset spec {spec!r}: files have one split, train; give holdout=N to hold out every "
                             f"N-th record as split=test")

@@ -39,7 +39,8 @@ class HDF5Backend:
                dims: dict[str, tuple[str, ...]] | None = None) -> "HDF5Backend":
         if compression == "zstd":
             from kdcache.errors import StoreError
-            raise StoreError("zstd is not available for HDF5 stores without a plugin; use gzip or none, or a .zarr store")
+            raise StoreError("zstd is not available for HDF5 stores without a plugin; use gzip or none, "
+                             "or a .zarr store")
         self = cls(path, "w")
         for name, (shape, chunks, dtype, fill) in arrays.items():
             kw: dict[str, Any] = {}

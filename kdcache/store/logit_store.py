@@ -9,8 +9,15 @@ from typing import Any, Iterator
 import numpy as np
 
 from kdcache.errors import StoreError
-from kdcache.store.format import (ARRAYS, FORMAT_VERSION, MANIFEST_DIGEST_KEY, SEQUENCE_ARRAYS, Manifest, chunk_digest,
-                                  manifest_digest)
+from kdcache.store.format import (
+    ARRAYS,
+    FORMAT_VERSION,
+    MANIFEST_DIGEST_KEY,
+    SEQUENCE_ARRAYS,
+    Manifest,
+    chunk_digest,
+    manifest_digest,
+)
 from kdcache.store.hdf5_store import HDF5Backend
 from kdcache.store.remote import remote_problem
 from kdcache.store.zarr_store import ZarrBackend

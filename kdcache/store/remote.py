@@ -253,7 +253,8 @@ def remote_problem(path: str, e: BaseException) -> str | None:
         return (f"no credentials for {path}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or "
                 f"--storage-option anon=true for a public bucket")
     if "PermissionError" in names or any(code in text for code in (
-            "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden", "InvalidToken", "ExpiredToken")):
+            "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden", "InvalidToken",
+            "ExpiredToken")):
         return (f"access to {path} was refused (wrong or expired credentials, or no permission): check "
                 f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the profile, and the bucket's policy")
     if "NoSuchBucket" in text or "specified bucket does not exist" in text:

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 
 from kdcache.store.format import MANIFEST_DIGEST_KEY, MANIFEST_KEY, manifest_digest
-from kdcache.store.remote import is_url as _is_url
 from kdcache.store.remote import bounded, fs_options
+from kdcache.store.remote import is_url as _is_url
 from kdcache.store.remote import url_fs as _url_fs
 
 

@@ -1,7 +1,8 @@
 """Resumable training: the whole state of a ``train-student`` run, written at epoch ends (and every N
 steps), read back when the same command runs again.
 
-``OUT/resume/ckpt-<epoch>-<step>/`` (the epoch it is in, the steps of it done) holds ``students.safetensors`` (every student's weights and
+``OUT/resume/ckpt-<epoch>-<step>/`` (the epoch it is in, the steps of it done) holds
+``students.safetensors`` (every student's weights and
 optimizer state, under canonical names), ``rank-<r>.safetensors`` (each process's RNG states,
 data position and the epoch's running sums) and ``state.json``, written last: the command's
 identity, epoch, step, metrics so far and the sha256 of every file. A directory without a valid

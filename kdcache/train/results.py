@@ -19,14 +19,14 @@ def write_run(r: Student, module: nn.Module, c: TrainConfig, arch: str, input_sh
               num_classes: int, store_ident: dict[str, Any] | None, data: ResolvedDataset) -> dict[str, Any]:
     """Write one run's checkpoint, config.json and metrics.json; return its line of the summary."""
     r.out.mkdir(parents=True, exist_ok=True)
-    config = {**asdict(c), "run": r.name, "soft_loss": r.loss if c.distills else None, "temperature": r.temperature, "alpha": r.alpha,
-              "seed": r.seed, "lr": r.lr, "arch": arch, "input_shape": list(input_shape), "num_classes": num_classes,
-              "store_identity": store_ident, "dataset_identity": data.describe()}
+    config = {**asdict(c), "run": r.name, "soft_loss": r.loss if c.distills else None, "temperature": r.temperature,
+              "alpha": r.alpha, "seed": r.seed, "lr": r.lr, "arch": arch, "input_shape": list(input_shape),
+              "num_classes": num_classes, "store_identity": store_ident, "dataset_identity": data.describe()}
     for k in ("losses", "temperatures", "alphas", "seeds", "lrs", "overwrite", "progress"):
         config.pop(k)
     save_checkpoint(module, r.out, arch, input_shape, num_classes,
-                    extra={"dropout": c.dropout, "run": r.name, "soft_loss": r.loss if c.distills else None, "temperature": r.temperature,
-                           "alpha": r.alpha,
+                    extra={"dropout": c.dropout, "run": r.name, "soft_loss": r.loss if c.distills else None,
+                           "temperature": r.temperature, "alpha": r.alpha,
                            "seed": r.seed, "lr": r.lr, "store": c.store})
     from kdcache.integrations.hf import save_pretrained
     save_pretrained(module, r.out, getattr(data.dataset, "tokenizer", None))  # hf: students, for plain transformers
@@ -59,14 +59,17 @@ def format_table(results: list[dict[str, Any]]) -> str:
     lrs = len({r.get("lr") for r in results}) > 1
     losses = any(r.get("soft_loss") == "logit-mse" for r in results)
     head = ("| run |" + (" soft loss |" if losses else "") + " T | alpha | seed |" + (" lr |" if lrs else "")
-            + " loss | train acc | eval acc | eval errors | teacher agreement |" + (" eval perplexity |" if ppl else ""))
+            + " loss | train acc | eval acc | eval errors | teacher agreement |"
+            + (" eval perplexity |" if ppl else ""))
     rows = [head, "|" + "---|" * (9 + ppl + lrs + losses)]
     f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
     for r in results:
         name = r["run"] + (" (diverged)" if r.get("diverged") else "")
-        rows.append(f"| {name} |" + (f" {r.get('soft_loss') or '-'} |" if losses else "") + f" {f(r['temperature'], 'g')} | {f(r['alpha'], 'g')} | {r['seed']} |"
+        rows.append(f"| {name} |" + (f" {r.get('soft_loss') or '-'} |" if losses else "")
+                    + f" {f(r['temperature'], 'g')} | {f(r['alpha'], 'g')} | {r['seed']} |"
                     + (f" {f(r.get('lr'), 'g')} |" if lrs else "")
-                    + f" {f(r['loss'], '.4f')} | {f(r['train_accuracy'], '.4f')} | {f(r.get('eval_accuracy'), '.4f')} | "
+                    + f" {f(r['loss'], '.4f')} | {f(r['train_accuracy'], '.4f')} | "
+                    f"{f(r.get('eval_accuracy'), '.4f')} | "
                     f"{f(r.get('eval_errors'), 'd')} | {f(r.get('teacher_agreement'), '.4f')} |"
                     + (f" {f(r.get('eval_perplexity'), '.2f')} |" if ppl else ""))
     return "\n".join(rows)

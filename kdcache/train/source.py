@@ -13,10 +13,10 @@ from torch import nn
 from kdcache.datasets import ResolvedDataset, get_batch, load_dataset
 from kdcache.errors import ConfigError
 from kdcache.losses import teacher_log_probs
+from kdcache.specs import load_model
 from kdcache.store import open_store
 from kdcache.stream import DatasetStream, DistillStream, check_pairing
 from kdcache.subset import resolve_subset
-from kdcache.specs import load_model
 from kdcache.text import is_sequence_dataset
 from kdcache.train.config import TrainConfig
 from kdcache.views import make_views
@@ -47,8 +47,8 @@ def open_training_data(c: TrainConfig, device: torch.device | None = None) -> Tr
         check_pairing(store, data, c.dataset)
         if per_token != store.manifest.per_token:
             raise ConfigError(f"store {c.store!r} has a row per {'position' if store.manifest.per_token else 'sample'} "
-                              f"but dataset {c.dataset!r} is {'a sequence' if per_token else 'not a sequence'} dataset; "
-                              f"pass the dataset the store was dumped from")
+                              f"but dataset {c.dataset!r} is {'a sequence' if per_token else 'not a sequence'} "
+                              f"dataset; pass the dataset the store was dumped from")
         num_classes = store.num_classes
         _check_student_tokenizer(c.student, store.manifest.dataset, c.store)
         if c.members is not None:
@@ -147,9 +147,10 @@ def _check_sparse_settings(store: Any, c: TrainConfig) -> None:
                           f"only some of them; dump a dense store (--layout dense) for it, or use --loss kd")
     from kdcache.sparse import SparseTargets
     empty = torch.zeros(1, m.num_members, 1)
-    probe = SparseTargets(m.layout, empty.long(), empty, torch.zeros(1, m.num_members, len(m.layout_params["temperatures"])),
-                          tuple(m.layout_params["temperatures"]), empty.long(), m.layout_params.get("sampling_temperature"),
-                          c.allow_interpolation)
+    probe = SparseTargets(m.layout, empty.long(), empty,
+                          torch.zeros(1, m.num_members, len(m.layout_params["temperatures"])),
+                          tuple(m.layout_params["temperatures"]), empty.long(),
+                          m.layout_params.get("sampling_temperature"), c.allow_interpolation)
     probe.member(c.members)
     for t in c.temperatures:
         if any(a > 0 for a in c.alphas):

@@ -21,8 +21,17 @@ from torch import nn
 from kdcache.losses import distillation_losses
 from kdcache.models import MLP
 from kdcache.train.config import TrainConfig, lr_at
-from kdcache.train.students import (Student, autocast, correct_count, initial_rng, linear_weights, load_rng_tensors,
-                                    max_norm_, own_rng, rng_tensors)
+from kdcache.train.students import (
+    Student,
+    autocast,
+    correct_count,
+    initial_rng,
+    linear_weights,
+    load_rng_tensors,
+    max_norm_,
+    own_rng,
+    rng_tensors,
+)
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -47,7 +56,8 @@ class StackedOptimizer:
     def _lr(self, p: torch.Tensor) -> torch.Tensor:
         t = self._lr_t.get(p.ndim)
         if t is None:
-            t = self._lr_t[p.ndim] = torch.tensor(self.lrs, dtype=p.dtype, device=p.device).view(-1, *[1] * (p.ndim - 1))
+            t = self._lr_t[p.ndim] = torch.tensor(self.lrs, dtype=p.dtype,
+                                                  device=p.device).view(-1, *[1] * (p.ndim - 1))
         return t
 
     @torch.no_grad()
@@ -273,7 +283,8 @@ class StackedStudents:
                 if key == "step":
                     st[key] = tensors[f"{self.students[0].name}/optim/{pname}/step"].clone()
                 else:
-                    st[key] = torch.stack([tensors[f"{s.name}/optim/{pname}/{key}"] for s in self.students]).to(p.device)
+                    st[key] = torch.stack([tensors[f"{s.name}/optim/{pname}/{key}"]
+                                           for s in self.students]).to(p.device)
 
     def rng_state(self) -> dict[str, torch.Tensor]:
         """Each student's generators under its own name, as a student alone keeps them: a checkpoint of a

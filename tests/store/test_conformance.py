@@ -117,7 +117,8 @@ class TestStoreConformance:
         s = create_store(store_path, make_manifest())
         write_all(s, *make_rows(make_manifest()), chunks=[0])
         s.close()
-        with pytest.raises(StoreError, match="incomplete store of something else .differs in num_classes, num_members, members"):
+        with pytest.raises(StoreError,
+                           match="incomplete store of something else .differs in num_classes, num_members, members"):
             create_store(store_path, make_manifest(classes=5, members=3))
         assert open_store(store_path, allow_partial=True).written_chunks()[0]
 
