@@ -327,7 +327,7 @@ def _user(module: str, attr: str, spec: str) -> Any:
     return aug
 
 
-def parse_augment(spec: str) -> Any:
+def parse_augment(spec: str) -> Augmentation:
     """An augmentation from its spec: ``jitter:2``, ``crop:4``, ``flip``, ``resized-crop:0.08``, a
     composition ``jitter:2+flip``, or ``package.module:callable``."""
     parts = [p for p in spec.split("+")]

@@ -9,12 +9,10 @@ import dataclasses
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,46 +20,8 @@ import numpy as np
 import torch
 
 from kdcache import __version__
-from kdcache.cli import BENCH_NAMES as BENCHES  # noqa: E402  (the CLI lists them without importing torch)
-
-
-@dataclass
-class Profile:
-    reps: int
-    read_rows: int
-    read_classes: int
-    mnist_rows: int
-    epochs: int
-    rss_rows: int
-    online_k: tuple[int, ...]
-    dump_rows: int  # the dump's fixed costs need a full pass to be measured against: 60,000 even when quick
-    quick: bool = False
-
-
-QUICK = Profile(reps=3, read_rows=100_000, read_classes=100, mnist_rows=6_000, epochs=1, rss_rows=4_000,
-                online_k=(1, 4), dump_rows=60_000, quick=True)
-FULL = Profile(reps=5, read_rows=1_000_000, read_classes=100, mnist_rows=60_000, epochs=1, rss_rows=20_000,
-               online_k=(1, 4, 16), dump_rows=60_000)
-
-
-def interleave(a: Callable[[], Any], b: Callable[[], Any], reps: int) -> tuple[float, float]:
-    """Median seconds of ``a`` and of ``b``, run alternately ``reps`` times after one warm-up each."""
-    ta, tb = interleave_all([a, b], reps)
-    return ta, tb
-
-
-def interleave_all(fns: list[Callable[[], Any]], reps: int, warmup: bool = True) -> list[float]:
-    """Median seconds of each of ``fns``, run in turn ``reps`` times (after one warm-up each)."""
-    if warmup:
-        for f in fns:
-            f()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(reps):
-        for f, ts in zip(fns, times):
-            t = time.perf_counter()
-            f()
-            ts.append(time.perf_counter() - t)
-    return [statistics.median(ts) for ts in times]
+from kdcache.bench_common import BENCH_NAMES as BENCHES
+from kdcache.bench_common import FULL, QUICK, Profile, interleave, interleave_all
 
 
 # -- 1. store read ------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from kdcache.bench import Profile, interleave_all
+from kdcache.bench_common import Profile, interleave_all
 
 
 @contextlib.contextmanager

@@ -10,9 +10,8 @@ from typing import Any, Callable
 import click
 
 from kdcache import __version__
+from kdcache.bench_common import BENCH_NAMES
 from kdcache.errors import KdcacheError
-
-BENCH_NAMES = ("store_read", "dump", "train", "sweep", "online", "views", "hf", "s3", "storage", "sparse")
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -622,10 +621,6 @@ def convert_cmd(src: str, dst: str, dtype: str | None, fmt: str | None, compress
                       sampling_temperature=sampling_temperature, seed=seed)
     click.echo(f"wrote {dst} ({t.manifest.num_samples} rows, {t.manifest.dtype}, {t.format})")
     t.close()
-
-
-def main() -> None:  # pragma: no cover - console entry point alias
-    cli(prog_name="kdcache")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from kdcache.errors import SpecError
+from kdcache.spec_syntax import import_callable, parse_kv
 
 MNIST_IDX = {  # file -> md5 of the public .gz files
     "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
@@ -236,19 +237,6 @@ def _load_npz(path: Path, split: str | None) -> ArrayDataset:
     raise SpecError(f"{path} has arrays {sorted(keys)}; expected {want} (and optionally the matching labels)")
 
 
-def _parse_kv(text: str, positional: tuple[str, ...]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for i, part in enumerate(p for p in text.split(",") if p):
-        if "=" in part:
-            k, v = part.split("=", 1)
-            out[k.strip()] = v.strip()
-        elif i < len(positional):
-            out[positional[i]] = part.strip()
-        else:
-            raise SpecError(f"cannot read {part!r} in spec {text!r}")
-    return out
-
-
 def load_dataset(spec: str, data_root: str | os.PathLike | None = None) -> ResolvedDataset:
     """Resolve a dataset spec: ``mnist:train``, ``synthetic:N[,dim=D,classes=C,seed=S]``,
     ``text:PATH[,split=,seq=,vocab=,test_every=]`` (see :mod:`kdcache.text`), ``file.npz[:split]`` or
@@ -258,7 +246,7 @@ def load_dataset(spec: str, data_root: str | os.PathLike | None = None) -> Resol
         return ResolvedDataset(load_mnist(rest or "train", data_root), spec, "mnist", rest or "train", 10,
                                [str(i) for i in range(10)])
     if name == "synthetic":
-        kv = _parse_kv(rest, ("n",))
+        kv = parse_kv(rest, ("n",))
         try:
             n = int(kv.pop("n", 10000))
             args = {k: int(kv.pop(k)) for k in ("dim", "classes", "seed") if k in kv}
@@ -285,7 +273,6 @@ def load_dataset(spec: str, data_root: str | os.PathLike | None = None) -> Resol
         return ResolvedDataset(ds, spec, path.stem, rest or None, classes)
     known = "use mnist:train, mnist:test, synthetic:N, text:PATH, hf-text:PATH, a .npz file or package.module:callable"
     if rest and "." in name or (rest and name.isidentifier()):
-        from kdcache.specs import import_callable
         try:
             fn = import_callable(spec, "dataset")
         except SpecError:
@@ -303,7 +290,7 @@ def load_dataset(spec: str, data_root: str | os.PathLike | None = None) -> Resol
 
 def _load_text(spec: str, rest: str, data_root: str | os.PathLike | None) -> ResolvedDataset:
     from kdcache.text import TextSequences
-    kv = _parse_kv(rest, ("path",))
+    kv = parse_kv(rest, ("path",))
     path = kv.pop("path", "")
     if not path:
         raise SpecError(f"dataset spec {spec!r}: give the text, e.g. text:corpus.txt,split=train,seq=64,vocab=8192")

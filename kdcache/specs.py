@@ -6,18 +6,18 @@ architecture, so a checkpoint written by ``train-student`` is accepted by ``--te
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from kdcache.errors import SpecError
 from kdcache.models import MLP, LSTMTagger
+from kdcache.spec_syntax import import_callable, parse_kv
 
 CHECKPOINT_NAME = "model.safetensors"
 CHECKPOINT_KEY = "kdcache"
@@ -32,23 +32,6 @@ class ResolvedModel:
 
     def describe(self) -> dict[str, str]:
         return {"name": self.name, "spec": self.spec, "sha256": weights_sha256(self.module)}
-
-
-def import_callable(spec: str, what: str) -> Callable[..., Any]:
-    mod_name, _, attr = spec.partition(":")
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise SpecError(f"{what} spec {spec!r}: cannot import module {mod_name!r} ({e}); "
-                        f"is it installed or on PYTHONPATH?") from None
-    obj = mod
-    for part in attr.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            raise SpecError(f"{what} spec {spec!r}: module {mod_name!r} has no attribute {attr!r}")
-    if not callable(obj):
-        raise SpecError(f"{what} spec {spec!r}: {attr!r} is not callable")
-    return obj
 
 
 def weights_sha256(module: nn.Module) -> str:
@@ -92,10 +75,9 @@ def _build_arch(arch: str, input_shape: tuple[int, ...] | None, num_classes: int
 
 def _build_lstm(arch: str, rest: str, num_classes: int | None, dropout: float) -> nn.Module:
     """``lstm:EMBED,HIDDEN[,layers=N][,vocab=V]``: V (input token ids) defaults to the classes."""
-    from kdcache.datasets import _parse_kv
     usage = "e.g. lstm:256,512 or lstm:256,512,layers=2,vocab=8192"
     try:
-        kv = _parse_kv(rest, ("embed", "hidden"))
+        kv = parse_kv(rest, ("embed", "hidden"))
         sizes = {k: int(kv.pop(k)) for k in ("embed", "hidden", "layers", "vocab") if k in kv}
     except (SpecError, ValueError):
         raise SpecError(f"model spec {arch!r}: sizes must be integers, {usage}") from None

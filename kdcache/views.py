@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdcache.augment import _sampled, check_shape, parse_augment
+from kdcache.augment import Augmentation, _sampled, check_shape, parse_augment
 from kdcache.errors import SpecError, StoreError
 
 _MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9)
@@ -83,7 +83,7 @@ class Views:
             raise StoreError(f"{where}: manifest field views {d!r} is malformed; the store is damaged, re-dump it")
         return v
 
-    def augmentation(self, where: str = "store") -> Any:
+    def augmentation(self, where: str = "store") -> Augmentation:
         """The augmentation that replays these views; refused when its parameters are not the stored ones."""
         try:
             aug = parse_augment(self.augment)

@@ -382,11 +382,6 @@ class LogitStore:
         except Exception as e:
             raise StoreError(write_failure(self.path, "the manifest", e)) from None
 
-    def set_attrs(self, **fields: Any) -> None:
-        for k, v in fields.items():
-            setattr(self.manifest, k, v)
-        self._b.write_manifest(self.manifest.to_dict())
-
     # -- verification ------------------------------------------------------------------------
     def verify(self, block_rows: int | None = None) -> list[str]:
         """Problems found by re-reading every chunk; an empty list means the store is sound. It keeps
