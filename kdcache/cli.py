@@ -614,7 +614,7 @@ def convert_cmd(src: str, dst: str, dtype: str | None, fmt: str | None, compress
     kdcache convert teacher.h5 teacher-fp32.zarr --dtype float32
     kdcache convert teacher.zarr teacher-top5.zarr --layout topk --k 5 --temperatures 1,2,4,8,20
     """
-    from kdcache.summary import convert_store
+    from kdcache.convert import convert_store
     temps = _floats(temperatures, "--temperatures") if temperatures else None
     t = convert_store(src, dst, dtype, fmt, compression, overwrite, chunk_rows,
                       layout=layout, k=k, temperatures=temps, samples=samples,

@@ -104,7 +104,7 @@ def evaluate(c: EvalConfig) -> dict[str, Any]:
     from kdcache.specs import load_model
     from kdcache.subset import resolve_subset
     from kdcache.train.config import TrainConfig
-    from kdcache.train.evaluate import Evaluator
+    from kdcache.train.epoch_eval import Evaluator
     device = resolve_device(c.device)
     data = load_dataset(c.dataset, c.data_root)
     model = load_model(c.model, data.input_shape, data.num_classes).module.to(device).eval()

@@ -5,7 +5,7 @@ or stacked into one model); ``checkpoint`` makes a run resumable; ``source`` is 
 ``evaluate`` the per-epoch evaluation, ``results`` what it writes.
 """
 from kdcache.train.config import TrainConfig
-from kdcache.train.evaluate import teacher_top1
+from kdcache.train.epoch_eval import teacher_top1
 from kdcache.train.loop import train_students
 from kdcache.train.results import format_table
 

@@ -9,6 +9,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+# The entries of Batch.counts (and of an epoch's sums of them): items, labelled rows, the sum of the
+# item ids and of their squares (with ITEMS, what shows that an epoch saw every item once), stored rows.
+ITEMS, LABELLED, ID_SUM, ID_SQUARES, ROWS = range(5)
+
 
 @dataclass
 class Batch:

@@ -24,10 +24,10 @@ from kdcache.distributed import DistInfo, init_distributed, resolve_device, shut
 from kdcache.errors import KdcacheError
 from kdcache.specs import load_model
 from kdcache.train import divergence
-from kdcache.train.batches import device_batches
+from kdcache.train.batches import ID_SQUARES, ID_SUM, ITEMS, LABELLED, ROWS, device_batches
 from kdcache.train.checkpoint import Checkpoints
 from kdcache.train.config import TrainConfig, warmup_scale
-from kdcache.train.evaluate import Evaluator
+from kdcache.train.epoch_eval import Evaluator
 from kdcache.train.results import write_run, write_summary
 from kdcache.train.source import TrainingData, check_student, open_training_data, probe_inputs
 from kdcache.train.stacked import stack_budget, stack_bytes, try_stack
@@ -86,7 +86,8 @@ class EpochSums:
     @classmethod
     def zeros(cls, students: int, classes: int, device: torch.device) -> "EpochSums":
         return cls(torch.zeros(students, dtype=torch.float64, device=device),
-                   torch.zeros(students, dtype=torch.float64, device=device), torch.zeros(5, dtype=torch.float64),
+                   torch.zeros(students, dtype=torch.float64, device=device),
+                   torch.zeros(ROWS + 1, dtype=torch.float64),
                    mark_loss=torch.zeros(students, dtype=torch.float64, device=device),
                    labels=torch.zeros(classes, dtype=torch.float64, device=device))
 
@@ -97,9 +98,9 @@ class EpochSums:
 
     def window_loss(self) -> list[float | None]:
         """Each student's mean loss per row since the last call (one host sync)."""
-        rows = float(self.seen[4]) - self.mark_rows
+        rows = float(self.seen[ROWS]) - self.mark_rows
         loss = ((self.loss - self.mark_loss) / max(rows, 1)).tolist()
-        self.mark_loss, self.mark_rows = self.loss.clone(), float(self.seen[4])
+        self.mark_loss, self.mark_rows = self.loss.clone(), float(self.seen[ROWS])
         return loss if rows > 0 else [None] * len(loss)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -243,13 +244,13 @@ def train_step(units: list[Any], batch: Any, sums: EpochSums) -> None:
 def first_batch_losses(sums: EpochSums, info: DistInfo) -> list[float | None]:
     """Each student's mean loss over the run's first batch (of every rank: one all-reduce under torchrun),
     taken before any update: the reference the divergence checks compare with."""
-    rows = torch.tensor([float(sums.seen[4])], dtype=torch.float64, device=sums.loss.device)
+    rows = torch.tensor([float(sums.seen[ROWS])], dtype=torch.float64, device=sums.loss.device)
     both = torch.cat([sums.loss, rows])
     if info.enabled:
         import torch.distributed as dist
         dist.all_reduce(both)
     total, n = both[:-1], float(both[-1])
-    sums.mark_loss, sums.mark_rows = sums.loss.clone(), float(sums.seen[4])
+    sums.mark_loss, sums.mark_rows = sums.loss.clone(), float(sums.seen[ROWS])
     return (total / max(n, 1)).tolist() if n > 0 else [None] * len(total)
 
 
@@ -269,12 +270,12 @@ def finish_epoch(epoch: int, sums: EpochSums, units: list[Any], src: TrainingDat
     before = [s.diverged is not None and s.diverged["epoch"] <= epoch for s in students]  # in an earlier epoch
     stop_diverged(sums.window_loss(), epoch, None)
     seen = sums.seen
-    epoch_loss = (sums.loss.cpu() / max(float(seen[4]), 1)).tolist()
-    accuracy = (sums.correct.cpu() / float(seen[1])).tolist() if seen[1] else [None] * len(students)
+    epoch_loss = (sums.loss.cpu() / max(float(seen[ROWS]), 1)).tolist()
+    accuracy = (sums.correct.cpu() / float(seen[LABELLED])).tolist() if seen[LABELLED] else [None] * len(students)
     stop_collapsed(epoch_loss, accuracy, sums.majority())
     expected = src.expected
-    coverage_ok = (int(seen[0]) == expected[0] and int(seen[2]) == expected[1]
-                   and math.isclose(float(seen[3]), expected[2], rel_tol=1e-12))
+    coverage_ok = (int(seen[ITEMS]) == expected[0] and int(seen[ID_SUM]) == expected[1]
+                   and math.isclose(float(seen[ID_SQUARES]), expected[2], rel_tol=1e-12))
     loss, correct = sums.loss.cpu(), sums.correct.cpu()
     i = 0
     for u in units:
@@ -282,12 +283,12 @@ def finish_epoch(epoch: int, sums: EpochSums, units: list[Any], src: TrainingDat
             if before[i]:  # stopped in an earlier epoch: nothing more to record
                 i += 1
                 continue
-            mean = float(loss[i] / max(seen[4].item(), 1))
+            mean = float(loss[i] / max(seen[ROWS].item(), 1))
             m = {"epoch": epoch + 1, "loss": mean if math.isfinite(mean) else None,
-                 "train_accuracy": float(correct[i] / max(seen[1].item(), 1)) if seen[1] else None,
-                 "samples_seen": int(seen[0]), "coverage_ok": coverage_ok, "lr": u.lr(j), "seconds": sums.seconds}
+                 "train_accuracy": float(correct[i] / max(seen[LABELLED].item(), 1)) if seen[LABELLED] else None,
+                 "samples_seen": int(seen[ITEMS]), "coverage_ok": coverage_ok, "lr": u.lr(j), "seconds": sums.seconds}
             if src.per_token:
-                m["positions_seen"] = int(seen[4])
+                m["positions_seen"] = int(seen[ROWS])
             if s.diverged is not None:
                 m["diverged"] = s.diverged
             elif info.is_main:
@@ -295,7 +296,7 @@ def finish_epoch(epoch: int, sums: EpochSums, units: list[Any], src: TrainingDat
             s.history.append(m)
             i += 1
     if info.is_main and not coverage_ok:
-        log(f"warning: epoch {epoch + 1} saw {int(seen[0])} rows, expected each of {expected[0]} once")
+        log(f"warning: epoch {epoch + 1} saw {int(seen[ITEMS])} rows, expected each of {expected[0]} once")
 
 
 # -- set-up ---------------------------------------------------------------------------------------
