@@ -31,7 +31,7 @@ from kdcache.train.epoch_eval import Evaluator
 from kdcache.train.results import write_run, write_summary
 from kdcache.train.source import TrainingData, check_student, open_training_data, probe_inputs
 from kdcache.train.stacked import stack_budget, stack_bytes, try_stack
-from kdcache.train.students import SeparateStudent, Student
+from kdcache.train.students import SeparateStudent, Student, TrainingUnit
 
 
 def log(message: str) -> None:
@@ -226,7 +226,7 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
     return results
 
 
-def train_step(units: list[Any], batch: Any, sums: EpochSums) -> None:
+def train_step(units: list[TrainingUnit], batch: Any, sums: EpochSums) -> None:
     """One optimizer step of every student on ``batch``; their losses and correct rows go into ``sums``
     (on the device: no sync)."""
     a = 0
@@ -254,7 +254,7 @@ def first_batch_losses(sums: EpochSums, info: DistInfo) -> list[float | None]:
     return (total / max(n, 1)).tolist() if n > 0 else [None] * len(total)
 
 
-def finish_epoch(epoch: int, sums: EpochSums, units: list[Any], src: TrainingData, evaluator: Evaluator,
+def finish_epoch(epoch: int, sums: EpochSums, units: list[TrainingUnit], src: TrainingData, evaluator: Evaluator,
                  info: DistInfo, stop_diverged: Callable[[list[float | None], int, int | None], None],
                  stop_collapsed: Callable[[list[float | None], list[float | None], float | None], None]) -> None:
     """Add up the epoch over ranks, check it saw every row once and that no student diverged or
@@ -340,7 +340,7 @@ def claim_out_dir(c: TrainConfig, out: Path, students: list[Student], ckpts: Che
 
 
 def build_units(c: TrainConfig, students: list[Student], src: TrainingData, device: torch.device,
-                info: DistInfo) -> tuple[list[Any], str]:
+                info: DistInfo) -> tuple[list[TrainingUnit], str]:
     """The students as training units: stacks where they can stack (in groups that fit in memory),
     one by one where they cannot; returns (units, the architecture the checkpoints record)."""
     modules, arch = [], c.student
@@ -368,7 +368,7 @@ def build_units(c: TrainConfig, students: list[Student], src: TrainingData, devi
                    f"{source} ({_size(budget)})")
             if info.is_main:
                 log(f"note: training the {len(students)} students in {len(groups)} stacks of at most {size} ({why})")
-    units: list[Any] = []
+    units: list[TrainingUnit] = []
     for g in groups:
         if why_not is None and len(g) > 1:
             stack, how = try_stack([students[i] for i in g], [modules[i] for i in g], c, device, probe, info.rank)
@@ -400,7 +400,7 @@ def _contiguous(n: int, count: int) -> list[list[int]]:
     return [list(range(bounds[k], bounds[k + 1])) for k in range(count)]
 
 
-def restore(found: tuple[Path, dict[str, Any]], ckpts: Checkpoints, units: list[Any], students: list[Student],
+def restore(found: tuple[Path, dict[str, Any]], ckpts: Checkpoints, units: list[TrainingUnit], students: list[Student],
             jitter_gen: torch.Generator, classes: int, device: torch.device) -> tuple[int, int, EpochSums | None]:
     """Load a checkpoint into the units; returns (epoch, steps of it done, the epoch's sums so far)."""
     d, state = found
@@ -433,7 +433,7 @@ def _steps_every_rank_takes(stream: Any, info: DistInfo) -> int:
     return int(n)
 
 
-def sync_ranks(units: list[Any], steps: int, info: DistInfo) -> None:
+def sync_ranks(units: list[TrainingUnit], steps: int, info: DistInfo) -> None:
     """After an epoch of uneven inputs, every rank takes the state of the rank that took the most steps."""
     import torch.distributed as dist
     counts = torch.zeros(info.world_size, dtype=torch.int64)
@@ -444,11 +444,11 @@ def sync_ranks(units: list[Any], steps: int, info: DistInfo) -> None:
         u.sync_ranks(src)
 
 
-def _join(units: list[Any], info: DistInfo) -> contextlib.AbstractContextManager:
+def _join(units: list[TrainingUnit], info: DistInfo) -> contextlib.AbstractContextManager:
     if not info.enabled:
         return contextlib.nullcontext()
     from torch.distributed.algorithms.join import Join
-    return Join([m for u in units if not getattr(u, "stopped", False) for m in u.join_modules])
+    return Join([m for u in units if not u.stopped for m in u.join_modules])
 
 
 def _progress(total: int, show: bool, desc: str, done: int = 0) -> Any:

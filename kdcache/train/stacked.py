@@ -246,6 +246,10 @@ class StackedStudents:
             max_norm_(self.constrained, c.max_norm, None if self.all_active else self.active)
         return losses.detach(), correct_count(logits, y)
 
+    @property
+    def stopped(self) -> bool:
+        return not bool(self.active.any())
+
     def sync_ranks(self, src: int) -> None:
         """Stacks train in one process only (see build_units): nothing to sync."""
 

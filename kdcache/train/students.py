@@ -1,8 +1,7 @@
 """A student's state in one object, and the students trained one by one (each its own module and optimizer).
 
-Every unit of training (one student here, a stack of students in :mod:`kdcache.train.stacked`)
-offers the same few calls to the loop: ``train()``, ``set_epoch_lr``, ``step``, ``module(j)``, and
-``state()`` / ``load_state()`` for checkpoints. Checkpoint state is written per student under
+Every unit of training (one student here, a stack of students in :mod:`kdcache.train.stacked`) is a
+:class:`TrainingUnit`, the only thing the loop knows of it. Checkpoint state is written per student under
 canonical names (``RUN/model/PARAM``, ``RUN/optim/PARAM/KEY``), so a student checkpointed in a stack
 resumes alone and the other way round.
 """
@@ -11,13 +10,56 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import torch
 from torch import nn
 
 from kdcache.losses import distillation_loss
 from kdcache.train.config import TrainConfig, lr_at
+
+
+class TrainingUnit(Protocol):
+    """What the training loop asks of a unit: one student trained alone (:class:`SeparateStudent`) or
+    several of one architecture stacked (:class:`kdcache.train.stacked.StackedStudents`)."""
+
+    students: list[Student]
+
+    @property
+    def stopped(self) -> bool:
+        """True once every student of the unit has stopped (diverged)."""
+
+    @property
+    def join_modules(self) -> list[nn.Module]:
+        """The modules DDP's Join waits on under torchrun (none for a stack: stacks train in one process)."""
+
+    def train(self) -> None: ...
+
+    def set_epoch_lr(self, epoch: int, scale: float = 1.0) -> None:
+        """Each student's learning rate for ``epoch``, times ``scale`` (the warm-up)."""
+
+    def lr(self, j: int) -> float: ...
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, z: Any, mask: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on a batch; returns each student's loss ``[students]`` and correct rows."""
+
+    def module(self, j: int) -> nn.Module:
+        """Student ``j`` as a plain module, for evaluation and saving."""
+
+    def stop(self, j: int) -> None:
+        """Student ``j`` diverged: it takes no more steps, the others go on."""
+
+    def sync_ranks(self, src: int) -> None: ...
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Weights and optimizer state under each student's canonical names (for a checkpoint)."""
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None: ...
+
+    def rng_state(self) -> dict[str, torch.Tensor]: ...
+
+    def load_rng(self, tensors: dict[str, torch.Tensor]) -> bool: ...
 
 
 @dataclass
