@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -32,6 +35,24 @@ def run_kdcache(*args: str, env: dict | None = None, check: bool = True, timeout
     if check and p.returncode != 0:
         raise AssertionError(f"kdcache {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p
+
+
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kdcache"]
+
+
+def counted_batches(counter: Path) -> int:
+    """Teacher or student forwards so far, as tests.helpers' counting models record them."""
+    return len(counter.read_text()) if counter.exists() else 0
+
+
+def kill_when(cmd: list[str], env: dict, ready: Callable[[], bool], timeout: float = 120) -> int:
+    """Start ``cmd``, SIGKILL it once ``ready()`` holds (or after ``timeout`` s), and return its exit status."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and not ready():
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    return proc.wait()
 
 
 def invoke_kdcache(*args: str) -> subprocess.CompletedProcess:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import pytest
 
 from kdcache import cache
 from kdcache.store import open_store
-from tests.conftest import DATA_ROOT, ROOT, invoke_kdcache, run_kdcache
+from tests.conftest import DATA_ROOT, ROOT, invoke_kdcache, kill_when, run_kdcache
 from tests.helpers import SYNTH
 
 SLOW = "tests.helpers:slow_teacher"
@@ -95,12 +94,7 @@ def test_a_killed_cached_dump_is_resumed(cache_env, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "KDCACHE_DATA": DATA_ROOT, **env, "KDCACHE_TEST_DELAY": "0.05"}
     cmd = [sys.executable, "-m", "kdcache", "dump-logits", "--teacher", SLOW, "--dataset", SYNTH, "--chunk-rows",
            "100", "--batch-size", "50"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and batches(counter) < 15:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(cmd, env, lambda: batches(counter) >= 15)
     (entry,) = cache.entries()
     assert not entry.complete
     assert "incomplete (the same dump-logits resumes it)" in run_kdcache("cache", "list").stdout

@@ -5,14 +5,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
 from kdcache.store import open_store
-from tests.conftest import DATA_ROOT, ROOT, run_kdcache
+from tests.conftest import DATA_ROOT, ROOT, TORCHRUN_2, counted_batches, kill_when, run_kdcache
 from tests.helpers import SYNTH
 
 SLOW = "tests.helpers:slow_teacher"
@@ -45,15 +44,10 @@ def test_kill_minus_nine_then_resume_gives_identical_store(tmp_path, suffix):
     counter = tmp_path / "batches"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "KDCACHE_DATA": DATA_ROOT,
            "KDCACHE_TEST_COUNTER": str(counter), "KDCACHE_TEST_DELAY": "0.02"}
-    proc = subprocess.Popen([sys.executable, "-m", "kdcache", *args, "--out", out], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
     # 2000 rows = 20 chunks of 4 batches: kill after ~30 batches, mid-way through a chunk.
-    while time.time() < deadline and (not counter.exists() or len(counter.read_text()) < 30):
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    status = kill_when([sys.executable, "-m", "kdcache", *args, "--out", out], env,
+                       lambda: counted_batches(counter) >= 30)
+    assert status == -signal.SIGKILL
 
     partial = open_store(out, allow_partial=True)
     done = int(partial.written_chunks().sum())
@@ -79,7 +73,7 @@ def test_torchrun_two_ranks_equals_single_process(tmp_path, suffix):
     run_kdcache(*args, "--out", single)
     multi = str(tmp_path / f"multi{suffix}")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "KDCACHE_DATA": DATA_ROOT}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kdcache"]
+    torchrun = TORCHRUN_2
     p = subprocess.run([*torchrun, *args, "--out", multi], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.count("wrote 2000 of 2000 rows") == 1  # only rank 0 reports, with both ranks' rows

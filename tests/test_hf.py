@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -19,7 +17,7 @@ from kdcache.datasets import load_dataset  # noqa: E402
 from kdcache.errors import SpecError  # noqa: E402
 from kdcache.specs import load_model  # noqa: E402
 from kdcache.store import open_store  # noqa: E402
-from tests.conftest import DATA_ROOT, ROOT, run_kdcache  # noqa: E402
+from tests.conftest import DATA_ROOT, ROOT, TORCHRUN_2, kill_when, run_kdcache  # noqa: E402
 
 
 def _save_model(directory, texts, vocab, seed=0, context=64):
@@ -157,7 +155,7 @@ def test_torchrun_two_ranks_write_the_same_hf_store(hf, tmp_path):
     single, multi = str(tmp_path / "one.zarr"), str(tmp_path / "two.zarr")
     run_kdcache(*args, "--out", single)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "KDCACHE_DATA": DATA_ROOT}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kdcache"]
+    torchrun = TORCHRUN_2
     p = subprocess.run([*torchrun, *args, "--out", multi], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     a, b = open_store(single), open_store(multi)
@@ -212,14 +210,9 @@ def test_kill_minus_nine_then_resume_gives_the_same_hf_store(hf, tmp_path):
                            batch_size=4, device="cpu", progress=False))
     chunks = open_store(ref).manifest.num_chunks
     env = {**os.environ, "PYTHONPATH": str(ROOT), "KDCACHE_DATA": DATA_ROOT}
-    proc = subprocess.Popen([sys.executable, "-m", "kdcache", *args, "--out", str(out)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     written = out / "chunk_sha256" / "c"
-    deadline = time.time() + 120
-    while time.time() < deadline and sum(len(f) for _, _, f in os.walk(written)) < 3:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when([sys.executable, "-m", "kdcache", *args, "--out", str(out)], env,
+              lambda: sum(len(f) for _, _, f in os.walk(written)) >= 3)
     done = int(open_store(str(out), allow_partial=True).written_chunks().sum())
     assert 0 < done < chunks, (done, chunks)
     assert f"{done} chunks kept from an earlier run" in run_kdcache(*args, "--out", str(out)).stdout

@@ -3,7 +3,6 @@ kdcache.s3_loopback), spoken to over HTTP through s3fs. Nothing is mocked in the
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from kdcache.store import open_store  # noqa: E402
 from kdcache.store.block_cache import BlockCache  # noqa: E402
 from kdcache.store.remote import ENV  # noqa: E402
 from kdcache.stream import DistillStream  # noqa: E402
-from tests.conftest import DATA_ROOT, ROOT, invoke_kdcache, run_kdcache  # noqa: E402
+from tests.conftest import DATA_ROOT, ROOT, counted_batches, invoke_kdcache, kill_when, run_kdcache  # noqa: E402
 from tests.helpers import SYNTH  # noqa: E402
 
 SLOW = "tests.helpers:slow_teacher"
@@ -116,13 +115,7 @@ def test_a_dump_killed_or_cut_off_from_s3_resumes_and_no_partial_store_looks_com
     remote = url("killed.zarr")
     counter = tmp_path / "batches"
     env = _env(KDCACHE_TEST_COUNTER=str(counter), KDCACHE_TEST_DELAY="0.05")
-    proc = subprocess.Popen([sys.executable, "-m", "kdcache", *DUMP, "--out", remote], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and (not counter.exists() or len(counter.read_text()) < 12):
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when([sys.executable, "-m", "kdcache", *DUMP, "--out", remote], env, lambda: counted_batches(counter) >= 12)
     done = int(open_store(remote, allow_partial=True).written_chunks().sum())
     assert 0 < done < 20
     p = run_kdcache("train-student", "--dataset", SYNTH, "--store", remote, "--student", "mlp:8", "--out",
@@ -133,7 +126,8 @@ def test_a_dump_killed_or_cut_off_from_s3_resumes_and_no_partial_store_looks_com
     counter.unlink()
     proc = subprocess.Popen([sys.executable, "-m", "kdcache", *DUMP, "--out", remote], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while time.time() < deadline and (not counter.exists() or len(counter.read_text()) < 6):
+    deadline = time.time() + 120
+    while time.time() < deadline and counted_batches(counter) < 6:
         time.sleep(0.01)
     s3.pause()
     try:

@@ -17,7 +17,7 @@ from kdcache.stream import DatasetStream, DistillStream
 from kdcache.teacher_check import check_teacher
 from kdcache.views import Views, draw_params, epoch_view
 from tests import helpers
-from tests.conftest import invoke_kdcache, run_kdcache
+from tests.conftest import TORCHRUN_2, invoke_kdcache, run_kdcache
 
 TEACHER = "tests.helpers:image_teacher"
 RECORDING = "tests.helpers:recording_image_teacher"
@@ -261,7 +261,7 @@ def test_killed_and_multi_process_view_dumps_equal_one_uninterrupted_dump(tmp_pa
     assert_same_store(ref, killed)
 
     multi = str(tmp_path / "multi.zarr")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kdcache"]
+    torchrun = TORCHRUN_2
     p = subprocess.run([*torchrun, *args, "--out", multi], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     assert_same_store(ref, multi)
