@@ -19,7 +19,7 @@ from kdcache.datasets import ResolvedDataset, get_batch, load_dataset, portable_
 from kdcache.distributed import DistInfo, init_distributed, resolve_device, shutdown
 from kdcache.errors import KdcacheError, SpecError, StoreError
 from kdcache.losses import teacher_log_probs
-from kdcache.specs import ResolvedModel, load_model
+from kdcache.specs import ResolvedModel, load_model, num_classes_of
 from kdcache.store import LogitStore, Manifest, create_store, default_chunk_rows, detect_format, open_store
 from kdcache.store.format import INDEX_CHUNK_FACTOR, sequence_lengths_digest
 from kdcache.store.logit_store import _ranges
@@ -364,35 +364,6 @@ def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManag
     if dtype is None:
         raise KdcacheError(f"--amp {amp!r}: use off, bf16 or fp16")
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def num_classes_of(members: list[ResolvedModel], dataset: ResolvedDataset, device: torch.device) -> int:
-    """The teachers' number of classes, tried on the dataset's first inputs: refused with one line when a
-    teacher fails on them, returns the wrong shape, or the members disagree."""
-    x, _ = get_batch(dataset.dataset, np.arange(min(2, len(dataset))))
-    per_token = is_sequence_dataset(dataset.dataset)
-    counts = []
-    with torch.inference_mode():
-        for m in members:
-            want = ("[batch, length, classes] logits for a sequence dataset (inputs " + str(tuple(x.shape)) + ")"
-                    if per_token else "[batch, classes] logits")
-            try:
-                out = m.module(x.to(device))
-            except Exception as e:
-                raise SpecError(f"teacher {m.spec!r} fails on the dataset's inputs {tuple(x.shape)} {x.dtype} "
-                                f"({str(e).splitlines()[0]}); a teacher must return {want}") from None
-            if out.ndim != (3 if per_token else 2) or per_token and out.shape[1] != x.shape[1]:
-                raise SpecError(f"teacher {m.spec!r} returns shape {tuple(out.shape)}; a teacher must return {want}")
-            counts.append(out.shape[-1])
-    if len(set(counts)) > 1:
-        first = counts[0]
-        bad = next(i for i, c in enumerate(counts) if c != first)
-        raise SpecError(f"ensemble members disagree on the number of classes: teacher {members[bad].spec!r} "
-                        f"(member {bad}) gives {counts[bad]}, teacher {members[0].spec!r} gives {first}")
-    if dataset.num_classes is not None and counts[0] < dataset.num_classes:
-        raise SpecError(f"teacher {members[0].spec!r} gives {counts[0]} classes but dataset {dataset.spec!r} "
-                        f"has {dataset.num_classes}")
-    return counts[0]
 
 
 def prepare(cfg: DumpConfig, device: torch.device, members: list[ResolvedModel] | None = None

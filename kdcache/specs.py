@@ -12,12 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from kdcache.datasets import ResolvedDataset, get_batch
 from kdcache.errors import SpecError
 from kdcache.models import MLP, LSTMTagger
 from kdcache.spec_syntax import import_callable, parse_kv
+from kdcache.text import is_sequence_dataset
 
 CHECKPOINT_NAME = "model.safetensors"
 CHECKPOINT_KEY = "kdcache"
@@ -202,3 +205,32 @@ def load_checkpoint(path: str | os.PathLike, spec: str | None = None) -> Resolve
         raise SpecError(f"{path}: weights do not fit architecture {meta['arch']!r} "
                         f"({str(e).splitlines()[0]})") from None
     return ResolvedModel(module, spec or str(path), meta["arch"], Path(path).parent.name or meta["arch"])
+
+
+def num_classes_of(members: list[ResolvedModel], dataset: ResolvedDataset, device: torch.device) -> int:
+    """The teachers' number of classes, tried on the dataset's first inputs: refused with one line when a
+    teacher fails on them, returns the wrong shape, or the members disagree."""
+    x, _ = get_batch(dataset.dataset, np.arange(min(2, len(dataset))))
+    per_token = is_sequence_dataset(dataset.dataset)
+    counts = []
+    with torch.inference_mode():
+        for m in members:
+            want = ("[batch, length, classes] logits for a sequence dataset (inputs " + str(tuple(x.shape)) + ")"
+                    if per_token else "[batch, classes] logits")
+            try:
+                out = m.module(x.to(device))
+            except Exception as e:
+                raise SpecError(f"teacher {m.spec!r} fails on the dataset's inputs {tuple(x.shape)} {x.dtype} "
+                                f"({str(e).splitlines()[0]}); a teacher must return {want}") from None
+            if out.ndim != (3 if per_token else 2) or per_token and out.shape[1] != x.shape[1]:
+                raise SpecError(f"teacher {m.spec!r} returns shape {tuple(out.shape)}; a teacher must return {want}")
+            counts.append(out.shape[-1])
+    if len(set(counts)) > 1:
+        first = counts[0]
+        bad = next(i for i, c in enumerate(counts) if c != first)
+        raise SpecError(f"ensemble members disagree on the number of classes: teacher {members[bad].spec!r} "
+                        f"(member {bad}) gives {counts[bad]}, teacher {members[0].spec!r} gives {first}")
+    if dataset.num_classes is not None and counts[0] < dataset.num_classes:
+        raise SpecError(f"teacher {members[0].spec!r} gives {counts[0]} classes but dataset {dataset.spec!r} "
+                        f"has {dataset.num_classes}")
+    return counts[0]

@@ -87,7 +87,7 @@ def open_training_data(c: TrainConfig, device: torch.device | None = None) -> Tr
 def _online_teacher(c: TrainConfig, data: ResolvedDataset, device: torch.device
                     ) -> tuple[Callable[[torch.Tensor], torch.Tensor], int, dict[str, Any]]:
     """The teachers of online distillation, on ``device`` in eval mode, as one function of a batch."""
-    from kdcache.dump import num_classes_of
+    from kdcache.specs import num_classes_of
     members = []
     for spec in c.teachers:
         m = load_model(spec, data.input_shape, data.num_classes)
