@@ -92,15 +92,15 @@ def bare_pass(cfg: Any, device: str) -> Callable[[], None]:
     from torch.utils.data import DataLoader
 
     from kdcache.distributed import resolve_device
-    from kdcache.dump import _autocast, _Batches, _ChunkBatches, prepare
+    from kdcache.dump import Batches, ChunkBatches, autocast, prepare
     dev = resolve_device(device)
     dataset, members, manifest, rows, _ = prepare(cfg, dev)
     modules = [m.module for m in members]
 
     def bare() -> None:
-        sampler = _ChunkBatches(rows, list(range(manifest.num_chunks)), manifest.chunk_rows, cfg.batch_size)
-        loader = DataLoader(_Batches(dataset.dataset), sampler=sampler, batch_size=None, pin_memory=dev.type == "cuda")
-        with torch.inference_mode(), _autocast(dev, cfg.amp):
+        sampler = ChunkBatches(rows, list(range(manifest.num_chunks)), manifest.chunk_rows, cfg.batch_size)
+        loader = DataLoader(Batches(dataset.dataset), sampler=sampler, batch_size=None, pin_memory=dev.type == "cuda")
+        with torch.inference_mode(), autocast(dev, cfg.amp):
             for _, _, x, _, _ in loader:
                 z = torch.stack([mod(x.to(dev, non_blocking=True)) for mod in modules], 1).float().cpu()
         del z
@@ -362,7 +362,7 @@ def bench_hf(p: Profile, work: Path, device: str) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
     from kdcache.distributed import resolve_device
-    from kdcache.dump import DumpConfig, _Batches, _SequenceChunkBatches, _token_unit_chunks, dump_logits, prepare
+    from kdcache.dump import Batches, DumpConfig, SequenceChunkBatches, dump_logits, prepare, token_unit_chunks
     vocab, hidden, layers, paragraphs = (2048, 64, 2, 60) if p.quick else (32000, 512, 8, 200)
     teacher, corpus = _hf_teacher(work, vocab, hidden, layers, paragraphs)
     dev = resolve_device(device)
@@ -374,12 +374,12 @@ def bench_hf(p: Profile, work: Path, device: str) -> dict[str, Any]:
         cfg.dataset = with_tokenizer(cfg.dataset, cfg.teachers)
         dataset, members, manifest, _, index = prepare(cfg, dev)
         module = members[0].module
-        unit_rows = _token_unit_chunks(manifest, cfg.batch_size) * manifest.chunk_rows
+        unit_rows = token_unit_chunks(manifest, cfg.batch_size) * manifest.chunk_rows
         units = list(range(-(-manifest.num_samples // unit_rows)))
 
         def bare() -> None:
-            sampler = _SequenceChunkBatches(index, units, unit_rows, cfg.batch_size)
-            loader = DataLoader(_Batches(dataset.dataset), sampler=sampler, batch_size=None)
+            sampler = SequenceChunkBatches(index, units, unit_rows, cfg.batch_size)
+            loader = DataLoader(Batches(dataset.dataset), sampler=sampler, batch_size=None)
             with torch.inference_mode():
                 for _, _, x, _, _ in loader:
                     module(x.to(dev))

@@ -1,11 +1,14 @@
 """torch.distributed set-up for commands run under torchrun."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from kdcache.errors import KdcacheError
 
 
 @dataclass
@@ -46,7 +49,6 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     if name == "cuda":
         name = f"cuda:{local_rank}"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        from kdcache.errors import KdcacheError
         raise KdcacheError(f"--device {name} asked for, but torch sees no CUDA device; use --device cpu or auto")
     return torch.device(name)
 
@@ -54,3 +56,13 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """``--amp``: off, or the forward under ``torch.autocast`` in bf16 (or fp16 where a caller allows it)."""
+    if amp == "off":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    if dtype is None:
+        raise KdcacheError(f"--amp {amp!r}: use off, bf16 or fp16")
+    return torch.autocast(device_type=device.type, dtype=dtype)

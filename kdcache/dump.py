@@ -1,7 +1,6 @@
 """Stage one: run the teacher (or every member of an ensemble) once over a dataset and fill a store."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import queue
@@ -16,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kdcache.datasets import ResolvedDataset, get_batch, load_dataset, portable_model_spec, portable_spec
-from kdcache.distributed import DistInfo, init_distributed, resolve_device, shutdown
+from kdcache.distributed import DistInfo, autocast, init_distributed, resolve_device, shutdown
 from kdcache.errors import KdcacheError, SpecError, StoreError
 from kdcache.losses import teacher_log_probs
 from kdcache.specs import ResolvedModel, load_model, num_classes_of
@@ -92,7 +91,7 @@ class DumpSummary:
                 f"({rate:,.0f} rows/s, {self.bytes_on_disk / 1e6:.1f} MB on disk{resumed}{key}){acc}"]
 
 
-class _Batches(Dataset):
+class Batches(Dataset):
     """Map-style wrapper whose items are whole batches: ``(chunk, pos, dataset indices, first store
     row)`` in, ``(chunk, pos, x, y, view params or None)`` out. In a store with views, each row's
     view is drawn and applied here (in the DataLoader's workers when there are some)."""
@@ -126,7 +125,7 @@ class _Tiled:
         return self.rows[np.arange(*sl.indices(len(self))) % len(self.rows)]
 
 
-class _ChunkBatches(Sampler):
+class ChunkBatches(Sampler):
     """Batches cut from each chunk's start, so a chunk always sees the same batches (bitwise resume)."""
 
     def __init__(self, rows: Any, chunks: list[int], chunk_rows: int, batch_size: int) -> None:
@@ -143,7 +142,7 @@ class _ChunkBatches(Sampler):
                    for c in self.chunks)
 
 
-class _SequenceChunkBatches(Sampler):
+class SequenceChunkBatches(Sampler):
     """A per-token store's batches: the sequences whose positions fall in each unit (a group of
     ``unit_rows`` rows, whole chunks), ``batch_size`` sequences at a time from the unit's first one
     (a sequence cut by a unit boundary is run for both units, each keeping its own positions), so a
@@ -357,15 +356,6 @@ def _mean_prob(z: np.ndarray) -> np.ndarray:
     return (e / e.sum(-1, keepdims=True)).mean(1)
 
 
-def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    if amp == "off":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    if dtype is None:
-        raise KdcacheError(f"--amp {amp!r}: use off, bf16 or fp16")
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def prepare(cfg: DumpConfig, device: torch.device, members: list[ResolvedModel] | None = None
             ) -> tuple[ResolvedDataset, list[ResolvedModel], Manifest, Any, SequenceIndex | None]:
     """Resolve the dataset, subset and teachers, and build the manifest the store must carry.
@@ -499,7 +489,7 @@ def dump_logits(cfg: DumpConfig, members: list[ResolvedModel] | None = None) -> 
         # The unit of work: a chunk, or for a per-token store a group of chunks holding about a batch of
         # sequences (so a batch is not cut to the few sequences of one small chunk). Ranks own groups of
         # INDEX_CHUNK_FACTOR chunks: one chunk of sample_ids/labels has one writer.
-        unit_chunks = 1 if index is None else _token_unit_chunks(manifest, cfg.batch_size)
+        unit_chunks = 1 if index is None else token_unit_chunks(manifest, cfg.batch_size)
         unit_rows = unit_chunks * manifest.chunk_rows
         num_units = -(-manifest.num_chunks // unit_chunks)
         owner = (lambda u: (u // INDEX_CHUNK_FACTOR) % info.world_size) if index is None else (
@@ -509,10 +499,10 @@ def dump_logits(cfg: DumpConfig, members: list[ResolvedModel] | None = None) -> 
         resumed = int(written.sum()) if info.is_main else 0
         writer = _Writer(store, rows, len(members), written, index, unit_rows)
         writer.start()
-        sampler = (_ChunkBatches(rows, mine, manifest.chunk_rows, cfg.batch_size) if index is None
-                   else _SequenceChunkBatches(index, mine, unit_rows, cfg.batch_size))
+        sampler = (ChunkBatches(rows, mine, manifest.chunk_rows, cfg.batch_size) if index is None
+                   else SequenceChunkBatches(index, mine, unit_rows, cfg.batch_size))
         augmenter = None if manifest.views is None else ViewAugmenter(Views(**manifest.views), cfg.out)
-        loader = DataLoader(_Batches(dataset.dataset, augmenter, manifest.samples_per_view), sampler=sampler,
+        loader = DataLoader(Batches(dataset.dataset, augmenter, manifest.samples_per_view), sampler=sampler,
                             batch_size=None, num_workers=cfg.workers,
                             pin_memory=device.type == "cuda", persistent_workers=False,
                             prefetch_factor=4 if cfg.workers else None)
@@ -524,7 +514,7 @@ def dump_logits(cfg: DumpConfig, members: list[ResolvedModel] | None = None) -> 
                                                    else cfg.encode_on_device)
         p = manifest.layout_params
         try:
-            with torch.inference_mode(), _autocast(device, cfg.amp):
+            with torch.inference_mode(), autocast(device, cfg.amp):
                 for chunk, pos, x, y, params in loader:
                     x = x.to(device, non_blocking=True)
                     if index is None:
@@ -622,7 +612,7 @@ def _to_pinned(t: torch.Tensor) -> torch.Tensor:
     return host
 
 
-def _token_unit_chunks(m: Manifest, batch_size: int) -> int:
+def token_unit_chunks(m: Manifest, batch_size: int) -> int:
     """Chunks per unit of work of a per-token dump: a multiple of INDEX_CHUNK_FACTOR holding about
     ``batch_size`` sequences of the longest length."""
     target = batch_size * m.sequences["max_length"]

@@ -15,6 +15,7 @@ from typing import Any, Iterator, Protocol
 import torch
 from torch import nn
 
+from kdcache.distributed import autocast
 from kdcache.losses import distillation_loss
 from kdcache.train.config import TrainConfig, lr_at
 
@@ -102,12 +103,6 @@ def own_rng(unit: Any, device: torch.device) -> Iterator[None]:
         unit.rng = torch.get_rng_state()
         if device.type == "cuda":
             unit.cuda_rng = torch.cuda.get_rng_state(device)
-
-
-def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    if amp == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def make_optimizer(params: Any, c: TrainConfig, lr: float) -> torch.optim.Optimizer:
