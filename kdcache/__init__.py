@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
-
-from kdcache.errors import ConfigError, KdcacheError, SpecError, StoreError  # noqa: E402
-from kdcache.store import FORMAT_VERSION, LogitStore, Manifest, create_store, open_store  # noqa: E402
+from kdcache._version import __version__
+from kdcache.errors import ConfigError, KdcacheError, SpecError, StoreError
+from kdcache.store import FORMAT_VERSION, LogitStore, Manifest, create_store, open_store
 
 # Names that import torch are loaded on first use, so the CLI starts fast.
 _LAZY = {

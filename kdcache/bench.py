@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from kdcache import __version__
+from kdcache._version import __version__
 from kdcache.bench_common import BENCH_NAMES as BENCHES
 from kdcache.bench_common import FULL, QUICK, Profile, interleave, interleave_all
 
@@ -370,7 +370,7 @@ def bench_hf(p: Profile, work: Path, device: str) -> dict[str, Any]:
     for layout, extra in (("dense", {}), ("topk", {"k": 20})):
         cfg = DumpConfig(teachers=[teacher], dataset=f"hf-text:{corpus},seq=128", out=str(work / f"hf-{layout}.zarr"),
                          layout=layout, overwrite=True, device=device, progress=False, batch_size=32, **extra)
-        from kdcache.integrations.hf import with_tokenizer
+        from kdcache.datasets import with_tokenizer
         cfg.dataset = with_tokenizer(cfg.dataset, cfg.teachers)
         dataset, members, manifest, _, index = prepare(cfg, dev)
         module = members[0].module

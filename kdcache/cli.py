@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import click
 
-from kdcache import __version__
+from kdcache._version import __version__
 from kdcache.bench_common import BENCH_NAMES
 from kdcache.errors import KdcacheError
 

@@ -384,3 +384,23 @@ def recorded_model_spec(spec: str, store: str | None) -> str:
     if os.path.isabs(head) or not os.path.exists(joined):
         return spec
     return ("hf:" if hf else "") + joined + sep + tail
+
+
+def with_tokenizer(dataset_spec: str | None, teachers: list[str] | None = None, store: str | None = None) -> Any:
+    """An ``hf-text:`` spec without ``tokenizer=`` gets the first ``hf:`` teacher's (the tokenizer saved
+    beside it), else the one of the store's own dataset spec; any other spec is returned as it is."""
+    if not dataset_spec or not dataset_spec.startswith("hf-text:") or ",tokenizer=" in dataset_spec:
+        return dataset_spec
+    from kdcache.integrations.hf import model_tokenizer
+    for t in teachers or []:
+        found = model_tokenizer(t)
+        if found:
+            return f"{dataset_spec},tokenizer={found}"
+    if store:
+        from kdcache.store import open_store
+        s = open_store(store)
+        recorded = recorded_spec(s.manifest.dataset.get("spec", ""), store)
+        s.close()
+        if ",tokenizer=" in recorded:
+            return f"{dataset_spec},tokenizer={recorded.split(',tokenizer=')[1].split(',')[0]}"
+    return dataset_spec

@@ -465,7 +465,7 @@ def dump_logits(cfg: DumpConfig, members: list[ResolvedModel] | None = None) -> 
     complete store there is reused without running the teacher, an incomplete one is resumed, and a
     second process asking for the same key waits for the first (see kdcache.cache)."""
     if cfg.dataset.startswith("hf-text:"):
-        from kdcache.integrations.hf import with_tokenizer
+        from kdcache.datasets import with_tokenizer
         cfg = dataclasses.replace(cfg, dataset=with_tokenizer(cfg.dataset, cfg.teachers))
     if cfg.out in (None, "cache"):
         return _dump_to_cache(cfg)

@@ -165,7 +165,7 @@ def save_checkpoint(module: nn.Module, path: str | os.PathLike, arch: str, input
     """Write ``module``'s weights as safetensors with the architecture in the header."""
     from safetensors.torch import save_file
 
-    from kdcache import __version__
+    from kdcache._version import __version__
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path / CHECKPOINT_NAME

@@ -186,26 +186,6 @@ def model_tokenizer(spec: str) -> str | None:
     return str(path) if (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists() else None
 
 
-def with_tokenizer(dataset_spec: str | None, teachers: list[str] | None = None, store: str | None = None) -> Any:
-    """An ``hf-text:`` spec without ``tokenizer=`` gets the first ``hf:`` teacher's (the tokenizer saved
-    beside it), else the one of the store's own dataset spec; any other spec is returned as it is."""
-    if not dataset_spec or not dataset_spec.startswith("hf-text:") or ",tokenizer=" in dataset_spec:
-        return dataset_spec
-    for t in teachers or []:
-        found = model_tokenizer(t)
-        if found:
-            return f"{dataset_spec},tokenizer={found}"
-    if store:
-        from kdcache.store import open_store
-        s = open_store(store)
-        from kdcache.datasets import recorded_spec
-        recorded = recorded_spec(s.manifest.dataset.get("spec", ""), store)
-        s.close()
-        if ",tokenizer=" in recorded:
-            return f"{dataset_spec},tokenizer={recorded.split(',tokenizer=')[1].split(',')[0]}"
-    return dataset_spec
-
-
 class HFText(TokenWindows):
     """``hf-text:PATH[,tokenizer=PATH][,field=text][,seq=N][,split=train][,holdout=N]``: a corpus read
     with ``datasets`` (JSON/JSONL, Parquet, plain text a paragraph per record, or a ``save_to_disk``

@@ -66,7 +66,7 @@ def _now() -> str:
 
 
 def _version() -> str:
-    from kdcache import __version__
+    from kdcache._version import __version__
     return __version__
 
 

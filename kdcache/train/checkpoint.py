@@ -160,7 +160,7 @@ class Checkpoints:
             _save_tensors(shared, d / "students.safetensors")
         self.info.barrier()
         if self.info.is_main:
-            from kdcache import __version__
+            from kdcache._version import __version__
             files = ["students.safetensors", *(f"rank-{r}.safetensors" for r in range(self.info.world_size))]
             _write_json({"kdcache_checkpoint": CHECKPOINT_FORMAT, "kdcache_version": __version__,
                          "identity": self.identity, "world_size": self.info.world_size, "epoch": epoch,

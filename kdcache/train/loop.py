@@ -19,11 +19,11 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.data import DataLoader
 
+import kdcache.train.divergence as divergence
 from kdcache.augment import jitter
 from kdcache.distributed import DistInfo, init_distributed, resolve_device, shutdown
 from kdcache.errors import KdcacheError
 from kdcache.specs import load_model
-from kdcache.train import divergence
 from kdcache.train.batches import ID_SQUARES, ID_SUM, ITEMS, LABELLED, ROWS, device_batches
 from kdcache.train.checkpoint import Checkpoints
 from kdcache.train.config import TrainConfig, warmup_scale
@@ -47,7 +47,7 @@ def train_students(cfg: TrainConfig) -> list[dict[str, Any]]:
     """
     c = cfg.resolved()
     if any(s and s.startswith("hf-text:") for s in (c.dataset, c.eval_dataset)):
-        from kdcache.integrations.hf import with_tokenizer  # the teacher's (or the store's) tokenizer by default
+        from kdcache.datasets import with_tokenizer  # the teacher's (or the store's) tokenizer by default
         c.dataset = with_tokenizer(c.dataset, c.teachers, c.store)
         c.eval_dataset = with_tokenizer(c.eval_dataset, c.teachers, c.store)
     device = resolve_device(c.device)
