@@ -12,10 +12,11 @@ not the logits. The cache directory (``$KDCACHE_CACHE``, default ``$XDG_CACHE_HO
                                   jobs reading it (so `cache rm` refuses a store in use)
     stores/KEY.used               its modification time is when the store was last used
     stores/KEY.repairing          present while damaged chunks are being recomputed
-    stores/KEY.verified           JSON: the size and modification time of each of the store's files
-                                  when its chunks last matched their digests
+    stores/KEY.verified           JSON: the size, modification and status-change times of each of the
+                                  store's files when its chunks last matched their digests (removed
+                                  when a reader finds a chunk that does not match)
 
-Reuse checks before it says "complete": the files whose size or modification time differ from
+Reuse checks before it says "complete": the files whose size or times differ from
 ``KEY.verified`` (changed, deleted or added since) name the chunks to re-read and check against
 their digests, a stat of each file when nothing changed. Damaged chunks are recomputed as a
 resumed dump recomputes unwritten ones; a change that names no chunk (metadata, an HDF5 file, no
@@ -120,16 +121,17 @@ def locked(path: str | os.PathLike, exclusive: bool, wait: bool = True) -> Itera
 
 
 def file_state(path: Path) -> dict[str, list[int]]:
-    """Size and modification time (ns) of each file of a store, by path relative to it."""
+    """Size, modification and status-change times (ns) of each file of a store, by path relative to it
+    (the status-change time catches a file whose modification time was put back, as `touch -r` does)."""
     if path.is_file():
         st = path.stat()
-        return {"": [st.st_size, st.st_mtime_ns]}
+        return {"": [st.st_size, st.st_mtime_ns, st.st_ctime_ns]}
     out = {}
     for root, _, files in os.walk(path):
         for f in files:
             full = os.path.join(root, f)
             st = os.stat(full)
-            out[os.path.relpath(full, path)] = [st.st_size, st.st_mtime_ns]
+            out[os.path.relpath(full, path)] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
     return out
 
 
@@ -297,7 +299,9 @@ def entries(root: Path | None = None) -> list[Entry]:
             continue
         m = s.manifest
         problem = None if manifest_key(m) == key else "manifest does not match its key"
-        out.append(Entry(key, p, [mm["spec"] for mm in m.members], m.dataset["spec"], m.dataset.get("subset"),
+        from kdcache.datasets import recorded_model_spec, recorded_spec  # paths as they are from here
+        out.append(Entry(key, p, [recorded_model_spec(mm["spec"], str(p)) for mm in m.members],
+                         recorded_spec(m.dataset["spec"], str(p)), m.dataset.get("subset"),
                          m.layout, m.dtype, m.views, m.num_samples, _size(p), m.complete, m.created_at, last, problem,
                          [mm["sha256"] for mm in m.members], m.dataset["fingerprint"]))
         s.close()

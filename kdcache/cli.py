@@ -66,7 +66,7 @@ def storage_option(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             set_storage_options(storage_options)
         except KdcacheError as e:
-            raise click.BadParameter(str(e), param_hint="--storage-option") from None
+            raise click.ClickException(f"--storage-option {e}") from None  # one line, no usage text
         return fn(*args, **kwargs)
     return wrapper
 

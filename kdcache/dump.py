@@ -582,8 +582,9 @@ def _dump_to_cache(cfg: DumpConfig) -> DumpSummary:
                     cache.touch(path)
                     return DumpSummary(str(path), rows, 0, time.perf_counter() - t0, 0, cache_key=key, reused=True)
                 repaired = cache.forget_damaged(path, bad)
-                print(f"cached store {key[:12]}: chunks {_ranges(repaired)} are damaged (changed since the store was "
-                      f"last verified); recomputing them", file=sys.stderr)
+                which = f"chunk {repaired[0]} is" if len(repaired) == 1 else f"chunks {_ranges(repaired)} are"
+                print(f"cached store {key[:12]}: {which} damaged (changed since the store was last verified); "
+                      f"recomputing them", file=sys.stderr)
         # --overwrite recomputes it in place (a store the user no longer trusts)
         try:
             summary = dump_logits(dataclasses.replace(cfg, out=str(path), format=fmt), members)

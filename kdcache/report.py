@@ -17,9 +17,9 @@ PAPERS = {
     # Section 4 (speech): frame accuracy in %, higher is better; kdcache's column is MNIST test errors.
     "hinton-ensemble": {
         "title": "Hinton, Vinyals, Dean (2015), section 4: the paper's column is frame accuracy (%) on speech, "
-                 "kdcache's test errors out of 10,000 on MNIST",
+                 "kdcache's is test errors",
         "rows": {"baseline": 58.9, "ensemble": 61.1, "distilled": 60.8},
-        "labels": {"baseline": "a single model alone", "ensemble": "the ensemble of its 10 (mean of probabilities)",
+        "labels": {"baseline": "a single model alone", "ensemble": "the ensemble of its {members} ({rule})",
                    "distilled": "one model of the same size, distilled from the ensemble"},
         "higher_is_better": True,
     },
@@ -53,7 +53,7 @@ def collect_runs(dirs: list[str]) -> list[dict[str, Any]]:
                 "seed": config["seed"], "lr": config.get("lr"), "epochs": len(metrics),
                 "test_errors": last.get("eval_errors"),
                 "test_accuracy": last.get("eval_accuracy"), "teacher_agreement": last.get("teacher_agreement"),
-                "teacher_errors": last.get("teacher_errors"),
+                "teacher_errors": last.get("teacher_errors"), "ensemble": config.get("ensemble"),
                 "test_perplexity": last.get("eval_perplexity"), "diverged": bool(last.get("diverged")),
                 "wall_seconds": sum(m["seconds"] for m in metrics)})
     runs.sort(key=lambda r: (dirs.index(r["group"]), r.get("soft_loss") == "logit-mse", r["temperature"] or 0,
@@ -137,11 +137,16 @@ def markdown(runs: list[dict[str, Any]], roles: dict[str, list[str]] | None = No
         for role, paper_errors in ref["rows"].items():
             if role == "ensemble":  # the teacher itself: its errors on the distilled students' eval store
                 group = ((roles or {}).get("distilled") or [None])[0]
-                errs = {r["teacher_errors"] for r in runs if group and (r["group"] == group or r["dir"] == group)
-                        and r.get("teacher_errors") is not None}
+                used = [r for r in runs if group and (r["group"] == group or r["dir"] == group)
+                        and r.get("teacher_errors") is not None]
+                errs = {r["teacher_errors"] for r in used}
                 if len(errs) == 1:
                     mean_of[role] = float(min(errs))
-                lines.append(f"| {ref['labels'][role]} | {paper_errors} | "
+                rules = {"mean-prob": "mean of probabilities", "mean-logit": "mean logit"}
+                label = ref["labels"][role].format(
+                    members=len(used[0]["teacher_specs"]) if used else "members",
+                    rule=rules.get(used[0]["ensemble"], used[0]["ensemble"]) if used else "no --eval-store")
+                lines.append(f"| {label} | {paper_errors} | "
                              f"{'-' if role not in mean_of else format(mean_of[role], '.0f')} | - |")
                 continue
             group = ((roles or {}).get(role) or [None])[0]  # the first --role of each: the paper's setting

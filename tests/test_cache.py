@@ -255,3 +255,27 @@ def test_a_cached_store_that_cannot_be_repaired_is_refused_with_cache_rm(cache_e
     assert again.returncode == 1 and again.stderr.strip().splitlines() == said[1:]
     assert f"removed {path.stem[:12]}" in run_kdcache("cache", "rm", path.stem[:12]).stdout
     assert "wrote 2000 of 2000 rows" in dump("--format", "hdf5").stdout
+
+
+def test_damage_a_stat_cannot_see_is_caught_by_a_reader_which_voids_the_record(cache_env, tmp_path):
+    counter, env = counted(tmp_path)
+    path = Path(dump(env=env).stdout.split(" to ")[1].split(" in ")[0])
+    chunk = path / "logits" / "c" / "4" / "0" / "0"
+    st = chunk.stat()
+    _flip(chunk, 5)
+    os.utime(chunk, ns=(st.st_atime_ns, st.st_mtime_ns))  # size and modification time put back (`touch -r`)
+    p = dump(env=env)
+    assert "chunk 4 is damaged" in p.stderr and batches(counter) == 21 + 2  # the status-change time saw it
+    before = _arrays(path)
+    _flip(chunk, 5)
+    cache.record_verified(path)  # as if no stat could see it: reused as complete...
+    assert "reusing cached store" in dump(env=env).stdout
+    p = run_kdcache("train-student", "--dataset", SYNTH, "--store", str(path), "--student", "mlp:8", "--epochs", "1",
+                    "--out", str(tmp_path / "s"), check=False)
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1  # ...until a reader checks the chunk
+    assert "chunk 4 (rows 400:500) does not match its stored sha256" in p.stderr
+    assert "it is a cached store, so the same `kdcache dump-logits` (without --out) recomputes" in p.stderr
+    assert not path.with_suffix(".verified").exists()
+    p = dump(env=env)  # no record: every chunk checked, the damaged one recomputed
+    assert "chunk 4 is damaged" in p.stderr and batches(counter) == 23 + 2
+    assert all(np.array_equal(before[k], v) for k, v in _arrays(path).items())

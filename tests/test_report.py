@@ -145,7 +145,7 @@ def test_an_ensemble_distilled_into_one_model_side_by_side_with_section_4(tmp_pa
     assert metrics["teacher_errors"] == ensemble_errors
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in md.splitlines() if line.startswith("| ")}
     assert rows["a single model alone"][1] == "58.9" and "(3 seeds)" in rows["a single model alone"][2]
-    assert rows["the ensemble of its 10 (mean of probabilities)"][1:3] == ["61.1", str(ensemble_errors)]
+    assert rows["the ensemble of its 3 (mean of probabilities)"][1:3] == ["61.1", str(ensemble_errors)]
     assert rows["one model of the same size, distilled from the ensemble"][1] == "60.8"
     base = [json.loads((d / "members" / f"supervised-s{s}" / "metrics.json").read_text())[-1]["eval_errors"]
             for s in range(3)]

@@ -194,3 +194,18 @@ def test_bad_remote_input_is_one_line_and_writes_nothing(s3, url, tmp_path, monk
         s3fs.S3FileSystem.clear_instance_cache()
     assert p.returncode == 1 and "was refused (wrong or expired credentials" in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_a_timeout_that_is_not_seconds_above_zero_is_refused_in_one_line(tmp_path):
+    base = ["dump-logits", "--teacher", "tests.helpers:slow_teacher", "--dataset", SYNTH, "--out",
+            "s3://kdcache/never.zarr"]
+    for key in ("read_timeout", "connect_timeout"):
+        for value in ("0", "-1", "abc", "true", "inf"):
+            p = run_kdcache(*base, "--storage-option", f"{key}={value}", check=False)
+            said = p.stderr.strip().splitlines()
+            assert p.returncode == 1 and len(said) == 1 and said[0].startswith(f"Error: --storage-option {key}="), said
+            assert said[0].endswith(f": a timeout is a number of seconds above 0, e.g. --storage-option {key}=10")
+    p = run_kdcache(*base, env={"KDCACHE_S3_READ_TIMEOUT": "true", "AWS_ACCESS_KEY_ID": "x",
+                                "AWS_SECRET_ACCESS_KEY": "y"}, check=False)
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1
+    assert "KDCACHE_S3_READ_TIMEOUT='true': a timeout is a number of seconds above 0" in p.stderr

@@ -252,10 +252,27 @@ class LogitStore:
                     else self.read(a, b, check=False))
             if not np.array_equal(chunk_digest(*(part.data[k] for k in m.data_arrays), part.sample_ids,
                                                part.labels), stored[c]):
+                if self._forget_verified():
+                    raise StoreError(f"{self.path}: chunk {c} (rows {a}:{b}) does not match its stored sha256; the "
+                                     f"store is damaged: it is a cached store, so the same `kdcache dump-logits` "
+                                     f"(without --out) recomputes its damaged chunks")
                 raise StoreError(f"{self.path}: chunk {c} (rows {a}:{b}) does not match its stored sha256; the store "
                                  f"is damaged: `kdcache verify {self.path}` lists every bad chunk; re-dump it, or "
                                  f"`kdcache convert` what is good")
             self._verified.add(c)
+
+    def _forget_verified(self) -> bool:
+        """A store of the store cache keeps ``KEY.verified`` beside it (see kdcache.cache): damage found
+        here voids it, so the next dump into the cache checks every chunk and recomputes the bad ones.
+        True when this is such a store."""
+        record = os.path.splitext(self.path)[0] + ".verified"
+        if "://" in self.path or not os.path.exists(record):
+            return False
+        try:
+            os.remove(record)
+        except OSError:
+            pass
+        return True
 
     def iter_blocks(self, block_rows: int | None = None) -> Iterator[Block]:
         """Every row in order, in chunk-aligned blocks of about ``block_rows`` (default 8 chunks)."""

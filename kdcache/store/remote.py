@@ -86,7 +86,7 @@ def fs_options(path: str) -> dict[str, Any]:
 
 def _seconds(raw: Any, name: str) -> float:
     try:
-        value = float(raw)
+        value = float("nan") if isinstance(raw, bool) else float(raw)  # `true` is not a number of seconds
     except (TypeError, ValueError):
         value = float("nan")
     if not value > 0 or value == float("inf"):
