@@ -70,5 +70,16 @@ def test_make_example_pipeline_runs(tmp_path):
            for role in ("baseline", "distilled")}
     assert len(few["baseline"]) == len(few["distilled"]) == 3  # three seeds each
     assert max(few["distilled"]) < min(few["baseline"])  # soft targets help on 3% of the data, for every seed
+    # section 3, from the shipped teacher: every distilled setting ahead of the student alone (mean over seeds)
+    teacher = next(r for r in runs if r["role"] == "teacher")
+    assert teacher["dir"] == str(ROOT / "data/mnist-teacher") and teacher["test_errors"] == 79
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    alone = mean([r["test_errors"] for r in runs if r["dir"].split("/")[-2:-1] == ["student-alone"]])
+    settings: dict = {}
+    for r in runs:
+        if "/distilled/" in r["dir"] or "/logit-matching/" in r["dir"]:
+            settings.setdefault((r["soft_loss"], r["temperature"]), []).append(r["test_errors"])
+    assert set(settings) == {("kd", 2), ("kd", 20), ("logit-mse", None)} and all(len(v) == 3 for v in settings.values())
+    assert all(mean(v) < alone for v in settings.values()), (settings, alone)
     again = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
-    assert again.stdout.count("] skip (up to date)") == 8
+    assert again.stdout.count("] skip (up to date)") == 8 and "[teacher] use (given:" in again.stdout
