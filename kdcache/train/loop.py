@@ -213,7 +213,15 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
         if epoch + 1 < c.epochs:  # after the last epoch the results themselves are written next
             save(epoch + 1, 0)
 
-    # -- write ------------------------------------------------------------------------------------
+    results = write_results(c, units, arch, src, out, info)
+    ckpts.clear()
+    return results
+
+
+def write_results(c: TrainConfig, units: list[TrainingUnit], arch: str, src: TrainingData, out: Path,
+                  info: DistInfo) -> list[dict[str, Any]]:
+    """Each run's checkpoint, config and metrics, and the sweep's summary (by the main rank; every rank
+    waits for it)."""
     results = []
     if info.is_main:
         for u in units:
@@ -222,7 +230,6 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
                                          src.store_identity, src.data))
         write_summary(out, results, c)
     info.barrier()
-    ckpts.clear()
     return results
 
 
