@@ -258,12 +258,8 @@ class DistillStream(IterableDataset):
     def _targets(self, window: Block, sel: np.ndarray) -> Any:
         """Dense: raw logits ``[batch, members, classes]`` float32. Sparse: :class:`SparseTargets`."""
         m = self.store.manifest
-        d = window.data
-        if m.layout == "dense":
-            return torch.from_numpy(d["logits"][sel].astype(np.float32))
-        from kdcache.sparse import targets_from_arrays
-        return targets_from_arrays(m, {k: d[k][sel] for k in m.logit_arrays}, self.allow_interpolation,
-                                   self.store.path)
+        return m.store_layout.targets({k: window.data[k][sel] for k in m.logit_arrays}, self.allow_interpolation,
+                                      self.store.path)
 
 
 def _concat(blocks: list[Block]) -> Block:
