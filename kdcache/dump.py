@@ -19,6 +19,7 @@ from kdcache.distributed import DistInfo, autocast, init_distributed, resolve_de
 from kdcache.errors import KdcacheError, SpecError, StoreError
 from kdcache.layouts import LAYOUTS, Layout, encode_rows, layout_for
 from kdcache.losses import teacher_log_probs
+from kdcache.progress import progress_bar
 from kdcache.specs import ResolvedModel, load_model, num_classes_of
 from kdcache.store import LogitStore, Manifest, create_store, default_chunk_rows, detect_format, open_store
 from kdcache.store.format import INDEX_CHUNK_FACTOR, sequence_lengths_digest
@@ -454,7 +455,8 @@ def dump_logits(cfg: DumpConfig, members: list[ResolvedModel] | None = None) -> 
                             prefetch_factor=4 if cfg.workers else None)
         show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
         n = manifest.num_samples
-        bar = _progress(sum(min((u + 1) * unit_rows, n) - u * unit_rows for u in mine), show and info.is_main)
+        bar = progress_bar(sum(min((u + 1) * unit_rows, n) - u * unit_rows for u in mine), show and info.is_main,
+                           "dump-logits", "rows")
         modules = [m.module for m in members]
         layout = manifest.store_layout
         on_device = layout.encodes_on_device and (device.type != "cpu" if cfg.encode_on_device is None
@@ -628,18 +630,3 @@ def _merge_hdf5_parts(store: LogitStore, out: str, world_size: int) -> None:
             blk = part.read(a, b)
             store.write_block(a, blk.data, blk.sample_ids, blk.labels)
         part.close()
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, show: bool) -> Any:
-    if not show:
-        return _NoBar()
-    from tqdm import tqdm
-    return tqdm(total=total, unit="rows", unit_scale=True, desc="dump-logits", file=sys.stderr)
