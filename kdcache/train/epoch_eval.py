@@ -14,7 +14,7 @@ from kdcache.datasets import get_batch, load_dataset
 from kdcache.errors import ConfigError
 from kdcache.store import open_store
 from kdcache.stream import check_pairing
-from kdcache.text import is_sequence_dataset
+from kdcache.text import is_sequence_dataset, row_mask
 from kdcache.train.config import TrainConfig
 
 
@@ -66,8 +66,7 @@ class Evaluator:
             x, y = get_batch(self.data.dataset, idx)
             logits = model(x.to(self.device))
             if per_token:
-                lengths = torch.as_tensor(np.asarray(self.data.dataset.lengths(idx)))
-                mask = torch.arange(x.shape[1])[None, :] < lengths[:, None]
+                mask = row_mask(self.data.dataset, idx, x.shape[1])
                 logits, y = logits[mask.to(self.device)], y[mask]
                 has_d = (y >= 0).to(self.device)
                 nll += float(F.cross_entropy(logits[has_d].float(), y.to(self.device)[has_d], reduction="sum"))
