@@ -95,7 +95,7 @@ def assistant_tokens(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.nd
 def _messages(value: Any, record: int, field: str, spec: str) -> list[dict[str, Any]]:
     """A record's messages as dicts (keys holding None dropped, as ``datasets`` fills absent ones)."""
     if not isinstance(value, list):
-        raise SpecError(f"dataset spec {spec!r}: record {record}'s {field!r} is a {type(value).__name__}, not a list "
+        raise SpecError(f"dataset spec {spec!r}: record {record}'s {field!r} holds {type(value).__name__}, not a list "
                         f"of messages; give messages=FIELD, the field holding them")
     out = []
     for m in value:
