@@ -20,6 +20,7 @@ from kdcache.errors import SpecError, StoreError  # noqa: E402
 from kdcache.store import open_store  # noqa: E402
 from kdcache.stream import check_pairing  # noqa: E402
 from kdcache.teacher_check import check_teacher  # noqa: E402
+from kdcache.train import TrainConfig, train_students  # noqa: E402
 from tests.conftest import run_kdcache  # noqa: E402
 
 SPECIAL = ["<pad>", "<unk>", "<s>", "<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>",
@@ -136,16 +137,16 @@ def test_a_student_is_trained_on_exactly_the_assistant_positions(chat, tmp_path)
                            progress=False))
     out = tmp_path / "student"
     # one batch of every sequence, and a step too small to move a float32 weight: the checkpoint holds the
-    # weights the recorded loss was computed with
-    run_kdcache("train-student", "--dataset", _spec(chat), "--store", store, "--student",
-                "hf:llama,hidden=16,layers=1,heads=2", "--temperature", "2", "--alpha", "0.5", "--optimizer", "sgd",
-                "--lr", "1e-30", "--batch-size", "64", "--epochs", "1", "--out", str(out))
+    # weights the recorded loss was computed with; evaluated on the same data and store
+    train_students(TrainConfig(dataset=_spec(chat), store=store, student="hf:llama,hidden=16,layers=1,heads=2",
+                               temperatures=[2.0], alphas=[0.5], optimizer="sgd", lrs=[1e-30], batch_size=64, epochs=1,
+                               eval_dataset=_spec(chat), eval_store=store, out=str(out), progress=False))
     metrics = json.loads((out / "metrics.json").read_text())
     from kdcache.specs import load_model
     student = load_model(str(out)).module.eval()
     teacher = transformers.AutoModelForCausalLM.from_pretrained(chat["teacher"]).eval()
     want = expected_rows(chat["tokenizer"], chat["records"], "assistant")
-    kl = ce = n = 0.0
+    kl = ce = n = agree = 0.0
     t = 2.0
     with torch.no_grad():
         for tokens, pos in want:
@@ -155,8 +156,10 @@ def test_a_student_is_trained_on_exactly_the_assistant_positions(chat, tmp_path)
             kl += float((log_p.exp() * (log_p - log_q)).sum())
             ce += float(torch.nn.functional.cross_entropy(s, torch.from_numpy(tokens[pos + 1]), reduction="sum"))
             n += len(pos)
-    assert metrics[0]["positions_seen"] == n and metrics[0]["coverage_ok"]
+            agree += float((s.argmax(-1) == z.argmax(-1)).sum())
+    assert metrics[0]["positions_seen"] == n and metrics[0]["coverage_ok"] and metrics[0]["eval_samples"] == n
     assert metrics[0]["loss"] == pytest.approx(0.5 * t * t * kl / n + 0.5 * ce / n, rel=1e-5)
+    assert metrics[0]["teacher_agreement"] == pytest.approx(agree / n)
 
 
 def test_the_tokenizer_template_a_template_file_and_a_bos_template(chat, tmp_path):
