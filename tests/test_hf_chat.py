@@ -29,6 +29,8 @@ SPECIAL = ["<pad>", "<unk>", "<s>", "<|im_start|>", "<|im_end|>", "<|start_heade
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}{% generation %}"
           "{{ m['content'] }}<|im_end|>\n{% endgeneration %}{% else %}{{ m['content'] }}<|im_end|>\n{% endif %}"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+MISTRAL = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+           "{% elif m['role'] == 'assistant' %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")  # no tags
 LLAMA3 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
           "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] | trim }}<|eot_id|>{% endgeneration %}"
           "{% else %}{{ m['content'] | trim }}<|eot_id|>{% endif %}{% endfor %}"
@@ -67,7 +69,8 @@ def chat(tmp_path_factory):
     tok.train_from_iterator(texts * 4, trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL,
                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                                bos_token="<s>", additional_special_tokens=SPECIAL[3:])
+                                                bos_token="<s>", eos_token="<|eot_id|>",
+                                                additional_special_tokens=SPECIAL[3:])
     fast.save_pretrained(d / "plain")  # the same tokenizer without a chat template
     fast.chat_template = CHATML
     config = transformers.LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -77,6 +80,7 @@ def chat(tmp_path_factory):
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(d / "teacher")
     fast.save_pretrained(d / "teacher")
     (d / "llama3.jinja").write_text(LLAMA3)
+    (d / "mistral.jinja").write_text(MISTRAL)
     return {"dir": d, "records": records, "corpus": _write(d / "chat.jsonl", records), "teacher": str(d / "teacher"),
             "plain": str(d / "plain"), "tokenizer": fast}
 
@@ -238,3 +242,55 @@ def test_bad_chat_input_is_one_line_and_writes_nothing(chat, tmp_path):
                     check=False)
     assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1 and cases[0][1] in p.stderr
     assert not out.exists()
+
+
+def test_format_md_recomputes_the_stored_positions_of_a_template_without_generation_tags(chat, tmp_path):
+    """The recomputation FORMAT.md gives, run as written, on a Mistral-style template (no {% generation %})."""
+    from tests.conftest import ROOT
+    doc = (ROOT / "kdcache" / "store" / "FORMAT.md").read_text()
+    snippet = doc.split("Recomputing them\nfrom the document")[1].split("```python\n")[1].split("```")[0]
+    out = str(tmp_path / "m.zarr")
+    spec = f"hf-chat:{chat['corpus']},seq={SEQ},template={chat['dir'] / 'mistral.jinja'}"
+    dump_logits(DumpConfig(teachers=[f"hf:{chat['teacher']}"], dataset=spec, out=out, progress=False))
+    s = open_store(out)
+    ids, offsets = s.sequence_index()
+    labels = s.read(0, s.num_samples).labels
+    tok = chat["tokenizer"]
+
+    def render(messages, gen):
+        return tok.apply_chat_template(messages, chat_template=MISTRAL, tokenize=False, add_generation_prompt=gen)
+    for i, r in enumerate(chat["records"]):
+        scope = {"render": render, "tok": tok, "messages": r["messages"], "seq": SEQ, "np": np}
+        exec(snippet, scope)
+        t, positions = scope["t"], scope["positions"]
+        assert ids[i] == i and offsets[i + 1] - offsets[i] == len(positions) > 0
+        assert labels[offsets[i]:offsets[i + 1]].tolist() == t[positions + 1].tolist()
+        if len(scope["enc"]["input_ids"]) <= SEQ + 1:  # not cut: the end of the last answer is learnt too
+            assert tok.decode(t[positions[-1] + 1]) == "<|eot_id|>"
+
+
+def test_positions_stored_per_sequence_response_only_against_all(chat, tmp_path):
+    """The README's figures: tests/data/chat_kdcache.jsonl holds 27 conversations made from the README's
+    sections (a system prompt, a question, one to three paragraphs as answers, short follow-ups), read with
+    a 1,000-token BPE tokenizer trained on it and a ChatML template; and the short answers of this module's
+    corpus."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from tests.conftest import ROOT
+    corpus = ROOT / "tests" / "data" / "chat_kdcache.jsonl"
+    texts = [m["content"] for line in corpus.read_text().splitlines() for m in json.loads(line)["messages"]]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(texts + ["user", "assistant", "system"], trainers.BpeTrainer(
+        vocab_size=1000, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                                additional_special_tokens=SPECIAL[3:])
+    fast.chat_template = CHATML
+    fast.save_pretrained(tmp_path / "tok")
+    stored = {}
+    for name, path, tokenizer in (("readme", corpus, tmp_path / "tok"), ("short", chat["corpus"], chat["teacher"])):
+        for rows in ("assistant", "all"):
+            n = load_dataset(f"hf-chat:{path},rows={rows},tokenizer={tokenizer}").dataset.lengths()
+            stored[name, rows] = (len(n), int(n.sum()), int(np.median(n)))
+    assert stored == {("readme", "assistant"): (27, 11374, 360), ("readme", "all"): (27, 13201, 411),
+                      ("short", "assistant"): (24, 382, 14), ("short", "all"): (24, 1031, 40)}
