@@ -253,6 +253,8 @@ def test_format_md_recomputes_the_stored_positions_of_a_template_without_generat
     spec = f"hf-chat:{chat['corpus']},seq={SEQ},template={chat['dir'] / 'mistral.jinja'}"
     dump_logits(DumpConfig(teachers=[f"hf:{chat['teacher']}"], dataset=spec, out=out, progress=False))
     s = open_store(out)
+    assert f",template=../{chat['dir'].name}/mistral.jinja" in s.manifest.dataset["spec"]  # relative to the store
+    assert check_teacher(out, [f"hf:{chat['teacher']}"], rows=32).ok  # the dataset found again from the manifest
     ids, offsets = s.sequence_index()
     labels = s.read(0, s.num_samples).labels
     tok = chat["tokenizer"]
