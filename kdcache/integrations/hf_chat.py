@@ -124,9 +124,8 @@ class HFChat(TokenWindows):
     def __init__(self, spec: str) -> None:
         _require()
         path, kv = _kv(spec[len("hf-chat:"):], spec)
-        tok_path, field, template_path = kv.pop("tokenizer", None), kv.pop("messages", "messages"), kv.pop("template",
-                                                                                                            None)
-        split, rows = kv.pop("split", "train"), kv.pop("rows", "assistant")
+        tok_path, template_path = kv.pop("tokenizer", None), kv.pop("template", None)
+        field, split, rows = kv.pop("messages", "messages"), kv.pop("split", "train"), kv.pop("rows", "assistant")
         try:
             seq, holdout = int(kv.pop("seq", str(DEFAULT_SEQ))), int(kv.pop("holdout", "0"))
         except ValueError:
