@@ -13,7 +13,8 @@ Any dataset with the same two methods works as a sequence dataset in kdcache: ``
 ``y [B, L]`` padded on the right to at least the longest of those lengths. A dataset whose rows are
 not its first positions (``hf-chat:`` with ``rows=assistant``: only the positions whose target is an
 assistant token) also has ``row_mask(indices)``, ``[B, L]`` bool with ``lengths(indices)`` True
-entries per item; :func:`row_mask` is the one place the rest of kdcache asks which positions are rows.
+entries per item, and ``widths(indices)``, the positions a model runs on per item; :func:`row_mask`
+and :func:`widths` are where the rest of kdcache asks.
 """
 from __future__ import annotations
 
@@ -53,6 +54,13 @@ def row_mask(dataset: object, indices: np.ndarray, width: int) -> torch.Tensor:
                             f"pad to at least the last position with a row")
         return mask[:, :width]
     return torch.cat([mask, torch.zeros(len(mask), width - mask.shape[1], dtype=torch.bool)], dim=1)
+
+
+def widths(dataset: object, indices: np.ndarray) -> np.ndarray:
+    """Positions per item that a model runs on: its ``widths`` where it has them (``hf-chat:``), else
+    its ``lengths`` (every real position is a row)."""
+    own = getattr(dataset, "widths", None)
+    return np.asarray(own(indices) if own is not None else dataset.lengths(indices), dtype=np.int64)
 
 
 def tokenize(text: str) -> list[str]:

@@ -249,9 +249,9 @@ class HFChat(TokenWindows):
         x, y = super().get_batch(indices)
         return x, torch.where(self.row_mask(indices), y, -1)
 
-    def positions(self) -> int:
-        """Positions fed to the teacher, rows or not."""
-        return int(self._lengths.sum())
+    def widths(self, indices: np.ndarray | None = None) -> np.ndarray:
+        """Positions per sequence fed to a model, rows or not (what a batch of them is padded to)."""
+        return self._lengths if indices is None else self._lengths[np.asarray(indices)]
 
     def rule(self) -> dict[str, str]:
         """What decides the rows: mixed into the dataset fingerprint."""
