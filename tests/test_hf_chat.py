@@ -197,20 +197,24 @@ def test_rows_all_and_rows_assistant_are_different_datasets(chat, tmp_path):
 
 
 def test_a_record_without_an_assistant_turn_is_skipped_and_counted(chat, tmp_path, capfd):
+    late = [{"role": "user", "content": " ".join(WORDS * 3)}, {"role": "assistant", "content": "too late"}]
     records = [*chat["records"][:5], {"messages": [{"role": "user", "content": "hello there"}], "id": 99},
-               *chat["records"][5:8]]
+               *chat["records"][5:8], {"messages": late, "id": 100}]
     corpus = _write(tmp_path / "some.jsonl", records)
     out = str(tmp_path / "s.zarr")
     dump_logits(DumpConfig(teachers=[f"hf:{chat['teacher']}"], dataset=f"hf-chat:{corpus},seq={SEQ}", out=out,
                            progress=False))
-    err = [line for line in capfd.readouterr().err.splitlines() if "assistant message" in line]
-    assert err == ["hf-chat: 1 of 9 records have no assistant message and are skipped (first: record 5)"]
+    err = [line for line in capfd.readouterr().err.splitlines() if "skipped" in line]
+    assert err == ["hf-chat: 1 of 10 records have no assistant message and are skipped (first: record 5)",
+                   f"hf-chat: 1 of 10 records have no assistant token within their first {SEQ + 1} tokens and are "
+                   f"skipped (first: record 9)"]
     m = open_store(out).manifest
-    assert m.sequences["count"] == 8 and m.dataset["chat"]["skipped"]["no_assistant_turn"] == 1
+    assert m.sequences["count"] == 8
+    assert m.dataset["chat"]["skipped"] == {"no_assistant_turn": 1, "no_assistant_token_within_seq": 1}
     data = load_dataset(f"hf-chat:{corpus},seq={SEQ},tokenizer={chat['teacher']}").dataset
     assert data.record_ids.tolist() == [0, 1, 2, 3, 4, 6, 7, 8]
     everything = load_dataset(f"hf-chat:{corpus},seq={SEQ},rows=all,tokenizer={chat['teacher']}").dataset
-    assert len(everything) == 9  # with rows=all it has rows like any other record
+    assert len(everything) == 10  # with rows=all they have rows like any other record
 
 
 def test_bad_chat_input_is_one_line_and_writes_nothing(chat, tmp_path):
@@ -296,3 +300,24 @@ def test_positions_stored_per_sequence_response_only_against_all(chat, tmp_path)
             stored[name, rows] = (len(n), int(n.sum()), int(np.median(n)))
     assert stored == {("readme", "assistant"): (27, 11374, 360), ("readme", "all"): (27, 13201, 411),
                       ("short", "assistant"): (24, 382, 14), ("short", "all"): (24, 1031, 40)}
+
+
+def test_the_fingerprint_recomputes_from_format_md(chat):
+    """FORMAT.md's fingerprint of an hf-chat corpus, from transformers' own assistant mask, numpy and hashlib."""
+    for rows in ("assistant", "all"):
+        want = expected_rows(chat["tokenizer"], chat["records"], rows)
+        n = len(want)
+        idx = np.unique(np.linspace(0, n - 1, min(n, 256)).round().astype(np.int64))
+        width = max(len(want[i][0]) - 1 for i in idx)
+        x = np.full((len(idx), width), chat["tokenizer"].pad_token_id, dtype=np.int64)
+        y = np.full((len(idx), width), -1, dtype=np.int64)
+        for r, i in enumerate(idx):
+            tokens, pos = want[i]
+            x[r, :len(tokens) - 1] = tokens[:-1]
+            y[r, pos] = tokens[pos + 1]
+        h = hashlib.sha256(f"kdcache-fingerprint-1;n={n}".encode())
+        h.update(f";torch.int64;{(width,)}".encode())
+        h.update(x.tobytes() + y.tobytes())
+        rule = {"rows": rows, "rule": "prefix-render-1", "template_sha256": hashlib.sha256(CHATML.encode()).hexdigest()}
+        h.update((";" + json.dumps({"chat": rule}, sort_keys=True, separators=(",", ":"))).encode())
+        assert load_dataset(_spec(chat, rows, tokenizer=chat["teacher"])).fingerprint == h.hexdigest()
