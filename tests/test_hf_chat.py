@@ -133,6 +133,10 @@ def test_stored_rows_are_the_assistant_positions_recomputed_independently(chat, 
     assert m.dataset["chat"]["truncated"] > 0 and not any(m.dataset["chat"]["skipped"].values())
     check = check_teacher(out, [f"hf:{chat['teacher']}"], rows=64)
     assert check.ok and check.top1_agreement == [1.0]
+    from kdcache.summary import format_inspect, inspect_store
+    shown = format_inspect(inspect_store(out))
+    assert (f"a row per position{' whose target is an assistant token' if rows == 'assistant' else ''}, up to "
+            in shown and f"  chat        rows={rows}, rule prefix-render-1" in shown)
 
 
 def test_a_student_is_trained_on_exactly_the_assistant_positions(chat, tmp_path):
