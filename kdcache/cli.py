@@ -125,8 +125,8 @@ def cli() -> None:
               help="Model spec; repeat for an ensemble: mlp:1200,1200, hf:DIR (a transformers causal LM), pkg.mod:fn, "
                    "a train-student checkpoint, or a TorchScript file (deprecated in PyTorch; prefer the others).")
 @click.option("--dataset", required=True,
-              help="Dataset spec: mnist:train, synthetic:N, text:PATH, hf-text:PATH[,seq=N,tokenizer=DIR], FILE.npz, "
-                   "pkg.mod:fn.")
+              help="Dataset spec: mnist:train, synthetic:N, text:PATH, hf-text:PATH[,seq=N,tokenizer=DIR], "
+                   "hf-chat:PATH[,rows=assistant|all,template=FILE], FILE.npz, pkg.mod:fn.")
 @click.option("--out", default=None,
               help="Store path: DIR.zarr, FILE.h5, or an fsspec URL [default: the store cache, keyed by teacher "
                    "and data; a store already there is reused].")

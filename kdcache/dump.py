@@ -25,7 +25,7 @@ from kdcache.store import LogitStore, Manifest, create_store, default_chunk_rows
 from kdcache.store.format import INDEX_CHUNK_FACTOR, sequence_lengths_digest
 from kdcache.store.logit_store import _ranges
 from kdcache.subset import resolve_subset
-from kdcache.text import is_sequence_dataset
+from kdcache.text import is_sequence_dataset, row_mask
 from kdcache.views import ViewAugmenter, Views, make_views
 
 QUEUE_BATCHES = 8
@@ -411,7 +411,7 @@ def dump_logits(cfg: DumpConfig, members: list[ResolvedModel] | None = None) -> 
     Without ``cfg.out`` (or with ``"cache"``) the store goes to the store cache under its key: a
     complete store there is reused without running the teacher, an incomplete one is resumed, and a
     second process asking for the same key waits for the first (see kdcache.cache)."""
-    if cfg.dataset.startswith("hf-text:"):
+    if cfg.dataset.startswith(("hf-text:", "hf-chat:")):
         from kdcache.datasets import with_tokenizer
         cfg = dataclasses.replace(cfg, dataset=with_tokenizer(cfg.dataset, cfg.teachers))
     if cfg.out in (None, "cache"):
@@ -468,7 +468,8 @@ def dump_logits(cfg: DumpConfig, members: list[ResolvedModel] | None = None) -> 
                     if index is None:
                         logits = torch.stack([mod(x) for mod in modules], dim=1).float()
                     else:
-                        logits, y, pos = _token_rows(modules, x, y, index, chunk, pos, unit_rows, device)
+                        logits, y, pos = _token_rows(modules, x, y, index, chunk, pos, unit_rows, device,
+                                                     dataset.dataset)
                     if on_device:  # only the layout's arrays go to the host
                         top1, ens_top1 = predictions(logits)
                         logits = {**layout.encode(chunk * unit_rows // manifest.chunk_rows, logits),
@@ -571,10 +572,12 @@ def token_unit_chunks(m: Manifest, batch_size: int) -> int:
 
 
 def _token_rows(modules: list[torch.nn.Module], x: torch.Tensor, y: torch.Tensor, index: SequenceIndex, unit: int,
-                span: tuple[int, int], unit_rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Run a batch of sequences and keep the rows of their real positions that fall in ``unit``:
-    ``([rows, members, classes], [rows], first row's position in the unit)``. Which rows to keep is
-    worked out on the host, so selecting them on the device drops padding without a sync."""
+                span: tuple[int, int], unit_rows: int, device: torch.device, dataset: Any
+                ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Run a batch of sequences and keep the rows of their positions with a row (the dataset's
+    :func:`kdcache.text.row_mask`) that fall in ``unit``: ``([rows, members, classes], [rows], first
+    row's position in the unit)``. Which rows to keep is worked out on the host, so selecting them on
+    the device drops padding (and positions without a row) without a sync."""
     first, stop = span
     lengths = np.diff(index.offsets[first:stop + 1])
     if x.shape[1] < lengths.max():
@@ -583,7 +586,7 @@ def _token_rows(modules: list[torch.nn.Module], x: torch.Tensor, y: torch.Tensor
     base = int(index.offsets[first])
     a, b = unit * unit_rows, min((unit + 1) * unit_rows, int(index.offsets[-1]))
     lo, hi = max(a, base) - base, min(b, int(index.offsets[stop])) - base
-    real = torch.arange(x.shape[1])[None, :] < torch.from_numpy(lengths)[:, None]
+    real = row_mask(dataset, index.ids[first:stop], x.shape[1])
     keep = real.flatten().nonzero()[lo:hi, 0]  # flat [batch * length] positions of this unit's rows
     out = torch.stack([mod(x) for mod in modules], dim=2).flatten(0, 1)  # [batch * length, members, classes]
     z = out.index_select(0, keep.to(device, non_blocking=True)).float()

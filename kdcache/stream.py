@@ -12,7 +12,7 @@ from kdcache.background import read_ahead
 from kdcache.datasets import ResolvedDataset, fingerprint, get_batch
 from kdcache.errors import StoreError
 from kdcache.store import Block, LogitStore, open_store
-from kdcache.text import is_sequence_dataset
+from kdcache.text import is_sequence_dataset, row_mask
 from kdcache.views import ViewAugmenter, Views, epoch_view
 
 DEFAULT_WINDOW_BYTES = 64 << 20
@@ -51,10 +51,13 @@ class DistillStream(IterableDataset):
 
     A per-token store (a sequence teacher's, a row per position) yields whole sequences instead:
     ``(inputs [B, L], labels [B, L], teacher_logits, mask [B, L])`` where ``batch_size`` counts
-    sequences, ``mask`` marks the real positions (padding is False, and has no stored row) and
-    ``teacher_logits`` holds one row per True entry of ``mask``, in row-major order, so that
+    sequences, ``mask`` marks the positions with a stored row (the dataset's
+    :func:`kdcache.text.row_mask`: its real positions, or for ``hf-chat:`` with ``rows=assistant`` those
+    whose target is an assistant token; padding is False) and ``teacher_logits`` holds one row per True
+    entry of ``mask``, in row-major order, so that
     ``distillation_loss(student(inputs)[mask], teacher_logits, labels[mask], T, alpha)`` is the
-    per-token loss. Shuffling moves whole sequences, never positions.
+    per-token loss. Without a dataset, ``mask`` marks the first entries of each sequence, as many as it
+    has rows. Shuffling moves whole sequences, never positions.
 
     A store with augmented views (``dump-logits --augment SPEC --views V``) is replayed: in epoch
     ``e`` every sample is paired with view ``(seed + e) mod V`` (:func:`kdcache.views.epoch_view`), its
@@ -215,7 +218,8 @@ class DistillStream(IterableDataset):
             if width < n.max():
                 raise StoreError(f"the dataset pads a batch to {width} positions but the store holds sequences of "
                                  f"{int(n.max())}; its get_batch must pad to the longest length in the batch")
-        mask = torch.arange(width)[None, :] < torch.from_numpy(n)[:, None]
+        mask = (torch.arange(width)[None, :] < torch.from_numpy(n)[:, None] if x is None
+                else row_mask(self.dataset, sid, width))
         labels = torch.full((len(sel), width), -1, dtype=torch.long)
         labels[mask] = torch.from_numpy(window.labels[rows])
         out = (x, labels, self._targets(window, rows), mask)
@@ -253,7 +257,8 @@ def _rows_of(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 class DatasetStream(IterableDataset):
     """Plain supervised batches ``(inputs, labels, None)`` over ``indices`` of a dataset, sharded like
     :class:`DistillStream` (ranks and workers), shuffled per epoch from ``seed``. For a sequence dataset
-    (one with ``lengths``) it yields ``(inputs, labels, None, mask)``, ``mask`` marking real positions.
+    (one with ``lengths``) it yields ``(inputs, labels, None, mask)``, ``mask`` marking the positions that
+    would have a row in a store (:func:`kdcache.text.row_mask`).
 
     With ``views`` (a :class:`kdcache.views.Views`), inputs are augmented online with the views a
     store dumped with the same augmentation, views and seed holds: in epoch ``e``, view
@@ -295,6 +300,5 @@ class DatasetStream(IterableDataset):
                 x = self.augmenter.apply(x, self.augmenter.draw(ids, np.full(len(ids), view)))
             out: tuple[Any, ...] = (x, y, None)
             if per_token:
-                lengths = torch.as_tensor(np.asarray(self.dataset.lengths(ids)))
-                out = (*out, torch.arange(x.shape[1])[None, :] < lengths[:, None])
+                out = (*out, row_mask(self.dataset, ids, x.shape[1]))
             yield (*out, torch.from_numpy(ids)) if self.return_ids else out

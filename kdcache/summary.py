@@ -66,6 +66,12 @@ def inspect_store(path: str, fmt: str | None = None, allow_partial: bool = True)
     return info
 
 
+def _row_kind(dataset: dict[str, Any]) -> str:
+    """What a per-token store's rows are: every position, or (hf-chat rows=assistant) some of them."""
+    chat = dataset.get("chat")
+    return "position whose target is an assistant token" if chat and chat["rows"] == "assistant" else "position"
+
+
 def format_inspect(info: dict[str, Any]) -> str:
     lines = [
         f"{info['path']} ({info['backend']}, format v{info['format_version']}, layout {info['layout']})",
@@ -77,8 +83,11 @@ def format_inspect(info: dict[str, Any]) -> str:
         *([f"  views       {info['views']['count']} per sample ({info['shape'][0] // info['views']['count']} samples), "
            f"augment {info['views']['augment']}, seed {info['views']['seed']}, parameters "
            f"{', '.join(info['views']['columns'])}"] if info.get("views") else []),
-        *([f"  sequences   {info['sequences']['count']} (a row per position, up to {info['sequences']['max_length']} "
-           f"each, padding not stored)"] if info.get("sequences") else []),
+        *([f"  sequences   {info['sequences']['count']} (a row per {_row_kind(info['dataset'])}, up to "
+           f"{info['sequences']['max_length']} each, padding not stored)"] if info.get("sequences") else []),
+        *([f"  chat        rows={chat['rows']}, rule {chat['rule']}, template sha256 {chat['template_sha256'][:16]}; "
+           f"records skipped {sum(chat['skipped'].values())}, truncated {chat['truncated']}"]
+          if (chat := info["dataset"].get("chat")) else []),
         f"  on disk     {info['bytes_on_disk'] / 1e6:.2f} MB ({info['bytes_per_sample']:.1f} bytes/row)",
         f"  complete    {info['complete']} ({info['chunks_written']}/{info['num_chunks']} chunks written)",
         f"  dataset     {info['dataset']['spec']} (length {info['dataset']['length']}, subset "

@@ -14,6 +14,7 @@ from kdcache.errors import KdcacheError
 from kdcache.specs import load_model
 from kdcache.store import LogitStore, open_store
 from kdcache.stream import check_pairing
+from kdcache.text import row_mask
 
 # Arithmetic slack beyond the store dtype's rounding, relative to 1 + |z|: the same teacher on another
 # batch composition, thread count or BLAS path differs in the last float32 bits.
@@ -124,8 +125,7 @@ def _stored_and_live(store: LogitStore, sel: np.ndarray, dataset: Any, modules: 
         blocks = [store.read_sequences(int(s), int(s) + 1) for s in sel]
         data = {k: np.concatenate([b.data[k] for b in blocks]) for k in m.data_arrays}
         x, _ = get_batch(dataset, ids[sel])
-        lengths = np.diff(offsets)[sel]
-        real = torch.arange(x.shape[1])[None, :] < torch.from_numpy(lengths)[:, None]
+        real = row_mask(dataset, ids[sel], x.shape[1])
         with torch.inference_mode():
             out = torch.stack([mod(x.to(device)) for mod in modules], dim=2)  # [B, L, members, C]
         return data, out[real.to(device)].float().cpu().numpy()

@@ -14,7 +14,7 @@ from kdcache.datasets import get_batch, load_dataset
 from kdcache.errors import ConfigError
 from kdcache.store import open_store
 from kdcache.stream import check_pairing
-from kdcache.text import is_sequence_dataset
+from kdcache.text import is_sequence_dataset, row_mask, widths
 from kdcache.train.config import TrainConfig
 
 
@@ -56,7 +56,7 @@ class Evaluator:
         n = len(self.data)
         per_token = is_sequence_dataset(self.data.dataset)
         if per_token:  # about 4096 positions a batch: their logits over a large vocabulary are what costs
-            batch_size = max(1, 4096 // int(self.data.dataset.lengths(np.arange(n)).max()))
+            batch_size = max(1, 4096 // int(widths(self.data.dataset, np.arange(n)).max()))
         correct = agree = with_teacher = labelled = row = teacher_right = teacher_labelled = 0
         nll = 0.0
         classes = self.data.num_classes or 0
@@ -66,8 +66,7 @@ class Evaluator:
             x, y = get_batch(self.data.dataset, idx)
             logits = model(x.to(self.device))
             if per_token:
-                lengths = torch.as_tensor(np.asarray(self.data.dataset.lengths(idx)))
-                mask = torch.arange(x.shape[1])[None, :] < lengths[:, None]
+                mask = row_mask(self.data.dataset, idx, x.shape[1])
                 logits, y = logits[mask.to(self.device)], y[mask]
                 has_d = (y >= 0).to(self.device)
                 nll += float(F.cross_entropy(logits[has_d].float(), y.to(self.device)[has_d], reduction="sum"))

@@ -48,7 +48,7 @@ def train_students(cfg: TrainConfig) -> list[dict[str, Any]]:
     settings and final metrics).
     """
     c = cfg.resolved()
-    if any(s and s.startswith("hf-text:") for s in (c.dataset, c.eval_dataset)):
+    if any(s and s.startswith(("hf-text:", "hf-chat:")) for s in (c.dataset, c.eval_dataset)):
         from kdcache.datasets import with_tokenizer  # the teacher's (or the store's) tokenizer by default
         c.dataset = with_tokenizer(c.dataset, c.teachers, c.store)
         c.eval_dataset = with_tokenizer(c.eval_dataset, c.teachers, c.store)
