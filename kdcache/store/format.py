@@ -139,12 +139,18 @@ class Manifest:
         p = self.layout_params
         want = {"dense": set(), "topk": {"k", "temperatures"},
                 "sampled": {"samples", "sampling_temperature", "temperatures", "seed"}}[self.layout]
-        if set(p) != want:
+        optional = {"logprobs"} if self.layout == "topk" else set()
+        if not want <= set(p) <= want | optional:
             raise StoreError(f"layout {self.layout!r} takes parameters {sorted(want) or 'none'}, got {sorted(p)}")
         if "temperatures" in p:
             t = p["temperatures"]
             if not t or any(not isinstance(x, (int, float)) or x <= 0 for x in t) or sorted(t) != list(t):
                 raise StoreError(f"temperatures {t!r}: give an increasing list of positive numbers")
+        if "logprobs" in p:  # imported logprobs (kdcache.logprobs): exact at T = 1, approximated elsewhere
+            lp = p["logprobs"]
+            if (not isinstance(lp, dict) or set(lp) != {"approximated"} or 1.0 not in p["temperatures"]
+                    or sorted(set(lp["approximated"]) | {1.0}) != list(p["temperatures"])):
+                raise StoreError(f"logprobs {lp!r}: give approximated, the grid temperatures other than 1")
         if self.layout == "topk" and not (isinstance(p["k"], int) and 1 <= p["k"] <= self.num_classes):
             raise StoreError(f"k={p['k']} but the teacher has {self.num_classes} classes; "
                              f"k must be between 1 and {self.num_classes}")

@@ -145,7 +145,10 @@ def _check_sparse_settings(store: Any, c: TrainConfig) -> None:
     if "logit-mse" in c.losses:
         raise ConfigError(f"--loss logit-mse matches every logit, and {c.store} is a {m.layout} store, which keeps "
                           f"only some of them; dump a dense store (--layout dense) for it, or use --loss kd")
+    from kdcache.logprobs import check_temperatures
     from kdcache.sparse import SparseTargets
+    if any(a > 0 for a in c.alphas):
+        check_temperatures(m, c.temperatures, c.store)
     empty = torch.zeros(1, m.num_members, 1)
     probe = SparseTargets(m.layout, empty.long(), empty,
                           torch.zeros(1, m.num_members, len(m.layout_params["temperatures"])),
