@@ -109,8 +109,8 @@ def test_imported_store_trains_at_t1_and_refuses_t2_without_the_approximation(lm
     assert other.returncode == 1 and len(other.stderr.strip().splitlines()) == 1
     # with the opt-in, T=2 is served from the uniform-tail normaliser stored at import
     approx = str(tmp_path / "approx.zarr")
-    run_kdcache("import-logprobs", str(tmp_path / "x"), "--preset", "axolotl", "--dataset", lm["data"], "--out",
-                approx, "--approximate-temperatures", "2", "--dtype", "float32")
+    import_logprobs(str(tmp_path / "x"), lm["data"], approx, columns_for("axolotl"), approximate=[2.0], dtype="float32",
+                    progress=False)
     m = open_store(approx).manifest
     assert m.layout_params["logprobs"] == {"approximated": [2.0]} and m.layout_params["temperatures"] == [1.0, 2.0]
     ids, lp, _, s = _logprobs(approx)
@@ -158,7 +158,7 @@ def test_bad_logprob_datasets_are_one_line_and_nothing_is_written_or_lost(lm, tm
         rows[2]["input_ids"] = rows[2]["input_ids"][1:] + [0]
 
     def raw_logits(rows):
-        rows[1]["target_logprobs"][4] = [v + 3 for v in rows[1]["target_logprobs"][4]]
+        rows[1]["target_logprobs"][4] = [v + 8 for v in rows[1]["target_logprobs"][4]]
 
     def short(rows):
         del rows[-1]
