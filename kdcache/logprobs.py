@@ -252,7 +252,7 @@ class ImportSummary:
     positions: int
     k: int
     seconds: float
-    stream_seconds: float  # checking and writing the records, after the corpus is tokenized
+    stream_seconds: float  # reading, checking and writing the records, after the corpus is tokenized
     bytes_on_disk: int
     tail_mean: float
 
@@ -310,6 +310,8 @@ def import_logprobs(src: str, dataset: str, out: str, columns: Columns, *, k: in
         raise SpecError(f"dataset {dataset!r}: logprobs are imported against a tokenized corpus (hf-text:PATH,"
                         f"tokenizer=DIR,seq=N), the one the teacher scored")
     corpus = data.dataset
+    described = data.describe()  # the corpus's fingerprint: work on the corpus, not on the logprobs
+    t1 = time.perf_counter()
     records = open_records(src, split)
     n_seq = len(corpus)
     if len(records) != n_seq:
@@ -332,7 +334,7 @@ def import_logprobs(src: str, dataset: str, out: str, columns: Columns, *, k: in
     manifest = Manifest(
         num_samples=int(offsets[-1]), num_classes=V, num_members=1, dtype=dtype, chunk_rows=chunk_rows or 1,
         members=[{"name": f"0:{name}", "spec": f"logprobs:{portable_spec(src, out)}", "sha256": "0" * 64}],
-        dataset={**data.describe(), "spec": portable_spec(data.spec, out), "subset": None},
+        dataset={**described, "spec": portable_spec(data.spec, out), "subset": None},
         layout="topk", layout_params=params,
         sequences={"count": n_seq, "max_length": int(lengths.max()),
                    "lengths_sha256": sequence_lengths_digest(lengths)})
@@ -342,7 +344,6 @@ def import_logprobs(src: str, dataset: str, out: str, columns: Columns, *, k: in
     _remove(tmp)
     store = create_store(tmp, manifest, fmt, sequence_index=(np.arange(n_seq, dtype=np.int64), offsets))
     bar = _progress(manifest.num_samples, progress, "import-logprobs")
-    t1 = time.perf_counter()
     try:
         tail_sum = _fill(store, corpus, _chain(head, batches), columns, offsets, keep, found_k, approx,
                          tolerance, where, bar)
