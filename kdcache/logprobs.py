@@ -264,6 +264,13 @@ class ImportSummary:
                 f"disk); mean tail mass at T=1 {self.tail_mean:.4f}"]
 
 
+def _relative(path: str, store: str) -> str:
+    """``path`` relative to the directory holding ``store`` (as a manifest records paths)."""
+    if "://" in path:
+        return path
+    return os.path.relpath(os.path.abspath(path), os.path.dirname(os.path.abspath(store)))
+
+
 def _local(path: str, what: str) -> None:
     if "://" in path:
         raise ConfigError(f"{what} {path!r}: give a local path (copy the result to object storage afterwards)")
@@ -333,7 +340,7 @@ def import_logprobs(src: str, dataset: str, out: str, columns: Columns, *, k: in
     name = teacher or Path(src.rstrip("/")).name
     manifest = Manifest(
         num_samples=int(offsets[-1]), num_classes=V, num_members=1, dtype=dtype, chunk_rows=chunk_rows or 1,
-        members=[{"name": f"0:{name}", "spec": f"logprobs:{portable_spec(src, out)}", "sha256": "0" * 64}],
+        members=[{"name": f"0:{name}", "spec": f"logprobs:{_relative(src, out)}", "sha256": "0" * 64}],
         dataset={**described, "spec": portable_spec(data.spec, out), "subset": None},
         layout="topk", layout_params=params,
         sequences={"count": n_seq, "max_length": int(lengths.max()),

@@ -184,3 +184,28 @@ def test_bad_logprob_datasets_are_one_line_and_nothing_is_written_or_lost(lm, tm
         columns_for(None, tokens="input_ids")
     with pytest.raises(StoreError, match="already exists"):
         import_logprobs(str(good), lm["data"], str(out), columns_for("axolotl"), progress=False)
+
+
+def test_an_imported_store_reads_with_plain_zarr_as_format_md_says(lm, tmp_path):
+    """FORMAT.md "Imported logprobs": values are logprobs, the T=1 normaliser 0, an approximated one the
+    uniform-tail formula, and the member's sha256 that of the chunk digests."""
+    import hashlib
+
+    import zarr
+    export_logprobs(lm["store"], str(tmp_path / "x"), "llamakd", progress=False)
+    out = str(tmp_path / "imp.zarr")
+    import_logprobs(str(tmp_path / "x"), lm["data"], out, columns_for("llamakd"), approximate=[4.0], progress=False)
+    g = zarr.open_group(out, mode="r")
+    m = dict(g.attrs["kdcache"])
+    assert m["layout_params"]["logprobs"] == {"approximated": [4.0]} and m["dtype"] == "float16"
+    assert m["members"][0]["sha256"] == hashlib.sha256(g["chunk_sha256"][:].tobytes()).hexdigest()
+    assert m["members"][0]["spec"] == "logprobs:x"
+    v = g["topk_values"][:, 0].astype(np.float64)
+    lse = g["log_normalizers"][:, 0]
+    assert (lse[:, 0] == 0).all()
+    C, k = m["num_classes"], m["layout_params"]["k"]
+    tail = np.clip(1 - np.exp(v).sum(-1), 0, None)
+    want = np.log(np.exp(v / 4).sum(-1) + (C - k) * (tail / (C - k)) ** (1 / 4))
+    np.testing.assert_allclose(lse[:, 1], want, rtol=0, atol=1e-5)
+    _, lp0, _, _ = _logprobs(lm["store"])
+    np.testing.assert_array_equal(g["topk_values"][:, 0], lp0.astype(np.float16))  # fp16 by default
