@@ -209,3 +209,18 @@ def test_an_imported_store_reads_with_plain_zarr_as_format_md_says(lm, tmp_path)
     np.testing.assert_allclose(lse[:, 1], want, rtol=0, atol=1e-5)
     _, lp0, _, _ = _logprobs(lm["store"])
     np.testing.assert_array_equal(g["topk_values"][:, 0], lp0.astype(np.float16))  # fp16 by default
+
+
+def test_a_manifest_with_malformed_logprobs_parameters_is_refused():
+    from kdcache.store import Manifest
+    base = dict(num_samples=4, num_classes=10, num_members=1, dtype="float16", chunk_rows=4,
+                members=[{"name": "0:t", "spec": "logprobs:x", "sha256": "0" * 64}], dataset={}, layout="topk")
+    Manifest(**base, layout_params={"k": 2, "temperatures": [1.0, 2.0], "logprobs": {"approximated": [2.0]}})
+    for lp, temps in (({"approximated": [2.0]}, [1.0]), ({"approximated": []}, [2.0]), ({}, [1.0]),
+                      ({"approximated": [], "tail": "uniform"}, [1.0])):
+        with pytest.raises(StoreError, match="give approximated"):
+            Manifest(**base, layout_params={"k": 2, "temperatures": temps, "logprobs": lp})
+    with pytest.raises(StoreError, match="takes parameters"):
+        Manifest(**{**base, "layout": "sampled"}, layout_params={"samples": 2, "sampling_temperature": 1.0,
+                                                                 "temperatures": [1.0], "seed": 0,
+                                                                 "logprobs": {"approximated": []}})
