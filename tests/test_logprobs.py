@@ -96,7 +96,7 @@ def test_imported_store_trains_at_t1_and_refuses_t2_without_the_approximation(lm
     assert "positions/s" in p.stdout and "bytes per position" in p.stdout
     student = ["--student", "hf:llama,hidden=16,layers=1,heads=2", "--optimizer", "adam", "--lr", "0.003"]
     run = ["train-student", "--dataset", lm["data"], "--store", store, *student, "--epochs", "2"]
-    run_kdcache(*run, "--temperature", "1", "--out", str(tmp_path / "s1"))
+    assert invoke_kdcache(*run, "--temperature", "1", "--out", str(tmp_path / "s1")).returncode == 0
     metrics = json.loads((tmp_path / "s1" / "metrics.json").read_text())
     assert metrics[-1]["loss"] < metrics[0]["loss"]
     refused = invoke_kdcache(*run, "--temperature", "2", "--out", str(tmp_path / "s2"))
@@ -116,8 +116,9 @@ def test_imported_store_trains_at_t1_and_refuses_t2_without_the_approximation(lm
     ids, lp, _, s = _logprobs(approx)
     lse2 = s.read(0, s.num_samples).data["log_normalizers"][:, 0, 1]
     np.testing.assert_allclose(lse2, uniform_tail_log_normalizer(lp, m.num_classes, 2.0), rtol=0, atol=1e-5)
-    run_kdcache(*[a if a != store else approx for a in run], "--temperature", "2", "--epochs", "1", "--out",
-                str(tmp_path / "s4"))
+    p = invoke_kdcache(*[a if a != store else approx for a in run], "--temperature", "2", "--epochs", "1", "--out",
+                       str(tmp_path / "s4"))
+    assert p.returncode == 0 and (tmp_path / "s4" / "metrics.json").exists()
 
 
 def test_the_uniform_tail_normaliser_is_exact_for_a_uniform_tail_and_bounds_others():
@@ -224,3 +225,18 @@ def test_a_manifest_with_malformed_logprobs_parameters_is_refused():
         Manifest(**{**base, "layout": "sampled"}, layout_params={"samples": 2, "sampling_temperature": 1.0,
                                                                  "temperatures": [1.0], "seed": 0,
                                                                  "logprobs": {"approximated": []}})
+
+
+def test_a_smaller_k_keeps_the_largest_and_moves_the_rest_to_the_tail_in_hdf5(lm, tmp_path):
+    export_logprobs(lm["store"], str(tmp_path / "x"), "vllm", progress=False)
+    out = str(tmp_path / "top3.h5")
+    import_logprobs(str(tmp_path / "x"), lm["data"], out, columns_for("vllm"), k=3, dtype="float32", progress=False)
+    ids0, lp0, _, _ = _logprobs(lm["store"])
+    ids1, lp1, tail1, s = _logprobs(out)
+    assert s.format == "hdf5" and s.manifest.layout_params["k"] == 3
+    np.testing.assert_array_equal(ids1, ids0[:, :3])
+    np.testing.assert_allclose(tail1, 1 - np.exp(lp0[:, :3].astype(np.float64)).sum(-1), rtol=0, atol=1e-6)
+    with pytest.raises(ConfigError, match=f"holds the top {K} per position"):
+        import_logprobs(str(tmp_path / "x"), lm["data"], str(tmp_path / "more.h5"), columns_for("vllm"), k=K + 1,
+                        progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["top3.h5", "x"]
