@@ -466,9 +466,10 @@ def store_fidelity(path: str, rows: int = 4000, ks: tuple[int, ...] = (1, 5, 20,
     from kdcache.store import open_store
     store = open_store(path)
     m = store.manifest
-    if m.layout != "dense":
+    if not m.store_layout.keeps_every_logit:
         raise StoreError(f"--logits {path}: a {m.layout} store; top-k fidelity is measured against dense logits")
-    z = store.read(0, min(rows, m.num_samples)).logits[:, 0].astype(np.float32)
+    blk = store.read(0, min(rows, m.num_samples))
+    z = m.store_layout.targets({k: blk.data[k] for k in m.logit_arrays}).numpy()[:, 0]
     store.close()
     return {"store": path, "classes": m.num_classes, "rows": len(z), "per_token": m.per_token,
             "teacher": m.members[0]["spec"], "dataset": m.dataset["spec"],

@@ -5,7 +5,7 @@
 Logprobs are ``log_softmax(z)`` at T = 1, so an imported store keeps them as its ``topk_values`` with
 ``log_normalizers`` 0 at T = 1: the kept entries and the tail mass ``1 - sum(exp(logprobs))`` are exact
 there. At another T the full vocabulary would be needed; a store only serves one when the import was
-told to approximate it (``approximate``): the tail's mass is spread evenly over the ``V - k`` ids not
+told to approximate it (``approximate_temperatures``): the tail's mass is spread evenly over the ``V - k`` ids not
 kept (see :func:`uniform_tail_log_normalizer`). The manifest says so in ``layout_params["logprobs"]``.
 
 Record ``r`` of a logprob dataset belongs to sequence ``r`` of the tokenized corpus (an ``hf-text:``
@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -76,15 +76,16 @@ def columns_for(preset: str | None, tokens: str | None = None, ids: str | None =
     """A preset's columns with any given name or offset replacing its own; without a preset, ``tokens``
     and ``logprobs`` are needed (``ids`` None: ``logprobs`` holds ``[rows, 2, k]`` pairs)."""
     if preset is not None and preset not in PRESETS:
-        raise ConfigError(f"preset {preset!r}: use one of {', '.join(PRESETS)}")
+        raise ConfigError(f"{{param:preset}} {preset!r}: use one of {', '.join(PRESETS)}")
     if preset is None and not (tokens and logprobs):
-        raise ConfigError(f"give a preset ({', '.join(PRESETS)}) or the tokens and logprobs columns")
+        raise ConfigError(f"give a {{param:preset}} ({', '.join(PRESETS)}) or the tokens and logprobs columns "
+                          f"({{param:tokens_column}}, {{param:logprobs_column}})")
     base = PRESETS[preset] if preset else Columns(tokens or "", logprobs or "", ids)
     given = {k: v for k, v in {"tokens": tokens, "ids": ids, "logprobs": logprobs, "offset": offset}.items()
              if v is not None}
     cols = replace(base, **given)
     if cols.offset < 0:
-        raise ConfigError(f"offset {cols.offset}: the record row of store row 0 is 0 or more")
+        raise ConfigError(f"{{param:offset}} {cols.offset}: the record row of store row 0 is 0 or more")
     return cols
 
 
@@ -103,16 +104,13 @@ def uniform_tail_log_normalizer(logprobs: np.ndarray, num_classes: int, temperat
     return np.log(kept + rest * (tail / rest) ** (1 / temperature))
 
 
-def check_temperatures(manifest: Any, temperatures: list[float], store: str) -> None:
-    """Refuse, with one line, training from imported logprobs at a T their store does not serve."""
-    p = manifest.layout_params
-    if "logprobs" not in p:
-        return
+def check_temperatures(grid: list[float], temperatures: Sequence[float]) -> None:
+    """Refuse, with one line, training from imported logprobs (a store of ``grid``) at another T."""
     for t in temperatures:
-        if not any(abs(t - g) <= 1e-9 * max(1.0, g) for g in p["temperatures"]):
-            raise ConfigError(f"store {store!r} holds imported logprobs, exact at T=1 only (the tail's shape is "
-                              f"unknown), and temperature {t:g} is not in its grid {p['temperatures']}; train at "
-                              f"--temperature 1, or re-import with --approximate-temperatures {t:g} to accept the "
+        if not any(abs(t - g) <= 1e-9 * max(1.0, g) for g in grid):
+            raise ConfigError(f"the store holds imported logprobs, exact at T=1 only (the tail's shape is unknown), "
+                              f"and temperature {t:g} is not in its grid {list(grid)}; train at {{param:temperature}} "
+                              f"1, or re-import with {{param:approximate_temperatures}} {t:g} to accept the "
                               f"uniform-tail approximation")
 
 
@@ -271,9 +269,10 @@ def _relative(path: str, store: str) -> str:
     return os.path.relpath(os.path.abspath(path), os.path.dirname(os.path.abspath(store)))
 
 
-def _local(path: str, what: str) -> None:
+def _local(path: str, param: str) -> None:
     if "://" in path:
-        raise ConfigError(f"{what} {path!r}: give a local path (copy the result to object storage afterwards)")
+        raise ConfigError(f"{{param:{param}}} {path!r}: give a local path (copy the result to object storage "
+                          f"afterwards)")
 
 
 def _temporary(out: str) -> str:
@@ -290,7 +289,8 @@ def _remove(path: str) -> None:
 
 
 def import_logprobs(src: str, dataset: str, out: str, columns: Columns, *, k: int | None = None,
-                    dtype: str = "float16", approximate: list[float] | None = None, fmt: str | None = None,
+                    dtype: str = "float16", approximate_temperatures: list[float] | None = None,
+                    fmt: str | None = None,
                     chunk_rows: int | None = None, split: str = "train", overwrite: bool = False,
                     tolerance: float = SUM_TOLERANCE, teacher: str | None = None, batch_records: int = 64,
                     progress: bool | None = None) -> ImportSummary:
@@ -305,13 +305,14 @@ def import_logprobs(src: str, dataset: str, out: str, columns: Columns, *, k: in
     from kdcache.text import is_sequence_dataset
     t0 = time.perf_counter()
     where = f"logprob dataset {src}"
-    _local(out, "--out")
+    _local(out, "out")
     fmt = detect_format(out, fmt)
     if os.path.exists(out) and not overwrite:
-        raise StoreError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
-    approx = sorted({float(t) for t in approximate or []} - {1.0})
+        raise StoreError(f"{out} already exists; pass {{param:overwrite}} to replace it or choose another "
+                         f"{{param:out}}")
+    approx = sorted({float(t) for t in approximate_temperatures or []} - {1.0})
     if any(t <= 0 for t in approx):
-        raise ConfigError(f"approximate temperatures {approx}: give positive numbers")
+        raise ConfigError(f"{{param:approximate_temperatures}} {approx}: give positive numbers")
     data = load_dataset(dataset)
     if not is_sequence_dataset(data.dataset) or not hasattr(data.dataset, "identity"):
         raise SpecError(f"dataset {dataset!r}: logprobs are imported against a tokenized corpus (hf-text:PATH,"
@@ -335,7 +336,7 @@ def import_logprobs(src: str, dataset: str, out: str, columns: Columns, *, k: in
         raise StoreError(f"{where}: record 0 has no logprobs at row {columns.offset}; check the preset's offset")
     keep = k or found_k
     if keep > found_k:
-        raise ConfigError(f"--k {keep} but {where} holds the top {found_k} per position")
+        raise ConfigError(f"{{param:k}} {keep} but {where} holds the top {found_k} per position")
     params = {"k": keep, "temperatures": sorted({1.0, *approx}), "logprobs": {"approximated": approx}}
     name = teacher or Path(src.rstrip("/")).name
     manifest = Manifest(
@@ -481,8 +482,8 @@ def export_logprobs(store: str, to: str, preset: str = "llamakd", *, fmt: str = 
     t0 = time.perf_counter()
     cols = columns_for(preset)
     if fmt not in FORMATS:
-        raise ConfigError(f"format {fmt!r}: use one of {', '.join(FORMATS)}")
-    _local(to, "--to")
+        raise ConfigError(f"{{param:fmt}} {fmt!r}: use one of {', '.join(FORMATS)}")
+    _local(to, "to")
     s = open_store(store)
     m = s.manifest
     p = m.layout_params
@@ -494,19 +495,20 @@ def export_logprobs(store: str, to: str, preset: str = "llamakd", *, fmt: str = 
         raise StoreError(f"{store}: its grid {p['temperatures']} lacks T=1, where logprobs are taken; re-dump or "
                          f"convert with 1 in --temperatures")
     if member is None and m.num_members > 1:
-        raise ConfigError(f"{store} holds {m.num_members} members; choose one with --member")
+        raise ConfigError(f"{store} holds {m.num_members} members; choose one with {{param:member}}")
     member = member or 0
     if not 0 <= member < m.num_members:
-        raise ConfigError(f"--member {member}: {store} has members 0..{m.num_members - 1}")
+        raise ConfigError(f"{{param:member}} {member}: {store} has members 0..{m.num_members - 1}")
     spec = dataset or recorded_spec(m.dataset["spec"], store)
     data = load_dataset(spec)
     if data.fingerprint != m.dataset["fingerprint"]:
         raise StoreError(f"dataset {spec!r} is not the corpus {store} was dumped from (fingerprints differ); give "
-                         f"--dataset with the corpus and tokenizer of the dump")
+                         f"{{param:dataset}} with the corpus and tokenizer of the dump")
     target = Path(to)
     out = target / f"data.{fmt}"
     if out.exists() and not overwrite:
-        raise StoreError(f"{out} already exists; pass --overwrite to replace it or choose another --to")
+        raise StoreError(f"{out} already exists; pass {{param:overwrite}} to replace it or choose another "
+                         f"{{param:to}}")
     target.mkdir(parents=True, exist_ok=True)
     tmp = target / f".data.partial-{os.getpid()}.{fmt}"
     seq_ids, offsets = s.sequence_index()
@@ -600,19 +602,9 @@ def _table(cols: Columns, lp: np.ndarray, ids: np.ndarray, x: np.ndarray, y: np.
     return pa.table(out)
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _progress(total: int, show: bool | None, desc: str) -> Any:
-    if not (show if show is not None else sys.stderr.isatty()):
-        return _NoBar()
-    from tqdm import tqdm
-    return tqdm(total=total, unit="positions", unit_scale=True, desc=desc, file=sys.stderr)
+    from kdcache.progress import progress_bar
+    return progress_bar(total, show if show is not None else sys.stderr.isatty(), desc, "positions")
 
 
 __all__ = ["Columns", "PRESETS", "columns_for", "import_logprobs", "export_logprobs", "check_rows",

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import math
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from kdcache.background import read_ahead
 from kdcache.datasets import ResolvedDataset, fingerprint, get_batch
 from kdcache.errors import StoreError
 from kdcache.store import Block, LogitStore, open_store
@@ -18,32 +18,6 @@ from kdcache.views import ViewAugmenter, Views, epoch_view
 DEFAULT_WINDOW_BYTES = 64 << 20
 MIN_BLOCKS = 64
 READ_AHEAD = {"local": 2, "remote": 8}  # blocks in flight by default
-T = TypeVar("T")
-
-
-def read_ahead(read: Callable[..., T], items: list[tuple[int, int]], depth: int) -> Iterator[T]:
-    """``read(*item)`` for every item, in order, with up to ``depth`` reads running ahead in threads
-    (hides the latency of object storage; memory is bounded by ``depth`` blocks). ``depth`` 0 reads
-    one after another in this thread."""
-    if depth <= 0 or len(items) <= 1:
-        for item in items:
-            yield read(*item)
-        return
-    pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="kdcache-read")
-    pending: list[Future] = []
-    try:
-        nxt = 0
-        for _ in range(len(items)):
-            while nxt < len(items) and len(pending) < depth:
-                pending.append(pool.submit(read, *items[nxt]))
-                nxt += 1
-            yield pending.pop(0).result()
-    finally:  # the consumer stopped early, or a read failed: drop what is queued, wait for what runs
-        for f in pending:
-            f.cancel()
-        pool.shutdown(wait=True)
-
-
 def check_pairing(store: LogitStore, dataset: Any, spec: str | None = None) -> None:
     """Refuse a dataset that is not the one the store was dumped from (length, then fingerprint)."""
     want = store.manifest.dataset
@@ -258,12 +232,8 @@ class DistillStream(IterableDataset):
     def _targets(self, window: Block, sel: np.ndarray) -> Any:
         """Dense: raw logits ``[batch, members, classes]`` float32. Sparse: :class:`SparseTargets`."""
         m = self.store.manifest
-        d = window.data
-        if m.layout == "dense":
-            return torch.from_numpy(d["logits"][sel].astype(np.float32))
-        from kdcache.sparse import targets_from_arrays
-        return targets_from_arrays(m, {k: d[k][sel] for k in m.logit_arrays}, self.allow_interpolation,
-                                   self.store.path)
+        return m.store_layout.targets({k: window.data[k][sel] for k in m.logit_arrays}, self.allow_interpolation,
+                                      self.store.path)
 
 
 def _concat(blocks: list[Block]) -> Block:

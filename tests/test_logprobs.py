@@ -109,8 +109,8 @@ def test_imported_store_trains_at_t1_and_refuses_t2_without_the_approximation(lm
     assert other.returncode == 1 and len(other.stderr.strip().splitlines()) == 1
     # with the opt-in, T=2 is served from the uniform-tail normaliser stored at import
     approx = str(tmp_path / "approx.zarr")
-    import_logprobs(str(tmp_path / "x"), lm["data"], approx, columns_for("axolotl"), approximate=[2.0], dtype="float32",
-                    progress=False)
+    import_logprobs(str(tmp_path / "x"), lm["data"], approx, columns_for("axolotl"), approximate_temperatures=[2.0],
+                    dtype="float32", progress=False)
     m = open_store(approx).manifest
     assert m.layout_params["logprobs"] == {"approximated": [2.0]} and m.layout_params["temperatures"] == [1.0, 2.0]
     ids, lp, _, s = _logprobs(approx)
@@ -195,7 +195,8 @@ def test_an_imported_store_reads_with_plain_zarr_as_format_md_says(lm, tmp_path)
     import zarr
     export_logprobs(lm["store"], str(tmp_path / "x"), "llamakd", progress=False)
     out = str(tmp_path / "imp.zarr")
-    import_logprobs(str(tmp_path / "x"), lm["data"], out, columns_for("llamakd"), approximate=[4.0], progress=False)
+    import_logprobs(str(tmp_path / "x"), lm["data"], out, columns_for("llamakd"), approximate_temperatures=[4.0],
+                    progress=False)
     g = zarr.open_group(out, mode="r")
     m = dict(g.attrs["kdcache"])
     assert m["layout_params"]["logprobs"] == {"approximated": [4.0]} and m["dtype"] == "float16"

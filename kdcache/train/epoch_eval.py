@@ -12,7 +12,6 @@ from torch import nn
 
 from kdcache.datasets import get_batch, load_dataset
 from kdcache.errors import ConfigError
-from kdcache.losses import teacher_log_probs
 from kdcache.store import open_store
 from kdcache.stream import check_pairing
 from kdcache.text import is_sequence_dataset
@@ -105,9 +104,7 @@ class Evaluator:
 
 def teacher_top1(store: Any, blk: Any, ensemble: str, members: list[int] | None) -> torch.Tensor:
     """The teacher's (ensemble's) predicted class for each row of a block, for any layout."""
-    if store.manifest.layout == "dense":
-        return teacher_log_probs(torch.from_numpy(blk.logits), 1.0, ensemble, members).argmax(-1)
-    from kdcache.sparse import targets_from_arrays
-    return targets_from_arrays(store.manifest, blk.data).member(members).top1()[:, 0]
+    m = store.manifest
+    return m.store_layout.predicted({k: blk.data[k] for k in m.logit_arrays}, ensemble, members)
 
 
