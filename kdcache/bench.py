@@ -22,6 +22,7 @@ import torch
 from kdcache._version import __version__
 from kdcache.bench_common import BENCH_NAMES as BENCHES
 from kdcache.bench_common import FULL, QUICK, Profile, interleave, interleave_all
+from kdcache.losses import teacher_log_probs
 
 
 # -- 1. store read ------------------------------------------------------------------------------
@@ -433,7 +434,7 @@ def topk_fidelity(z: np.ndarray, ks: list[int], temperatures: list[float]) -> li
             continue
         kept = order[:, :k]
         for t in temperatures:
-            logp = z64 / t - _lse(z64 / t)[:, None]
+            logp = teacher_log_probs(torch.from_numpy(z64)[:, None], t).numpy()
             p = np.exp(logp)
             pk = np.take_along_axis(p, kept, 1)
             tail = np.clip(1 - pk.sum(1), 0, 1)
@@ -452,11 +453,6 @@ def topk_fidelity(z: np.ndarray, ks: list[int], temperatures: list[float]) -> li
                         "kl_topk_renormalised_vs_full": float(kl_renorm.mean()),
                         "kl_full_vs_topk_renormalised": float("inf") if tail.max() > 0 else 0.0})
     return out
-
-
-def _lse(a: np.ndarray) -> np.ndarray:
-    m = a.max(1)
-    return m + np.log(np.exp(a - m[:, None]).sum(1))
 
 
 def store_fidelity(path: str, rows: int = 4000, ks: tuple[int, ...] = (1, 5, 20, 100),

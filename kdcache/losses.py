@@ -40,7 +40,8 @@ def teacher_log_probs(teacher_logits: torch.Tensor, temperature: float | Sequenc
         members: indices of the members to use; all when None.
 
     Returns:
-        ``[batch, classes]`` float32 log-probabilities.
+        ``[batch, classes]`` float32 log-probabilities (float64 for float64 logits). The one place stored
+        logits are tempered: numpy callers convert with ``torch.from_numpy``.
     """
     many = not isinstance(temperature, (int, float))
     temps = [float(t) for t in temperature] if many else [float(temperature)]
@@ -48,13 +49,13 @@ def teacher_log_probs(teacher_logits: torch.Tensor, temperature: float | Sequenc
         raise KdcacheError(f"temperature must be positive, got {temperature}")
     if teacher_logits.ndim != 3:
         raise KdcacheError(f"teacher_logits must be [batch, members, classes], got shape {tuple(teacher_logits.shape)}")
-    z = teacher_logits.float()
+    z = teacher_logits if teacher_logits.dtype == torch.float64 else teacher_logits.float()
     if members is not None:
         bad = [m for m in members if not 0 <= m < z.shape[1]]
         if bad or not members:
             raise KdcacheError(f"members {list(members)} asked for, the store has members 0..{z.shape[1] - 1}")
         z = z[:, list(members)]
-    t = _constant(tuple(temps), z.device).view(-1, 1, 1, 1) if many else temperature
+    t = _constant(tuple(temps), z.device, z.dtype).view(-1, 1, 1, 1) if many else temperature
     if ensemble == "mean-prob":
         if z.shape[1] == 1:  # one member: the mean is the member itself (the same values, two ops fewer)
             return F.log_softmax(z[:, 0] / (t[..., 0] if many else t), dim=-1)

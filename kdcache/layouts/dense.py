@@ -6,7 +6,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from kdcache.layouts import Layout, register
+from kdcache.layouts.base import Layout, register
 from kdcache.losses import teacher_log_probs
 
 ENTROPY_TEMPERATURES = (1.0, 2.0, 4.0, 10.0, 20.0)  # where ``inspect`` reports the soft targets' entropy

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from kdcache.errors import StoreError
-from kdcache.layouts import register
+from kdcache.layouts.base import register
 from kdcache.layouts.sparse import SparseLayout, SparseTargets, log_normalizers, need, temperature_grid
 
 SEED_STRIDE = 1_000_003  # chunk c of a store with seed s draws from torch.Generator().manual_seed(s * SEED_STRIDE + c)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from kdcache.errors import KdcacheError, SpecError, StoreError
-from kdcache.layouts import Layout
+from kdcache.layouts.base import Layout
 
 DEFAULT_TEMPERATURES = (1.0, 2.0, 4.0, 8.0, 20.0)
 
@@ -151,7 +151,7 @@ class SparseTargets:
 
     def __post_init__(self) -> None:
         if isinstance(self.layout, str):
-            from kdcache.layouts import layout_class
+            from kdcache.layouts.base import layout_class
             self.layout = layout_class(self.layout)
 
     def _map(self, fn: Any) -> "SparseTargets":

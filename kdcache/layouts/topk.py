@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from kdcache.errors import SpecError, StoreError
-from kdcache.layouts import register
+from kdcache.layouts.base import register
 from kdcache.layouts.sparse import SparseLayout, SparseTargets, device_normalizers, need, temperature_grid
 
 

@@ -26,7 +26,7 @@ from kdcache.errors import KdcacheError, StoreError
 def parse_size(text: str | int) -> int:
     """``"20GB"``, ``"512MiB"``, ``1000000`` -> bytes (:func:`kdcache.sizes.parse_size`)."""
     try:
-        return sizes.parse_size(text)
+        return sizes.parse_size(text, "max_bytes")
     except KdcacheError as e:
         raise StoreError(str(e)) from None
 
