@@ -290,10 +290,9 @@ def _remove(path: str) -> None:
 
 def import_logprobs(src: str, dataset: str, out: str, columns: Columns, *, k: int | None = None,
                     dtype: str = "float16", approximate_temperatures: list[float] | None = None,
-                    fmt: str | None = None,
-                    chunk_rows: int | None = None, split: str = "train", overwrite: bool = False,
-                    tolerance: float = SUM_TOLERANCE, teacher: str | None = None, batch_records: int = 64,
-                    progress: bool | None = None) -> ImportSummary:
+                    fmt: str | None = None, chunk_rows: int | None = None, split: str = "train",
+                    overwrite: bool = False, tolerance: float = SUM_TOLERANCE, teacher: str | None = None,
+                    batch_records: int = 64, progress: bool | None = None) -> ImportSummary:
     """Import the logprob dataset ``src`` (records aligned with the sequences of the ``hf-text:`` corpus
     ``dataset``) into a per-token top-k store at ``out``, streaming a batch of records at a time.
 
@@ -366,9 +365,11 @@ def import_logprobs(src: str, dataset: str, out: str, columns: Columns, *, k: in
         raise
     finally:
         bar.close()
-    if os.path.exists(out):
-        _remove(out)
+    old = f"{tmp}.replaced"
+    if os.path.exists(out):  # moved aside, not deleted, until the new store is in place
+        os.replace(out, old)
     os.replace(tmp, out)
+    _remove(old)
     t2 = time.perf_counter()
     return ImportSummary(out, n_seq, manifest.num_samples, keep, t2 - t0, t2 - t1, nbytes,
                          tail_sum / max(1, manifest.num_samples))

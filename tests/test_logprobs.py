@@ -180,6 +180,8 @@ def test_bad_logprob_datasets_are_one_line_and_nothing_is_written_or_lost(lm, tm
                            str(out), "--overwrite")
         assert p.returncode == 1 and message in p.stderr
         assert (open_store(str(out)).digests() == before).all()  # the store already there is untouched
+    import_logprobs(str(good), lm["data"], str(out), columns_for("axolotl"), k=2, overwrite=True, progress=False)
+    assert open_store(str(out)).manifest.layout_params["k"] == 2  # replaced once the import succeeded
     assert sorted(os.listdir(tmp_path)) == sorted(["good", "kept.zarr", *(c.__name__ for c, _ in cases)])
     with pytest.raises(ConfigError, match="give a preset"):
         columns_for(None, tokens="input_ids")
