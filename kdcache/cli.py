@@ -655,5 +655,82 @@ def convert_cmd(src: str, dst: str, dtype: str | None, fmt: str | None, compress
     t.close()
 
 
+_preset_help = "Column layout: llamakd (inputs, targets [L, 2, k]), axolotl (Axolotl's KD plugin), vllm."
+
+
+@cli.command("import-logprobs")
+@click.argument("src")
+@click.option("--dataset", required=True,
+              help="The tokenized corpus the logprobs were computed on: hf-text:PATH,tokenizer=DIR,seq=N.")
+@click.option("--out", required=True, help="The top-k store to write (.zarr or .h5).")
+@click.option("--preset", type=click.Choice(["llamakd", "axolotl", "vllm"]), default=None, help=_preset_help)
+@click.option("--tokens-column", default=None, help="Column of token ids [default: the preset's].")
+@click.option("--ids-column", default=None,
+              help="Column of top-k token ids [rows, k] [default: the preset's; none: --logprobs-column holds pairs].")
+@click.option("--logprobs-column", default=None, help="Column of top-k logprobs [rows, k] (or pairs [rows, 2, k]).")
+@click.option("--offset", type=click.IntRange(0), default=None,
+              help="Record row of the prediction made at the first position [default: the preset's; vllm: 1].")
+@click.option("--k", type=click.IntRange(1), default=None, help="Keep the top k of each row [default: all].")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--approximate-temperatures", default=None,
+              help="Also serve these T, with the tail's mass spread evenly over the ids not kept (an approximation; "
+                   "without it only T=1 is served).")
+@click.option("--split", default="train", show_default=True, help="Split of a save_to_disk logprob dataset.")
+@click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]), default=None)
+@click.option("--chunk-rows", type=click.IntRange(1), default=None)
+@click.option("--teacher-name", default=None, help="The teacher's name in the manifest [default: SRC's name].")
+@click.option("--overwrite", is_flag=True, help="Replace a store at --out (once the import succeeded).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
+@_friendly
+def import_logprobs_cmd(src: str, dataset: str, out: str, preset: str | None, tokens_column: str | None,
+                        ids_column: str | None, logprobs_column: str | None, offset: int | None, k: int | None,
+                        dtype: str, approximate_temperatures: str | None, split: str, fmt: str | None,
+                        chunk_rows: int | None, teacher_name: str | None, overwrite: bool,
+                        progress: bool | None) -> None:
+    """Import a top-k logprob dataset (vLLM prompt_logprobs, Axolotl KD, Hub) into a top-k store.
+
+    Each record must belong to the corpus sequence of the same index: its token ids are checked
+    against the tokenized corpus. The store is exact at T=1 only.
+
+    \b
+    kdcache import-logprobs teacher-logprobs/ --preset llamakd \\
+        --dataset hf-text:corpus.jsonl,tokenizer=tok,seq=1024 --out teacher.zarr
+    kdcache import-logprobs kd.parquet --preset axolotl --dataset hf-text:chat.jsonl,tokenizer=tok \\
+        --out teacher.zarr --approximate-temperatures 2
+    """
+    from kdcache.logprobs import columns_for, import_logprobs
+    cols = columns_for(preset, tokens_column, ids_column, logprobs_column, offset)
+    temps = _floats(approximate_temperatures, "--approximate-temperatures") if approximate_temperatures else None
+    summary = import_logprobs(src, dataset, out, cols, k=k, dtype=dtype, approximate_temperatures=temps, fmt=fmt,
+                              chunk_rows=chunk_rows, split=split, overwrite=overwrite, teacher=teacher_name,
+                              progress=progress)
+    for line in summary.lines():
+        click.echo(line)
+
+
+@cli.command("export-logprobs")
+@click.argument("store")
+@click.option("--to", "to", required=True, help="Directory to write data.parquet (or data.jsonl) into.")
+@click.option("--preset", type=click.Choice(["llamakd", "axolotl", "vllm"]), default="llamakd", show_default=True,
+              help=_preset_help)
+@click.option("--format", "fmt", type=click.Choice(["parquet", "jsonl"]), default="parquet", show_default=True)
+@click.option("--member", type=click.IntRange(0), default=None, help="Member to export [default: the only one].")
+@click.option("--dataset", default=None, help="The corpus [default: the one the store records].")
+@click.option("--overwrite", is_flag=True)
+@click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
+@_friendly
+def export_logprobs_cmd(store: str, to: str, preset: str, fmt: str, member: int | None, dataset: str | None,
+                        overwrite: bool, progress: bool | None) -> None:
+    """Write a per-token top-k store as a top-k logprob dataset (logprobs at T=1, float32).
+
+    \b
+    kdcache export-logprobs teacher.zarr --to teacher-logprobs --preset axolotl
+    """
+    from kdcache.logprobs import export_logprobs
+    summary = export_logprobs(store, to, preset, fmt=fmt, member=member, dataset=dataset, overwrite=overwrite,
+                              progress=progress)
+    for line in summary.lines():
+        click.echo(line)
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(cli())

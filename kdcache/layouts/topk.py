@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -26,14 +26,34 @@ class TopK(SparseLayout):
     lowest_id = 0
     k: int
     temperatures: list[float]
+    # imported logprobs (kdcache.logprobs): the values are log_softmax at T = 1, exact there; the grid's
+    # other temperatures ("approximated") hold the uniform-tail approximation. None: raw logits.
+    logprobs: dict[str, Any] | None = None
 
     @classmethod
     def from_params(cls, params: dict[str, Any], num_classes: int) -> "TopK":
-        layout = super().from_params(params, num_classes)
+        lp = params.get("logprobs")
+        layout = super().from_params({"logprobs": None, **params}, num_classes)
         if not (isinstance(layout.k, int) and 1 <= layout.k <= num_classes):
             raise StoreError(f"k={layout.k} but the teacher has {num_classes} classes; "
                              f"k must be between 1 and {num_classes}")
+        if "logprobs" in params and (not isinstance(lp, dict) or set(lp) != {"approximated"}
+                                     or sorted(set(lp["approximated"]) | {1.0}) != list(layout.temperatures)):
+            raise StoreError(f"logprobs {lp!r}: give approximated, the grid temperatures other than 1")
         return layout
+
+    def params(self) -> dict[str, Any]:
+        p = super().params()
+        if p["logprobs"] is None:  # a store of raw logits keeps the parameters it always had
+            del p["logprobs"]
+        return p
+
+    def check_serves(self, temperatures: Sequence[float], members: Sequence[int] | None,
+                     allow_interpolation: bool, num_members: int) -> None:
+        if self.logprobs is not None:
+            from kdcache.logprobs import check_temperatures
+            check_temperatures(self.temperatures, temperatures)
+        super().check_serves(temperatures, members, allow_interpolation, num_members)
 
     @classmethod
     def from_options(cls, num_classes: int, options: dict[str, Any]) -> "TopK":
