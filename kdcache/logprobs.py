@@ -25,11 +25,12 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 
 from kdcache.errors import ConfigError, SpecError, StoreError
+from kdcache.layouts.topk import check_temperatures
 
 SUM_TOLERANCE = 2e-3   # fp16 rounding of 32 logprobs stays below it; raw logits are far above
 PAD_LOGPROB = -1e9     # the value Axolotl's KD collator pads target_logprobs with
@@ -102,16 +103,6 @@ def uniform_tail_log_normalizer(logprobs: np.ndarray, num_classes: int, temperat
     tail = np.clip(1 - np.exp(lp).sum(-1), 0, None)
     rest = num_classes - k
     return np.log(kept + rest * (tail / rest) ** (1 / temperature))
-
-
-def check_temperatures(grid: list[float], temperatures: Sequence[float]) -> None:
-    """Refuse, with one line, training from imported logprobs (a store of ``grid``) at another T."""
-    for t in temperatures:
-        if not any(abs(t - g) <= 1e-9 * max(1.0, g) for g in grid):
-            raise ConfigError(f"the store holds imported logprobs, exact at T=1 only (the tail's shape is unknown), "
-                              f"and temperature {t:g} is not in its grid {list(grid)}; train at {{param:temperature}} "
-                              f"1, or re-import with {{param:approximate_temperatures}} {t:g} to accept the "
-                              f"uniform-tail approximation")
 
 
 # -- reading a logprob dataset ---------------------------------------------------------------------

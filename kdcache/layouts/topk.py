@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from kdcache.errors import SpecError, StoreError
+from kdcache.errors import ConfigError, SpecError, StoreError
 from kdcache.layouts.base import register
 from kdcache.layouts.sparse import SparseLayout, SparseTargets, device_normalizers, need, temperature_grid
 
@@ -51,7 +51,6 @@ class TopK(SparseLayout):
     def check_serves(self, temperatures: Sequence[float], members: Sequence[int] | None,
                      allow_interpolation: bool, num_members: int) -> None:
         if self.logprobs is not None:
-            from kdcache.logprobs import check_temperatures
             check_temperatures(self.temperatures, temperatures)
         super().check_serves(temperatures, members, allow_interpolation, num_members)
 
@@ -105,3 +104,13 @@ class TopK(SparseLayout):
         kept = (p * (logp - logq_kept)).sum(-1)
         tail_term = torch.where(tail > 0, tail * (tail.clamp(min=1e-30).log() - logq_tail), torch.zeros_like(tail))
         return (kept + tail_term).mean()
+
+
+def check_temperatures(grid: list[float], temperatures: Sequence[float]) -> None:
+    """Refuse, with one line, training from imported logprobs (a store of ``grid``) at another T."""
+    for t in temperatures:
+        if not any(abs(t - g) <= 1e-9 * max(1.0, g) for g in grid):
+            raise ConfigError(f"the store holds imported logprobs, exact at T=1 only (the tail's shape is unknown), "
+                              f"and temperature {t:g} is not in its grid {list(grid)}; train at {{param:temperature}} "
+                              f"1, or re-import with {{param:approximate_temperatures}} {t:g} to accept the "
+                              f"uniform-tail approximation")
