@@ -332,15 +332,19 @@ def _make_trainer_class() -> type:
             data = kwargs.get("train_dataset")
             if isinstance(data, StoreDataset):
                 check_pairing(self.teacher.store, data.data, data.spec)
+            tok = kwargs.get("processing_class")
             if len(args) < 3 and kwargs.get("data_collator") is None:
-                tok = kwargs.get("processing_class")
                 pad = getattr(tok, "pad_token_id", None)
                 kwargs["data_collator"] = StoreCollator(int(pad) if pad is not None else getattr(data, "pad_id", 0))
+            # refused before Trainer.__init__, which makes the output directory
+            check_tokenizer(self.teacher.store, tok)
+            model = args[0] if args else kwargs.get("model")
+            if model is not None:
+                check_model(self.teacher.store, model)
+            if len(args) < 4:
+                self._check_items(data)
             super().__init__(*args, **kwargs)
             self.model_accepts_loss_kwargs = True  # transformers < 5 reads this instead of loss_is_scaled_for_ga
-            check_tokenizer(self.teacher.store, self.processing_class)
-            check_model(self.teacher.store, self.model)
-            self._check_items(self.train_dataset)
             self._loss_sum: torch.Tensor | float = 0.0
             self._rows = 0
 
