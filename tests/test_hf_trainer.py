@@ -14,7 +14,6 @@ from kdcache.errors import KdcacheError  # noqa: E402
 from kdcache.integrations import hf_trainer as ht  # noqa: E402
 from kdcache.losses import distillation_loss  # noqa: E402
 from kdcache.specs import load_model  # noqa: E402
-from kdcache.store import open_store  # noqa: E402
 from kdcache.stream import DistillStream  # noqa: E402
 from tests.conftest import ROOT, invoke_kdcache  # noqa: E402
 from tests.test_hf import _save_model  # noqa: E402
