@@ -151,8 +151,6 @@ def test_a_batch_without_sample_ids_is_one_line_and_writes_nothing(lm, tmp_path)
     assert "no 'sample_id'" in str(e.value) and "StoreDataset" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(KdcacheError, match="no 'sample_id'"):
         ht.batch_ids({"input_ids": torch.zeros(1, 3, dtype=torch.long)})
-    with pytest.raises(KdcacheError, match="no 'sample_id'"):
-        ht.StoreCollator()([{"input_ids": [1, 2]}])
     assert not out.exists()
 
 

@@ -84,15 +84,12 @@ class StoreDataset(Dataset):
 class StoreCollator:
     """Items ``{"input_ids": [n], "sample_id": i}`` into a batch padded on the right with ``pad_id``:
     ``input_ids`` and ``attention_mask`` ``[B, L]``, ``labels`` (the inputs, -100 at padding: a causal
-    LM's own loss, for evaluation or a Trainer without distillation) and ``sample_id`` ``[B]``."""
+    LM's own loss, for evaluation or a Trainer without distillation) and ``sample_id`` ``[B]`` (left
+    out when the items have none, as a plain Trainer's unused-column removal leaves them)."""
 
     pad_id: int = 0
 
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        for it in items:
-            if not isinstance(it, dict) or SAMPLE_ID not in it:
-                keys = ", ".join(it) if isinstance(it, dict) else type(it).__name__
-                raise KdcacheError(_no_ids(keys))
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         ids = [torch.as_tensor(it["input_ids"], dtype=torch.long) for it in items]
         width = max(len(t) for t in ids)
         input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
@@ -100,8 +97,11 @@ class StoreCollator:
         for b, t in enumerate(ids):
             input_ids[b, :len(t)] = t
             mask[b, :len(t)] = 1
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": input_ids.masked_fill(mask == 0, -100),
-                SAMPLE_ID: torch.tensor([int(it[SAMPLE_ID]) for it in items], dtype=torch.long)}
+        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask,
+                                 "labels": input_ids.masked_fill(mask == 0, -100)}
+        if all(SAMPLE_ID in it for it in items):
+            batch[SAMPLE_ID] = torch.tensor([int(it[SAMPLE_ID]) for it in items], dtype=torch.long)
+        return batch
 
 
 def _no_ids(keys: str) -> str:
