@@ -180,3 +180,16 @@ def test_another_tokenizer_corpus_or_vocabulary_is_refused(lm, tmp_path):
     with pytest.raises(KdcacheError, match="not in the store's grid"):
         ht.DistillationTrainer(model=_student(), args=_args(tmp_path / "c"), store=lm["topk"], temperature=3)
     assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_a_store_with_a_row_per_sample_is_refused(tmp_path):
+    from kdcache.store import Manifest, create_store
+    m = Manifest(num_samples=4, num_classes=3, num_members=1, dtype="float32", chunk_rows=4, compression="none",
+                 members=[{"name": "t", "spec": "t", "sha256": "0" * 64}],
+                 dataset={"spec": "x", "name": "x", "split": None, "length": 4, "fingerprint": "0", "subset": None})
+    s = create_store(str(tmp_path / "rows.zarr"), m)
+    s.write_block(0, np.zeros((4, 1, 3), np.float32), np.arange(4), np.zeros(4, np.int64))
+    s.mark_complete()
+    with pytest.raises(KdcacheError, match="has a row per sample") as e:
+        ht.TeacherRows(str(tmp_path / "rows.zarr"))
+    assert "\n" not in str(e.value)
