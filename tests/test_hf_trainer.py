@@ -193,3 +193,22 @@ def test_a_store_with_a_row_per_sample_is_refused(tmp_path):
     with pytest.raises(KdcacheError, match="has a row per sample") as e:
         ht.TeacherRows(str(tmp_path / "rows.zarr"))
     assert "\n" not in str(e.value)
+
+
+def test_your_own_datasets_dataset_with_sample_ids_trains(lm, tmp_path):
+    """A ``datasets.Dataset`` of your own: its extra columns are dropped by the Trainer, ``sample_id`` is
+    kept; the Trainer's own random order (store_order=False) with accumulation."""
+    import datasets
+    mine = ht.StoreDataset(lm["dense"])
+    order = np.random.default_rng(0).permutation(len(mine))[:40]
+    table = datasets.Dataset.from_dict({"input_ids": [mine[int(i)]["input_ids"].tolist() for i in order],
+                                        "sample_id": order.tolist(), "text": ["unused"] * len(order)})
+    model = _student()
+    args = _args(tmp_path / "own", max_steps=4, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                 logging_steps=2)
+    trainer = ht.DistillationTrainer(model=model, args=args, store=lm["dense"], train_dataset=table,
+                                     store_order=False, temperature=2, alpha=0.9)
+    assert not isinstance(trainer._get_train_sampler(), ht.StoreOrder)
+    trainer.train()
+    logged = [h["distill_loss"] for h in trainer.state.log_history if "distill_loss" in h]
+    assert len(logged) == 2 and all(np.isfinite(logged))
