@@ -270,11 +270,12 @@ def position_mask(lengths: np.ndarray, input_ids: torch.Tensor, teacher: Teacher
     the batch holds the store's tokens there: the next token of each position but the last is the
     store's label of that row, and the attention mask (when given) covers exactly those positions."""
     device = input_ids.device
-    n = torch.from_numpy(np.asarray(lengths)).to(device)
     width = input_ids.shape[1]
-    if int(n.max()) > width:
+    if int(np.max(lengths)) > width:
         raise StoreError(f"a batch of {width} positions but store {teacher.path!r} holds sequences of up to "
-                         f"{int(n.max())} of them: the batch is not the store's sequences (pass StoreDataset(store))")
+                         f"{int(np.max(lengths))} of them: the batch is not the store's sequences (pass "
+                         f"StoreDataset(store))")
+    n = torch.from_numpy(np.asarray(lengths)).to(device)
     mask = torch.arange(width, device=device)[None, :] < n[:, None]
     stored = torch.full(input_ids.shape, -1, dtype=torch.long, device=device)
     stored[mask] = labels.to(device)
@@ -387,11 +388,11 @@ def _make_trainer_class() -> type:
 
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
-            ids = batch_ids(inputs)
             model_inputs = {k: v for k, v in inputs.items() if k not in (SAMPLE_ID, "labels")}
             if not model.training:  # evaluation: the model's own next-token loss
                 outputs = model(**model_inputs, labels=inputs.get("labels"))
                 return (outputs.loss, outputs) if return_outputs else outputs.loss
+            ids = batch_ids(inputs)
             targets, labels, lengths = self.teacher.rows(ids.cpu().numpy())
             mask = position_mask(lengths, inputs["input_ids"], self.teacher, labels, inputs.get("attention_mask"))
             outputs = model(**model_inputs)
