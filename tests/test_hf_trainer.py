@@ -30,7 +30,8 @@ def lm(tmp_path_factory):
     teacher = str(_save_model(d / "teacher", texts, 300))
     data = f"hf-text:{corpus},seq=16"
     stores = {}
-    for layout, extra in (("dense", ["--dtype", "float32"]), ("topk", ["--layout", "topk", "--k", "8"])):
+    for layout, extra in (("dense", ["--dtype", "float32"]), ("topk", ["--layout", "topk", "--k", "8"]),
+                          ("sampled", ["--layout", "sampled", "--samples", "16", "--sampling-temperature", "2"])):
         stores[layout] = str(d / f"{layout}.zarr")
         p = invoke_kdcache("dump-logits", "--teacher", f"hf:{teacher}", "--dataset", data, *extra, "--out",
                            stores[layout])
@@ -64,7 +65,7 @@ def test_store_order_is_train_students_order(lm):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout,batch,accumulate", [("dense", 8, 1), ("topk", 4, 2)])
+@pytest.mark.parametrize("layout,batch,accumulate", [("dense", 8, 1), ("topk", 4, 2), ("sampled", 8, 1)])
 def test_the_trainer_equals_train_student(lm, tmp_path, layout, batch, accumulate):
     """Two epochs, the same student, data, order (--data-seed) and settings: the same loss each epoch
     and the same final weights. Tolerance 1e-5 on the weights: the two compute the same sums in a
