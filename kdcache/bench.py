@@ -391,7 +391,68 @@ def bench_hf(p: Profile, work: Path, device: str) -> dict[str, Any]:
         rows.append({"layout": layout + (" k=20" if extra else ""), "vocab": vocab, "tokens": tokens, "dump_s": td,
                      "bare_forward_s": tb, "ratio": td / tb, "tokens_per_s": tokens / td,
                      "bytes_per_token": summary[-1].bytes_on_disk / tokens, "goal": 1.10})
-    return {"teacher": f"Llama-style, hidden {hidden}, {layers} layers, vocab {vocab}", "rows": rows}
+    stores = {r["layout"]: str(work / f"hf-{r['layout'].split()[0]}.zarr") for r in rows}
+    return {"teacher": f"Llama-style, hidden {hidden}, {layers} layers, vocab {vocab}", "rows": rows,
+            "trainer": bench_hf_trainer(p, work, device, stores)}
+
+
+def bench_hf_trainer(p: Profile, work: Path, device: str, stores: dict[str, str]) -> dict[str, Any]:
+    """``transformers.Trainer`` step time of the DistillationTrainer (store rows, T = 2, alpha = 0.9) against
+    the same Trainer without distillation (the model's own next-token loss): the same student, data,
+    collator and batch size, runs alternated; the time per step after the first (set-up excluded)."""
+    import statistics
+
+    import transformers
+
+    from kdcache.distributed import resolve_device
+    from kdcache.integrations.hf_trainer import DistillationTrainer, StoreCollator, StoreDataset
+    from kdcache.store import open_store
+    # the full profile's student has half the teacher's layers (DistilBERT's recipe); the quick one is small
+    hidden, layers, steps, batch = (128, 2, 8, 8) if p.quick else (512, 4, 12, 8)
+    cpu = resolve_device(device).type == "cpu"
+
+    class StepClock(transformers.TrainerCallback):
+        def __init__(self) -> None:
+            self.ends: list[float] = []
+
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            self.ends.append(time.perf_counter())
+
+    rows = []
+    for layout, store in stores.items():
+        data = StoreDataset(store)
+        classes = open_store(store).num_classes  # the teacher's (padded) vocabulary, as the student's
+        config = transformers.LlamaConfig(vocab_size=classes, hidden_size=hidden,
+                                          intermediate_size=4 * hidden, num_hidden_layers=layers,
+                                          num_attention_heads=max(1, hidden // 64), max_position_embeddings=512)
+        torch.manual_seed(0)
+        init = transformers.AutoModelForCausalLM.from_config(config).state_dict()
+
+        def step_seconds(distil: bool) -> float:
+            model = transformers.AutoModelForCausalLM.from_config(config)
+            model.load_state_dict(init)
+            clock = StepClock()
+            args = transformers.TrainingArguments(output_dir=str(work / "hf-trainer"), report_to="none",
+                                                  save_strategy="no", logging_strategy="no", max_steps=steps,
+                                                  per_device_train_batch_size=batch, use_cpu=cpu, disable_tqdm=True)
+            kw = {"store": store, "temperature": 2.0, "alpha": 0.9} if distil else {}
+            trainer = (DistillationTrainer if distil else transformers.Trainer)(
+                model=model, args=args, train_dataset=data, data_collator=StoreCollator(data.pad_id),
+                callbacks=[clock], **kw)
+            trainer.remove_callback(transformers.PrinterCallback)  # it prints every log line
+            trainer.train()
+            return (clock.ends[-1] - clock.ends[0]) / (len(clock.ends) - 1)
+
+        times: dict[bool, list[float]] = {True: [], False: []}
+        step_seconds(True)  # warm-up: the page cache, torch's first kernels
+        for _ in range(p.reps):
+            for distil in (True, False):
+                times[distil].append(step_seconds(distil))
+        td, tp = statistics.median(times[True]), statistics.median(times[False])
+        rows.append({"layout": layout, "student": f"hidden {hidden}, {layers} layers",
+                     "batch": f"{batch}x{data.data.seq}", "distil_step_s": td, "plain_step_s": tp,
+                     "ratio": td / tp, "goal": 1.10})
+    return {"rows": rows}
 
 
 # -- 8. storage ---------------------------------------------------------------------------------
@@ -595,6 +656,9 @@ def _show(name: str, r: Any, echo: Callable[[str], None]) -> None:
         echo(_table(f"dump-logits of a transformers causal LM ({r['teacher']}) against its bare forward "
                     f"loop over the same batches (goal <= 1.10)", r["rows"],
                     ["layout", "tokens", "dump_s", "bare_forward_s", "ratio", "tokens_per_s", "bytes_per_token"]))
+        echo(_table("transformers.Trainer step: DistillationTrainer from the store against the same Trainer "
+                    "without distillation (goal <= 1.10)", r["trainer"]["rows"],
+                    ["layout", "student", "batch", "distil_step_s", "plain_step_s", "ratio"]))
     elif name == "s3":
         echo(_table(f"shuffled stream of a store in S3 (loopback endpoint, {r['rows']} rows x {r['classes']} "
                     f"classes, {r['store_MB']:.0f} MB) against the same store on local disk", r["stream"],

@@ -23,6 +23,8 @@ def test_quick_bench_reports_every_figure(tmp_path):
     assert {row["dtype"] for row in r["storage"]} == {"float16", "float32"}
     assert [row["layout"] for row in r["hf"]["rows"]] == ["dense", "topk k=20"]
     assert all(row["ratio"] > 0 and row["bytes_per_token"] > 0 for row in r["hf"]["rows"])
+    assert [row["layout"] for row in r["hf"]["trainer"]["rows"]] == ["dense", "topk k=20"]
+    assert all(row["distil_step_s"] > 0 and row["plain_step_s"] > 0 for row in r["hf"]["trainer"]["rows"])
     v = r["views"]
     assert v["dump_per_view_over_bare_pass"] > 0 and [row["K"] for row in v["by_K"]] == [1, 4]
     assert [row["layout"] for row in v["sizes"]] == ["dense", "topk k=3"]
@@ -32,5 +34,6 @@ def test_quick_bench_reports_every_figure(tmp_path):
         assert sides == ["local", "s3_in_line", "s3_read_ahead", "s3_cached"] and r["s3"]["dump"]["s3_over_local"] > 0
         assert r["s3"]["cache"]["hits"] > 0
     for title in ("store read", "dump-logits against a bare", "distilled training", "a sweep in one stacked pass",
-                  "cached (one dump", "augmented views (jitter:2", "storage: bytes per sample"):
+                  "cached (one dump", "augmented views (jitter:2", "storage: bytes per sample",
+                  "transformers.Trainer step"):
         assert title in p.stdout
