@@ -325,3 +325,32 @@ def test_the_fingerprint_recomputes_from_format_md(chat):
         rule = {"rows": rows, "rule": "prefix-render-1", "template_sha256": hashlib.sha256(CHATML.encode()).hexdigest()}
         h.update((";" + json.dumps({"chat": rule}, sort_keys=True, separators=(",", ":"))).encode())
         assert load_dataset(_spec(chat, rows, tokenizer=chat["teacher"])).fingerprint == h.hexdigest()
+
+
+def test_the_trainer_integration_distils_exactly_the_assistant_positions(chat, tmp_path):
+    from kdcache.integrations import hf_trainer as ht
+    from kdcache.specs import load_model
+    store = str(tmp_path / "a.zarr")
+    dump_logits(DumpConfig(teachers=[f"hf:{chat['teacher']}"], dataset=_spec(chat), out=store, dtype="float32",
+                           progress=False))
+    student = load_model("hf:llama,hidden=16,layers=1,heads=2", None, len(chat["tokenizer"]), seed=0).module.model
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "t"), report_to="none", save_strategy="no",
+                                          use_cpu=True, max_steps=1, per_device_train_batch_size=4, logging_steps=1,
+                                          disable_tqdm=True, dataloader_num_workers=0)
+    trainer = ht.DistillationTrainer(model=student, args=args, store=store, temperature=2.0, alpha=0.5)
+    ids = next(iter(trainer.get_train_dataloader()))["sample_id"].tolist()
+    want = expected_rows(chat["tokenizer"], chat["records"], "assistant")  # item i is the i-th record with a row
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(chat["teacher"]).eval()
+    kl = ce = n = 0.0
+    with torch.no_grad():
+        for i in ids:
+            tokens, pos = want[i]
+            x, p = torch.from_numpy(tokens[None, :-1]), torch.from_numpy(pos)
+            s, z = student(input_ids=x).logits[0, p].double(), teacher(input_ids=x).logits[0, p].double()
+            log_p, log_q = torch.log_softmax(z / 2, -1), torch.log_softmax(s / 2, -1)
+            kl += float((log_p.exp() * (log_p - log_q)).sum())
+            ce += float(torch.nn.functional.cross_entropy(s, torch.from_numpy(tokens[pos + 1]), reduction="sum"))
+            n += len(pos)
+    trainer.train()
+    first = next(h for h in trainer.state.log_history if "distill_loss" in h)
+    assert first["distill_loss"] == pytest.approx(0.5 * 4 * kl / n + 0.5 * ce / n, rel=1e-5)

@@ -128,6 +128,21 @@ class TeacherRows:
         self.max_blocks = 2 * plain.window_blocks + 2
         self.allow_interpolation = allow_interpolation
         self._blocks: collections.OrderedDict[int, Any] = collections.OrderedDict()
+        self._dataset: Any = None
+
+    def row_dataset(self) -> Any:
+        """The store's dataset where its rows are not simply each sequence's first positions (an
+        ``hf-chat:`` store of assistant positions): loaded once, from the spec the store records. None
+        for the others, whose rows are positions ``0..n-1``."""
+        m = self.store.manifest
+        if self._dataset is None and m.dataset.get("chat") is not None:
+            self._dataset = StoreDataset(self.store).data
+        return self._dataset
+
+    def use_dataset(self, dataset: Any) -> None:
+        """The store's dataset, already loaded (a :class:`StoreDataset`'s), for :meth:`row_dataset`."""
+        if self.store.manifest.dataset.get("chat") is not None:
+            self._dataset = dataset
 
     @property
     def path(self) -> str:
@@ -164,11 +179,7 @@ class TeacherRows:
         m = self.store.manifest
         data = {k: np.concatenate([blk.data[k][a:e] for blk, a, e in parts]) for k in m.logit_arrays}
         labels = torch.from_numpy(np.concatenate([blk.labels[a:e] for blk, a, e in parts]).astype(np.int64))
-        if m.layout == "dense":
-            targets: Any = torch.from_numpy(data["logits"].astype(np.float32))
-        else:
-            from kdcache.sparse import targets_from_arrays
-            targets = targets_from_arrays(m, data, self.allow_interpolation, self.path)
+        targets = m.store_layout.targets(data, self.allow_interpolation, self.path)
         return targets, labels, self.offsets[seq + 1] - self.offsets[seq]
 
     def _block(self, b: int) -> Any:
@@ -265,23 +276,34 @@ def batch_ids(inputs: Any) -> torch.Tensor:
 
 
 def position_mask(lengths: np.ndarray, input_ids: torch.Tensor, teacher: TeacherRows, labels: torch.Tensor,
-                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``[B, L]`` True at the real positions of each sequence (the store's rows of it), after checking that
-    the batch holds the store's tokens there: the next token of each position but the last is the
-    store's label of that row, and the attention mask (when given) covers exactly those positions."""
+                  attention_mask: torch.Tensor | None = None, sample_ids: np.ndarray | None = None) -> torch.Tensor:
+    """``[B, L]`` True at the positions of each sequence that are the store's rows of it, after checking
+    that the batch holds the store's tokens there: the next token of each row's position, where the
+    batch has it, is the store's label of that row, and the attention mask (when given) covers exactly
+    the positions the model runs on. The rows are each sequence's first ``lengths`` positions, or (an
+    ``hf-chat:`` store, which needs ``sample_ids``) the positions its dataset's ``row_mask`` gives."""
+    from kdcache.text import row_mask, widths
     device = input_ids.device
     width = input_ids.shape[1]
-    if int(np.max(lengths)) > width:
+    dataset = teacher.row_dataset()
+    if dataset is not None and sample_ids is None:
+        raise StoreError(f"store {teacher.path!r} keeps rows at some positions only (its dataset's row mask): "
+                         f"position_mask needs the batch's sample ids")
+    seen = widths(dataset, sample_ids) if dataset is not None else np.asarray(lengths)
+    if int(np.max(seen)) > width:
         raise StoreError(f"a batch of {width} positions but store {teacher.path!r} holds sequences of up to "
-                         f"{int(np.max(lengths))} of them: the batch is not the store's sequences (pass "
+                         f"{int(np.max(seen))} of them: the batch is not the store's sequences (pass "
                          f"StoreDataset(store))")
-    n = torch.from_numpy(np.asarray(lengths)).to(device)
-    mask = torch.arange(width, device=device)[None, :] < n[:, None]
+    real = torch.arange(width, device=device)[None, :] < torch.from_numpy(seen).to(device)[:, None]
+    mask = real if dataset is None else row_mask(dataset, sample_ids, width).to(device)
+    if not torch.equal(mask.sum(1).cpu(), torch.as_tensor(np.asarray(lengths), dtype=torch.long)):
+        raise StoreError(f"the dataset's rows of sample ids {np.asarray(sample_ids)[:5].tolist()} are not the ones "
+                         f"store {teacher.path!r} holds: give the batch the store's dataset")
     stored = torch.full(input_ids.shape, -1, dtype=torch.long, device=device)
     stored[mask] = labels.to(device)
-    same = (input_ids[:, 1:] == stored[:, :-1]) | ~mask[:, 1:]
+    same = (input_ids[:, 1:] == stored[:, :-1]) | ~(mask[:, :-1] & real[:, 1:])
     if attention_mask is not None:
-        same = same & (attention_mask.bool()[:, 1:] == mask[:, 1:])
+        same = same & (attention_mask.bool() == real)[:, 1:]
     if not bool(same.all()):
         raise StoreError(f"the batch's tokens are not the ones store {teacher.path!r} holds for its sample ids (whose "
                          f"labels are each position's next token): give the batch the store's dataset "
@@ -333,6 +355,7 @@ def _make_trainer_class() -> type:
             data = kwargs.get("train_dataset")
             if isinstance(data, StoreDataset):
                 check_pairing(self.teacher.store, data.data, data.spec)
+                self.teacher.use_dataset(data.data)
             tok = kwargs.get("processing_class")
             if len(args) < 3 and kwargs.get("data_collator") is None:
                 pad = getattr(tok, "pad_token_id", None)
@@ -394,7 +417,8 @@ def _make_trainer_class() -> type:
                 return (outputs.loss, outputs) if return_outputs else outputs.loss
             ids = batch_ids(inputs)
             targets, labels, lengths = self.teacher.rows(ids.cpu().numpy())
-            mask = position_mask(lengths, inputs["input_ids"], self.teacher, labels, inputs.get("attention_mask"))
+            mask = position_mask(lengths, inputs["input_ids"], self.teacher, labels, inputs.get("attention_mask"),
+                                 ids.cpu().numpy())
             outputs = model(**model_inputs)
             logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
             device = logits.device
