@@ -92,8 +92,8 @@ def bare_pass(cfg: Any, device: str) -> Callable[[], None]:
     """A bare teacher-inference loop over the batches ``dump_logits(cfg)`` runs (unaugmented inputs)."""
     from torch.utils.data import DataLoader
 
-    from kdcache.distributed import resolve_device
-    from kdcache.dump import Batches, ChunkBatches, autocast, prepare
+    from kdcache.distributed import autocast, resolve_device
+    from kdcache.dump import Batches, ChunkBatches, prepare
     dev = resolve_device(device)
     dataset, members, manifest, rows, _ = prepare(cfg, dev)
     modules = [m.module for m in members]

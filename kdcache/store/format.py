@@ -34,7 +34,7 @@ SEQUENCE_INDEX_CHUNK = 1 << 16
 DIGEST_BYTES = 32
 TARGET_CHUNK_BYTES = 1 << 20
 # sample_ids and labels are chunked 16 row chunks at a time: zarr pays per chunk read, and these
-# arrays are small. A writer process therefore owns whole groups of 16 row chunks (see dump.py).
+# arrays are small. A writer process therefore owns whole groups of 16 row chunks (see kdcache/dump/samplers.py).
 INDEX_CHUNK_FACTOR = 16
 
 # Manifest fields that identify what a store holds; a resumed writer must match all of them.

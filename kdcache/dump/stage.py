@@ -1,24 +1,30 @@
-"""Stage one: run the teacher (or every member of an ensemble) once over a dataset and fill a store."""
+"""Stage one: resolve the dataset and teachers, build the manifest, run the teachers over the chunks
+still to write (on every rank), and finish the store; or fill and reuse the store cache."""
 from __future__ import annotations
 
 import dataclasses
 import os
-import queue
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
 from kdcache.datasets import ResolvedDataset, get_batch, load_dataset, portable_model_spec, portable_spec
 from kdcache.distributed import DistInfo, autocast, init_distributed, resolve_device, shutdown
+from kdcache.dump.config import DumpConfig, DumpSummary
+from kdcache.dump.samplers import (
+    Batches,
+    ChunkBatches,
+    SequenceChunkBatches,
+    SequenceIndex,
+    TiledRows,
+    token_unit_chunks,
+)
+from kdcache.dump.writer import ChunkWriter, count_kept, gather_counts, predictions, to_pinned
 from kdcache.errors import KdcacheError, SpecError, StoreError
-from kdcache.layouts import LAYOUTS, Layout, encode_rows, layout_for
-from kdcache.losses import teacher_log_probs
 from kdcache.progress import progress_bar
 from kdcache.specs import ResolvedModel, load_model, num_classes_of
 from kdcache.store import LogitStore, Manifest, create_store, default_chunk_rows, detect_format, open_store
@@ -27,280 +33,6 @@ from kdcache.store.logit_store import _ranges
 from kdcache.subset import resolve_subset
 from kdcache.text import is_sequence_dataset, row_mask
 from kdcache.views import ViewAugmenter, Views, make_views
-
-QUEUE_BATCHES = 8
-QUEUE_BYTES = 256 << 20
-
-
-@dataclass
-class DumpConfig:
-    teachers: list[str]
-    dataset: str
-    out: str | None = None                    # None or "cache": the store cache, keyed by teacher and data
-    format: str | None = None
-    dtype: str = "float16"
-    batch_size: int = 512
-    device: str = "auto"
-    amp: str = "off"
-    workers: int = 0
-    chunk_rows: int | None = None
-    subset: str | None = None
-    overwrite: bool = False
-    data_root: str | None = None
-    compression: str = "none"
-    layout: str = "dense"
-    k: int | None = None                      # topk: entries kept per row and member
-    temperatures: list[float] | None = None   # sparse: grid of exact temperatures
-    samples: int | None = None                # sampled: draws per row and member
-    sampling_temperature: float | None = None  # sampled: the T the ids are drawn at [default: 1]
-    seed: int = 0                             # sampled draws and view parameters are seeded from this
-    augment: str | None = None                # views: the augmentation spec, e.g. jitter:2+flip
-    views: int | None = None                  # views: augmented views per sample (default 1 with augment)
-    encode_on_device: bool | None = None      # topk: top-k and normalisers where the teacher ran [default: on a GPU]
-    progress: bool | None = None  # None: a bar when stderr is a terminal
-    layout_extra: dict[str, Any] = field(default_factory=dict)  # options of layouts registered by others
-
-    def make_layout(self, num_classes: int) -> Layout:
-        """The layout asked for, its options checked and defaults filled in."""
-        options = {name: getattr(self, name) for cls in LAYOUTS.values() for name in cls.options
-                   if hasattr(self, name)}
-        return layout_for(self.layout, num_classes, **options, **self.layout_extra, seed=self.seed)
-
-
-@dataclass
-class DumpSummary:
-    path: str
-    rows: int
-    rows_written: int
-    seconds: float
-    bytes_on_disk: int
-    member_accuracy: list[float | None] = field(default_factory=list)
-    ensemble_accuracy: float | None = None
-    resumed_chunks: int = 0
-    cache_key: str | None = None
-    reused: bool = False
-    repaired_chunks: list[int] = field(default_factory=list)  # damaged chunks of a cached store, recomputed
-
-    def lines(self) -> list[str]:
-        if self.reused:
-            return [f"reusing cached store {self.path} (key {self.cache_key[:12]}, {self.rows} rows, complete): the "
-                    f"teacher did not run"]
-        acc = ""
-        if self.ensemble_accuracy is not None:
-            per = ", ".join(f"{a:.4f}" for a in self.member_accuracy if a is not None)
-            acc = (f"; teacher accuracy {self.ensemble_accuracy:.4f}"
-                   + (f" (members {per})" if len(self.member_accuracy) > 1 else ""))
-        rate = self.rows_written / self.seconds if self.seconds > 0 else float("nan")
-        resumed = f", {self.resumed_chunks} chunks kept from an earlier run" if self.resumed_chunks else ""
-        if self.repaired_chunks:
-            resumed = (f", {self.resumed_chunks} chunks of the cached store kept, damaged chunks "
-                       f"{_ranges(self.repaired_chunks)} recomputed")
-        key = f", cache key {self.cache_key[:12]}" if self.cache_key else ""
-        return [f"wrote {self.rows_written} of {self.rows} rows to {self.path} in {self.seconds:.1f}s "
-                f"({rate:,.0f} rows/s, {self.bytes_on_disk / 1e6:.1f} MB on disk{resumed}{key}){acc}"]
-
-
-class Batches(Dataset):
-    """Map-style wrapper whose items are whole batches: ``(chunk, pos, dataset indices, first store
-    row)`` in, ``(chunk, pos, x, y, view params or None)`` out. In a store with views, each row's
-    view is drawn and applied here (in the DataLoader's workers when there are some)."""
-
-    def __init__(self, dataset: Any, augmenter: ViewAugmenter | None = None, per_view: int = 0) -> None:
-        self.dataset, self.augmenter, self.per_view = dataset, augmenter, per_view
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, item: tuple[int, Any, np.ndarray, int]) -> tuple[Any, ...]:
-        chunk, pos, indices, first = item
-        x, y = get_batch(self.dataset, indices)
-        params = None
-        if self.augmenter is not None:
-            params = self.augmenter.draw(indices, (first + np.arange(len(indices))) // self.per_view)
-            x = self.augmenter.apply(x, params)
-        return chunk, pos, x, y, params
-
-
-class _Tiled:
-    """The dataset rows of a store with views, in store order (view-major), without a copy per view."""
-
-    def __init__(self, rows: np.ndarray, count: int) -> None:
-        self.rows, self.count = rows, count
-
-    def __len__(self) -> int:
-        return len(self.rows) * self.count
-
-    def __getitem__(self, sl: slice) -> np.ndarray:
-        return self.rows[np.arange(*sl.indices(len(self))) % len(self.rows)]
-
-
-class ChunkBatches(Sampler):
-    """Batches cut from each chunk's start, so a chunk always sees the same batches (bitwise resume)."""
-
-    def __init__(self, rows: Any, chunks: list[int], chunk_rows: int, batch_size: int) -> None:
-        self.rows, self.chunks, self.chunk_rows, self.batch_size = rows, chunks, chunk_rows, batch_size
-
-    def __iter__(self) -> Iterator[tuple[int, int, np.ndarray, int]]:
-        for c in self.chunks:
-            start, stop = c * self.chunk_rows, min((c + 1) * self.chunk_rows, len(self.rows))
-            for a in range(start, stop, self.batch_size):
-                yield c, a - start, self.rows[a:min(a + self.batch_size, stop)], a
-
-    def __len__(self) -> int:
-        return sum(-(-(min((c + 1) * self.chunk_rows, len(self.rows)) - c * self.chunk_rows) // self.batch_size)
-                   for c in self.chunks)
-
-
-class SequenceChunkBatches(Sampler):
-    """A per-token store's batches: the sequences whose positions fall in each unit (a group of
-    ``unit_rows`` rows, whole chunks), ``batch_size`` sequences at a time from the unit's first one
-    (a sequence cut by a unit boundary is run for both units, each keeping its own positions), so a
-    unit always sees the same batches and a resumed dump writes the same bytes."""
-
-    def __init__(self, index: "SequenceIndex", units: list[int], unit_rows: int, batch_size: int) -> None:
-        self.index, self.units, self.unit_rows, self.batch_size = index, units, unit_rows, batch_size
-
-    def _span(self, u: int) -> tuple[int, int]:
-        """The sequences ``first:stop`` with a position in unit ``u``."""
-        off = self.index.offsets
-        a, b = u * self.unit_rows, min((u + 1) * self.unit_rows, int(off[-1]))
-        return int(np.searchsorted(off, a, side="right")) - 1, int(np.searchsorted(off, b, side="left"))
-
-    def __iter__(self) -> Iterator[tuple[int, tuple[int, int], np.ndarray, int]]:
-        for u in self.units:
-            first, stop = self._span(u)
-            for s in range(first, stop, self.batch_size):
-                e = min(s + self.batch_size, stop)
-                yield u, (s, e), self.index.ids[s:e], -1
-
-    def __len__(self) -> int:
-        return sum(-(-(b - a) // self.batch_size) for a, b in map(self._span, self.units))
-
-
-@dataclass
-class SequenceIndex:
-    """Where a per-token store's rows come from: sequence ``i`` is dataset item ``ids[i]`` and owns
-    rows ``offsets[i]:offsets[i + 1]``, one per position."""
-
-    ids: np.ndarray
-    offsets: np.ndarray
-
-    def sample_ids(self, start: int, stop: int) -> np.ndarray:
-        return self.ids[np.searchsorted(self.offsets, np.arange(start, stop), side="right") - 1]
-
-
-class _Writer(threading.Thread):
-    """Assembles batches into chunks and writes them, so the teacher never waits on the disk."""
-
-    def __init__(self, store: LogitStore, rows: Any, num_members: int, written: np.ndarray,
-                 index: SequenceIndex | None = None, unit_rows: int | None = None) -> None:
-        super().__init__(daemon=True, name="kdcache-writer")
-        self.layout = store.manifest.store_layout
-        self.store, self.rows, self.index, self.written = store, rows, index, written
-        self.unit_rows = unit_rows or store.manifest.chunk_rows
-        self.q: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
-        self.queued_bytes = 0  # logits waiting in the queue: bounded by QUEUE_BYTES (beyond one batch)
-        self._room = threading.Condition()
-        self.error: BaseException | None = None
-        self.rows_written = 0
-        self.correct = np.zeros(num_members + 1, dtype=np.int64)
-        self.labelled = 0
-        self._parts: list[Any] = []
-
-    def put(self, item: Any) -> None:
-        nbytes = _nbytes(item[2])
-        with self._room:  # a large-vocabulary batch is big: queue at most QUEUE_BYTES of them (or one)
-            while self.queued_bytes and self.queued_bytes + nbytes > QUEUE_BYTES and self.error is None:
-                self._room.wait(0.5)
-            self.queued_bytes += nbytes
-        while True:
-            if self.error is not None:
-                raise self.error
-            try:
-                self.q.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                continue
-
-    def run(self) -> None:
-        try:
-            while (item := self.q.get()) is not None:
-                with self._room:
-                    self.queued_bytes -= _nbytes(item[2])
-                    self._room.notify()
-                self._take(*item)
-        except BaseException as e:  # surfaced on the main thread by put() / finish()
-            self.error = e
-            while self.q.get() is not None:  # drain, so the producer never blocks
-                pass
-
-    def _take(self, unit: int, pos: int, logits: Any, labels: torch.Tensor, params: torch.Tensor | None,
-              event: Any, last: bool) -> None:
-        """``logits``: raw ``[rows, members, classes]``, or (encoded where the teacher ran) a dict of the
-        layout's arrays plus ``_top1`` ``[rows, members]`` and ``_ens_top1`` ``[rows]`` for the accuracy."""
-        if event is not None:
-            event.synchronize()
-        z_part = {k: v.numpy() for k, v in logits.items()} if isinstance(logits, dict) else logits.numpy()
-        self._parts.append((z_part, labels.numpy(), None if params is None else params.numpy()))
-        if not last:
-            return
-        start = unit * self.unit_rows
-        encoded = isinstance(self._parts[0][0], dict)
-        z: Any = ({k: np.concatenate([p[0][k] for p in self._parts]) for k in self._parts[0][0]} if encoded
-                  else np.concatenate([p[0] for p in self._parts]))
-        y = np.concatenate([p[1] for p in self._parts])
-        v = None if self._parts[0][2] is None else np.concatenate([p[2] for p in self._parts])
-        self._parts = []
-        cr = self.store.manifest.chunk_rows
-        # a unit is one chunk, or for per-token stores a group of them: its runs of chunks not written by an
-        # earlier run are written one write per run (a partly written group is recomputed, never rewritten)
-        first = start // cr
-        todo = ~self.written[first:first + -(-len(y) // cr)]
-        for c0, c1 in _runs(todo):
-            a, b = c0 * cr, min(c1 * cr, len(y))
-            yc = y[a:b]
-            ids = (self.rows[start + a:start + b] if self.index is None
-                   else self.index.sample_ids(start + a, start + b))
-            if encoded:
-                data = {k: arr[a:b] for k, arr in z.items() if not k.startswith("_")}
-                top1, ens_top1 = z["_top1"][a:b], z["_ens_top1"][a:b]
-            else:
-                zc = z[a:b]
-                data = encode_rows(self.layout, first + c0, zc, cr)
-                top1, ens_top1 = (t.numpy() for t in predictions(torch.from_numpy(zc)))
-            if v is not None:  # a store with views: each row's view parameters beside its logits
-                data = {**data, "view_params": v[a:b]}
-            self.store.write_block(start + a, data, ids, yc)
-            self.rows_written += len(yc)
-            has = yc >= 0
-            if has.any():
-                self.correct[:-1] += (top1[has] == yc[has, None]).sum(0)
-                self.correct[-1] += (ens_top1[has] == yc[has]).sum()
-                self.labelled += int(has.sum())
-
-    def finish(self) -> None:
-        self.q.put(None)
-        self.join()
-        if self.error is not None:
-            raise self.error
-
-
-def _runs(todo: np.ndarray) -> list[tuple[int, int]]:
-    """``[start, stop)`` of each run of True in ``todo``."""
-    edges = np.flatnonzero(np.diff(np.concatenate([[False], todo, [False]]).astype(np.int8)))
-    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
-
-
-def _nbytes(logits: Any) -> int:
-    return sum(v.nbytes for v in logits.values()) if isinstance(logits, dict) else logits.nbytes
-
-
-def predictions(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each member's predicted class ``[rows, members]`` and the ensemble's (mean probability at T = 1)
-    ``[rows]`` from raw logits ``z`` ``[rows, members, classes]``, for the dump's accuracy."""
-    top1 = z.argmax(-1)
-    # one member: the ensemble is the member (no softmax over the chunk)
-    return top1, top1[:, 0] if z.shape[1] == 1 else teacher_log_probs(z, 1.0).argmax(-1)
 
 
 def prepare(cfg: DumpConfig, device: torch.device, members: list[ResolvedModel] | None = None
@@ -359,7 +91,7 @@ def prepare(cfg: DumpConfig, device: torch.device, members: list[ResolvedModel] 
     if not cfg.chunk_rows:
         manifest.chunk_rows = default_chunk_rows(manifest.row_bytes(), num_rows)
     _warn_dense_size(manifest)
-    return dataset, members, manifest, rows if views is None else _Tiled(rows, views.count), index
+    return dataset, members, manifest, rows if views is None else TiledRows(rows, views.count), index
 
 
 DENSE_WARN_BYTES = 20 << 30
@@ -444,7 +176,7 @@ def dump_logits(cfg: DumpConfig, members: list[ResolvedModel] | None = None) -> 
         mine = [u for u in range(num_units)
                 if owner(u) == info.rank and not written[u * unit_chunks:(u + 1) * unit_chunks].all()]
         resumed = int(written.sum()) if info.is_main else 0
-        writer = _Writer(store, rows, len(members), written, index, unit_rows)
+        writer = ChunkWriter(store, rows, len(members), written, index, unit_rows)
         writer.start()
         sampler = (ChunkBatches(rows, mine, manifest.chunk_rows, cfg.batch_size) if index is None
                    else SequenceChunkBatches(index, mine, unit_rows, cfg.batch_size))
@@ -476,8 +208,8 @@ def dump_logits(cfg: DumpConfig, members: list[ResolvedModel] | None = None) -> 
                                   "_top1": top1, "_ens_top1": ens_top1}
                     event = None
                     if device.type == "cuda":
-                        logits = ({k: _to_pinned(v) for k, v in logits.items()} if isinstance(logits, dict)
-                                  else _to_pinned(logits))
+                        logits = ({k: to_pinned(v) for k, v in logits.items()} if isinstance(logits, dict)
+                                  else to_pinned(logits))
                         event = torch.cuda.Event()
                         event.record()
                     last = pos + len(y) >= min(unit_rows, n - chunk * unit_rows)
@@ -495,8 +227,8 @@ def dump_logits(cfg: DumpConfig, members: list[ResolvedModel] | None = None) -> 
                 _merge_hdf5_parts(store, cfg.out, info.world_size)
             store.mark_complete()
         if info.is_main and resumed:  # the summary covers the whole store, not only what this run wrote
-            _count_kept(store, written, writer)
-        accuracy, rows_written = _gather_counts(writer, info)  # a collective: every rank waits for the merge
+            count_kept(store, written, writer)
+        accuracy, rows_written = gather_counts(writer, info)  # a collective: every rank waits for the merge
         if part:
             os.remove(path)
         nbytes = store.nbytes_on_disk() if info.is_main else 0
@@ -557,20 +289,6 @@ def _exists(path: str, fmt: str) -> bool:
     return BACKENDS[fmt].exists(path)
 
 
-def _to_pinned(t: torch.Tensor) -> torch.Tensor:
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    return host
-
-
-def token_unit_chunks(m: Manifest, batch_size: int) -> int:
-    """Chunks per unit of work of a per-token dump: a multiple of INDEX_CHUNK_FACTOR holding about
-    ``batch_size`` sequences of the longest length."""
-    target = batch_size * m.sequences["max_length"]
-    group = INDEX_CHUNK_FACTOR * m.chunk_rows
-    return INDEX_CHUNK_FACTOR * max(1, -(-target // group))
-
-
 def _token_rows(modules: list[torch.nn.Module], x: torch.Tensor, y: torch.Tensor, index: SequenceIndex, unit: int,
                 span: tuple[int, int], unit_rows: int, device: torch.device, dataset: Any
                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -592,34 +310,6 @@ def _token_rows(modules: list[torch.nn.Module], x: torch.Tensor, y: torch.Tensor
     z = out.index_select(0, keep.to(device, non_blocking=True)).float()
     labels = y.reshape(-1)[keep] if y.ndim == 2 else y.repeat_interleave(torch.from_numpy(lengths))[lo:hi]
     return z, labels, max(a, base) - a
-
-
-def _count_kept(store: LogitStore, kept: np.ndarray, writer: _Writer) -> None:
-    """Add the teacher's correct rows of the chunks an earlier run wrote (``kept``) to ``writer``'s counts,
-    read back chunk by chunk: the ensemble is the members' mean probability at T = 1, as when dumping
-    (a sparse store with several members: the layout's estimate, see ``Layout.ensemble_top1``)."""
-    m = store.manifest
-    for c in np.flatnonzero(kept):
-        a, b = m.chunk_range(int(c))
-        blk = store.read(a, b)
-        y = np.asarray(blk.labels)
-        has = y >= 0
-        if not has.any():
-            continue
-        top1, ens = m.store_layout.top1(blk.data), m.store_layout.ensemble_top1(blk.data)
-        writer.correct[:-1] += (top1[has] == y[has, None]).sum(0)
-        writer.correct[-1] += int((ens[has] == y[has]).sum())
-        writer.labelled += int(has.sum())
-
-
-def _gather_counts(writer: _Writer, info: DistInfo) -> tuple[list[float | None], int]:
-    """Accuracy per member then for the ensemble, and rows written, summed over ranks."""
-    counts = torch.tensor(list(writer.correct) + [writer.labelled, writer.rows_written], dtype=torch.float64)
-    if info.enabled:
-        import torch.distributed as dist
-        dist.all_reduce(counts)
-    n = counts[-2].item()
-    return [float(c / n) if n else None for c in counts[:-2].tolist()], int(counts[-1].item())
 
 
 def _merge_hdf5_parts(store: LogitStore, out: str, world_size: int) -> None:
