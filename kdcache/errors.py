@@ -4,6 +4,8 @@
 class KdcacheError(Exception):
     """A user-facing error: the message names what is wrong and how to fix it."""
 
+    exit_code = 1  # the command's exit status when it ends on this error
+
 
 class StoreError(KdcacheError):
     """A logit store is missing, malformed, incomplete or does not match its data."""
@@ -15,3 +17,9 @@ class SpecError(KdcacheError):
 
 class ConfigError(KdcacheError):
     """A pipeline file or option combination is invalid."""
+
+
+class TrainingDiverged(KdcacheError):
+    """Students diverged: every one of a sweep, or any when ``fail_on_divergence`` asks."""
+
+    exit_code = 3
