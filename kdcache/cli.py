@@ -244,11 +244,11 @@ def train_student_cmd(**kw: Any) -> None:
     kdcache train-student --dataset mnist:train --store teacher.zarr --student mlp:800,800 \\
         --temperature 1,2,5,10,20 --eval-dataset mnist:test --out runs/distilled
     """
-    from kdcache.commands import run_train_student
+    from kdcache.commands import run_train_student, words
     from kdcache.train import TrainConfig
     kw["temperatures"] = _floats(kw["temperatures"], "--temperature") if kw["temperatures"] else None
     kw["alphas"] = _floats(kw["alphas"], "--alpha") if kw["alphas"] else None
-    kw["losses"] = [x.strip() for x in kw["losses"].split(",")]
+    kw["losses"] = words(kw["losses"])
     kw["seeds"] = _ints(kw["seeds"], "--seed")
     kw["lrs"] = _floats(kw["lrs"], "--lr")
     kw["members"] = _ints(kw["members"], "--members")

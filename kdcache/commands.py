@@ -369,12 +369,13 @@ class Option:
         return x
 
     def parse(self, value: Any) -> Any:
-        """A checked value as the config field holds it."""
+        """A checked value as the config field holds it (an empty list as None where None is the default,
+        as the CLI gives it)."""
         if self.kind == "numbers":
-            return numbers(value, self.number)
-        if self.kind == "words":
-            return words(value)
-        return value
+            value = numbers(value, self.number)
+        elif self.kind == "words":
+            value = words(value)
+        return None if value == [] and self.default is None else value
 
     def argv(self, value: Any) -> list[str]:
         """The words of the command line that give ``value`` (a checked value)."""

@@ -306,8 +306,9 @@ class Runner:
             elif temps and len(temps) > 0 and stamp.get("base") == base and exists:
                 done = set(numbers(stamp.get("temperatures", [])))
                 todo = [t for t in numbers(temps) if t not in done]
+                new = ", ".join(format(t, "g") for t in todo)
                 actions.append(Action(step, "partial" if todo else "skip", digest, base, todo or None,
-                                      f"new temperatures {', '.join(map(str, todo))}" if todo else "up to date"))
+                                      f"new temperatures {new}" if todo else "up to date"))
             elif stamp.get("digest") == digest and exists:
                 actions.append(Action(step, "skip", digest, base, detail="up to date"))
             else:
