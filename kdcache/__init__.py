@@ -22,6 +22,7 @@ _LAZY = {
     "TrainConfig": "kdcache.train", "train_students": "kdcache.train",
     "SparseTargets": "kdcache.sparse", "open_xarray": "kdcache.xarray_view",
     "TextSequences": "kdcache.text", "is_sequence_dataset": "kdcache.text",
+    "import_logprobs": "kdcache.logprobs", "export_logprobs": "kdcache.logprobs",
 }
 
 __all__ = ["__version__", "KdcacheError", "StoreError", "SpecError", "ConfigError", "FORMAT_VERSION",

@@ -22,6 +22,7 @@ import torch
 from kdcache._version import __version__
 from kdcache.bench_common import BENCH_NAMES as BENCHES
 from kdcache.bench_common import FULL, QUICK, Profile, interleave, interleave_all
+from kdcache.losses import teacher_log_probs
 
 
 # -- 1. store read ------------------------------------------------------------------------------
@@ -433,7 +434,7 @@ def topk_fidelity(z: np.ndarray, ks: list[int], temperatures: list[float]) -> li
             continue
         kept = order[:, :k]
         for t in temperatures:
-            logp = z64 / t - _lse(z64 / t)[:, None]
+            logp = teacher_log_probs(torch.from_numpy(z64)[:, None], t).numpy()
             p = np.exp(logp)
             pk = np.take_along_axis(p, kept, 1)
             tail = np.clip(1 - pk.sum(1), 0, 1)
@@ -454,11 +455,6 @@ def topk_fidelity(z: np.ndarray, ks: list[int], temperatures: list[float]) -> li
     return out
 
 
-def _lse(a: np.ndarray) -> np.ndarray:
-    m = a.max(1)
-    return m + np.log(np.exp(a - m[:, None]).sum(1))
-
-
 def store_fidelity(path: str, rows: int = 4000, ks: tuple[int, ...] = (1, 5, 20, 100),
                    temperatures: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 20.0)) -> dict[str, Any]:
     """:func:`topk_fidelity` on the first ``rows`` rows (member 0) of a dense store: real teacher logits."""
@@ -466,9 +462,10 @@ def store_fidelity(path: str, rows: int = 4000, ks: tuple[int, ...] = (1, 5, 20,
     from kdcache.store import open_store
     store = open_store(path)
     m = store.manifest
-    if m.layout != "dense":
+    if not m.store_layout.keeps_every_logit:
         raise StoreError(f"--logits {path}: a {m.layout} store; top-k fidelity is measured against dense logits")
-    z = store.read(0, min(rows, m.num_samples)).logits[:, 0].astype(np.float32)
+    blk = store.read(0, min(rows, m.num_samples))
+    z = m.store_layout.targets({k: blk.data[k] for k in m.logit_arrays}).numpy()[:, 0]
     store.close()
     return {"store": path, "classes": m.num_classes, "rows": len(z), "per_token": m.per_token,
             "teacher": m.members[0]["spec"], "dataset": m.dataset["spec"],

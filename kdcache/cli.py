@@ -12,6 +12,10 @@ import click
 from kdcache._version import __version__
 from kdcache.bench_common import BENCH_NAMES
 from kdcache.errors import KdcacheError
+from kdcache.layouts import LAYOUTS
+from kdcache.losses import ENSEMBLE_REDUCTIONS
+from kdcache.store.format import COMPRESSIONS, DTYPES
+from kdcache.store.logit_store import BACKENDS
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -21,7 +25,7 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except KdcacheError as e:
-            error = click.ClickException(_one_line(str(e)))
+            error = click.ClickException(_one_line(e.render(_flag)))
             error.exit_code = e.exit_code
             raise error from None
         except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
@@ -30,6 +34,34 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             from kdcache.store.remote import drain_event_loops
             drain_event_loops()  # nothing of a remote store's requests may print after the one line
     return wrapper
+
+
+class LayoutChoice(click.Choice):
+    """The layouts registered when the command runs, a layout registered by a plugin included."""
+
+    def __init__(self) -> None:
+        super().__init__(list(LAYOUTS))
+
+    @property
+    def choices(self) -> list[str]:
+        return list(LAYOUTS)
+
+    @choices.setter
+    def choices(self, value: Any) -> None:
+        pass
+
+
+class LayoutOption(click.Option):
+    """``--layout``, its help listing the registered layouts."""
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        self.help = "; ".join(cls.help for cls in LAYOUTS.values()) + "."
+        return super().get_help_record(ctx)
+
+
+def _flag(param: str) -> str:
+    """The flag that sets a library parameter named in an error message."""
+    return "--" + param.replace("_", "-")
 
 
 def _one_line(message: str) -> str:
@@ -97,14 +129,14 @@ def cli() -> None:
               help="Model spec; repeat for an ensemble: mlp:1200,1200, hf:DIR (a transformers causal LM), pkg.mod:fn, "
                    "a train-student checkpoint, or a TorchScript file (deprecated in PyTorch; prefer the others).")
 @click.option("--dataset", required=True,
-              help="Dataset spec: mnist:train, synthetic:N, text:PATH, hf-text:PATH[,seq=N,tokenizer=DIR], FILE.npz, "
-                   "pkg.mod:fn.")
+              help="Dataset spec: mnist:train, synthetic:N, text:PATH, hf-text:PATH[,seq=N,tokenizer=DIR], "
+                   "hf-chat:PATH[,rows=assistant|all,template=FILE], FILE.npz, pkg.mod:fn.")
 @click.option("--out", default=None,
               help="Store path: DIR.zarr, FILE.h5, or an fsspec URL [default: the store cache, keyed by teacher "
                    "and data; a store already there is reused].")
-@click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]), default=None,
+@click.option("--format", "fmt", type=click.Choice(list(BACKENDS)), default=None,
               help="Backend [default: from the suffix of --out].")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default="float16", show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=512, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", show_default=True)
@@ -112,15 +144,14 @@ def cli() -> None:
 @click.option("--chunk-rows", type=click.IntRange(1), default=None, help="Rows per chunk [default: about 1 MB].")
 @click.option("--subset", default=None,
               help="Transfer set: START:STOP, exclude-classes:C[,C], or an index file (.npy/.txt).")
-@click.option("--compression", type=click.Choice(["none", "zstd", "gzip"]), default="none", show_default=True)
-@click.option("--layout", type=click.Choice(["dense", "topk", "sampled"]), default="dense", show_default=True,
-              help="dense: every logit; topk: the k largest plus exact tail normalisers; sampled: ids drawn "
-                   "from the teacher (random-sampling KD).")
+@click.option("--compression", type=click.Choice(COMPRESSIONS), default="none", show_default=True)
+@click.option("--layout", cls=LayoutOption, type=LayoutChoice(), default="dense", show_default=True)
 @click.option("--k", type=click.IntRange(1), default=None, help="topk: logits kept per row and member.")
 @click.option("--temperatures", default=None,
               help="Sparse layouts: temperatures served exactly [default: 1,2,4,8,20].")
 @click.option("--samples", type=click.IntRange(1, 65535), default=None, help="sampled: ids drawn per row.")
-@click.option("--sampling-temperature", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True)
+@click.option("--sampling-temperature", type=click.FloatRange(0, min_open=True), default=None,
+              help="sampled: the temperature ids are drawn at [default: 1].")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the sampled layout's draws and of the views' augmentation parameters.")
 @click.option("--augment", default=None,
@@ -171,7 +202,7 @@ def dump_logits_cmd(**kw: Any) -> None:
               help="The soft term: kd (KL at temperature T, times T^2) or logit-mse (Ba & Caruana's logit "
                    "matching, the high-T limit of kd; dense stores only), or a list kd,logit-mse for a sweep.")
 @click.option("--seed", "seeds", default="0", show_default=True, help="Seed, or a list for a sweep.")
-@click.option("--ensemble", type=click.Choice(["mean-prob", "mean-logit"]), default="mean-prob", show_default=True)
+@click.option("--ensemble", type=click.Choice(ENSEMBLE_REDUCTIONS), default="mean-prob", show_default=True)
 @click.option("--members", default=None, help="Use only these ensemble members, e.g. 0,2.")
 @click.option("--epochs", type=click.IntRange(1), default=10, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
@@ -348,7 +379,7 @@ def train_tokenizer_cmd(corpus: str, vocab: int, field: str, out: str, overwrite
               help="Add B to class C's logit before the argmax (repeatable); C=auto picks B on --tune-dataset.")
 @click.option("--tune-dataset", default=None, help="Held-out labelled data for --class-bias C=auto.")
 @click.option("--tune-subset", default=None, help="Rows of --tune-dataset, e.g. 50000:60000.")
-@click.option("--ensemble", type=click.Choice(["mean-prob", "mean-logit"]), default="mean-prob", show_default=True)
+@click.option("--ensemble", type=click.Choice(ENSEMBLE_REDUCTIONS), default="mean-prob", show_default=True)
 @click.option("--members", default=None, help="With --eval-store: these ensemble members only, e.g. 0,2.")
 @click.option("--batch-size", type=click.IntRange(1), default=2048, show_default=True)
 @click.option("--device", default="auto", show_default=True)
@@ -473,7 +504,7 @@ def bench_cmd(quick: bool, json_path: str | None, device: str, only: tuple[str, 
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--xarray", "as_xarray", is_flag=True,
               help="Print the store as kdcache.open_xarray opens it (needs kdcache[xarray]).")
-@click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]), default=None)
+@click.option("--format", "fmt", type=click.Choice(list(BACKENDS)), default=None)
 @storage_option
 @_friendly
 def inspect_cmd(store: str, as_json: bool, as_xarray: bool, fmt: str | None) -> None:
@@ -490,7 +521,7 @@ def inspect_cmd(store: str, as_json: bool, as_xarray: bool, fmt: str | None) -> 
 
 @cli.command("verify")
 @click.argument("store")
-@click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]), default=None)
+@click.option("--format", "fmt", type=click.Choice(list(BACKENDS)), default=None)
 @click.option("--teacher", "teachers", multiple=True,
               help="Also re-run this teacher (one per ensemble member, in order) on random rows and compare.")
 @click.option("--rows", type=click.IntRange(1), default=256, show_default=True, help="With --teacher: rows compared.")
@@ -522,23 +553,24 @@ def verify_cmd(store: str, fmt: str | None, teachers: tuple[str, ...], rows: int
 @cli.command("convert")
 @click.argument("src")
 @click.argument("dst")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default=None, help="[default: as SRC]")
-@click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]), default=None, help="Format of DST.")
-@click.option("--compression", type=click.Choice(["none", "zstd", "gzip"]), default=None)
+@click.option("--dtype", type=click.Choice(DTYPES), default=None, help="[default: as SRC]")
+@click.option("--format", "fmt", type=click.Choice(list(BACKENDS)), default=None, help="Format of DST.")
+@click.option("--compression", type=click.Choice(COMPRESSIONS), default=None)
 @click.option("--chunk-rows", type=click.IntRange(1), default=None)
-@click.option("--layout", type=click.Choice(["dense", "topk", "sampled"]), default=None,
+@click.option("--layout", type=LayoutChoice(), default=None,
               help="Sparsify a dense store [default: as SRC].")
 @click.option("--k", type=click.IntRange(1), default=None)
 @click.option("--temperatures", default=None)
 @click.option("--samples", type=click.IntRange(1, 65535), default=None)
-@click.option("--sampling-temperature", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True)
+@click.option("--sampling-temperature", type=click.FloatRange(0, min_open=True), default=None,
+              help="sampled: the temperature ids are drawn at [default: 1].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True)
 @storage_option
 @_friendly
 def convert_cmd(src: str, dst: str, dtype: str | None, fmt: str | None, compression: str | None,
                 chunk_rows: int | None, layout: str | None, k: int | None, temperatures: str | None,
-                samples: int | None, sampling_temperature: float, seed: int, overwrite: bool) -> None:
+                samples: int | None, sampling_temperature: float | None, seed: int, overwrite: bool) -> None:
     """Copy a store to another backend, dtype, codec or (from dense) sparse layout, streaming.
 
     \b
@@ -553,6 +585,83 @@ def convert_cmd(src: str, dst: str, dtype: str | None, fmt: str | None, compress
                               sampling_temperature=sampling_temperature, seed=seed, overwrite=overwrite),
                 echo=click.echo)
 
+
+_preset_help = "Column layout: llamakd (inputs, targets [L, 2, k]), axolotl (Axolotl's KD plugin), vllm."
+
+
+@cli.command("import-logprobs")
+@click.argument("src")
+@click.option("--dataset", required=True,
+              help="The tokenized corpus the logprobs were computed on: hf-text:PATH,tokenizer=DIR,seq=N.")
+@click.option("--out", required=True, help="The top-k store to write (.zarr or .h5).")
+@click.option("--preset", type=click.Choice(["llamakd", "axolotl", "vllm"]), default=None, help=_preset_help)
+@click.option("--tokens-column", default=None, help="Column of token ids [default: the preset's].")
+@click.option("--ids-column", default=None,
+              help="Column of top-k token ids [rows, k] [default: the preset's; none: --logprobs-column holds pairs].")
+@click.option("--logprobs-column", default=None, help="Column of top-k logprobs [rows, k] (or pairs [rows, 2, k]).")
+@click.option("--offset", type=click.IntRange(0), default=None,
+              help="Record row of the prediction made at the first position [default: the preset's; vllm: 1].")
+@click.option("--k", type=click.IntRange(1), default=None, help="Keep the top k of each row [default: all].")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--approximate-temperatures", default=None,
+              help="Also serve these T, with the tail's mass spread evenly over the ids not kept (an approximation; "
+                   "without it only T=1 is served).")
+@click.option("--split", default="train", show_default=True, help="Split of a save_to_disk logprob dataset.")
+@click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]), default=None)
+@click.option("--chunk-rows", type=click.IntRange(1), default=None)
+@click.option("--teacher-name", default=None, help="The teacher's name in the manifest [default: SRC's name].")
+@click.option("--overwrite", is_flag=True, help="Replace a store at --out (once the import succeeded).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
+@_friendly
+def import_logprobs_cmd(src: str, dataset: str, out: str, preset: str | None, tokens_column: str | None,
+                        ids_column: str | None, logprobs_column: str | None, offset: int | None, k: int | None,
+                        dtype: str, approximate_temperatures: str | None, split: str, fmt: str | None,
+                        chunk_rows: int | None, teacher_name: str | None, overwrite: bool,
+                        progress: bool | None) -> None:
+    """Import a top-k logprob dataset (vLLM prompt_logprobs, Axolotl KD, Hub) into a top-k store.
+
+    Each record must belong to the corpus sequence of the same index: its token ids are checked
+    against the tokenized corpus. The store is exact at T=1 only.
+
+    \b
+    kdcache import-logprobs teacher-logprobs/ --preset llamakd \\
+        --dataset hf-text:corpus.jsonl,tokenizer=tok,seq=1024 --out teacher.zarr
+    kdcache import-logprobs kd.parquet --preset axolotl --dataset hf-text:chat.jsonl,tokenizer=tok \\
+        --out teacher.zarr --approximate-temperatures 2
+    """
+    from kdcache.logprobs import columns_for, import_logprobs
+    cols = columns_for(preset, tokens_column, ids_column, logprobs_column, offset)
+    temps = _floats(approximate_temperatures, "--approximate-temperatures") if approximate_temperatures else None
+    summary = import_logprobs(src, dataset, out, cols, k=k, dtype=dtype, approximate_temperatures=temps, fmt=fmt,
+                              chunk_rows=chunk_rows, split=split, overwrite=overwrite, teacher=teacher_name,
+                              progress=progress)
+    for line in summary.lines():
+        click.echo(line)
+
+
+@cli.command("export-logprobs")
+@click.argument("store")
+@click.option("--to", "to", required=True, help="Directory to write data.parquet (or data.jsonl) into.")
+@click.option("--preset", type=click.Choice(["llamakd", "axolotl", "vllm"]), default="llamakd", show_default=True,
+              help=_preset_help)
+@click.option("--format", "fmt", type=click.Choice(["parquet", "jsonl"]), default="parquet", show_default=True)
+@click.option("--member", type=click.IntRange(0), default=None, help="Member to export [default: the only one].")
+@click.option("--dataset", default=None, help="The corpus [default: the one the store records].")
+@click.option("--overwrite", is_flag=True)
+@click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
+@_friendly
+def export_logprobs_cmd(store: str, to: str, preset: str, fmt: str, member: int | None, dataset: str | None,
+                        overwrite: bool, progress: bool | None) -> None:
+    """Write a per-token top-k store as a top-k logprob dataset (logprobs at T=1, float32).
+
+    \b
+    kdcache export-logprobs teacher.zarr --to teacher-logprobs --preset axolotl
+    """
+    from kdcache.logprobs import export_logprobs
+    summary = export_logprobs(store, to, preset, fmt=fmt, member=member, dataset=dataset, overwrite=overwrite,
+                              progress=progress)
+    for line in summary.lines():
+        click.echo(line)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(cli())

@@ -15,7 +15,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from kdcache.errors import ConfigError, KdcacheError, StoreError, TrainingDiverged
 
@@ -87,7 +87,7 @@ class ConvertConfig:
     k: int | None = None
     temperatures: list[float] | None = None
     samples: int | None = None
-    sampling_temperature: float = 1.0
+    sampling_temperature: float | None = None   # sampled: the T ids are drawn at [default: 1]
     seed: int = 0
     overwrite: bool = False
 
@@ -312,7 +312,7 @@ class Option:
     number: type | None = None               # int or float, for number and numbers
     required: bool = False
     argument: bool = False                   # given by position, not by flag
-    choices: tuple[str, ...] | None = None   # for text, and for each of words
+    choices: Collection[str] | None = None   # for text, and for each of words (a registry stays live)
     range: Range | None = None               # for number
     default: Any = None
 
@@ -482,13 +482,14 @@ def commands() -> dict[str, Command]:
     from kdcache.distributed import AMP_MODES
     from kdcache.dump import DumpConfig
     from kdcache.evaluate import EvalConfig
+    from kdcache.layouts import LAYOUTS
     from kdcache.losses import ENSEMBLE_REDUCTIONS, LOSSES
-    from kdcache.store.format import COMPRESSIONS, DTYPES, LAYOUTS
+    from kdcache.store.format import COMPRESSIONS, DTYPES
     from kdcache.store.logit_store import BACKENDS
     from kdcache.train.config import AMP_MODES as TRAIN_AMP_MODES
     from kdcache.train.config import OPTIMIZERS, SCHEDULES, TrainConfig
     formats = tuple(BACKENDS)
-    stores = {"format": formats, "dtype": DTYPES, "compression": COMPRESSIONS, "layout": LAYOUTS}
+    stores = {"format": formats, "dtype": DTYPES, "compression": COMPRESSIONS, "layout": LAYOUTS}  # LAYOUTS: live
     sparse = {"chunk_rows": Range(1), "k": Range(1), "samples": Range(1, 65535),
               "sampling_temperature": Range(0, low_open=True)}
     fraction = Range(0, 1, high_open=True)
@@ -502,7 +503,7 @@ def commands() -> dict[str, Command]:
                            "warmup": Range(0), "dropout": fraction, "input_dropout": fraction, "jitter": Range(0),
                            "stack_group": Range(1), "checkpoint_every": Range(0), "workers": Range(0)}),
         Command.of("dump-logits", DumpConfig, run_dump_logits, flags={"teachers": "--teacher"},
-                   choices={**stores, "amp": AMP_MODES}, internal=("encode_on_device",),
+                   choices={**stores, "amp": AMP_MODES}, internal=("encode_on_device", "layout_extra"),
                    ranges={**sparse, "batch_size": Range(1), "workers": Range(0)}),
         Command.of("report", ReportConfig, run_report, arguments=("run_dirs",), remote=False,
                    flags={"plot_path": "--plot", "roles": "--role", "notes": "--note", "evaluations": "--evaluation"}),

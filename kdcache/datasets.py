@@ -140,7 +140,8 @@ def get_batch(dataset: Any, indices: np.ndarray) -> tuple[torch.Tensor, torch.Te
 
 
 def fingerprint(dataset: Any) -> str:
-    """sha256 over the length and 256 evenly spaced items (inputs and labels), row by row.
+    """sha256 over the length and 256 evenly spaced items (inputs and labels), row by row, then what a
+    dataset adds with ``fingerprint_extra()`` (``hf-chat:``: the rule that picks its rows).
 
     Catches another dataset, another split, another preprocessing or a re-ordering, without
     reading every item of a large dataset.
@@ -154,6 +155,9 @@ def fingerprint(dataset: Any) -> str:
         h.update(f";{str(x.dtype)};{tuple(x.shape[1:])}".encode())
         h.update(x.numpy().tobytes())
         h.update(y.to(torch.int64).numpy().tobytes())
+    extra = getattr(dataset, "fingerprint_extra", None)
+    if callable(extra):
+        h.update(f";{extra()}".encode())
     return h.hexdigest()
 
 
@@ -259,11 +263,13 @@ def load_dataset(spec: str, data_root: str | os.PathLike | None = None) -> Resol
         return ResolvedDataset(ds, spec, "synthetic", None, ds.classes)
     if name == "text":
         return _load_text(spec, rest, data_root)
-    if name == "hf-text":
-        from kdcache.integrations.hf import HFText
-        ds = HFText(spec)
-        return ResolvedDataset(ds, spec, "hf-text", spec.partition(",split=")[2].split(",")[0] or "train",
-                               ds.num_classes)
+    if name in ("hf-text", "hf-chat"):
+        if name == "hf-text":
+            from kdcache.integrations.hf import HFText as kind
+        else:
+            from kdcache.integrations.hf_chat import HFChat as kind
+        ds = kind(spec)
+        return ResolvedDataset(ds, spec, name, spec.partition(",split=")[2].split(",")[0] or "train", ds.num_classes)
     if name.endswith(".npz"):
         path = Path(name)
         if not path.is_absolute() and not path.exists() and data_root:
@@ -271,7 +277,8 @@ def load_dataset(spec: str, data_root: str | os.PathLike | None = None) -> Resol
         ds = _load_npz(path, rest or None)
         classes = int(ds.labels.max()) + 1 if ds.labels is not None and len(ds.labels) else None
         return ResolvedDataset(ds, spec, path.stem, rest or None, classes)
-    known = "use mnist:train, mnist:test, synthetic:N, text:PATH, hf-text:PATH, a .npz file or package.module:callable"
+    known = ("use mnist:train, mnist:test, synthetic:N, text:PATH, hf-text:PATH, hf-chat:PATH, a .npz file or "
+             "package.module:callable")
     if rest and "." in name or (rest and name.isidentifier()):
         try:
             fn = import_callable(spec, "dataset")
@@ -309,21 +316,23 @@ def _load_text(spec: str, rest: str, data_root: str | os.PathLike | None) -> Res
 
 # -- paths in recorded specs ------------------------------------------------------------------------
 def _spec_paths(spec: str) -> list[tuple[int, int]]:
-    """(start, end) of each local file path inside a dataset spec: the PATH of ``text:``/``hf-text:``,
-    a ``.npz`` file, and the value of ``tokenizer=``."""
+    """(start, end) of each local file path inside a dataset spec: the PATH of ``text:``/``hf-text:``/
+    ``hf-chat:``, a ``.npz`` file, and the values of ``tokenizer=`` and ``template=``."""
     spans = []
     kind, sep, rest = spec.partition(":")
-    if kind in ("text", "hf-text") and sep:
+    if kind in ("text", "hf-text", "hf-chat") and sep:
         start = len(kind) + 1
         end = spec.find(",", start)
         spans.append((start, len(spec) if end < 0 else end))
     elif kind.endswith(".npz"):
         spans.append((0, len(kind)))
-    at = spec.find(",tokenizer=")
-    if at >= 0:
-        start = at + len(",tokenizer=")
-        end = spec.find(",", start)
-        spans.append((start, len(spec) if end < 0 else end))
+    for key in (",tokenizer=", ",template="):
+        at = spec.find(key)
+        if at >= 0:
+            start = at + len(key)
+            end = spec.find(",", start)
+            spans.append((start, len(spec) if end < 0 else end))
+    spans.sort()
     return [s for s in spans if s[1] > s[0] and "://" not in spec[s[0]:s[1]]]
 
 
@@ -387,9 +396,10 @@ def recorded_model_spec(spec: str, store: str | None) -> str:
 
 
 def with_tokenizer(dataset_spec: str | None, teachers: list[str] | None = None, store: str | None = None) -> Any:
-    """An ``hf-text:`` spec without ``tokenizer=`` gets the first ``hf:`` teacher's (the tokenizer saved
-    beside it), else the one of the store's own dataset spec; any other spec is returned as it is."""
-    if not dataset_spec or not dataset_spec.startswith("hf-text:") or ",tokenizer=" in dataset_spec:
+    """An ``hf-text:`` or ``hf-chat:`` spec without ``tokenizer=`` gets the first ``hf:`` teacher's (the
+    tokenizer saved beside it), else the one of the store's own dataset spec; any other spec is returned
+    as it is."""
+    if not dataset_spec or not dataset_spec.startswith(("hf-text:", "hf-chat:")) or ",tokenizer=" in dataset_spec:
         return dataset_spec
     from kdcache.integrations.hf import model_tokenizer
     for t in teachers or []:

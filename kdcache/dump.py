@@ -17,13 +17,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from kdcache.datasets import ResolvedDataset, get_batch, load_dataset, portable_model_spec, portable_spec
 from kdcache.distributed import DistInfo, autocast, init_distributed, resolve_device, shutdown
 from kdcache.errors import KdcacheError, SpecError, StoreError
+from kdcache.layouts import LAYOUTS, Layout, encode_rows, layout_for
 from kdcache.losses import teacher_log_probs
+from kdcache.progress import progress_bar
 from kdcache.specs import ResolvedModel, load_model, num_classes_of
 from kdcache.store import LogitStore, Manifest, create_store, default_chunk_rows, detect_format, open_store
 from kdcache.store.format import INDEX_CHUNK_FACTOR, sequence_lengths_digest
 from kdcache.store.logit_store import _ranges
 from kdcache.subset import resolve_subset
-from kdcache.text import is_sequence_dataset
+from kdcache.text import is_sequence_dataset, row_mask
 from kdcache.views import ViewAugmenter, Views, make_views
 
 QUEUE_BATCHES = 8
@@ -50,12 +52,19 @@ class DumpConfig:
     k: int | None = None                      # topk: entries kept per row and member
     temperatures: list[float] | None = None   # sparse: grid of exact temperatures
     samples: int | None = None                # sampled: draws per row and member
-    sampling_temperature: float = 1.0         # sampled: the T the ids are drawn at
+    sampling_temperature: float | None = None  # sampled: the T the ids are drawn at [default: 1]
     seed: int = 0                             # sampled draws and view parameters are seeded from this
     augment: str | None = None                # views: the augmentation spec, e.g. jitter:2+flip
     views: int | None = None                  # views: augmented views per sample (default 1 with augment)
     encode_on_device: bool | None = None      # topk: top-k and normalisers where the teacher ran [default: on a GPU]
     progress: bool | None = None  # None: a bar when stderr is a terminal
+    layout_extra: dict[str, Any] = field(default_factory=dict)  # options of layouts registered by others
+
+    def make_layout(self, num_classes: int) -> Layout:
+        """The layout asked for, its options checked and defaults filled in."""
+        options = {name: getattr(self, name) for cls in LAYOUTS.values() for name in cls.options
+                   if hasattr(self, name)}
+        return layout_for(self.layout, num_classes, **options, **self.layout_extra, seed=self.seed)
 
 
 @dataclass
@@ -186,7 +195,7 @@ class _Writer(threading.Thread):
     def __init__(self, store: LogitStore, rows: Any, num_members: int, written: np.ndarray,
                  index: SequenceIndex | None = None, unit_rows: int | None = None) -> None:
         super().__init__(daemon=True, name="kdcache-writer")
-        self.encode = layout_encoder(store.manifest)
+        self.layout = store.manifest.store_layout
         self.store, self.rows, self.index, self.written = store, rows, index, written
         self.unit_rows = unit_rows or store.manifest.chunk_rows
         self.q: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
@@ -227,7 +236,7 @@ class _Writer(threading.Thread):
 
     def _take(self, unit: int, pos: int, logits: Any, labels: torch.Tensor, params: torch.Tensor | None,
               event: Any, last: bool) -> None:
-        """``logits``: dense ``[rows, members, classes]``, or (encoded where the teacher ran) a dict of the
+        """``logits``: raw ``[rows, members, classes]``, or (encoded where the teacher ran) a dict of the
         layout's arrays plus ``_top1`` ``[rows, members]`` and ``_ens_top1`` ``[rows]`` for the accuracy."""
         if event is not None:
             event.synchronize()
@@ -257,12 +266,10 @@ class _Writer(threading.Thread):
                 top1, ens_top1 = z["_top1"][a:b], z["_ens_top1"][a:b]
             else:
                 zc = z[a:b]
-                data = self._encode(first + c0, zc)
-                top1 = zc.argmax(-1)
-                # one member: the ensemble is the member (no softmax over the chunk on the writer's time)
-                ens_top1 = top1[:, 0] if zc.shape[1] == 1 else _mean_prob(zc.astype(np.float32)).argmax(-1)
+                data = encode_rows(self.layout, first + c0, zc, cr)
+                top1, ens_top1 = (t.numpy() for t in predictions(torch.from_numpy(zc)))
             if v is not None:  # a store with views: each row's view parameters beside its logits
-                data = {**(data if isinstance(data, dict) else {"logits": data}), "view_params": v[a:b]}
+                data = {**data, "view_params": v[a:b]}
             self.store.write_block(start + a, data, ids, yc)
             self.rows_written += len(yc)
             has = yc >= 0
@@ -270,15 +277,6 @@ class _Writer(threading.Thread):
                 self.correct[:-1] += (top1[has] == yc[has, None]).sum(0)
                 self.correct[-1] += (ens_top1[has] == yc[has]).sum()
                 self.labelled += int(has.sum())
-
-    def _encode(self, chunk: int, z: np.ndarray) -> Any:
-        """The layout's arrays for the rows of consecutive chunks from ``chunk`` (sampled draws are seeded
-        chunk by chunk, so that a resumed or multi-process dump draws the same)."""
-        cr = self.store.manifest.chunk_rows
-        if self.store.manifest.layout != "sampled" or len(z) <= cr:
-            return self.encode(chunk, z)
-        parts = [self.encode(chunk + i, z[a:a + cr]) for i, a in enumerate(range(0, len(z), cr))]
-        return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
 
     def finish(self) -> None:
         self.q.put(None)
@@ -297,63 +295,12 @@ def _nbytes(logits: Any) -> int:
     return sum(v.nbytes for v in logits.values()) if isinstance(logits, dict) else logits.nbytes
 
 
-def encode_topk(z: torch.Tensor, k: int, temperatures: list[float]) -> dict[str, torch.Tensor]:
-    """The top-k layout's arrays of ``z [rows, members, classes]`` where ``z`` is (on the teacher's
-    device: only k values and ids and a few normalisers per row go to the host), with the top-1 of
-    each member and of the ensemble for the dump's accuracy. The same arithmetic as ``topk_rows``."""
-    from kdcache.sparse import log_normalizers
-    z = z.float()
-    values, ids = z.topk(k, dim=-1)
-    lse = log_normalizers(z, temperatures, block_rows=max(1, z.numel() // z.shape[-1]) if z.is_cuda else 32)
-    ens = ids[:, 0, 0] if z.shape[1] == 1 else torch.softmax(z, dim=-1).mean(1).argmax(-1)
-    return {"topk_values": values, "topk_ids": ids.to(torch.int32), "log_normalizers": lse, "_top1": ids[..., 0],
-            "_ens_top1": ens}
-
-
-def layout_encoder(m: Manifest) -> Any:
-    """``(chunk, dense logits [rows, members, classes])`` -> what the store's layout writes."""
-    p = m.layout_params
-    if m.layout == "dense":
-        return lambda chunk, z: z
-    from kdcache.sparse import sampled_rows, topk_rows
-    if m.layout == "topk":
-        return lambda chunk, z: topk_rows(torch.from_numpy(np.asarray(z, np.float32)), p["k"], p["temperatures"])
-
-    def sample(chunk: int, z: np.ndarray) -> dict[str, np.ndarray]:
-        g = torch.Generator().manual_seed(p["seed"] * 1_000_003 + chunk)  # the same draws on resume and any rank
-        return sampled_rows(torch.from_numpy(np.asarray(z, np.float32)), p["samples"], p["sampling_temperature"],
-                            p["temperatures"], g)
-    return sample
-
-
-def layout_params(layout: str, num_classes: int, k: int | None, temperatures: list[float] | None,
-                  samples: int | None, sampling_temperature: float, seed: int) -> dict[str, Any]:
-    """The manifest's ``layout_params`` for the dump options, with the defaults filled in."""
-    from kdcache.sparse import DEFAULT_TEMPERATURES
-    if layout == "dense":
-        if k or samples or temperatures:
-            raise SpecError("--k, --samples and --temperatures apply to --layout topk or sampled, not dense")
-        return {}
-    temps = sorted(set(float(t) for t in (temperatures or DEFAULT_TEMPERATURES)))
-    if layout == "topk":
-        if k is None:
-            raise SpecError("--layout topk needs --k, the number of logits kept per row")
-        if not 1 <= k <= num_classes:
-            raise SpecError(f"--k {k} but the teacher has {num_classes} classes; k must be between 1 and {num_classes}")
-        return {"k": k, "temperatures": temps}
-    if layout == "sampled":
-        if samples is None:
-            raise SpecError("--layout sampled needs --samples, the number of ids drawn per row")
-        # the sampling temperature joins the grid: re-weighting to another T needs its normaliser
-        return {"samples": samples, "sampling_temperature": float(sampling_temperature),
-                "temperatures": sorted(set(temps) | {float(sampling_temperature)}), "seed": seed}
-    raise SpecError(f"--layout {layout!r}: use dense, topk or sampled")
-
-
-def _mean_prob(z: np.ndarray) -> np.ndarray:
-    """The mean of the members' softmax at T=1. ``z``: ``[rows, members, classes]``."""
-    e = np.exp(z - z.max(-1, keepdims=True))
-    return (e / e.sum(-1, keepdims=True)).mean(1)
+def predictions(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each member's predicted class ``[rows, members]`` and the ensemble's (mean probability at T = 1)
+    ``[rows]`` from raw logits ``z`` ``[rows, members, classes]``, for the dump's accuracy."""
+    top1 = z.argmax(-1)
+    # one member: the ensemble is the member (no softmax over the chunk)
+    return top1, top1[:, 0] if z.shape[1] == 1 else teacher_log_probs(z, 1.0).argmax(-1)
 
 
 def prepare(cfg: DumpConfig, device: torch.device, members: list[ResolvedModel] | None = None
@@ -375,8 +322,7 @@ def prepare(cfg: DumpConfig, device: torch.device, members: list[ResolvedModel] 
     _check_context(members, dataset)
     num_classes = num_classes_of(members, dataset, device)
     dtype = cfg.dtype
-    params = layout_params(cfg.layout, num_classes, cfg.k, cfg.temperatures, cfg.samples, cfg.sampling_temperature,
-                           cfg.seed)
+    layout = cfg.make_layout(num_classes)
     index, sequences, num_rows, views = None, None, len(rows), None
     if cfg.views is not None and not cfg.augment:
         raise SpecError("--views needs --augment: the views of a sample differ by their augmentation")
@@ -406,7 +352,7 @@ def prepare(cfg: DumpConfig, device: torch.device, members: list[ResolvedModel] 
         described.append(d)
     manifest = Manifest(
         num_samples=num_rows, num_classes=num_classes, num_members=len(members), dtype=dtype,
-        chunk_rows=cfg.chunk_rows or 1, members=described, layout=cfg.layout, layout_params=params,
+        chunk_rows=cfg.chunk_rows or 1, members=described, layout=layout.name, layout_params=layout.params(),
         dataset={**dataset.describe(), "spec": portable_spec(dataset.spec, cfg.out), "subset": subset_desc},
         compression=cfg.compression, class_names=names,
         sequences=sequences, views=None if views is None else dataclasses.asdict(views))
@@ -442,9 +388,10 @@ def _check_context(members: list[ResolvedModel], dataset: ResolvedDataset) -> No
 
 
 def _warn_dense_size(m: Manifest) -> None:
-    """A dense store of a large vocabulary: say how big it will be and what top-k would cost."""
-    size = m.num_samples * m.num_members * m.num_classes * np.dtype(m.dtype).itemsize
-    if m.layout == "dense" and size > DENSE_WARN_BYTES:
+    """A store of every logit of a large vocabulary: say how big it will be and what top-k would cost."""
+    size = m.num_samples * sum(int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
+                               for name, (shape, _, dtype, _) in m.arrays().items() if name in m.logit_arrays)
+    if m.store_layout.keeps_every_logit and size > DENSE_WARN_BYTES:
         topk = m.num_samples * m.num_members * (20 * (np.dtype(m.dtype).itemsize + 4) + 5 * 4)
         print(f"warning: this dense store will hold {size / 1e9:,.1f} GB ({m.num_classes:,} classes per row); "
               f"--layout topk --k 20 would take about {topk / 1e9:,.1f} GB with the tail's mass exact",
@@ -464,7 +411,7 @@ def dump_logits(cfg: DumpConfig, members: list[ResolvedModel] | None = None) -> 
     Without ``cfg.out`` (or with ``"cache"``) the store goes to the store cache under its key: a
     complete store there is reused without running the teacher, an incomplete one is resumed, and a
     second process asking for the same key waits for the first (see kdcache.cache)."""
-    if cfg.dataset.startswith("hf-text:"):
+    if cfg.dataset.startswith(("hf-text:", "hf-chat:")):
         from kdcache.datasets import with_tokenizer
         cfg = dataclasses.replace(cfg, dataset=with_tokenizer(cfg.dataset, cfg.teachers))
     if cfg.out in (None, "cache"):
@@ -508,11 +455,12 @@ def dump_logits(cfg: DumpConfig, members: list[ResolvedModel] | None = None) -> 
                             prefetch_factor=4 if cfg.workers else None)
         show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
         n = manifest.num_samples
-        bar = _progress(sum(min((u + 1) * unit_rows, n) - u * unit_rows for u in mine), show and info.is_main)
+        bar = progress_bar(sum(min((u + 1) * unit_rows, n) - u * unit_rows for u in mine), show and info.is_main,
+                           "dump-logits", "rows")
         modules = [m.module for m in members]
-        on_device = manifest.layout == "topk" and (device.type != "cpu" if cfg.encode_on_device is None
-                                                   else cfg.encode_on_device)
-        p = manifest.layout_params
+        layout = manifest.store_layout
+        on_device = layout.encodes_on_device and (device.type != "cpu" if cfg.encode_on_device is None
+                                                  else cfg.encode_on_device)
         try:
             with torch.inference_mode(), autocast(device, cfg.amp):
                 for chunk, pos, x, y, params in loader:
@@ -520,9 +468,12 @@ def dump_logits(cfg: DumpConfig, members: list[ResolvedModel] | None = None) -> 
                     if index is None:
                         logits = torch.stack([mod(x) for mod in modules], dim=1).float()
                     else:
-                        logits, y, pos = _token_rows(modules, x, y, index, chunk, pos, unit_rows, device)
-                    if on_device:
-                        logits = encode_topk(logits, p["k"], p["temperatures"])
+                        logits, y, pos = _token_rows(modules, x, y, index, chunk, pos, unit_rows, device,
+                                                     dataset.dataset)
+                    if on_device:  # only the layout's arrays go to the host
+                        top1, ens_top1 = predictions(logits)
+                        logits = {**layout.encode(chunk * unit_rows // manifest.chunk_rows, logits),
+                                  "_top1": top1, "_ens_top1": ens_top1}
                     event = None
                     if device.type == "cuda":
                         logits = ({k: _to_pinned(v) for k, v in logits.items()} if isinstance(logits, dict)
@@ -565,8 +516,7 @@ def _dump_to_cache(cfg: DumpConfig) -> DumpSummary:
     views = None if not cfg.augment else {"augment": cfg.augment, "count": 1 if cfg.views is None else cfg.views,
                                           "seed": cfg.seed}
     key = cache.key_of([m.describe()["sha256"] for m in members], {**dataset.describe(), "subset": subset},
-                       cfg.layout, layout_params(cfg.layout, 1 << 31, cfg.k, cfg.temperatures, cfg.samples,
-                                                 cfg.sampling_temperature, cfg.seed), cfg.dtype, views)
+                       cfg.layout, cfg.make_layout(1 << 31).params(), cfg.dtype, views)
     path = cache.store_path(key, cfg.format or "zarr")
     with cache.locked(path, exclusive=True):  # a second identical dump waits here, then reuses the store
         fmt = detect_format(str(path))
@@ -622,10 +572,12 @@ def token_unit_chunks(m: Manifest, batch_size: int) -> int:
 
 
 def _token_rows(modules: list[torch.nn.Module], x: torch.Tensor, y: torch.Tensor, index: SequenceIndex, unit: int,
-                span: tuple[int, int], unit_rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Run a batch of sequences and keep the rows of their real positions that fall in ``unit``:
-    ``([rows, members, classes], [rows], first row's position in the unit)``. Which rows to keep is
-    worked out on the host, so selecting them on the device drops padding without a sync."""
+                span: tuple[int, int], unit_rows: int, device: torch.device, dataset: Any
+                ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Run a batch of sequences and keep the rows of their positions with a row (the dataset's
+    :func:`kdcache.text.row_mask`) that fall in ``unit``: ``([rows, members, classes], [rows], first
+    row's position in the unit)``. Which rows to keep is worked out on the host, so selecting them on
+    the device drops padding (and positions without a row) without a sync."""
     first, stop = span
     lengths = np.diff(index.offsets[first:stop + 1])
     if x.shape[1] < lengths.max():
@@ -634,7 +586,7 @@ def _token_rows(modules: list[torch.nn.Module], x: torch.Tensor, y: torch.Tensor
     base = int(index.offsets[first])
     a, b = unit * unit_rows, min((unit + 1) * unit_rows, int(index.offsets[-1]))
     lo, hi = max(a, base) - base, min(b, int(index.offsets[stop])) - base
-    real = torch.arange(x.shape[1])[None, :] < torch.from_numpy(lengths)[:, None]
+    real = row_mask(dataset, index.ids[first:stop], x.shape[1])
     keep = real.flatten().nonzero()[lo:hi, 0]  # flat [batch * length] positions of this unit's rows
     out = torch.stack([mod(x) for mod in modules], dim=2).flatten(0, 1)  # [batch * length, members, classes]
     z = out.index_select(0, keep.to(device, non_blocking=True)).float()
@@ -645,7 +597,7 @@ def _token_rows(modules: list[torch.nn.Module], x: torch.Tensor, y: torch.Tensor
 def _count_kept(store: LogitStore, kept: np.ndarray, writer: _Writer) -> None:
     """Add the teacher's correct rows of the chunks an earlier run wrote (``kept``) to ``writer``'s counts,
     read back chunk by chunk: the ensemble is the members' mean probability at T = 1, as when dumping
-    (a sparse store with several members: the mean over each member's kept ids)."""
+    (a sparse store with several members: the layout's estimate, see ``Layout.ensemble_top1``)."""
     m = store.manifest
     for c in np.flatnonzero(kept):
         a, b = m.chunk_range(int(c))
@@ -654,19 +606,7 @@ def _count_kept(store: LogitStore, kept: np.ndarray, writer: _Writer) -> None:
         has = y >= 0
         if not has.any():
             continue
-        if m.layout == "dense":
-            z = torch.from_numpy(np.asarray(blk.logits, dtype=np.float32))
-            top1 = z.argmax(-1).numpy()
-            ens = teacher_log_probs(z, 1.0).argmax(-1).numpy()
-        else:
-            from kdcache.sparse import targets_from_arrays
-            t = targets_from_arrays(m, blk.data)
-            top1 = t.top1().numpy()
-            p = torch.exp(t.values.float() - t.log_normalizer(1.0)[..., None]) if 1.0 in t.temperatures else \
-                torch.softmax(t.values.float(), -1)
-            mass = torch.zeros(len(y), m.num_classes).scatter_add_(1, t.ids.clamp(min=0).flatten(1),
-                                                                  (p * (t.ids >= 0)).flatten(1))
-            ens = mass.argmax(-1).numpy()
+        top1, ens = m.store_layout.top1(blk.data), m.store_layout.ensemble_top1(blk.data)
         writer.correct[:-1] += (top1[has] == y[has, None]).sum(0)
         writer.correct[-1] += int((ens[has] == y[has]).sum())
         writer.labelled += int(has.sum())
@@ -693,18 +633,3 @@ def _merge_hdf5_parts(store: LogitStore, out: str, world_size: int) -> None:
             blk = part.read(a, b)
             store.write_block(a, blk.data, blk.sample_ids, blk.labels)
         part.close()
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, show: bool) -> Any:
-    if not show:
-        return _NoBar()
-    from tqdm import tqdm
-    return tqdm(total=total, unit="rows", unit_scale=True, desc="dump-logits", file=sys.stderr)

@@ -40,7 +40,8 @@ def teacher_log_probs(teacher_logits: torch.Tensor, temperature: float | Sequenc
         members: indices of the members to use; all when None.
 
     Returns:
-        ``[batch, classes]`` float32 log-probabilities.
+        ``[batch, classes]`` float32 log-probabilities (float64 for float64 logits). The one place stored
+        logits are tempered: numpy callers convert with ``torch.from_numpy``.
     """
     many = not isinstance(temperature, (int, float))
     temps = [float(t) for t in temperature] if many else [float(temperature)]
@@ -48,13 +49,13 @@ def teacher_log_probs(teacher_logits: torch.Tensor, temperature: float | Sequenc
         raise KdcacheError(f"temperature must be positive, got {temperature}")
     if teacher_logits.ndim != 3:
         raise KdcacheError(f"teacher_logits must be [batch, members, classes], got shape {tuple(teacher_logits.shape)}")
-    z = teacher_logits.float()
+    z = teacher_logits if teacher_logits.dtype == torch.float64 else teacher_logits.float()
     if members is not None:
         bad = [m for m in members if not 0 <= m < z.shape[1]]
         if bad or not members:
             raise KdcacheError(f"members {list(members)} asked for, the store has members 0..{z.shape[1] - 1}")
         z = z[:, list(members)]
-    t = _constant(tuple(temps), z.device).view(-1, 1, 1, 1) if many else temperature
+    t = _constant(tuple(temps), z.device, z.dtype).view(-1, 1, 1, 1) if many else temperature
     if ensemble == "mean-prob":
         if z.shape[1] == 1:  # one member: the mean is the member itself (the same values, two ops fewer)
             return F.log_softmax(z[:, 0] / (t[..., 0] if many else t), dim=-1)
@@ -100,37 +101,19 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: Any, labels:
     The ``T^2`` keeps the soft term's gradient the same size as T changes (Hinton et al. 2015, sec. 2).
     The KL is averaged over the batch (``batchmean``); the cross-entropy over the rows that have a
     label (label -1 rows contribute only the soft term). With ``loss="logit-mse"`` the soft term is
-    :func:`logit_matching` instead (the temperature and ``ensemble`` play no part).
+    :func:`logit_matching` instead (the temperature and ``ensemble`` play no part). It is
+    :func:`distillation_losses` for one student: the same arithmetic, so a student trained alone and
+    the same student in a stack see the same loss.
 
     Args:
         student_logits: ``[batch, classes]``.
         teacher_logits: ``[batch, members, classes]`` raw stored logits, a batch of sparse targets
-            (:class:`kdcache.sparse.SparseTargets`, from a top-k or sampled store), or None when ``alpha`` is 0.
+            (:class:`kdcache.layouts.sparse.SparseTargets`, from a top-k or sampled store), or None when
+            ``alpha`` is 0.
         labels: ``[batch]`` int64, -1 where there is no label.
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise KdcacheError(f"alpha must be in [0, 1], got {alpha}")
-    total = student_logits.new_zeros(())
-    if alpha > 0:
-        if teacher_logits is None:
-            raise KdcacheError("alpha > 0 needs teacher logits: pass a store")
-        if check_loss(loss) == "logit-mse":
-            total = total + alpha * logit_matching(student_logits, teacher_logits, members)
-        elif isinstance(teacher_logits, torch.Tensor):
-            target = teacher_log_probs(teacher_logits, temperature, ensemble, members)
-            student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-            kl = F.kl_div(student, target, log_target=True, reduction="batchmean")
-            total = total + alpha * temperature ** 2 * kl
-        else:
-            from kdcache.sparse import sparse_kl
-            kl = sparse_kl(student_logits, teacher_logits.member(members), temperature)
-            total = total + alpha * temperature ** 2 * kl
-    if alpha < 1:
-        labelled = labels >= 0
-        n = labelled.sum().clamp(min=1)  # a tensor, not a Python int: no device sync per step
-        ce = F.cross_entropy(student_logits.float(), labels.clamp(min=0), reduction="none")
-        total = total + (1 - alpha) * (ce * labelled).sum() / n
-    return total
+    return distillation_losses(student_logits[None], teacher_logits, labels, [temperature], [alpha], ensemble,
+                               members, [loss])[0]
 
 
 def distillation_losses(student_logits: torch.Tensor, teacher_logits: Any, labels: torch.Tensor,
@@ -147,8 +130,9 @@ def distillation_losses(student_logits: torch.Tensor, teacher_logits: Any, label
             temperature is not used.
 
     Returns:
-        ``[students]`` float32; entry i equals ``distillation_loss(student_logits[i], ..., temperatures[i],
-        alphas[i])`` (a test pins it), so summing them gives each student its own gradient.
+        ``[students]`` float32; summing them gives each student its own gradient. The teacher's soft
+        targets are made once per distinct temperature; each student's weights ``alpha * T^2`` and
+        ``1 - alpha`` are rounded once, from double precision, as Python arithmetic would.
     """
     s_count, batch = student_logits.shape[:2]
     if len(temperatures) != s_count or len(alphas) != s_count:
@@ -161,45 +145,42 @@ def distillation_losses(student_logits: torch.Tensor, teacher_logits: Any, label
     if len(losses) != s_count:
         raise KdcacheError(f"{s_count} students need {s_count} losses, got {len(losses)}")
     matching = [x == "logit-mse" for x in losses]
-    temperatures = [1.0 if m else t for t, m in zip(temperatures, matching)]  # not used by logit matching
+    temperatures = [1.0 if m else float(t) for t, m in zip(temperatures, matching)]  # not used by logit matching
     s = student_logits.float()
     dev = s.device
     loss = s.new_zeros(s_count)
-    alpha = _constant(tuple(float(a) for a in alphas), dev)
-    temps = _constant(tuple(float(t) for t in temperatures), dev)
     if any(a > 0 for a in alphas):
         if teacher_logits is None:
             raise KdcacheError("alpha > 0 needs teacher logits: pass a store")
-        if isinstance(teacher_logits, torch.Tensor):
-            # the teacher's soft targets once per distinct temperature, shared by the students at that T
-            distinct = sorted(set(float(t) for t in temperatures))
-            target = teacher_log_probs(teacher_logits, distinct, ensemble, members)  # [distinct T, batch, classes]
-            pick = _constant(tuple(distinct.index(float(t)) for t in temperatures), dev, torch.long)
-            target = target[pick]                                               # [S, batch, classes]
-            log_q = F.log_softmax(s / temps[:, None, None], dim=-1)
-            kl = (target.exp() * (target - log_q)).sum(dim=(1, 2)) / batch  # kl_div(..., reduction="batchmean")
-            if any(matching):
-                mse = logit_matching(s, teacher_logits, members)
-                soft = torch.where(_constant(tuple(matching), dev, torch.bool), mse, temps ** 2 * kl)
-                return _plus_hard(loss + alpha * soft, s, labels, alphas, alpha)
-        elif any(matching):
-            logit_matching(s, teacher_logits, members)  # refused, in its words
-        else:
-            from kdcache.sparse import sparse_kl
-            one = teacher_logits.member(members)
-            kl = torch.stack([sparse_kl(s[i], one, float(t)) if a > 0 else s.new_zeros(())
-                              for i, (t, a) in enumerate(zip(temperatures, alphas))])
-        loss = loss + alpha * temps ** 2 * kl
-    return _plus_hard(loss, s, labels, alphas, alpha)
-
-
-def _plus_hard(loss: torch.Tensor, s: torch.Tensor, labels: torch.Tensor, alphas: Sequence[float],
-               alpha: torch.Tensor) -> torch.Tensor:
-    """``loss + (1 - alpha) * CE`` per student of ``s`` ``[S, batch, classes]``."""
+        soft = _soft_terms(s, teacher_logits, temperatures, alphas, matching, ensemble, members)
+        weight = tuple(float(a) if m else float(a) * t ** 2 for a, t, m in zip(alphas, temperatures, matching))
+        loss = loss + _constant(weight, dev) * soft
     if any(a < 1 for a in alphas):
-        s_count, batch = s.shape[:2]
         labelled = labels >= 0
-        n = labelled.sum().clamp(min=1)
+        n = labelled.sum().clamp(min=1)  # a tensor, not a Python int: no device sync per step
         ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), labels.clamp(min=0).repeat(s_count), reduction="none")
-        loss = loss + (1 - alpha) * (ce.view(s_count, batch) * labelled).sum(dim=1) / n
+        hard = _constant(tuple(1.0 - float(a) for a in alphas), dev)
+        loss = loss + hard * (ce.view(s_count, batch) * labelled).sum(dim=1) / n
     return loss
+
+
+def _soft_terms(s: torch.Tensor, teacher_logits: Any, temperatures: list[float], alphas: Sequence[float],
+                matching: list[bool], ensemble: str, members: Sequence[int] | None) -> torch.Tensor:
+    """Each student's soft term ``[S]``, unweighted: the KL at its T, or its logit-matching loss."""
+    s_count, batch = s.shape[:2]
+    dev = s.device
+    if not isinstance(teacher_logits, torch.Tensor):
+        if any(matching):
+            logit_matching(s, teacher_logits, members)  # refused, in its words
+        one = teacher_logits.member(members)
+        return torch.stack([one.layout.kl(s[i], one, t) if a > 0 else s.new_zeros(())
+                            for i, (t, a) in enumerate(zip(temperatures, alphas))])
+    # the teacher's soft targets once per distinct temperature, shared by the students at that T
+    distinct = sorted(set(temperatures))
+    target = teacher_log_probs(teacher_logits, distinct, ensemble, members)  # [distinct T, batch, classes]
+    target = target[_constant(tuple(distinct.index(t) for t in temperatures), dev, torch.long)]  # [S, batch, C]
+    log_q = F.log_softmax(s / _constant(tuple(temperatures), dev)[:, None, None], dim=-1)
+    kl = (target.exp() * (target - log_q)).sum(dim=(1, 2)) / batch  # kl_div(..., reduction="batchmean")
+    if not any(matching):
+        return kl
+    return torch.where(_constant(tuple(matching), dev, torch.bool), logit_matching(s, teacher_logits, members), kl)

@@ -338,8 +338,8 @@ class Runner:
             t0 = time.perf_counter()
             try:
                 a.step.spec.call(given, echo)
-            except KdcacheError as e:
-                raise type(e)(f"step {a.step.name!r} ({a.step.command}) failed: {e}") from None
+            except KdcacheError as e:  # the message keeps its {param:NAME}s for the CLI to name flags
+                raise type(e)(f"step {a.step.name!r} ({a.step.command}) failed: {e.args[0] if e.args else e}") from None
             except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
                 raise KdcacheError(f"step {a.step.name!r} ({a.step.command}) failed: {e.strerror}: "
                                    f"{e.filename}") from None

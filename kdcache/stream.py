@@ -2,48 +2,22 @@
 from __future__ import annotations
 
 import math
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from kdcache.background import read_ahead
 from kdcache.datasets import ResolvedDataset, fingerprint, get_batch
 from kdcache.errors import StoreError
 from kdcache.store import Block, LogitStore, open_store
-from kdcache.text import is_sequence_dataset
+from kdcache.text import is_sequence_dataset, row_mask
 from kdcache.views import ViewAugmenter, Views, epoch_view
 
 DEFAULT_WINDOW_BYTES = 64 << 20
 MIN_BLOCKS = 64
 READ_AHEAD = {"local": 2, "remote": 8}  # blocks in flight by default
-T = TypeVar("T")
-
-
-def read_ahead(read: Callable[..., T], items: list[tuple[int, int]], depth: int) -> Iterator[T]:
-    """``read(*item)`` for every item, in order, with up to ``depth`` reads running ahead in threads
-    (hides the latency of object storage; memory is bounded by ``depth`` blocks). ``depth`` 0 reads
-    one after another in this thread."""
-    if depth <= 0 or len(items) <= 1:
-        for item in items:
-            yield read(*item)
-        return
-    pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="kdcache-read")
-    pending: list[Future] = []
-    try:
-        nxt = 0
-        for _ in range(len(items)):
-            while nxt < len(items) and len(pending) < depth:
-                pending.append(pool.submit(read, *items[nxt]))
-                nxt += 1
-            yield pending.pop(0).result()
-    finally:  # the consumer stopped early, or a read failed: drop what is queued, wait for what runs
-        for f in pending:
-            f.cancel()
-        pool.shutdown(wait=True)
-
-
 def check_pairing(store: LogitStore, dataset: Any, spec: str | None = None) -> None:
     """Refuse a dataset that is not the one the store was dumped from (length, then fingerprint)."""
     want = store.manifest.dataset
@@ -77,10 +51,13 @@ class DistillStream(IterableDataset):
 
     A per-token store (a sequence teacher's, a row per position) yields whole sequences instead:
     ``(inputs [B, L], labels [B, L], teacher_logits, mask [B, L])`` where ``batch_size`` counts
-    sequences, ``mask`` marks the real positions (padding is False, and has no stored row) and
-    ``teacher_logits`` holds one row per True entry of ``mask``, in row-major order, so that
+    sequences, ``mask`` marks the positions with a stored row (the dataset's
+    :func:`kdcache.text.row_mask`: its real positions, or for ``hf-chat:`` with ``rows=assistant`` those
+    whose target is an assistant token; padding is False) and ``teacher_logits`` holds one row per True
+    entry of ``mask``, in row-major order, so that
     ``distillation_loss(student(inputs)[mask], teacher_logits, labels[mask], T, alpha)`` is the
-    per-token loss. Shuffling moves whole sequences, never positions.
+    per-token loss. Without a dataset, ``mask`` marks the first entries of each sequence, as many as it
+    has rows. Shuffling moves whole sequences, never positions.
 
     A store with augmented views (``dump-logits --augment SPEC --views V``) is replayed: in epoch
     ``e`` every sample is paired with view ``(seed + e) mod V`` (:func:`kdcache.views.epoch_view`), its
@@ -241,7 +218,8 @@ class DistillStream(IterableDataset):
             if width < n.max():
                 raise StoreError(f"the dataset pads a batch to {width} positions but the store holds sequences of "
                                  f"{int(n.max())}; its get_batch must pad to the longest length in the batch")
-        mask = torch.arange(width)[None, :] < torch.from_numpy(n)[:, None]
+        mask = (torch.arange(width)[None, :] < torch.from_numpy(n)[:, None] if x is None
+                else row_mask(self.dataset, sid, width))
         labels = torch.full((len(sel), width), -1, dtype=torch.long)
         labels[mask] = torch.from_numpy(window.labels[rows])
         out = (x, labels, self._targets(window, rows), mask)
@@ -258,12 +236,8 @@ class DistillStream(IterableDataset):
     def _targets(self, window: Block, sel: np.ndarray) -> Any:
         """Dense: raw logits ``[batch, members, classes]`` float32. Sparse: :class:`SparseTargets`."""
         m = self.store.manifest
-        d = window.data
-        if m.layout == "dense":
-            return torch.from_numpy(d["logits"][sel].astype(np.float32))
-        from kdcache.sparse import targets_from_arrays
-        return targets_from_arrays(m, {k: d[k][sel] for k in m.logit_arrays}, self.allow_interpolation,
-                                   self.store.path)
+        return m.store_layout.targets({k: window.data[k][sel] for k in m.logit_arrays}, self.allow_interpolation,
+                                      self.store.path)
 
 
 def _concat(blocks: list[Block]) -> Block:
@@ -283,7 +257,8 @@ def _rows_of(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 class DatasetStream(IterableDataset):
     """Plain supervised batches ``(inputs, labels, None)`` over ``indices`` of a dataset, sharded like
     :class:`DistillStream` (ranks and workers), shuffled per epoch from ``seed``. For a sequence dataset
-    (one with ``lengths``) it yields ``(inputs, labels, None, mask)``, ``mask`` marking real positions.
+    (one with ``lengths``) it yields ``(inputs, labels, None, mask)``, ``mask`` marking the positions that
+    would have a row in a store (:func:`kdcache.text.row_mask`).
 
     With ``views`` (a :class:`kdcache.views.Views`), inputs are augmented online with the views a
     store dumped with the same augmentation, views and seed holds: in epoch ``e``, view
@@ -325,6 +300,5 @@ class DatasetStream(IterableDataset):
                 x = self.augmenter.apply(x, self.augmenter.draw(ids, np.full(len(ids), view)))
             out: tuple[Any, ...] = (x, y, None)
             if per_token:
-                lengths = torch.as_tensor(np.asarray(self.dataset.lengths(ids)))
-                out = (*out, torch.arange(x.shape[1])[None, :] < lengths[:, None])
+                out = (*out, row_mask(self.dataset, ids, x.shape[1]))
             yield (*out, torch.from_numpy(ids)) if self.return_ids else out

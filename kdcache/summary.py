@@ -8,13 +8,6 @@ import numpy as np
 
 from kdcache.store import open_store
 
-ENTROPY_TEMPERATURES = (1.0, 2.0, 4.0, 10.0, 20.0)
-
-
-def _log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
 
 def inspect_store(path: str, fmt: str | None = None, allow_partial: bool = True) -> dict[str, Any]:
     """Manifest, size and statistics computed from the stored logits (written chunks only)."""
@@ -22,13 +15,14 @@ def inspect_store(path: str, fmt: str | None = None, allow_partial: bool = True)
     m = store.manifest
     M = m.num_members
     written = store.written_chunks()
+    layout = m.store_layout
     correct = np.zeros(M + 1, np.int64)
     labelled = rows = 0
-    entropy = np.zeros(len(ENTROPY_TEMPERATURES))
+    sums: dict[str, np.ndarray] = {}
     agree = np.zeros((M, M), np.int64)
     all_agree = 0
-    grid = m.layout_params.get("temperatures", [])
-    tail = np.zeros(len(grid))
+    # the ensemble's prediction where the rows give it exactly: every logit kept, or one member
+    exact_ensemble = layout.keeps_every_logit or M == 1
     for block in store.iter_blocks():
         first = block.start // m.chunk_rows
         keep = np.repeat(written[first:first + -(-len(block) // m.chunk_rows)], m.chunk_rows)[:len(block)]
@@ -37,24 +31,11 @@ def inspect_store(path: str, fmt: str | None = None, allow_partial: bool = True)
         if not len(y):
             continue
         rows += len(y)
-        if m.layout == "dense":
-            z = part.logits.astype(np.float32)
-            top = z.argmax(-1)  # [rows, members]
-            for ti, t in enumerate(ENTROPY_TEMPERATURES):
-                mean_p = np.exp(_log_softmax(z / t)).mean(1)
-                entropy[ti] += float(-(mean_p * np.log(np.clip(mean_p, 1e-30, None))).sum(-1).sum())
-                if t == 1.0:
-                    ens_top = mean_p.argmax(-1)
-        else:
-            from kdcache.sparse import targets_from_arrays
-            targets = targets_from_arrays(m, part.data)
-            top = targets.top1().numpy()
-            ens_top = top[:, 0] if M == 1 else np.full(len(y), -1)
-            if m.layout == "topk":
-                for gi, t in enumerate(grid):
-                    p = np.exp(part.data["topk_values"].astype(np.float64) / t
-                               - part.data["log_normalizers"][..., gi:gi + 1])
-                    tail[gi] += float(np.clip(1 - p.sum(-1), 0, 1).mean(-1).sum())
+        data = {k: part.data[k] for k in m.logit_arrays}
+        top = layout.top1(data)  # [rows, members]
+        ens_top = layout.ensemble_top1(data) if exact_ensemble else np.full(len(y), -1)
+        for name, v in layout.statistics(data).items():
+            sums[name] = sums.get(name, 0) + v
         has = y >= 0
         labelled += int(has.sum())
         correct[:M] += (top[has] == y[has, None]).sum(0)
@@ -74,16 +55,21 @@ def inspect_store(path: str, fmt: str | None = None, allow_partial: bool = True)
     if labelled:
         info["accuracy"] = {"members": [float(c / labelled) for c in correct[:M]],
                             "ensemble_mean_prob": float(correct[M] / labelled), "labelled_rows": labelled}
-    if labelled and m.layout != "dense" and M > 1:
+    if labelled and not exact_ensemble:
         info["accuracy"]["ensemble_mean_prob"] = None  # needs every member's full distribution
-    if rows and m.layout == "topk":
-        info["mean_tail_mass"] = {f"T={t:g}": float(v / rows) for t, v in zip(grid, tail)}
-    if rows and m.layout == "dense":
-        info["mean_entropy"] = {f"T={t:g}": float(e / rows) for t, e in zip(ENTROPY_TEMPERATURES, entropy)}
+    for name, labels in layout.statistic_labels().items():
+        if rows:
+            info[name] = {label: float(v / rows) for label, v in zip(labels, sums[name])}
     if rows:
         info["member_agreement"] = {"all": all_agree / rows, "pairwise": (agree / rows).round(6).tolist()}
     store.close()
     return info
+
+
+def _row_kind(dataset: dict[str, Any]) -> str:
+    """What a per-token store's rows are: every position, or (hf-chat rows=assistant) some of them."""
+    chat = dataset.get("chat")
+    return "position whose target is an assistant token" if chat and chat["rows"] == "assistant" else "position"
 
 
 def format_inspect(info: dict[str, Any]) -> str:
@@ -93,12 +79,15 @@ def format_inspect(info: dict[str, Any]) -> str:
         f"{'positions' if info.get('sequences') else 'rows' if info.get('views') else 'samples'} x "
         f"{info['shape'][1]} members x {info['shape'][2]} classes, "
         f"{info['dtype']}, chunks of {info['chunk_rows']} rows, compression {info['compression']}",
-        *([f"  layout      {info['layout']} {json.dumps(info['layout_params'])}"] if info["layout"] != "dense" else []),
+        *([f"  layout      {info['layout']} {json.dumps(info['layout_params'])}"] if info["layout_params"] else []),
         *([f"  views       {info['views']['count']} per sample ({info['shape'][0] // info['views']['count']} samples), "
            f"augment {info['views']['augment']}, seed {info['views']['seed']}, parameters "
            f"{', '.join(info['views']['columns'])}"] if info.get("views") else []),
-        *([f"  sequences   {info['sequences']['count']} (a row per position, up to {info['sequences']['max_length']} "
-           f"each, padding not stored)"] if info.get("sequences") else []),
+        *([f"  sequences   {info['sequences']['count']} (a row per {_row_kind(info['dataset'])}, up to "
+           f"{info['sequences']['max_length']} each, padding not stored)"] if info.get("sequences") else []),
+        *([f"  chat        rows={chat['rows']}, rule {chat['rule']}, template sha256 {chat['template_sha256'][:16]}; "
+           f"records skipped {sum(chat['skipped'].values())}, truncated {chat['truncated']}"]
+          if (chat := info["dataset"].get("chat")) else []),
         f"  on disk     {info['bytes_on_disk'] / 1e6:.2f} MB ({info['bytes_per_sample']:.1f} bytes/row)",
         f"  complete    {info['complete']} ({info['chunks_written']}/{info['num_chunks']} chunks written)",
         f"  dataset     {info['dataset']['spec']} (length {info['dataset']['length']}, subset "

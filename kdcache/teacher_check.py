@@ -14,6 +14,7 @@ from kdcache.errors import KdcacheError
 from kdcache.specs import load_model
 from kdcache.store import LogitStore, open_store
 from kdcache.stream import check_pairing
+from kdcache.text import row_mask
 
 # Arithmetic slack beyond the store dtype's rounding, relative to 1 + |z|: the same teacher on another
 # batch composition, thread count or BLAS path differs in the last float32 bits.
@@ -80,9 +81,9 @@ def check_teacher(path: str, teachers: list[str], rows: int = 256, seed: int = 0
     for a in range(0, len(picked), batch_size):
         sel = picked[a:a + batch_size]
         stored, live = _stored_and_live(store, sel, data.dataset, modules, augmenter, dev)
-        for _name, s_vals, l_vals in stored_pairs(m, stored, live):
+        for _name, s_vals, l_vals, quantum in stored_pairs(m, stored, live):
             diff = np.abs(s_vals - l_vals)
-            allowed = ulp * np.abs(s_vals) + slack * (1 + np.abs(l_vals))
+            allowed = ulp * np.abs(s_vals) + quantum + slack * (1 + np.abs(l_vals))
             worst = max(worst, float(diff.max(initial=0)))
             excess = max(excess, float((diff - allowed).max(initial=0)))
         agree += _top1(m, stored, live)
@@ -124,8 +125,7 @@ def _stored_and_live(store: LogitStore, sel: np.ndarray, dataset: Any, modules: 
         blocks = [store.read_sequences(int(s), int(s) + 1) for s in sel]
         data = {k: np.concatenate([b.data[k] for b in blocks]) for k in m.data_arrays}
         x, _ = get_batch(dataset, ids[sel])
-        lengths = np.diff(offsets)[sel]
-        real = torch.arange(x.shape[1])[None, :] < torch.from_numpy(lengths)[:, None]
+        real = row_mask(dataset, ids[sel], x.shape[1])
         with torch.inference_mode():
             out = torch.stack([mod(x.to(device)) for mod in modules], dim=2)  # [B, L, members, C]
         return data, out[real.to(device)].float().cpu().numpy()
@@ -140,33 +140,14 @@ def _stored_and_live(store: LogitStore, sel: np.ndarray, dataset: Any, modules: 
     return data, out.float().cpu().numpy()
 
 
-def stored_pairs(m: Any, stored: dict[str, np.ndarray], live: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(array, stored values, the live values they should equal) for the layout's logit arrays."""
-    if m.layout == "dense":
-        return [("logits", stored["logits"].astype(np.float64), live.astype(np.float64))]
-    prefix = "topk" if m.layout == "topk" else "sampled"
-    ids = stored[f"{prefix}_ids"].astype(np.int64)
-    has = ids >= 0
-    at = np.take_along_axis(live, np.clip(ids, 0, None), axis=-1)
-    temps = m.layout_params["temperatures"]
-    lse = np.stack([_logsumexp(live.astype(np.float64) / t) for t in temps], axis=-1)
-    return [(f"{prefix}_values", stored[f"{prefix}_values"][has].astype(np.float64), at[has].astype(np.float64)),
-            ("log_normalizers", stored["log_normalizers"].astype(np.float64), lse)]
-
-
-def _logsumexp(z: np.ndarray) -> np.ndarray:
-    top = z.max(-1, keepdims=True)
-    return (top + np.log(np.exp(z - top).sum(-1, keepdims=True)))[..., 0]
+def stored_pairs(m: Any, stored: dict[str, np.ndarray], live: np.ndarray) -> list[tuple[Any, ...]]:
+    """(array, stored values, the live values they should equal, the layout's own rounding) for the
+    layout's logit arrays."""
+    return m.store_layout.live_pairs(stored, live)
 
 
 def _top1(m: Any, stored: dict[str, np.ndarray], live: np.ndarray) -> np.ndarray:
     """Rows per member where the stored and the live argmax agree."""
     want = live.argmax(-1)
-    if m.layout == "dense":
-        got = stored["logits"].astype(np.float32).argmax(-1)
-    elif m.layout == "topk":
-        got = stored["topk_ids"][..., 0]
-    else:
-        vals = np.where(stored["sampled_ids"] >= 0, stored["sampled_values"].astype(np.float32), -np.inf)
-        got = np.take_along_axis(stored["sampled_ids"], vals.argmax(-1)[..., None], -1)[..., 0]
+    got = m.store_layout.top1({k: stored[k] for k in m.logit_arrays})
     return (got == want).sum(0)

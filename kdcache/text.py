@@ -9,8 +9,12 @@ paragraph is the test split. The vocabulary is the most frequent tokens of the t
 ``<pad>`` (id 0) and ``<unk>`` (id 1): ``vocab`` classes in all.
 
 Any dataset with the same two methods works as a sequence dataset in kdcache: ``lengths(indices)``
-(positions per item, int) and ``get_batch(indices)`` returning ``x [B, L, ...]`` and
-``y [B, L]`` padded on the right to at least the longest of those lengths.
+(rows per item, int: its real positions) and ``get_batch(indices)`` returning ``x [B, L, ...]`` and
+``y [B, L]`` padded on the right to at least the longest of those lengths. A dataset whose rows are
+not its first positions (``hf-chat:`` with ``rows=assistant``: only the positions whose target is an
+assistant token) also has ``row_mask(indices)``, ``[B, L]`` bool with ``lengths(indices)`` True
+entries per item, and ``widths(indices)``, the positions a model runs on per item; :func:`row_mask`
+and :func:`widths` are where the rest of kdcache asks.
 """
 from __future__ import annotations
 
@@ -34,6 +38,29 @@ PAD, UNK = "<pad>", "<unk>"
 def is_sequence_dataset(dataset: object) -> bool:
     """True for datasets with a row per position: they say each item's length."""
     return callable(getattr(dataset, "lengths", None))
+
+
+def row_mask(dataset: object, indices: np.ndarray, width: int) -> torch.Tensor:
+    """``[B, width]`` bool: the positions of items ``indices`` that have a row in a per-token store, in a
+    batch padded to ``width``. The dataset's ``row_mask`` where it has one, else its first ``lengths``."""
+    own = getattr(dataset, "row_mask", None)
+    if own is None:
+        lengths = torch.as_tensor(np.asarray(dataset.lengths(indices), dtype=np.int64))
+        return torch.arange(width)[None, :] < lengths[:, None]
+    mask = own(indices)
+    if mask.shape[1] > width:
+        if mask[:, width:].any():
+            raise SpecError(f"the dataset's row_mask marks positions beyond its batch's width {width}; get_batch must "
+                            f"pad to at least the last position with a row")
+        return mask[:, :width]
+    return torch.cat([mask, torch.zeros(len(mask), width - mask.shape[1], dtype=torch.bool)], dim=1)
+
+
+def widths(dataset: object, indices: np.ndarray) -> np.ndarray:
+    """Positions per item that a model runs on: its ``widths`` where it has them (``hf-chat:``), else
+    its ``lengths`` (every real position is a row)."""
+    own = getattr(dataset, "widths", None)
+    return np.asarray(own(indices) if own is not None else dataset.lengths(indices), dtype=np.int64)
 
 
 def tokenize(text: str) -> list[str]:

@@ -13,9 +13,9 @@ from safetensors.numpy import load_file
 from kdcache.cli import cli
 from kdcache.commands import CLICK_NAMES, STEP_COMMANDS, commands, numbers, words
 from kdcache.errors import ConfigError
+from kdcache.layouts import LAYOUTS
 from kdcache.pipeline import Runner, load_pipeline
 from kdcache.store import open_store
-from kdcache.store.format import LAYOUTS
 from tests.conftest import run_kdcache
 from tests.helpers import SYNTH
 
@@ -58,7 +58,8 @@ def test_a_commands_options_are_its_cli_flags(name):
         else:
             assert default == o.default, key
         if o.kind != "words":
-            assert o.choices == (tuple(p.type.choices) if isinstance(p.type, click.Choice) else None), key
+            assert (None if o.choices is None else tuple(o.choices)) == \
+                (tuple(p.type.choices) if isinstance(p.type, click.Choice) else None), key
         assert _click_range(p) == (None if o.range is None else
                                    (o.range.low, o.range.high, o.range.low_open, o.range.high_open)), key
 

@@ -7,7 +7,8 @@ import threading
 import pytest
 import torch
 
-from kdcache.train.batches import _Prefetch, device_batches
+from kdcache.background import Prefetch
+from kdcache.train.batches import device_batches
 
 
 def _raw(i: int) -> tuple:
@@ -15,19 +16,19 @@ def _raw(i: int) -> tuple:
 
 
 def test_prefetch_keeps_order_and_surfaces_errors():
-    assert list(_Prefetch(iter(range(50)), depth=3)) == list(range(50))
+    assert list(Prefetch(iter(range(50)), depth=3)) == list(range(50))
 
     def broken():
         yield 1
         raise ValueError("a damaged chunk")
-    it = iter(_Prefetch(broken()))
+    it = iter(Prefetch(broken()))
     assert next(it) == 1
     with pytest.raises(ValueError, match="a damaged chunk"):
         next(it)
 
 
 def test_prefetch_stops_its_thread_when_the_consumer_stops():
-    p = _Prefetch(iter(range(10_000)), depth=2)
+    p = Prefetch(iter(range(10_000)), depth=2)
     for i in p:
         if i == 3:
             break

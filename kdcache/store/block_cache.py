@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import tempfile
 import threading
 from pathlib import Path
@@ -20,20 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from kdcache.errors import StoreError
-
-UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9, "T": 1e12, "TB": 1e12,
-         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+from kdcache import sizes
+from kdcache.errors import KdcacheError, StoreError
 
 
 def parse_size(text: str | int) -> int:
-    """``"20GB"``, ``"512MiB"``, ``1000000`` -> bytes."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([\d.]+)\s*([A-Za-z]*)\s*", str(text))
-    if not m or m.group(2).upper() not in UNITS:
-        raise StoreError(f"cannot read the size {text!r}; write it as 20GB, 512MiB or a number of bytes")
-    return int(float(m.group(1)) * UNITS[m.group(2).upper()])
+    """``"20GB"``, ``"512MiB"``, ``1000000`` -> bytes (:func:`kdcache.sizes.parse_size`)."""
+    try:
+        return sizes.parse_size(text, "max_bytes")
+    except KdcacheError as e:
+        raise StoreError(str(e)) from None
 
 
 def _digest(arrays: dict[str, np.ndarray]) -> str:

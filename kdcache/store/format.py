@@ -13,25 +13,23 @@ from typing import Any
 import numpy as np
 
 from kdcache.errors import StoreError
+from kdcache.layouts import LAYOUTS, Layout, all_array_dims, layout_of  # noqa: F401  (LAYOUTS: re-exported)
 
 FORMAT_VERSION = 1
 MANIFEST_KEY = "kdcache"
-LAYOUTS = ("dense", "topk", "sampled")
 DTYPES = ("float16", "float32")
 COMPRESSIONS = ("none", "zstd", "gzip")
-# The per-row data arrays of each layout, in the order the chunk digest hashes them.
-LAYOUT_ARRAYS = {
-    "dense": ("logits",),
-    "topk": ("topk_values", "topk_ids", "log_normalizers"),
-    "sampled": ("sampled_ids", "sampled_counts", "sampled_values", "log_normalizers"),
-}
 # Per-token stores (``sequences`` in the manifest) add these two, written once when the store is created.
 SEQUENCE_ARRAYS = ("sequence_ids", "sequence_offsets")
 # Stores with augmented views (``views`` in the manifest) add the parameters of each row's view, a
 # per-row data array hashed after the layout's arrays.
 VIEW_ARRAYS = ("view_params",)
-ARRAYS = (tuple(sorted({a for v in LAYOUT_ARRAYS.values() for a in v})) + ("sample_ids", "labels", "chunk_sha256")
-          + SEQUENCE_ARRAYS + VIEW_ARRAYS)
+INDEX_ARRAYS = ("sample_ids", "labels", "chunk_sha256")
+
+
+def known_arrays() -> tuple[str, ...]:
+    """Every array name a store of any registered layout can hold."""
+    return tuple(all_array_dims()) + INDEX_ARRAYS + SEQUENCE_ARRAYS + VIEW_ARRAYS
 SEQUENCE_INDEX_CHUNK = 1 << 16
 DIGEST_BYTES = 32
 TARGET_CHUNK_BYTES = 1 << 20
@@ -109,8 +107,6 @@ class Manifest:
         if self.compression not in COMPRESSIONS:
             raise StoreError(
                 f"compression {self.compression!r} is not supported; use one of {', '.join(COMPRESSIONS)}")
-        if self.layout not in LAYOUTS:
-            raise StoreError(f"layout {self.layout!r} is not supported by this kdcache; known: {', '.join(LAYOUTS)}")
         if self.num_samples < 1 or self.num_classes < 1 or self.num_members < 1 or self.chunk_rows < 1:
             raise StoreError(
                 f"a store needs at least one sample, class, member and chunk row; got num_samples="
@@ -136,22 +132,15 @@ class Manifest:
                 f"{len(self.class_names)} class names given for {self.num_classes} classes")
 
     def _check_layout_params(self) -> None:
-        p = self.layout_params
-        want = {"dense": set(), "topk": {"k", "temperatures"},
-                "sampled": {"samples", "sampling_temperature", "temperatures", "seed"}}[self.layout]
-        if set(p) != want:
-            raise StoreError(f"layout {self.layout!r} takes parameters {sorted(want) or 'none'}, got {sorted(p)}")
-        if "temperatures" in p:
-            t = p["temperatures"]
-            if not t or any(not isinstance(x, (int, float)) or x <= 0 for x in t) or sorted(t) != list(t):
-                raise StoreError(f"temperatures {t!r}: give an increasing list of positive numbers")
-        if self.layout == "topk" and not (isinstance(p["k"], int) and 1 <= p["k"] <= self.num_classes):
-            raise StoreError(f"k={p['k']} but the teacher has {self.num_classes} classes; "
-                             f"k must be between 1 and {self.num_classes}")
-        if self.layout == "sampled" and not (isinstance(p["samples"], int) and 1 <= p["samples"] <= 65535):
-            raise StoreError(f"samples={p['samples']}: draw between 1 and 65535 ids per row")
-        if self.layout == "sampled" and not p["sampling_temperature"] > 0:
-            raise StoreError(f"sampling_temperature {p['sampling_temperature']} must be positive")
+        self.__dict__["_layout"] = layout_of(self)  # validates the parameters
+
+    @property
+    def store_layout(self) -> Layout:
+        """The layout object (:mod:`kdcache.layouts`) of ``layout`` and ``layout_params``."""
+        cached = self.__dict__.get("_layout")
+        if cached is None or cached.name != self.layout or cached.params() != self.layout_params:
+            cached = self.__dict__["_layout"] = layout_of(self)
+        return cached
 
     def row_bytes(self) -> int:
         """Bytes of the largest per-row data array (what a chunk size is chosen for)."""
@@ -160,19 +149,8 @@ class Manifest:
 
     def arrays(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], str, Any]]:
         """Every array: name -> (shape, chunk shape, dtype, fill value)."""
-        n, m, c, r = self.num_samples, self.num_members, self.num_classes, self.chunk_rows
-        p = self.layout_params
-        row: dict[str, tuple[tuple[int, ...], str, Any]] = {}
-        if self.layout == "dense":
-            row["logits"] = ((m, c), self.dtype, 0)
-        elif self.layout == "topk":
-            k, g = p["k"], len(p["temperatures"])
-            row.update(topk_values=((m, k), self.dtype, 0), topk_ids=((m, k), "int32", -1),
-                       log_normalizers=((m, g), "float32", 0))
-        else:
-            s, g = p["samples"], len(p["temperatures"])
-            row.update(sampled_ids=((m, s), "int32", -1), sampled_counts=((m, s), "uint16", 0),
-                       sampled_values=((m, s), self.dtype, 0), log_normalizers=((m, g), "float32", 0))
+        n, m, r = self.num_samples, self.num_members, self.chunk_rows
+        row = self.store_layout.row_arrays(m, self.dtype)
         out = {name: ((n, *tail), (r, *tail), dtype, fill) for name, (tail, dtype, fill) in row.items()}
         index_rows = min(r * INDEX_CHUNK_FACTOR, max(r, n))  # HDF5 refuses chunks larger than the array
         out["sample_ids"] = ((n,), (index_rows,), "int64", -1)
@@ -192,10 +170,8 @@ class Manifest:
         xarray opens a store as it is: rows are ``sample`` (``position`` in a per-token store, ``row``
         in a store with views, where a sample has a row per view)."""
         row = "position" if self.per_token else "row" if self.views is not None else "sample"
-        names = {"logits": (row, "member", "class"), "topk_values": (row, "member", "k"),
-                 "topk_ids": (row, "member", "k"), "log_normalizers": (row, "member", "temperature"),
-                 "sampled_ids": (row, "member", "draw"), "sampled_counts": (row, "member", "draw"),
-                 "sampled_values": (row, "member", "draw"), "sample_ids": (row,), "labels": (row,),
+        names = {**{name: (row, *dims) for name, dims in all_array_dims().items()},
+                 "sample_ids": (row,), "labels": (row,),
                  "chunk_sha256": ("chunk", "digest_byte"), "sequence_ids": ("sequence",),
                  "sequence_offsets": ("sequence_boundary",), "view_params": (row, "view_param")}
         return {name: names[name] for name in self.arrays()}
@@ -213,12 +189,12 @@ class Manifest:
     @property
     def data_arrays(self) -> tuple[str, ...]:
         """The per-row arrays a writer gives for each chunk, in the order its digest hashes them."""
-        return LAYOUT_ARRAYS[self.layout] + (VIEW_ARRAYS if self.views is not None else ())
+        return self.logit_arrays + (VIEW_ARRAYS if self.views is not None else ())
 
     @property
     def logit_arrays(self) -> tuple[str, ...]:
         """The layout's arrays alone: what teacher targets are built from."""
-        return LAYOUT_ARRAYS[self.layout]
+        return tuple(self.store_layout.array_dims)
 
     @property
     def num_chunks(self) -> int:

@@ -10,12 +10,12 @@ import numpy as np
 
 from kdcache.errors import StoreError
 from kdcache.store.format import (
-    ARRAYS,
     FORMAT_VERSION,
     MANIFEST_DIGEST_KEY,
     SEQUENCE_ARRAYS,
     Manifest,
     chunk_digest,
+    known_arrays,
     manifest_digest,
 )
 from kdcache.store.hdf5_store import HDF5Backend
@@ -380,13 +380,10 @@ class LogitStore:
             raise StoreError(f"non-finite teacher logits (NaN/inf, or too large for {m.dtype}) for "
                              f"{len(ids)} sample(s), sample ids {shown}; check the teacher and its inputs"
                              + ("" if m.dtype == "float32" else ", or dump with --dtype float32"))
-        for name in ("topk_ids", "sampled_ids"):
-            if name in data:
-                a = data[name]
-                ok = (a < m.num_classes) & ((a >= 0) if name == "topk_ids" else (a >= -1))
-                if not ok.all():
-                    raise StoreError(f"{self.path}: {name} outside 0..{m.num_classes - 1} for sample ids "
-                                     f"{sample_ids[~ok.reshape(n, -1).all(axis=1)][:10].tolist()}")
+        ids = m.store_layout.bad_id_rows(data)
+        if ids is not None and ids[1].any():
+            raise StoreError(f"{self.path}: {ids[0]} outside 0..{m.num_classes - 1} for sample ids "
+                             f"{sample_ids[ids[1]][:10].tolist()}")
 
     def mark_complete(self) -> None:
         """Set ``complete`` once every chunk is written: the manifest is the last thing written."""
@@ -523,10 +520,9 @@ class LogitStore:
                 bad_digest.append(c)
             if not all(np.isfinite(v).all() for v in part.data.values() if v.dtype.kind == "f"):
                 bad_finite.append(c)
-            for name in ("topk_ids", "sampled_ids"):
-                if name in part.data and ((part.data[name] >= m.num_classes)
-                                          | (part.data[name] < (0 if name == "topk_ids" else -1))).any():
-                    bad_ids.append(c)
+            ids = m.store_layout.bad_id_rows(part.data)
+            if ids is not None and ids[1].any():
+                bad_ids.append(c)
 
     def _chunk_problems(self, bad_ids: list[int], bad_digest: list[int], bad_finite: list[int]) -> list[str]:
         out = []
@@ -681,7 +677,7 @@ def _is_kdcache_leftover(cls: Any, path: str) -> bool:
     except Exception:
         return False
     try:
-        return not b.has_manifest() and any(b.has(a) for a in ARRAYS)
+        return not b.has_manifest() and any(b.has(a) for a in known_arrays())
     finally:
         b.close()
 

@@ -2,12 +2,12 @@
 batch's copy issued on a side CUDA stream while the current one computes."""
 from __future__ import annotations
 
-import queue
-import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
+
+from kdcache.background import Prefetch
 
 # The entries of Batch.counts (and of an epoch's sums of them): items, labelled rows, the sum of the
 # item ids and of their squares (with ITEMS, what shows that an epoch saw every item once), stored rows.
@@ -51,51 +51,6 @@ def from_loader(raw: tuple[Any, ...]) -> Batch:
     return Batch(x, y, z, mask, counts)
 
 
-class _Prefetch:
-    """Iterates ``source`` in a background thread, ``depth`` items ahead: the next batch is read and
-    assembled (store reads, dataset lookups, pinning) while the current one computes, whose torch
-    kernels release the GIL. Exceptions are re-raised in the consumer."""
-
-    _END = object()
-
-    def __init__(self, source: Iterator[Any], depth: int = 2) -> None:
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(source,), daemon=True, name="kdcache-prefetch")
-        self.thread.start()
-
-    def _put(self, item: Any) -> bool:
-        while not self.stop.is_set():
-            try:
-                self.queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self, source: Iterator[Any]) -> None:
-        try:
-            for item in source:
-                if not self._put(item):
-                    return
-            self._put(self._END)
-        except BaseException as e:  # handed to the consumer, raised there
-            self._put(e)
-
-    def __iter__(self) -> Iterator[Any]:
-        try:
-            while True:
-                item = self.queue.get()
-                if item is self._END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            self.stop.set()
-            self.thread.join()
-
-
 def device_batches(loader: Iterable[Any], device: torch.device, skip: int = 0,
                    augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[Batch]:
     """The loader's batches on ``device``, after skipping the first ``skip`` (a resumed epoch).
@@ -124,7 +79,7 @@ def device_batches(loader: Iterable[Any], device: torch.device, skip: int = 0,
         for b in produce():
             yield augmented(b)
         return
-    batches = iter(_Prefetch(produce()))
+    batches = iter(Prefetch(produce()))
     side = torch.cuda.Stream(device)
     main = torch.cuda.current_stream(device)
 

@@ -12,10 +12,9 @@ from torch import nn
 
 from kdcache.datasets import get_batch, load_dataset
 from kdcache.errors import ConfigError
-from kdcache.losses import teacher_log_probs
 from kdcache.store import open_store
 from kdcache.stream import check_pairing
-from kdcache.text import is_sequence_dataset
+from kdcache.text import is_sequence_dataset, row_mask, widths
 from kdcache.train.config import TrainConfig
 
 
@@ -57,7 +56,7 @@ class Evaluator:
         n = len(self.data)
         per_token = is_sequence_dataset(self.data.dataset)
         if per_token:  # about 4096 positions a batch: their logits over a large vocabulary are what costs
-            batch_size = max(1, 4096 // int(self.data.dataset.lengths(np.arange(n)).max()))
+            batch_size = max(1, 4096 // int(widths(self.data.dataset, np.arange(n)).max()))
         correct = agree = with_teacher = labelled = row = teacher_right = teacher_labelled = 0
         nll = 0.0
         classes = self.data.num_classes or 0
@@ -67,8 +66,7 @@ class Evaluator:
             x, y = get_batch(self.data.dataset, idx)
             logits = model(x.to(self.device))
             if per_token:
-                lengths = torch.as_tensor(np.asarray(self.data.dataset.lengths(idx)))
-                mask = torch.arange(x.shape[1])[None, :] < lengths[:, None]
+                mask = row_mask(self.data.dataset, idx, x.shape[1])
                 logits, y = logits[mask.to(self.device)], y[mask]
                 has_d = (y >= 0).to(self.device)
                 nll += float(F.cross_entropy(logits[has_d].float(), y.to(self.device)[has_d], reduction="sum"))
@@ -105,9 +103,7 @@ class Evaluator:
 
 def teacher_top1(store: Any, blk: Any, ensemble: str, members: list[int] | None) -> torch.Tensor:
     """The teacher's (ensemble's) predicted class for each row of a block, for any layout."""
-    if store.manifest.layout == "dense":
-        return teacher_log_probs(torch.from_numpy(blk.logits), 1.0, ensemble, members).argmax(-1)
-    from kdcache.sparse import targets_from_arrays
-    return targets_from_arrays(store.manifest, blk.data).member(members).top1()[:, 0]
+    m = store.manifest
+    return m.store_layout.predicted({k: blk.data[k] for k in m.logit_arrays}, ensemble, members)
 
 

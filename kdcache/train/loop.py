@@ -23,6 +23,8 @@ import kdcache.train.divergence as divergence
 from kdcache.augment import jitter
 from kdcache.distributed import DistInfo, init_distributed, resolve_device, shutdown
 from kdcache.errors import KdcacheError
+from kdcache.progress import progress_bar
+from kdcache.sizes import format_size
 from kdcache.specs import load_model
 from kdcache.train.batches import ID_SQUARES, ID_SUM, ITEMS, LABELLED, ROWS, device_batches
 from kdcache.train.checkpoint import Checkpoints
@@ -46,7 +48,7 @@ def train_students(cfg: TrainConfig) -> list[dict[str, Any]]:
     settings and final metrics).
     """
     c = cfg.resolved()
-    if any(s and s.startswith("hf-text:") for s in (c.dataset, c.eval_dataset)):
+    if any(s and s.startswith(("hf-text:", "hf-chat:")) for s in (c.dataset, c.eval_dataset)):
         from kdcache.datasets import with_tokenizer  # the teacher's (or the store's) tokenizer by default
         c.dataset = with_tokenizer(c.dataset, c.teachers, c.store)
         c.eval_dataset = with_tokenizer(c.eval_dataset, c.teachers, c.store)
@@ -178,7 +180,7 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
         per_epoch = safe_steps if info.enabled else len(src.stream)  # the same on every rank: so is the lr
         warmup_steps = round(c.warmup * per_epoch)
         check_every = divergence.check_interval(per_epoch)
-        bar = _progress(len(src.stream), show, f"epoch {epoch + 1}/{c.epochs}", done=step)
+        bar = progress_bar(len(src.stream), show, f"epoch {epoch + 1}/{c.epochs}", "batch", done=step, leave=False)
         with _join(units, info):
             for batch in device_batches(loader, device, skip=step, augment=augment):
                 if src.teacher is not None:  # online distillation: the teacher on this very batch
@@ -189,8 +191,7 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
                         u.set_epoch_lr(epoch, warmup_scale(done, warmup_steps))
                 train_step(units, batch, sums)
                 step += 1
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
                 if students[0].initial_loss is None and epoch == 0 and step == 1 and safe_steps >= 1:
                     divergence.record_initial(students, first_batch_losses(sums, info))
                     if not info.enabled:  # under DDP, stops wait for the epoch end (every rank's Join agrees)
@@ -201,8 +202,7 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
                     sums.seconds += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     save(epoch, step)
-        if bar is not None:
-            bar.close()
+        bar.close()
         sums.seconds += time.perf_counter() - t0
         if info.enabled:
             sync_ranks(units, step, info)
@@ -371,8 +371,8 @@ def build_units(c: TrainConfig, students: list[Student], src: TrainingData, devi
         if size < len(students):
             groups = _contiguous(len(students), math.ceil(len(students) / size))
             why = (f"--stack-group {c.stack_group}" if size == c.stack_group else
-                   f"a stack of {len(students)} needs about {_size(per * len(students))}, more than "
-                   f"{source} ({_size(budget)})")
+                   f"a stack of {len(students)} needs about {format_size(per * len(students))}, more than "
+                   f"{source} ({format_size(budget)})")
             if info.is_main:
                 log(f"note: training the {len(students)} students in {len(groups)} stacks of at most {size} ({why})")
     units: list[TrainingUnit] = []
@@ -391,14 +391,6 @@ def build_units(c: TrainConfig, students: list[Student], src: TrainingData, devi
             log(f"note: training {len(students)} students one by one ({why_not})")
         units += [SeparateStudent(students[i], modules[i], c, device, info.rank, info.enabled) for i in g]
     return units, arch
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.3g} {unit}"
-        n /= 1000
-    return f"{n:.3g} TB"
 
 
 def _contiguous(n: int, count: int) -> list[list[int]]:
@@ -458,8 +450,3 @@ def _join(units: list[TrainingUnit], info: DistInfo) -> contextlib.AbstractConte
     return Join([m for u in units if not u.stopped for m in u.join_modules])
 
 
-def _progress(total: int, show: bool, desc: str, done: int = 0) -> Any:
-    if not show:
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, initial=done, unit="batch", desc=desc, file=sys.stderr, leave=False)

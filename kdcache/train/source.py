@@ -140,21 +140,14 @@ def _id_sums(id_blocks: Any) -> tuple[int, int, float]:
 def _check_sparse_settings(store: Any, c: TrainConfig) -> None:
     """Refuse, before training starts, what a sparse store cannot serve."""
     m = store.manifest
-    if m.layout == "dense":
+    layout = m.store_layout
+    if layout.keeps_every_logit:
         return
     if "logit-mse" in c.losses:
         raise ConfigError(f"--loss logit-mse matches every logit, and {c.store} is a {m.layout} store, which keeps "
                           f"only some of them; dump a dense store (--layout dense) for it, or use --loss kd")
-    from kdcache.sparse import SparseTargets
-    empty = torch.zeros(1, m.num_members, 1)
-    probe = SparseTargets(m.layout, empty.long(), empty,
-                          torch.zeros(1, m.num_members, len(m.layout_params["temperatures"])),
-                          tuple(m.layout_params["temperatures"]), empty.long(),
-                          m.layout_params.get("sampling_temperature"), c.allow_interpolation)
-    probe.member(c.members)
-    for t in c.temperatures:
-        if any(a > 0 for a in c.alphas):
-            probe.log_normalizer(t)
+    layout.check_serves(c.temperatures if any(a > 0 for a in c.alphas) else [], c.members, c.allow_interpolation,
+                        m.num_members)
 
 
 def check_student(model: nn.Module, data: ResolvedDataset, per_token: bool, spec: str, num_classes: int,

@@ -352,15 +352,12 @@ def stack_budget(device: torch.device) -> tuple[int, str]:
     import os
     env = os.environ.get("KDCACHE_STACK_MEMORY")
     if env:
-        from kdcache.errors import ConfigError
-        text = env.strip().upper()
-        units = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "B": 1}
-        unit = next((u for u in units if text.endswith(u)), "B")
+        from kdcache.errors import ConfigError, KdcacheError
+        from kdcache.sizes import parse_size
         try:
-            return int(float(text[:len(text) - len(unit)] if text.endswith(unit) else text) * units[unit]), \
-                "KDCACHE_STACK_MEMORY"
-        except ValueError:
-            raise ConfigError(f"KDCACHE_STACK_MEMORY={env!r}: give a size such as 8GB or 500MB") from None
+            return parse_size(env, "KDCACHE_STACK_MEMORY"), "KDCACHE_STACK_MEMORY"
+        except KdcacheError as e:
+            raise ConfigError(str(e)) from None
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0]) // 2, f"half of the memory free on {device}"
     free = None
