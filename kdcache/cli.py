@@ -25,7 +25,9 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except KdcacheError as e:
-            raise click.ClickException(_one_line(e.render(_flag))) from None
+            error = click.ClickException(_one_line(e.render(_flag)))
+            error.exit_code = e.exit_code
+            raise error from None
         except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
             raise click.ClickException(f"{e.strerror}: {e.filename}") from None
         finally:
@@ -72,19 +74,21 @@ def _one_line(message: str) -> str:
 
 
 def _floats(text: str, name: str) -> list[float]:
+    from kdcache.commands import numbers
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint=name) from None
+        return numbers(text, float)
+    except KdcacheError as e:
+        raise click.BadParameter(str(e), param_hint=name) from None
 
 
 def _ints(text: str | None, name: str) -> list[int] | None:
     if text is None:
         return None
+    from kdcache.commands import numbers
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers", param_hint=name) from None
+        return numbers(text, int)
+    except KdcacheError as e:
+        raise click.BadParameter(str(e), param_hint=name) from None
 
 
 def storage_option(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -173,15 +177,12 @@ def dump_logits_cmd(**kw: Any) -> None:
         --out teacher-views.zarr
     kdcache dump-logits --teacher runs/teacher --dataset mnist:train    # into the cache, or reused from it
     """
-    from kdcache.dump import DumpConfig, dump_logits
+    from kdcache.commands import run_dump_logits
+    from kdcache.dump import DumpConfig
     kw["teachers"] = list(kw["teachers"])
     kw["temperatures"] = _floats(kw["temperatures"], "--temperatures") if kw["temperatures"] else None
     kw["format"] = kw.pop("fmt")
-    summary = dump_logits(DumpConfig(**kw))
-    import os
-    if int(os.environ.get("RANK", "0")) == 0:
-        for line in summary.lines():
-            click.echo(line)
+    run_dump_logits(DumpConfig(**kw), echo=click.echo)
 
 
 @cli.command("train-student")
@@ -274,31 +275,16 @@ def train_student_cmd(**kw: Any) -> None:
     kdcache train-student --dataset mnist:train --store teacher.zarr --student mlp:800,800 \\
         --temperature 1,2,5,10,20 --eval-dataset mnist:test --out runs/distilled
     """
-    import os
-
-    from kdcache.train import TrainConfig, format_table, train_students
+    from kdcache.commands import run_train_student, words
+    from kdcache.train import TrainConfig
     kw["temperatures"] = _floats(kw["temperatures"], "--temperature") if kw["temperatures"] else None
     kw["alphas"] = _floats(kw["alphas"], "--alpha") if kw["alphas"] else None
-    kw["losses"] = [x.strip() for x in kw["losses"].split(",")]
+    kw["losses"] = words(kw["losses"])
     kw["seeds"] = _ints(kw["seeds"], "--seed")
     kw["lrs"] = _floats(kw["lrs"], "--lr")
     kw["members"] = _ints(kw["members"], "--members")
     kw["teachers"] = list(kw["teachers"]) or None
-    if kw["store"] == "auto":
-        from kdcache.cache import lookup
-        if not kw["teachers"]:
-            raise click.UsageError("--store auto needs --teacher: the teacher whose cached store to use")
-        kw["store"] = str(lookup(kw["teachers"], kw["dataset"], kw["data_root"], kw["subset"]))
-        kw["teachers"], kw["subset"] = None, None  # the store found defines the transfer set
-    fail_on_divergence = kw.pop("fail_on_divergence")
-    results = train_students(TrainConfig(**kw))
-    if int(os.environ.get("RANK", "0")) == 0:
-        click.echo(format_table(results))
-    diverged = [r["run"] for r in results if r.get("diverged")]
-    if diverged and (fail_on_divergence or len(diverged) == len(results)):
-        click.echo(f"Error: {len(diverged)} of {len(results)} students diverged ({', '.join(diverged)}); "
-                   f"their metrics.json say where and why", err=True)
-        sys.exit(3)
+    run_train_student(TrainConfig(**kw), echo=click.echo)
 
 
 @cli.group("cache")
@@ -380,21 +366,9 @@ def train_tokenizer_cmd(corpus: str, vocab: int, field: str, out: str, overwrite
     kdcache train-student --dataset hf-text:'docs/*.txt',tokenizer=runs/tokenizer \\
         --student hf:llama,hidden=256,layers=4,heads=4 --optimizer adam --lr 0.001 --out runs/teacher
     """
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    from kdcache.integrations.hf import train_tokenizer
-    target = Path(out)
-    if target.exists() and not overwrite:
-        raise KdcacheError(f"{out} exists; give --overwrite to replace it, or another --out")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
-        tok = train_tokenizer(corpus, vocab, Path(tmp) / "tokenizer", field)
-        if target.exists():
-            shutil.rmtree(target)
-        (Path(tmp) / "tokenizer").rename(target)
-    click.echo(f"wrote a tokenizer of {len(tok)} tokens to {out}")
+    from kdcache.commands import TokenizerConfig, run_train_tokenizer
+    run_train_tokenizer(TokenizerConfig(corpus=corpus, vocab=vocab, field=field, out=out, overwrite=overwrite),
+                        echo=click.echo)
 
 
 @cli.command("evaluate")
@@ -423,28 +397,10 @@ def evaluate_cmd(model: str, json_path: str | None, members: str | None, class_b
     kdcache evaluate runs/omitted/student --dataset mnist:test --class-bias 3=auto \\
         --tune-dataset mnist:train --tune-subset 50000:60000
     """
-    from pathlib import Path
-
-    from kdcache.evaluate import EvalConfig, evaluate
-    result = evaluate(EvalConfig(model=model, members=_ints(members, "--members"), class_bias=list(class_bias), **kw))
-    for t in result.get("tuned", []):
-        click.echo(f"class {t['class']}: bias {t['bias']:g} chosen on {t['tune_samples']} held-out rows "
-                   f"({t['tune_errors_at_0']} -> {t['tune_errors']} errors there)")
-    line = f"{model} on {kw['dataset']}: {result.get('eval_errors')} errors of {result['eval_samples']}"
-    if "eval_accuracy" in result:
-        line += f", accuracy {result['eval_accuracy']:.4f}"
-    if "teacher_agreement" in result:
-        line += f", teacher agreement {result['teacher_agreement']:.4f}"
-    if "teacher_errors" in result:
-        line += f"; the teacher (the eval store) {result['teacher_errors']} errors"
-    click.echo(line)
-    if "errors_by_class" in result and len(result["errors_by_class"]) <= 20:
-        click.echo("errors by class: " + ", ".join(f"{c}: {e}/{n}" for c, (e, n) in
-                                                   enumerate(zip(result["errors_by_class"],
-                                                                 result["samples_by_class"]))))
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+    from kdcache.commands import run_evaluate
+    from kdcache.evaluate import EvalConfig
+    run_evaluate(EvalConfig(model=model, members=_ints(members, "--members"), class_bias=list(class_bias),
+                            json_path=json_path, **kw), echo=click.echo)
 
 
 @cli.command("report")
@@ -471,15 +427,9 @@ def report_cmd(run_dirs: tuple[str, ...], out: str | None, plot_path: str | None
     \b
     kdcache report runs/teacher runs/student runs/distilled --plot runs/report.png --out runs/report.md
     """
-    from kdcache.report import write_report
-    role_map: dict[str, list[str]] = {}
-    for r in roles:
-        k, sep, v = r.partition("=")
-        if not sep or k not in ("teacher", "baseline", "distilled"):
-            raise click.BadParameter(f"{r!r} is not ROLE=DIR with ROLE teacher, baseline or distilled",
-                                     param_hint="--role")
-        role_map.setdefault(k, []).append(v)
-    click.echo(write_report(list(run_dirs), out, plot_path, role_map, paper, list(notes), list(evaluations)))
+    from kdcache.commands import ReportConfig, run_report
+    run_report(ReportConfig(run_dirs=list(run_dirs), out=out, plot_path=plot_path, roles=list(roles), paper=paper,
+                            notes=list(notes), evaluations=list(evaluations)), echo=click.echo)
 
 
 @cli.command("run")
@@ -565,15 +515,8 @@ def inspect_cmd(store: str, as_json: bool, as_xarray: bool, fmt: str | None) -> 
     kdcache inspect teacher.zarr --json | jq .accuracy
     kdcache inspect teacher.zarr --xarray
     """
-    if as_xarray:
-        from kdcache.xarray_view import open_xarray
-        ds = open_xarray(store)
-        ds.attrs = {k: ds.attrs[k] for k in ("layout", "num_samples", "num_classes", "num_members", "dtype")}
-        click.echo(repr(ds))
-        return
-    from kdcache.summary import format_inspect, inspect_store
-    info = inspect_store(store, fmt)
-    click.echo(json.dumps(info, indent=2) if as_json else format_inspect(info))
+    from kdcache.commands import InspectConfig, run_inspect
+    run_inspect(InspectConfig(store=store, as_json=as_json, as_xarray=as_xarray, format=fmt), echo=click.echo)
 
 
 @cli.command("verify")
@@ -602,20 +545,9 @@ def verify_cmd(store: str, fmt: str | None, teachers: tuple[str, ...], rows: int
     kdcache verify teacher.zarr
     kdcache verify teacher-views.zarr --teacher runs/teacher --rows 512
     """
-    from kdcache.store import open_store
-    s = open_store(store, fmt, allow_partial=True)
-    problems = s.verify()
-    s.close()
-    if problems:
-        raise click.ClickException(f"{store}: " + "; ".join(problems))
-    click.echo(f"{store}: ok ({s.manifest.num_samples} rows, {s.manifest.num_chunks} chunks verified)")
-    if teachers:
-        from kdcache.teacher_check import ARITHMETIC_SLACK, check_teacher
-        found = check_teacher(store, list(teachers), rows, seed, device, data_root,
-                              slack=ARITHMETIC_SLACK if tolerance is None else tolerance)
-        click.echo(found.line())
-        if not found.ok:
-            raise click.ClickException(f"{store}: " + "; ".join(found.problems))
+    from kdcache.commands import VerifyConfig, run_verify
+    run_verify(VerifyConfig(store=store, format=fmt, teachers=list(teachers), rows=rows, seed=seed, tolerance=tolerance,
+                            device=device, data_root=data_root), echo=click.echo)
 
 
 @cli.command("convert")
@@ -646,13 +578,12 @@ def convert_cmd(src: str, dst: str, dtype: str | None, fmt: str | None, compress
     kdcache convert teacher.h5 teacher-fp32.zarr --dtype float32
     kdcache convert teacher.zarr teacher-top5.zarr --layout topk --k 5 --temperatures 1,2,4,8,20
     """
-    from kdcache.convert import convert_store
+    from kdcache.commands import ConvertConfig, run_convert
     temps = _floats(temperatures, "--temperatures") if temperatures else None
-    t = convert_store(src, dst, dtype, fmt, compression, overwrite, chunk_rows,
-                      layout=layout, k=k, temperatures=temps, samples=samples,
-                      sampling_temperature=sampling_temperature, seed=seed)
-    click.echo(f"wrote {dst} ({t.manifest.num_samples} rows, {t.manifest.dtype}, {t.format})")
-    t.close()
+    run_convert(ConvertConfig(src=src, dst=dst, dtype=dtype, format=fmt, compression=compression, chunk_rows=chunk_rows,
+                              layout=layout, k=k, temperatures=temps, samples=samples,
+                              sampling_temperature=sampling_temperature, seed=seed, overwrite=overwrite),
+                echo=click.echo)
 
 
 _preset_help = "Column layout: llamakd (inputs, targets [L, 2, k]), axolotl (Axolotl's KD plugin), vllm."

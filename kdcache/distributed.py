@@ -10,6 +10,8 @@ import torch.distributed as dist
 
 from kdcache.errors import KdcacheError
 
+AMP_MODES = ("off", "bf16", "fp16")  # what autocast takes; train-student allows fewer (TrainConfig)
+
 
 @dataclass
 class DistInfo:
@@ -64,5 +66,5 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
         return contextlib.nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     if dtype is None:
-        raise KdcacheError(f"--amp {amp!r}: use off, bf16 or fp16")
+        raise KdcacheError(f"--amp {amp!r}: use one of {', '.join(AMP_MODES)}")
     return torch.autocast(device_type=device.type, dtype=dtype)

@@ -17,6 +17,8 @@ class KdcacheError(Exception):
         message = str(self.args[0]) if self.args else ""
         return PARAM.sub(lambda m: name_of(m.group(1)), message)
 
+    exit_code = 1  # the command's exit status when it ends on this error
+
     def __str__(self) -> str:
         return self.render()
 
@@ -31,3 +33,9 @@ class SpecError(KdcacheError):
 
 class ConfigError(KdcacheError):
     """A pipeline file or option combination is invalid."""
+
+
+class TrainingDiverged(KdcacheError):
+    """Students diverged: every one of a sweep, or any when ``fail_on_divergence`` asks."""
+
+    exit_code = 3

@@ -34,6 +34,7 @@ class EvalConfig:
     batch_size: int = 2048
     device: str = "auto"
     data_root: str | None = None
+    json_path: str | None = None                          # also write the results here as JSON
 
 
 class Biased(nn.Module):

@@ -1,25 +1,28 @@
-"""``kdcache run PIPELINE.yaml``: named steps, each one CLI command with its options, skipped when
-their inputs have not changed since they last ran."""
+"""``kdcache run PIPELINE.yaml``: named steps, each one kdcache command with its options, skipped when
+their inputs have not changed since they last ran.
+
+A step's ``with:`` is checked against the command's config dataclass (:mod:`kdcache.commands`), and the
+step runs the library function the CLI command calls, with the same config."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import re
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import click
 import yaml
 
+from kdcache.commands import CLICK_NAMES, STEP_COMMANDS, Command, commands, numbers
 from kdcache.errors import ConfigError, KdcacheError
 
 TOP_KEYS = {"pipeline", "description", "vars", "profiles", "steps", "state_dir"}
 STEP_KEYS = {"name", "command", "with", "use"}
-COMMANDS = ("train-student", "dump-logits", "report", "convert", "inspect", "verify", "train-tokenizer", "evaluate")
-LIST_OPTIONS = {"temperatures", "alphas", "seeds", "lrs", "members"}  # comma-separated on the command line
+COMMANDS = STEP_COMMANDS
 PIPELINE_DIR = "${pipeline.dir}"
 REF = re.compile(r"\$\{(vars|steps)\.([A-Za-z0-9_-]+)(?:\.([A-Za-z0-9_-]+))?\}")
 
@@ -28,10 +31,19 @@ REF = re.compile(r"\$\{(vars|steps)\.([A-Za-z0-9_-]+)(?:\.([A-Za-z0-9_-]+))?\}")
 class Step:
     name: str
     command: str
-    options: dict[str, Any]
+    options: dict[str, Any]  # config field -> value as given (checked: see kdcache.commands.Option.check)
     line: int
     needs: list[str] = field(default_factory=list)
     use: str | None = None   # an existing output to use instead of running the step (``use:``)
+
+    @property
+    def spec(self) -> Command:
+        return commands()[self.command]
+
+    @property
+    def config(self) -> Any:
+        """The config dataclass the step runs with (the one ``kdcache COMMAND`` builds from its flags)."""
+        return self.spec.build(self.options)
 
 
 @dataclass
@@ -55,23 +67,6 @@ def _lines(node: Any, path: tuple = ()) -> dict[tuple, int]:
     elif isinstance(node, yaml.SequenceNode):
         for i, v in enumerate(node.value):
             out.update(_lines(v, path + (i,)))
-    return out
-
-
-def _command(name: str) -> click.Command:
-    from kdcache.cli import cli
-    return cli.commands[name]
-
-
-def _params(cmd: click.Command) -> dict[str, click.Parameter]:
-    """Accepted option keys (``batch-size``, ``batch_size``, and ``temperature`` for ``temperatures``)."""
-    out: dict[str, click.Parameter] = {}
-    for p in cmd.params:
-        if p.name in ("help",):
-            continue
-        out[p.name] = p
-        for o in getattr(p, "opts", []):
-            out[o.lstrip("-").replace("-", "_")] = p
     return out
 
 
@@ -157,8 +152,7 @@ def load_pipeline(path: str, profile: str | None = None, overrides: dict[str, st
         command = raw.get("command")
         if command not in COMMANDS:
             raise err(("steps", i, "command"), f"{command!r} is not a step command; use one of {', '.join(COMMANDS)}")
-        cmd = _command(command)
-        params = _params(cmd)
+        spec = commands()[command]
         opts_raw = raw.get("with") or {}
         if not isinstance(opts_raw, dict):
             raise err(("steps", i, "with"), "expected a mapping of option names to values")
@@ -183,9 +177,10 @@ def load_pipeline(path: str, profile: str | None = None, overrides: dict[str, st
                 if ref not in needs:
                     needs.append(ref)
                 target = next(s for s in steps if s.name == ref)
-                key = attr or "out"
+                key = target.spec.field_of(attr or "out")
                 if key not in target.options:
-                    raise err(keys, f"refers to ${{steps.{ref}.{key}}}, but step {ref!r} has no option {key!r}")
+                    raise err(keys, f"refers to ${{steps.{ref}.{attr or 'out'}}}, but step {ref!r} has no option "
+                              f"{attr or 'out'!r}")
                 return target.options[key]
             if whole:
                 return sub(whole)
@@ -194,17 +189,20 @@ def load_pipeline(path: str, profile: str | None = None, overrides: dict[str, st
         options: dict[str, Any] = {}
         for k, v in opts_raw.items():
             keys = ("steps", i, "with", k)
-            param = params.get(str(k).replace("-", "_"))
-            if param is None:
-                known = sorted({o.lstrip("-") for p in cmd.params for o in getattr(p, "opts", []) if o != "--help"})
+            key = spec.field_of(k)
+            if key is None:
+                known = sorted(o.flag.lstrip("-") for o in spec.options.values())
                 raise err(keys, f"{command} has no option {k!r}; known: {', '.join(known)}")
             v = resolve(v, keys)
             if v is None:  # null: the command's default (unsets an option a YAML merge brought in)
                 continue
-            options[param.name] = _check_value(param, v, lambda m: err(keys, m))
-        for param in cmd.params:
-            if param.required and param.name not in options:
-                raise err(("steps", i, "with"), f"{command} needs {param.opts[0] if param.opts else param.name}")
+            try:
+                options[key] = spec.options[key].check(v)
+            except ConfigError as e:
+                raise err(keys, str(e)) from None
+        for o in spec.options.values():
+            if o.required and options.get(o.name) in (None, []):
+                raise err(("steps", i, "with"), f"{command} needs {o.flag}")
         use = resolve(raw.get("use"), ("steps", i, "use"))
         if use not in (None, ""):
             out_key = next((k for k in ("out", "dst") if k in options), None)
@@ -220,69 +218,19 @@ def load_pipeline(path: str, profile: str | None = None, overrides: dict[str, st
     return Pipeline(str(path), data["pipeline"], steps, state)
 
 
-def _check_value(param: click.Parameter, value: Any, err: Callable[[str], ConfigError]) -> Any:
-    """Validate ``value`` with the click type the command itself uses; lists for repeatable and list options."""
-    if param.name in LIST_OPTIONS:
-        items = value if isinstance(value, list) else [value]
-        for item in items:
-            if isinstance(item, (list, dict)) or (item is not None and not isinstance(item, (int, float)) and
-                                                  not re.fullmatch(r"[-+0-9.eE,]+", str(item))):
-                raise err(f"expected a number or a list of numbers, got {item!r}")
-        return items
-    if getattr(param, "multiple", False) or param.nargs == -1:
-        items = value if isinstance(value, list) else [value]
-        return [_convert(param, v, err) for v in items]
-    if isinstance(value, (list, dict)):
-        raise err(f"expected a single value, got {type(value).__name__}")
-    if getattr(param, "is_flag", False) and not getattr(param, "secondary_opts", None):
-        if not isinstance(value, bool):
-            raise err(f"expected true or false, got {value!r}")
-        return value
-    return _convert(param, value, err)
-
-
-def _convert(param: click.Parameter, value: Any, err: Callable[[str], ConfigError]) -> Any:
-    if isinstance(param.type, (click.types.IntParamType, click.types.FloatParamType)) and isinstance(value, bool):
-        raise err(f"expected a number, got {value!r}")
-    if isinstance(param.type, click.types.IntParamType) and isinstance(value, float):
-        raise err(f"expected an integer, got {value!r}")
-    if isinstance(param.type, click.types.StringParamType) and isinstance(value, (dict, list)):
-        raise err(f"expected a string, got {value!r}")
-    try:
-        return param.type.convert(value, param, None)
-    except click.BadParameter as e:
-        raise err(e.message) from None
-
-
 def argv(step: Step) -> list[str]:
-    """The command line a step runs (what ``--dry-run`` prints)."""
-    cmd = _command(step.command)
-    out = [step.command]
-    for p in cmd.params:
-        if p.name not in step.options:
-            continue
-        v = step.options[p.name]
-        if isinstance(p, click.Argument):
-            out += [str(x) for x in (v if isinstance(v, list) else [v])]
-            continue
-        opt = p.opts[0]
-        if p.name in LIST_OPTIONS:
-            out += [opt, ",".join(format(x, "g") if isinstance(x, float) else str(x) for x in v)]
-        elif getattr(p, "is_flag", False):
-            if p.secondary_opts:
-                out.append(opt if v else p.secondary_opts[0])
-            elif v:
-                out.append(opt)
-        elif getattr(p, "multiple", False):
-            for x in v:
-                out += [opt, str(x)]
-        else:
-            out += [opt, str(v)]
-    return out
+    """The command line a step runs (what ``--dry-run`` prints), without the leading ``kdcache``."""
+    return step.spec.argv(step.options)
 
 
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _options_digest(step: Step) -> dict[str, Any]:
+    """A step's options as its stamp's digest takes them: keyed by the names they had when steps ran
+    the CLI, so that stamps written then still count."""
+    return {CLICK_NAMES.get(k, k): v for k, v in step.options.items() if k != "temperatures"}
 
 
 def _fingerprint(path: Path) -> list:
@@ -333,8 +281,8 @@ class Runner:
                     changed.add(step.name)
                 actions.append(Action(step, "use", digest, detail=f"given: {step.use}"))
                 continue
-            opts = {k: v for k, v in step.options.items() if k != "temperatures"}
-            base = _digest({"command": step.command, "options": opts, "needs": [self.digests[n] for n in step.needs]})
+            base = _digest({"command": step.command, "options": _options_digest(step),
+                            "needs": [self.digests[n] for n in step.needs]})
             temps = step.options.get("temperatures") if step.command == "train-student" else None
             digest = _digest([base, temps])
             self.digests[step.name] = digest
@@ -356,10 +304,11 @@ class Runner:
                                        f"make it; move it away or change the step's out")
                 actions.append(Action(step, "run", digest, base))
             elif temps and len(temps) > 0 and stamp.get("base") == base and exists:
-                done = set(stamp.get("temperatures", []))
-                todo = [t for t in temps if t not in done]
+                done = set(numbers(stamp.get("temperatures", [])))
+                todo = [t for t in numbers(temps) if t not in done]
+                new = ", ".join(format(t, "g") for t in todo)
                 actions.append(Action(step, "partial" if todo else "skip", digest, base, todo or None,
-                                      f"new temperatures {', '.join(map(str, todo))}" if todo else "up to date"))
+                                      f"new temperatures {new}" if todo else "up to date"))
             elif stamp.get("digest") == digest and exists:
                 actions.append(Action(step, "skip", digest, base, detail="up to date"))
             else:
@@ -373,23 +322,13 @@ class Runner:
         return actions
 
     def run(self, dry_run: bool = False, echo: Callable[[str], None] = print) -> list[Action]:
-        from kdcache.cli import cli
+        """Run what :meth:`plan` says, saying each step's command line; ``echo`` also takes what the steps say."""
         actions = self.plan()
         for a in actions:
-            args = argv(a.step)
-            if a.status == "partial":
-                i = args.index("--temperature")
-                args[i + 1] = ",".join(format(float(t), "g") for t in a.todo)
-            if a.status in ("rerun",) and a.step.command in ("train-student", "dump-logits", "convert",
-                                                             "train-tokenizer"):
-                args.append("--overwrite")
-            o = a.step.options
-            if a.step.command == "train-student" and (o.get("temperatures") or len(o.get("seeds") or []) > 1
-                                                      or len(o.get("alphas") or []) > 1):
-                args.append("--sweep-dirs")  # stable layout: adding a temperature later adds a directory
+            given = self._given(a)
             label = {"run": "run", "rerun": "rerun", "skip": "skip", "partial": "run part", "use": "use"}[a.status]
             echo(f"[{a.step.name}] {label}" + (f" ({a.detail})" if a.detail else "") +
-                 ("" if a.status in ("skip", "use") else ": kdcache " + " ".join(args)))
+                 ("" if a.status in ("skip", "use") else ": kdcache " + shlex.join(a.step.spec.argv(given))))
             if dry_run or a.status == "skip":
                 continue
             if a.status == "use":
@@ -398,16 +337,36 @@ class Runner:
                 continue
             t0 = time.perf_counter()
             try:
-                cli.main(args=args, prog_name="kdcache", standalone_mode=False)
-            except click.ClickException as e:
-                raise KdcacheError(f"step {a.step.name!r} ({a.step.command}) failed: {e.format_message()}") from None
-            stamp: dict[str, Any] = {"digest": a.digest, "argv": args, "seconds": time.perf_counter() - t0,
+                a.step.spec.call(given, echo)
+            except KdcacheError as e:  # the message keeps its {param:NAME}s for the CLI to name flags
+                raise type(e)(f"step {a.step.name!r} ({a.step.command}) failed: {e.args[0] if e.args else e}") from None
+            except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+                raise KdcacheError(f"step {a.step.name!r} ({a.step.command}) failed: {e.strerror}: "
+                                   f"{e.filename}") from None
+            stamp: dict[str, Any] = {"digest": a.digest, "argv": a.step.spec.argv(given),
+                                     "seconds": time.perf_counter() - t0,
                                      "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
             if a.step.command == "train-student":
                 old = self._read_stamp(a.step) or {}
-                temps = a.step.options.get("temperatures") or []
-                kept = old.get("temperatures", []) if a.status == "partial" else []
-                stamp.update(base=a.base, temperatures=sorted(set(kept) | set(temps)))
+                kept = numbers(old.get("temperatures", [])) if a.status == "partial" else []
+                stamp.update(base=a.base, temperatures=sorted(set(kept) | set(numbers(a.step.options.get(
+                    "temperatures") or []))))
             self.p.state_dir.mkdir(parents=True, exist_ok=True)
             self._stamp(a.step).write_text(json.dumps(stamp, indent=2))
         return actions
+
+    @staticmethod
+    def _given(a: Action) -> dict[str, Any]:
+        """The options a step runs with: a partial sweep trains only the new temperatures, a rerun
+        overwrites what the step made before, and a sweep keeps one directory per run (adding a
+        temperature later adds a directory)."""
+        given = dict(a.step.options)
+        if a.status == "partial":
+            given["temperatures"] = a.todo
+        if a.status == "rerun" and a.step.command in ("train-student", "dump-logits", "convert", "train-tokenizer"):
+            given["overwrite"] = True
+        if a.step.command == "train-student":
+            c = a.step.config
+            if c.temperatures or len(c.seeds) > 1 or len(c.alphas or []) > 1:
+                given["sweep_dirs"] = True
+        return given

@@ -5,7 +5,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kdcache.errors import KdcacheError
+from kdcache.errors import ConfigError, KdcacheError
+
+ROLES = ("teacher", "baseline", "distilled")  # what a run is in a report (--role ROLE=DIR)
 
 PAPERS = {
     "hinton-mnist": {
@@ -59,6 +61,17 @@ def collect_runs(dirs: list[str]) -> list[dict[str, Any]]:
     runs.sort(key=lambda r: (dirs.index(r["group"]), r.get("soft_loss") == "logit-mse", r["temperature"] or 0,
                              r["alpha"], r["seed"]))
     return runs
+
+
+def parse_roles(items: list[str]) -> dict[str, list[str]]:
+    """``["teacher=runs/t", "distilled=runs/a", "distilled=runs/b"]`` -> ROLE -> directories, in order."""
+    roles: dict[str, list[str]] = {}
+    for item in items:
+        role, eq, path = item.partition("=")
+        if not eq or role not in ROLES:
+            raise ConfigError(f"--role {item!r}: expected ROLE=DIR with ROLE one of {', '.join(ROLES)}")
+        roles.setdefault(role, []).append(path)
+    return roles
 
 
 def assign_roles(runs: list[dict[str, Any]], roles: dict[str, list[str]] | None = None) -> None:

@@ -10,10 +10,13 @@ DEFAULT_TEMPERATURE = 4.0
 DEFAULT_ALPHA = 0.9
 DEFAULT_LR = 0.05
 AMP_MODES = ("off", "bf16")
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("cosine", "constant")
 
 # Options that do not change what is trained: a run resumed with other values of these continues the
 # same training (see kdcache.train.checkpoint).
-NOT_IDENTITY = ("overwrite", "progress", "device", "checkpoint_every", "remote_cache", "remote_cache_size")
+NOT_IDENTITY = ("overwrite", "progress", "device", "checkpoint_every", "remote_cache", "remote_cache_size",
+                "fail_on_divergence")
 
 
 @dataclass
@@ -67,6 +70,7 @@ class TrainConfig:
     data_root: str | None = None
     overwrite: bool = False
     progress: bool | None = None
+    fail_on_divergence: bool = False         # any diverged student fails the command, not only all of them
 
     def resolved(self) -> "TrainConfig":
         """A copy with list defaults filled in and combinations checked."""
@@ -116,10 +120,10 @@ class TrainConfig:
                 raise ConfigError(f"--lr {lr}: learning rates must be positive")
         if c.ensemble not in ENSEMBLE_REDUCTIONS:
             raise ConfigError(f"--ensemble {c.ensemble!r}: use one of {', '.join(ENSEMBLE_REDUCTIONS)}")
-        if c.optimizer not in ("sgd", "adam"):
-            raise ConfigError(f"--optimizer {c.optimizer!r}: use sgd or adam")
-        if c.schedule not in ("cosine", "constant"):
-            raise ConfigError(f"--schedule {c.schedule!r}: use cosine or constant")
+        if c.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"--optimizer {c.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+        if c.schedule not in SCHEDULES:
+            raise ConfigError(f"--schedule {c.schedule!r}: use one of {', '.join(SCHEDULES)}")
         if not 0 <= c.warmup <= c.epochs:
             raise ConfigError(f"--warmup {c.warmup:g}: give a number of epochs between 0 and --epochs ({c.epochs})")
         if c.amp not in AMP_MODES:
