@@ -10,7 +10,7 @@ from typing import Any, Callable
 import click
 
 from kdcache._version import __version__
-from kdcache.bench_common import BENCH_NAMES
+from kdcache.bench.common import BENCH_NAMES
 from kdcache.errors import KdcacheError
 from kdcache.layouts import LAYOUTS
 from kdcache.losses import ENSEMBLE_REDUCTIONS

@@ -1,5 +1,5 @@
 """Stores in object storage: a real S3 endpoint on 127.0.0.1 (moto's server in a child process,
-kdcache.s3_loopback), spoken to over HTTP through s3fs. Nothing is mocked in the processes under test."""
+kdcache.testing.s3_loopback), spoken to over HTTP through s3fs. Nothing is mocked in the processes under test."""
 from __future__ import annotations
 
 import os
@@ -15,11 +15,11 @@ import torch
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 
-from kdcache.s3_loopback import LoopbackS3  # noqa: E402
 from kdcache.store import open_store  # noqa: E402
 from kdcache.store.block_cache import BlockCache  # noqa: E402
 from kdcache.store.remote import ENV  # noqa: E402
 from kdcache.stream import DistillStream  # noqa: E402
+from kdcache.testing.s3_loopback import LoopbackS3  # noqa: E402
 from tests.conftest import DATA_ROOT, ROOT, counted_batches, invoke_kdcache, kill_when, run_kdcache  # noqa: E402
 from tests.helpers import SYNTH  # noqa: E402
 

@@ -1,5 +1,5 @@
 """Network faults against a real S3 endpoint (moto's server on loopback) behind a TCP proxy of our own
-(kdcache.s3_loopback.FaultProxy): the endpoint stopped, the connection cut, the connection stalled
+(kdcache.testing.s3_loopback.FaultProxy): the endpoint stopped, the connection cut, the connection stalled
 (bytes swallowed), each at store creation, mid-way and at completion, for dump-logits and for
 train-student. Each ends in one line within a bounded time, nothing is printed after it, and the
 same command run again gives what an uninterrupted run gives."""
@@ -18,8 +18,8 @@ import pytest
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 
-from kdcache.s3_loopback import FaultProxy, LoopbackS3  # noqa: E402
 from kdcache.store import open_store  # noqa: E402
+from kdcache.testing.s3_loopback import FaultProxy, LoopbackS3  # noqa: E402
 from tests.conftest import DATA_ROOT, ROOT  # noqa: E402
 from tests.helpers import SYNTH  # noqa: E402
 
@@ -44,7 +44,7 @@ def s3():
 
 
 def _env(proxy: FaultProxy, counter: Path | None = None) -> dict[str, str]:
-    from kdcache.s3_loopback import CREDENTIALS
+    from kdcache.testing.s3_loopback import CREDENTIALS
     e = {**os.environ, **CREDENTIALS, "AWS_ENDPOINT_URL": proxy.url, "PYTHONPATH": str(ROOT),
          "KDCACHE_DATA": DATA_ROOT}
     e.pop("KDCACHE_STORAGE_OPTIONS", None)

@@ -1,7 +1,7 @@
 """``kdcache bench --only s3``: stores in object storage against the same stores on local disk.
 
 The endpoint is a real S3 server on the loopback interface (moto's, in a child process; see
-:mod:`kdcache.s3_loopback`), reached over HTTP through s3fs, so every read and write pays a request's
+:mod:`kdcache.testing.s3_loopback`), reached over HTTP through s3fs, so every read and write pays a request's
 round trip, as it would far away (with less latency than a real region: the ratios here are an upper
 bound of what read-ahead has to hide).
 """
@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from kdcache.bench_common import Profile, interleave_all
+from kdcache.bench.common import Profile, interleave_all
 
 
 @contextlib.contextmanager
@@ -23,7 +23,7 @@ def _endpoint() -> Iterator[Any]:
     """A loopback S3 server with a bucket, and this process's environment pointed at it."""
     import s3fs
 
-    from kdcache.s3_loopback import LoopbackS3
+    from kdcache.testing.s3_loopback import LoopbackS3
     with LoopbackS3() as s3:
         s3.make_bucket("kdcache-bench")
         saved = {k: os.environ.get(k) for k in s3.env}

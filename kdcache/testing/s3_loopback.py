@@ -41,7 +41,7 @@ class LoopbackS3:
             raise KdcacheError("a loopback S3 endpoint needs moto: pip install 'moto[server]'") from None
         self.port = port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "kdcache.s3_loopback", str(self.port)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "kdcache.testing.s3_loopback", str(self.port)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env={**os.environ, **CREDENTIALS,
                                           **({"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if auth else {})})

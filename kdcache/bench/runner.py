@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from kdcache._version import __version__
-from kdcache.bench_common import BENCH_NAMES as BENCHES
-from kdcache.bench_common import FULL, QUICK, Profile, interleave, interleave_all
+from kdcache.bench.common import BENCH_NAMES as BENCHES
+from kdcache.bench.common import FULL, QUICK, Profile, interleave, interleave_all
 from kdcache.losses import teacher_log_probs
 
 
@@ -609,7 +609,7 @@ def _measure(name: str, p: Profile, work: Path, device: str, teacher: str | None
     if name == "hf":
         return bench_hf(p, work, device)
     if name == "s3":
-        from kdcache.bench_remote import bench_s3
+        from kdcache.bench.remote import bench_s3
         return bench_s3(p, work, device)
     if name == "sparse":
         r = bench_sparse(p, work, device, teacher)
