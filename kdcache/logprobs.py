@@ -160,21 +160,25 @@ def _batches(records: Any, cols: Columns, batch: int, where: str) -> Iterator[_B
                      _levels(table.column(cols.ids), 2, cols.ids, where) if cols.ids else None)
 
 
-def _rows(batch: _Batch, cols: Columns, r: int, first: int, stop: int, k: int, where: str, record: int
+def _rows(batch: _Batch, cols: Columns, r: int, positions: np.ndarray, k: int, where: str, record: int
           ) -> tuple[np.ndarray, np.ndarray]:
-    """Logprobs and ids ``[stop - first, k]`` of record ``r`` of the batch, rows ``first:stop``."""
+    """Logprobs and ids ``[len(positions), k]`` of record ``r`` of the batch: its rows ``positions +
+    cols.offset`` (a sequence's positions with a store row); the rows between them are not read."""
+    wanted = np.asarray(positions, dtype=np.int64) + cols.offset
+
     def grab(level: tuple[list[np.ndarray], np.ndarray], name: str, part: int | None) -> np.ndarray:
         offs, flat = level
         rec = offs[0]
-        if rec[r + 1] - rec[r] < stop:
+        if rec[r + 1] - rec[r] <= wanted[-1]:
             raise StoreError(f"{where}: record {record} has {rec[r + 1] - rec[r]} rows of {name!r} but its sequence "
-                             f"needs rows {first}..{stop - 1}; the records do not line up with the corpus")
-        rows = rec[r] + np.arange(first, stop)
+                             f"needs rows up to {wanted[-1]}; the records do not line up with the corpus")
+        rows = rec[r] + wanted
         if part is not None:  # [rows, 2, k]: each row holds two lists
             two = offs[1][rows + 1] - offs[1][rows]
             if (two != 2).any():
                 j = int(np.flatnonzero(two != 2)[0])
-                raise StoreError(f"{where}: record {record} position {j}: {name!r} holds {two[j]} lists, expected 2 "
+                raise StoreError(f"{where}: record {record} position {positions[j]}: {name!r} holds {two[j]} lists, "
+                                 f"expected 2 "
                                  f"(logprobs, ids)")
             rows = offs[1][rows] + part
             inner = offs[2]
@@ -183,8 +187,8 @@ def _rows(batch: _Batch, cols: Columns, r: int, first: int, stop: int, k: int, w
         n = inner[rows + 1] - inner[rows]
         if (n != k).any():
             j = int(np.flatnonzero(n != k)[0])
-            raise StoreError(f"{where}: record {record} position {j} has {n[j]} entries in {name!r}, the first "
-                             f"record {k}; every row needs the same top-k")
+            raise StoreError(f"{where}: record {record} position {positions[j]} has {n[j]} entries in {name!r}, the "
+                             f"first record {k}; every row needs the same top-k")
         return flat[inner[rows][:, None] + np.arange(k)]
     if batch.ids is None:
         return grab(batch.logprobs, cols.logprobs, 0), grab(batch.logprobs, cols.logprobs, 1)
@@ -192,14 +196,18 @@ def _rows(batch: _Batch, cols: Columns, r: int, first: int, stop: int, k: int, w
 
 
 def _first_k(batch: _Batch, cols: Columns) -> int:
+    """Entries in record 0's first row from ``cols.offset`` on that has any (a response-only record's
+    prompt rows are null or padding)."""
     offs, _ = batch.logprobs
-    row = offs[0][0] + cols.offset
-    if offs[0][1] <= row:
-        return 0
-    if cols.ids is None:
-        sub = offs[1][row]
-        return int(offs[2][sub + 1] - offs[2][sub])
-    return int(offs[1][row + 1] - offs[1][row])
+    for row in range(offs[0][0] + cols.offset, offs[0][1]):
+        if cols.ids is None:
+            sub = offs[1][row]
+            n = int(offs[2][sub + 1] - offs[2][sub])
+        else:
+            n = int(offs[1][row + 1] - offs[1][row])
+        if n:
+            return n
+    return 0
 
 
 def check_rows(logprobs: np.ndarray, ids: np.ndarray, num_classes: int, tolerance: float = SUM_TOLERANCE) -> str | None:
@@ -383,24 +391,22 @@ def _fill(store: Any, corpus: Any, batches: Iterator[_Batch], cols: Columns, off
     for batch in batches:
         n = len(batch.tokens[0][0]) - 1
         idx = np.arange(record, record + n)
-        x, y = corpus.get_batch(idx)
-        x, y = x.numpy(), y.numpy()
         lps, ids, seq, labels = [], [], [], []
-        for r, i in enumerate(idx):
-            L = int(offsets[i + 1] - offsets[i])
-            window = np.concatenate([x[r, :L], y[r, L - 1:L]])
+        for r, (i, pos) in enumerate(zip(idx, row_positions(corpus, idx))):
+            window = corpus.window(int(i))
             t_off, t_flat = batch.tokens
             tokens = t_flat[t_off[0][r]:t_off[0][r + 1]]
             _check_tokens(tokens, window, int(i), where)
-            lp, tid = _rows(batch, cols, r, cols.offset, cols.offset + L, found_k, where, int(i))
+            lp, tid = _rows(batch, cols, r, pos, found_k, where, int(i))
             problem = check_rows(lp, tid, m.num_classes, tolerance)
             if problem:
                 row, _, why = problem.partition(": ")
-                raise StoreError(f"{where}: record {i} position {row.split()[1]}: {why}; nothing was written")
+                raise StoreError(f"{where}: record {i} position {pos[int(row.split()[1])]}: {why}; nothing was "
+                                 f"written")
             lps.append(lp)
             ids.append(tid)
-            seq.append(np.full(L, i, dtype=np.int64))
-            labels.append(y[r, :L])
+            seq.append(np.full(len(pos), i, dtype=np.int64))
+            labels.append(window[pos + 1])
         lp, tid = np.concatenate(lps).astype(np.float64), np.concatenate(ids).astype(np.int64)
         order = np.argsort(-lp, axis=-1, kind="stable")[:, :k]  # largest first, as a dump keeps them
         values = np.take_along_axis(lp, order, -1).astype(m.dtype)
@@ -503,7 +509,8 @@ def export_logprobs(store: str, to: str, preset: str = "llamakd", *, fmt: str = 
                          f"{{param:to}}")
     target.mkdir(parents=True, exist_ok=True)
     tmp = target / f".data.partial-{os.getpid()}.{fmt}"
-    seq_ids, offsets = s.sequence_index()
+    seq_ids, _ = s.sequence_index()
+    masked = getattr(data.dataset, "row_mask", None) is not None
     j1 = p["temperatures"].index(1.0)
     bar = _progress(m.num_samples, progress, "export-logprobs")
     writer = None
@@ -516,8 +523,8 @@ def export_logprobs(store: str, to: str, preset: str = "llamakd", *, fmt: str = 
                 lse = np.asarray(blk.data["log_normalizers"][:, member, j1], dtype=np.float32)
                 lp = values - lse[:, None]
                 ids = np.asarray(blk.data["topk_ids"][:, member], dtype=np.int64)
-                x, y = data.dataset.get_batch(seq_ids[a:b])
-                table = _table(cols, lp, ids, x.numpy(), y.numpy(), np.diff(offsets[a:b + 1]))
+                table = _table(cols, lp, ids, [data.dataset.window(int(i)) for i in seq_ids[a:b]],
+                               row_positions(data.dataset, seq_ids[a:b]), masked)
                 writer = _append(fh, table, fmt, writer)
                 bar.update(len(lp))
             if writer is not None:
@@ -544,26 +551,35 @@ def _append(fh: Any, table: Any, fmt: str, writer: Any) -> Any:
     return None
 
 
-def _table(cols: Columns, lp: np.ndarray, ids: np.ndarray, x: np.ndarray, y: np.ndarray, lengths: np.ndarray) -> Any:
-    """The records of a batch of sequences in ``cols``' layout: ``lp``/``ids`` ``[positions, k]`` in store
-    order, ``x``/``y`` the sequences' inputs and labels ``[B, width]``."""
+def _table(cols: Columns, lp: np.ndarray, ids: np.ndarray, windows: list[np.ndarray], positions: list[np.ndarray],
+           masked: bool = False) -> Any:
+    """The records of a batch of sequences in ``cols``' layout: ``lp``/``ids`` ``[rows, k]`` in store
+    order, ``windows`` each sequence's ``n + 1`` tokens and ``positions`` its positions with a store row
+    (the others are written as padding: ``fill`` rows or nulls). ``masked``: the labels column holds
+    -100 at the tokens no row predicts (a response-only chat store's prompt, as Axolotl masks it)."""
     import pyarrow as pa
     k = lp.shape[-1]
     tokens, rows_lp, rows_ids, valid, masks, labels = [], [], [], [], [], []
     at = 0
-    for r, L in enumerate(lengths.tolist()):
-        window = np.concatenate([x[r, :L], y[r, L - 1:L]])
-        t = window if cols.full_window else window[:L]
-        before, after = cols.offset, len(t) - cols.offset - L
-        pad_lp = np.full((1, k), PAD_LOGPROB, np.float32)
-        pad_ids = np.arange(k, dtype=np.int64)[None]
-        rows_lp.append(np.concatenate([pad_lp.repeat(before, 0), lp[at:at + L], pad_lp.repeat(after, 0)]))
-        rows_ids.append(np.concatenate([pad_ids.repeat(before, 0), ids[at:at + L], pad_ids.repeat(after, 0)]))
-        real = np.r_[np.zeros(before, bool), np.ones(L, bool), np.zeros(after, bool)]
+    for window, pos in zip(windows, positions):
+        L = len(pos)
+        t = window if cols.full_window else window[:-1]
+        real = np.zeros(len(t), bool)
+        real[pos + cols.offset] = True
+        row_lp = np.full((len(t), k), PAD_LOGPROB, np.float32)
+        row_ids = np.broadcast_to(np.arange(k, dtype=np.int64), (len(t), k)).copy()
+        row_lp[real], row_ids[real] = lp[at:at + L], ids[at:at + L]
+        rows_lp.append(row_lp)
+        rows_ids.append(row_ids)
         valid.append(real)
         masks.append(real)
         tokens.append(t)
-        labels.append(t)
+        if masked:
+            target = np.zeros(len(t), bool)
+            target[(pos + 1)[pos + 1 < len(t)]] = True
+            labels.append(np.where(target, t, -100))
+        else:
+            labels.append(t)
         at += L
     counts = np.array([len(t) for t in tokens])
     rec_off = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
@@ -592,6 +608,14 @@ def _table(cols: Columns, lp: np.ndarray, ids: np.ndarray, x: np.ndarray, y: np.
     if cols.labels:
         out[cols.labels] = pa.ListArray.from_arrays(rec_off, pa.array(np.concatenate(labels).astype(np.int64)))
     return pa.table(out)
+
+
+def row_positions(corpus: Any, indices: np.ndarray) -> list[np.ndarray]:
+    """Each sequence's positions that have a store row: ``0..n-1``, or those its dataset's ``row_mask``
+    gives (an ``hf-chat:`` corpus's assistant positions)."""
+    from kdcache.text import row_mask, widths
+    width = int(widths(corpus, np.asarray(indices)).max()) if len(indices) else 0
+    return [np.flatnonzero(m) for m in row_mask(corpus, np.asarray(indices), width).numpy()]
 
 
 def _progress(total: int, show: bool | None, desc: str) -> Any:

@@ -135,6 +135,12 @@ class TokenWindows(Dataset):
     def tokens(self) -> int:
         return int(self._lengths.sum())
 
+    def window(self, i: int) -> np.ndarray:
+        """The ``n + 1`` tokens of item ``i``: its ``n`` inputs and the last one's next token (whatever
+        the labels hide)."""
+        a = int(self._starts[i])
+        return self._tokens[a:a + int(self._lengths[i]) + 1].numpy()
+
 
 class TextSequences(TokenWindows):
     """Next-token windows of a tokenised text corpus; see the module docstring."""

@@ -243,3 +243,57 @@ def test_a_smaller_k_keeps_the_largest_and_moves_the_rest_to_the_tail_in_hdf5(lm
         import_logprobs(str(tmp_path / "x"), lm["data"], str(tmp_path / "more.h5"), columns_for("vllm"), k=K + 1,
                         progress=False)
     assert sorted(os.listdir(tmp_path)) == ["top3.h5", "x"]
+
+
+@pytest.fixture(scope="module")
+def chat_store(tmp_path_factory):
+    """A response-only (rows=assistant) top-k store of a chat corpus, from test_hf_chat's tokenizer and teacher."""
+    from tests.test_hf_chat import SEQ, _conversations, _write
+    d = tmp_path_factory.mktemp("lpchat")
+    texts = [m["content"] for r in _conversations(24) for m in r["messages"]]
+    teacher = _save_model(d / "teacher", texts * 4, 300)
+    tok = transformers.AutoTokenizer.from_pretrained(teacher)
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<pad>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    tok.save_pretrained(teacher)
+    corpus = _write(d / "chat.jsonl", _conversations(12))
+    data = f"hf-chat:{corpus},seq={SEQ}"
+    store = str(d / "chat.zarr")
+    run_kdcache("dump-logits", "--teacher", f"hf:{teacher}", "--dataset", data, "--layout", "topk", "--k", str(K),
+                "--temperatures", "1", "--dtype", "float32", "--out", store)
+    return {"data": f"{data},tokenizer={teacher}", "store": store}
+
+
+@pytest.mark.parametrize("preset,fmt", [("llamakd", "parquet"), ("axolotl", "jsonl"), ("vllm", "parquet")])
+def test_a_response_only_chat_store_exports_and_imports_back_at_its_assistant_positions(chat_store, tmp_path,
+                                                                                        preset, fmt):
+    import datasets
+    out = tmp_path / "export"
+    export_logprobs(chat_store["store"], str(out), preset, fmt=fmt, progress=False)
+    a = open_store(chat_store["store"])
+    data = datasets.load_dataset("parquet" if fmt == "parquet" else "json", data_files=str(out / f"data.{fmt}"),
+                                 split="train")
+    ids, offsets = a.sequence_index()
+    first = a.read(0, int(offsets[1]))
+    rec = data[0]
+    cols = PRESETS[preset]
+    stored = (np.asarray(rec[cols.logprobs])[:, 0] if cols.ids is None else
+              np.asarray([np.nan * np.ones(K) if r is None else r for r in rec[cols.logprobs]]))
+    real = ~np.isnan(stored).any(-1) & (stored > -1e8).all(-1)
+    # one record row per position (a prompt position's row padding), a real row per stored (assistant) row
+    assert int(real.sum()) == int(offsets[1]) < len(rec[cols.tokens]) - 1
+    if preset == "axolotl":
+        assert (np.asarray(rec["target_mask"])[:, 0] == real).all()
+        labels = np.asarray(rec["labels"])
+        assert (labels[1:][real[:-1]] >= 0).all() and (labels[1:][~real[:-1]] == -100).all()
+    back = str(tmp_path / "back.zarr")
+    import_logprobs(str(out), chat_store["data"], back, columns_for(preset), dtype="float32", progress=False)
+    b = open_store(back)
+    ids0, lp0, _, _ = _logprobs(chat_store["store"])
+    ids1, lp1, _, _ = _logprobs(back)
+    np.testing.assert_array_equal(ids1, ids0)
+    np.testing.assert_array_equal(lp1, lp0)
+    assert b.manifest.identity()["dataset"] == a.manifest.identity()["dataset"]
+    assert all((x == y).all() for x, y in zip(b.sequence_index(), a.sequence_index()))
+    np.testing.assert_array_equal(b.read(0, b.num_samples).labels, a.read(0, a.num_samples).labels)
+    assert first.labels.min() >= 0
