@@ -252,6 +252,9 @@ def dump_logits_cmd(**kw: Any) -> None:
 @click.option("--progress/--no-progress", default=None, help="Progress bars [default: on a terminal].")
 @click.option("--fail-on-divergence", is_flag=True,
               help="Exit with status 3 when any student diverged [default: only when every student did].")
+@click.option("--engine", type=click.Choice(["kdcache", "trainer"]), default="kdcache", show_default=True,
+              help="trainer: one hf: student from a per-token store through transformers.Trainer "
+                   "(kdcache.integrations.hf_trainer.DistillationTrainer).")
 @data_root_option
 @storage_option
 @_friendly

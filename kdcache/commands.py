@@ -487,7 +487,7 @@ def commands() -> dict[str, Command]:
     from kdcache.store.format import COMPRESSIONS, DTYPES
     from kdcache.store.logit_store import BACKENDS
     from kdcache.train.config import AMP_MODES as TRAIN_AMP_MODES
-    from kdcache.train.config import OPTIMIZERS, SCHEDULES, TrainConfig
+    from kdcache.train.config import ENGINES, OPTIMIZERS, SCHEDULES, TrainConfig
     formats = tuple(BACKENDS)
     stores = {"format": formats, "dtype": DTYPES, "compression": COMPRESSIONS, "layout": LAYOUTS}  # LAYOUTS: live
     sparse = {"chunk_rows": Range(1), "k": Range(1), "samples": Range(1, 65535),
@@ -498,7 +498,7 @@ def commands() -> dict[str, Command]:
                    flags={"teachers": "--teacher", "temperatures": "--temperature", "alphas": "--alpha",
                           "losses": "--loss", "seeds": "--seed", "lrs": "--lr"},
                    choices={"losses": LOSSES, "ensemble": ENSEMBLE_REDUCTIONS, "optimizer": OPTIMIZERS,
-                            "schedule": SCHEDULES, "amp": TRAIN_AMP_MODES},
+                            "schedule": SCHEDULES, "amp": TRAIN_AMP_MODES, "engine": ENGINES},
                    ranges={"epochs": Range(1), "batch_size": Range(1), "max_norm": Range(0, low_open=True),
                            "warmup": Range(0), "dropout": fraction, "input_dropout": fraction, "jitter": Range(0),
                            "stack_group": Range(1), "checkpoint_every": Range(0), "workers": Range(0)}),

@@ -213,3 +213,50 @@ def test_your_own_datasets_dataset_with_sample_ids_trains(lm, tmp_path):
     trainer.train()
     logged = [h["distill_loss"] for h in trainer.state.log_history if "distill_loss" in h]
     assert len(logged) == 2 and all(np.isfinite(logged))
+
+
+@pytest.mark.slow
+def test_the_trainer_engine_is_train_student_through_the_trainer(lm, tmp_path):
+    """`train-student --engine trainer`: the same student, optimizer, cosine lr per epoch and order as the
+    default engine, so the same loss each epoch and the same weights (tolerance as above); the run
+    directory is one `report` and `evaluate` read, with the eval perplexity of kdcache's evaluation."""
+    common = ["train-student", "--dataset", lm["data"], "--store", lm["topk"], "--student", STUDENT, "--temperature",
+              "2", "--alpha", "0.7", "--optimizer", "adam", "--lr", "0.003", "--epochs", "2", "--batch-size", "8",
+              "--data-seed", "3", "--eval-dataset", lm["data"]]
+    runs = {}
+    for engine in ("kdcache", "trainer"):
+        runs[engine] = tmp_path / engine
+        p = invoke_kdcache(*common, "--engine", engine, "--out", str(runs[engine]))
+        assert p.returncode == 0, p.stderr
+    own, via = (json.loads((runs[e] / "metrics.json").read_text()) for e in ("kdcache", "trainer"))
+    assert [m["loss"] for m in via] == pytest.approx([m["loss"] for m in own], rel=1e-6)
+    assert [m["lr"] for m in via] == [m["lr"] for m in own] == [0.003, 0.0015]  # cosine, per epoch
+    assert via[-1]["eval_perplexity"] == pytest.approx(own[-1]["eval_perplexity"], rel=1e-4)
+    assert via[-1]["positions_seen"] == own[-1]["positions_seen"] and via[-1]["coverage_ok"]
+    from safetensors.torch import load_file
+    want, got = (load_file(runs[e] / "hf" / "model.safetensors") for e in ("kdcache", "trainer"))
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-5)
+    assert json.loads((runs["trainer"] / "config.json").read_text())["engine"] == "trainer"
+    report = invoke_kdcache("report", str(runs["kdcache"]), str(runs["trainer"]))
+    assert report.returncode == 0 and report.stdout.count(STUDENT) == 2 and "perplexity" in report.stdout
+    hf = runs["trainer"] / "hf"  # with the store's tokenizer beside the model
+    ev = invoke_kdcache("evaluate", f"hf:{hf}", "--dataset", f"{lm['data']},tokenizer={hf}")
+    assert ev.returncode == 0 and "errors of" in ev.stdout, ev.stderr
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--temperature", "1,2"], "it trains one student, this sweep has 2"),
+    (["--student", "mlp:32"], "it trains hf: students"),
+    (["--store", None], "it distils from a per-token store: give --store"),
+    (["--checkpoint-every", "5"], "it writes no checkpoints during the run"),
+])
+def test_what_the_trainer_engine_cannot_do_is_one_line_and_writes_nothing(lm, tmp_path, extra, message):
+    args = {"--dataset": lm["data"], "--store": lm["topk"], "--student": STUDENT, "--temperature": "1",
+            "--out": str(tmp_path / "run"), "--engine": "trainer"}
+    args.update(dict(zip(extra[::2], extra[1::2])))
+    if args["--store"] is None:
+        del args["--store"], args["--temperature"]
+    p = invoke_kdcache("train-student", *[w for k, v in args.items() for w in (k, v)])
+    assert p.returncode == 1 and f"--engine trainer: {message}" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()

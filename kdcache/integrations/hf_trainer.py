@@ -17,10 +17,14 @@ text. ``transformers`` is imported on first use of :class:`DistillationTrainer` 
 - :class:`TeacherRows`: the store's rows of a batch of sample ids: targets, labels, lengths.
 - :class:`StoreOrder`: a sampler giving the sequences in ``train-student``'s order for a seed.
 - :class:`DistillationTrainer`: the Trainer; ``compute_loss`` pairs, checks and distils.
+- :func:`train_with_trainer`: ``train-student --engine trainer``: a :class:`TrainConfig` of one ``hf:``
+  student run through the DistillationTrainer, its run directory written as ``train-student`` writes one.
 """
 from __future__ import annotations
 
 import collections
+import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -435,9 +439,10 @@ def _make_trainer_class() -> type:
 
         def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
             """Adds ``distill_loss``: the mean loss per row since the last log (``train-student``'s epoch
-            ``loss`` when logged once an epoch), unrounded."""
+            ``loss`` when logged once an epoch), unrounded, and ``distill_positions``, those rows."""
             if "loss" in logs and self._rows:
                 logs["distill_loss"] = float(self._loss_sum) / self._rows
+                logs["distill_positions"] = self._rows
                 self._loss_sum, self._rows = 0.0, 0
             super().log(logs, *args, **kwargs)
 
@@ -445,6 +450,141 @@ def _make_trainer_class() -> type:
 
 
 _CLASSES: dict[str, type] = {}
+
+
+def _refusal(c: Any) -> str | None:
+    """Why the Trainer engine cannot train ``c`` (a resolved TrainConfig), or None."""
+    from kdcache.integrations.hf import is_hf_spec
+    combos = (len(c.losses) * len(c.temperatures) * len(c.alphas) * len(c.seeds) * len(c.lrs))
+    why = [
+        (not c.store, "it distils from a per-token store: give --store (a store-less run trains with the default "
+                      "engine)"),
+        (not is_hf_spec(c.student), f"it trains hf: students (transformers models), not {c.student!r}"),
+        (combos > 1, f"it trains one student, this sweep has {combos}: give one --temperature, --alpha, --seed, "
+                     f"--lr and --loss (the default engine trains a sweep in one pass)"),
+        (c.max_norm is not None, "it has no --max-norm"),
+        (c.amp != "off", "it has no --amp (give TrainingArguments(bf16=True) in your own Trainer script)"),
+        (c.checkpoint_every > 0, "it writes no checkpoints during the run (killed, it starts again)"),
+        (c.remote_cache is not None, "it has no --remote-cache"),
+        (int(os.environ.get("WORLD_SIZE", "1")) > 1, "it runs in one process (under torchrun, use "
+                                                     "DistillationTrainer in your own script)"),
+    ]
+    return next((w for bad, w in why if bad), None)
+
+
+class _Epochs:
+    """Each epoch's metrics as ``train-student`` records them: the mean distillation loss per row (the
+    Trainer's ``distill_loss`` logged once an epoch), the rows seen, the epoch's lr and seconds, and
+    kdcache's evaluation of the student (``Evaluator``: accuracy, perplexity on the eval rows,
+    agreement with the teacher)."""
+
+    def __init__(self, c: Any, evaluator: Any, sequences: int, positions: int) -> None:
+        import time
+        self.c, self.evaluator, self.sequences, self.positions = c, evaluator, sequences, positions
+        self.history: list[dict[str, Any]] = []
+        self.clock = time.perf_counter
+        self.t0 = self.clock()
+
+    def begin(self) -> None:
+        self.t0 = self.clock()
+
+    def log(self, logs: dict[str, Any] | None, model: Any) -> None:
+        if not logs or "distill_loss" not in logs:
+            return
+        from kdcache.integrations.hf import CausalLM
+        from kdcache.train.config import lr_at
+        seconds = self.clock() - self.t0
+        epoch = len(self.history)
+        seen = int(logs["distill_positions"])
+        m = {"epoch": epoch + 1, "loss": float(logs["distill_loss"]), "train_accuracy": None,
+             "samples_seen": self.sequences, "coverage_ok": seen == self.positions,
+             "lr": lr_at(self.c.lrs[0], epoch, self.c.epochs, self.c.schedule), "seconds": seconds,
+             "positions_seen": seen}
+        was_training = model.training
+        m.update(self.evaluator(CausalLM(model)))
+        model.train(was_training)
+        self.history.append(m)
+
+
+def train_with_trainer(c: Any) -> list[dict[str, Any]]:
+    """``train-student --engine trainer``: one ``hf:`` student distilled from a per-token store by
+    :class:`DistillationTrainer`, the settings of ``c`` (a :class:`kdcache.train.TrainConfig` as
+    ``train_students`` resolved it: call that with ``engine="trainer"``) mapped onto it: the same
+    student (``load_model`` with the seed), the same torch optimizer (``--optimizer``, ``--momentum``,
+    ``--weight-decay``), the same lr per epoch (``--schedule``, ``--warmup``, as a LambdaLR the Trainer
+    steps), ``train-student``'s order (``--data-seed``), no gradient clipping. The run directory is
+    written as ``train-student`` writes one (checkpoint, ``hf/``, config.json, metrics.json,
+    summary.json), so ``evaluate`` and ``report`` read it.
+
+    What it cannot do is refused in one line (sweeps, students that are not ``hf:``, stores with a row
+    per sample, ...). It checks no divergence and writes no checkpoint during the run."""
+    import math
+    import tempfile
+    from pathlib import Path
+
+    from kdcache.datasets import load_dataset
+    from kdcache.distributed import resolve_device
+    from kdcache.integrations.hf import CausalLM, _require
+    from kdcache.specs import load_model
+    from kdcache.train.config import lr_at, warmup_scale
+    from kdcache.train.epoch_eval import Evaluator
+    from kdcache.train.loop import plan_students
+    from kdcache.train.results import write_run, write_summary
+    from kdcache.train.source import store_identity
+    from kdcache.train.students import make_optimizer
+
+    transformers = _require()
+    why = _refusal(c)
+    if why:
+        raise ConfigError(f"--engine trainer: {why}")
+    store = _open(c.store)
+    student = plan_students(c, Path(c.out))[0]
+    if (student.out / "config.json").exists() and not c.overwrite:
+        raise KdcacheError(f"{student.out} already holds training results (config.json); pass --overwrite to replace "
+                           f"them or choose another --out")
+    device = resolve_device(c.device)
+    data = load_dataset(c.dataset, c.data_root)
+    train_data = StoreDataset(store, c.dataset)
+    resolved = load_model(c.student, data.input_shape, store.num_classes, c.dropout, c.input_dropout,
+                          seed=student.seed)
+    model = resolved.module.model
+    evaluator = Evaluator(c, device)
+    optimizer = make_optimizer(model.parameters(), c, student.lr)
+    steps = math.ceil(len(train_data) / c.batch_size)
+    warmup_steps = round(c.warmup * steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_at(1.0, min(step // steps, c.epochs - 1), c.epochs, c.schedule)
+        * (warmup_scale(step, warmup_steps) if warmup_steps else 1.0))
+    epochs = _Epochs(c, evaluator, len(train_data), store.num_samples)
+    show = c.progress if c.progress is not None else sys.stderr.isatty()
+
+    class EpochMetrics(transformers.TrainerCallback):
+        def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            epochs.begin()
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, model: Any = None,
+                   **kwargs: Any) -> None:
+            epochs.log(logs, model)
+
+    with tempfile.TemporaryDirectory(prefix="kdcache-trainer-") as tmp:
+        args = transformers.TrainingArguments(
+            output_dir=tmp, report_to="none", save_strategy="no", logging_strategy="epoch",
+            num_train_epochs=c.epochs, per_device_train_batch_size=c.batch_size, learning_rate=student.lr,
+            max_grad_norm=0.0, seed=student.seed, data_seed=c.data_seed, use_cpu=device.type == "cpu",
+            dataloader_num_workers=c.workers, disable_tqdm=not show)
+        trainer = __getattr__("DistillationTrainer")(
+            model=model, args=args, train_dataset=train_data, processing_class=train_data.tokenizer,
+            optimizers=(optimizer, schedule), callbacks=[EpochMetrics()], store=store, temperature=student.temperature,
+            alpha=student.alpha, ensemble=c.ensemble, members=c.members, loss=student.loss,
+            allow_interpolation=c.allow_interpolation)
+        trainer.train()
+    student.history = epochs.history
+    module = CausalLM(model.to("cpu"))
+    result = write_run(student, module, c, resolved.arch, data.input_shape, store.num_classes,
+                       store_identity(c.store), data)
+    write_summary(Path(c.out), [result], c)
+    store.close()
+    return [result]
 
 
 def __getattr__(name: str) -> Any:

@@ -12,6 +12,7 @@ DEFAULT_LR = 0.05
 AMP_MODES = ("off", "bf16")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "constant")
+ENGINES = ("kdcache", "trainer")  # trainer: kdcache.integrations.hf_trainer.train_with_trainer
 
 # Options that do not change what is trained: a run resumed with other values of these continues the
 # same training (see kdcache.train.checkpoint).
@@ -71,6 +72,7 @@ class TrainConfig:
     overwrite: bool = False
     progress: bool | None = None
     fail_on_divergence: bool = False         # any diverged student fails the command, not only all of them
+    engine: str = "kdcache"                   # the loop that trains: kdcache's, or transformers.Trainer (ENGINES)
 
     def resolved(self) -> "TrainConfig":
         """A copy with list defaults filled in and combinations checked."""
@@ -126,6 +128,8 @@ class TrainConfig:
             raise ConfigError(f"--schedule {c.schedule!r}: use one of {', '.join(SCHEDULES)}")
         if not 0 <= c.warmup <= c.epochs:
             raise ConfigError(f"--warmup {c.warmup:g}: give a number of epochs between 0 and --epochs ({c.epochs})")
+        if c.engine not in ENGINES:
+            raise ConfigError(f"--engine {c.engine!r}: use one of {', '.join(ENGINES)}")
         if c.amp not in AMP_MODES:
             raise ConfigError(f"--amp {c.amp!r}: use one of {', '.join(AMP_MODES)}")
         if c.distills and c.jitter:
@@ -155,6 +159,8 @@ class TrainConfig:
             d.pop(k)
         if d["losses"] == ["kd"]:
             d.pop("losses")  # the identity of runs checkpointed before --loss existed
+        if d["engine"] == "kdcache":
+            d.pop("engine")  # nor --engine
         return d
 
 

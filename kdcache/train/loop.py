@@ -52,6 +52,9 @@ def train_students(cfg: TrainConfig) -> list[dict[str, Any]]:
         from kdcache.datasets import with_tokenizer  # the teacher's (or the store's) tokenizer by default
         c.dataset = with_tokenizer(c.dataset, c.teachers, c.store)
         c.eval_dataset = with_tokenizer(c.eval_dataset, c.teachers, c.store)
+    if c.engine == "trainer":
+        from kdcache.integrations.hf_trainer import train_with_trainer
+        return train_with_trainer(c)
     device = resolve_device(c.device)
     info = init_distributed(device)
     try:

@@ -63,7 +63,7 @@ def open_training_data(c: TrainConfig, device: torch.device | None = None) -> Tr
         else:  # an epoch reads every sample once (one view of each, in a store with views)
             n = store.manifest.samples_per_view
             expected = _id_sums(store.read(a, min(a + (1 << 20), n)).sample_ids for a in range(0, n, 1 << 20))
-        store_ident = _store_identity(c.store)
+        store_ident = store_identity(c.store)
         return TrainingData(data, stream, num_classes, per_token, expected, store_ident)
     views = None
     if c.augment:
@@ -173,7 +173,8 @@ def check_student(model: nn.Module, data: ResolvedDataset, per_token: bool, spec
                           f"expected {want}{hint}")
 
 
-def _store_identity(path: str) -> dict[str, Any]:
+def store_identity(path: str) -> dict[str, Any]:
+    """What a run records of the store it learnt from (``store_identity`` in its config.json)."""
     s = open_store(path)
     m = s.manifest
     ident = {"path": path, "format": s.format, "format_version": m.format_version, "created_at": m.created_at,
