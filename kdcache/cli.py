@@ -632,14 +632,13 @@ def import_logprobs_cmd(src: str, dataset: str, out: str, preset: str | None, to
     kdcache import-logprobs kd.parquet --preset axolotl --dataset hf-text:chat.jsonl,tokenizer=tok \\
         --out teacher.zarr --approximate-temperatures 2
     """
-    from kdcache.logprobs import columns_for, import_logprobs
-    cols = columns_for(preset, tokens_column, ids_column, logprobs_column, offset)
+    from kdcache.commands import ImportLogprobsConfig, run_import_logprobs
     temps = _floats(approximate_temperatures, "--approximate-temperatures") if approximate_temperatures else None
-    summary = import_logprobs(src, dataset, out, cols, k=k, dtype=dtype, approximate_temperatures=temps, fmt=fmt,
-                              chunk_rows=chunk_rows, split=split, overwrite=overwrite, teacher=teacher_name,
-                              progress=progress)
-    for line in summary.lines():
-        click.echo(line)
+    run_import_logprobs(ImportLogprobsConfig(
+        src=src, dataset=dataset, out=out, preset=preset, tokens_column=tokens_column, ids_column=ids_column,
+        logprobs_column=logprobs_column, offset=offset, k=k, dtype=dtype, approximate_temperatures=temps, split=split,
+        format=fmt, chunk_rows=chunk_rows, teacher_name=teacher_name, overwrite=overwrite, progress=progress),
+        echo=click.echo)
 
 
 @cli.command("export-logprobs")
@@ -660,11 +659,9 @@ def export_logprobs_cmd(store: str, to: str, preset: str, fmt: str, member: int 
     \b
     kdcache export-logprobs teacher.zarr --to teacher-logprobs --preset axolotl
     """
-    from kdcache.logprobs import export_logprobs
-    summary = export_logprobs(store, to, preset, fmt=fmt, member=member, dataset=dataset, overwrite=overwrite,
-                              progress=progress)
-    for line in summary.lines():
-        click.echo(line)
+    from kdcache.commands import ExportLogprobsConfig, run_export_logprobs
+    run_export_logprobs(ExportLogprobsConfig(store=store, to=to, preset=preset, format=fmt, member=member,
+                                             dataset=dataset, overwrite=overwrite, progress=progress), echo=click.echo)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(cli())

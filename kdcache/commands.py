@@ -27,7 +27,7 @@ if typing.TYPE_CHECKING:
 Echo = Callable[[str], None]
 
 STEP_COMMANDS = ("train-student", "dump-logits", "report", "convert", "inspect", "verify", "train-tokenizer",
-                 "evaluate")
+                 "evaluate", "import-logprobs", "export-logprobs")
 CLICK_NAMES = {"format": "fmt"}  # fields whose click parameter has another name (pipeline stamps use it)
 NUMBER_TEXT = re.compile(r"[-+0-9.eE,]+")
 
@@ -101,6 +101,43 @@ class TokenizerConfig:
     field: str = "text"
     out: str
     overwrite: bool = False
+
+
+@dataclass(kw_only=True)
+class ImportLogprobsConfig:
+    """``kdcache import-logprobs``: a top-k logprob dataset read into a per-token top-k store."""
+
+    src: str
+    dataset: str
+    out: str
+    preset: str | None = None                 # a key of kdcache.logprobs.PRESETS
+    tokens_column: str | None = None
+    ids_column: str | None = None
+    logprobs_column: str | None = None
+    offset: int | None = None
+    k: int | None = None
+    dtype: str = "float16"
+    approximate_temperatures: list[float] | None = None
+    split: str = "train"
+    format: str | None = None
+    chunk_rows: int | None = None
+    teacher_name: str | None = None
+    overwrite: bool = False
+    progress: bool | None = None
+
+
+@dataclass(kw_only=True)
+class ExportLogprobsConfig:
+    """``kdcache export-logprobs``: a per-token top-k store written as a top-k logprob dataset."""
+
+    store: str
+    to: str
+    preset: str = "llamakd"
+    format: str = "parquet"
+    member: int | None = None
+    dataset: str | None = None
+    overwrite: bool = False
+    progress: bool | None = None
 
 
 # -- one function per command ------------------------------------------------------------------------------
@@ -239,6 +276,27 @@ def run_train_tokenizer(c: TokenizerConfig, echo: Echo = print) -> None:
             shutil.rmtree(target)
         (Path(tmp) / "tokenizer").rename(target)
     echo(f"wrote a tokenizer of {len(tok)} tokens to {c.out}")
+
+
+def run_import_logprobs(c: ImportLogprobsConfig, echo: Echo = print) -> None:
+    """``import-logprobs``: the import, then one line saying what was written."""
+    from kdcache.logprobs import columns_for, import_logprobs
+    cols = columns_for(c.preset, c.tokens_column, c.ids_column, c.logprobs_column, c.offset)
+    summary = import_logprobs(c.src, c.dataset, c.out, cols, k=c.k, dtype=c.dtype,
+                              approximate_temperatures=c.approximate_temperatures, fmt=c.format,
+                              chunk_rows=c.chunk_rows, split=c.split, overwrite=c.overwrite, teacher=c.teacher_name,
+                              progress=c.progress)
+    for line in summary.lines():
+        echo(line)
+
+
+def run_export_logprobs(c: ExportLogprobsConfig, echo: Echo = print) -> None:
+    """``export-logprobs``: the export, then one line saying what was written."""
+    from kdcache.logprobs import export_logprobs
+    summary = export_logprobs(c.store, c.to, c.preset, fmt=c.format, member=c.member, dataset=c.dataset,
+                              overwrite=c.overwrite, progress=c.progress)
+    for line in summary.lines():
+        echo(line)
 
 
 # -- how a config's fields are written as options ----------------------------------------------------------
@@ -483,6 +541,7 @@ def commands() -> dict[str, Command]:
     from kdcache.dump import DumpConfig
     from kdcache.evaluate import EvalConfig
     from kdcache.layouts import LAYOUTS
+    from kdcache.logprobs import FORMATS, PRESETS
     from kdcache.losses import ENSEMBLE_REDUCTIONS, LOSSES
     from kdcache.store.format import COMPRESSIONS, DTYPES
     from kdcache.store.logit_store import BACKENDS
@@ -516,5 +575,10 @@ def commands() -> dict[str, Command]:
                    remote=False),
         Command.of("evaluate", EvalConfig, run_evaluate, arguments=("model",), flags={"json_path": "--json"},
                    choices={"ensemble": ENSEMBLE_REDUCTIONS}, ranges={"batch_size": Range(1)}),
+        Command.of("import-logprobs", ImportLogprobsConfig, run_import_logprobs, arguments=("src",), remote=False,
+                   choices={"preset": tuple(PRESETS), "dtype": ("float16", "float32"), "format": formats},
+                   ranges={"offset": Range(0), "k": Range(1), "chunk_rows": Range(1)}),
+        Command.of("export-logprobs", ExportLogprobsConfig, run_export_logprobs, arguments=("store",), remote=False,
+                   choices={"preset": tuple(PRESETS), "format": FORMATS}, ranges={"member": Range(0)}),
     ]
     return {c.name: c for c in found}

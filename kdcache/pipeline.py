@@ -289,7 +289,7 @@ class Runner:
             stamp = self._read_stamp(step)
             if stamp is not None and "use" in stamp:
                 stamp = None  # it last stood for a given output: what is at out now was not made here
-            out = step.options.get("out") or step.options.get("dst")
+            out = step.options.get("out") or step.options.get("dst") or step.options.get("to")
             exists = out is not None and Path(str(out)).exists()
             if step.command in ("report", "inspect", "verify", "evaluate"):
                 actions.append(Action(step, "run", digest, base, detail="always runs (cheap)"))
@@ -363,7 +363,8 @@ class Runner:
         given = dict(a.step.options)
         if a.status == "partial":
             given["temperatures"] = a.todo
-        if a.status == "rerun" and a.step.command in ("train-student", "dump-logits", "convert", "train-tokenizer"):
+        if a.status == "rerun" and a.step.command in ("train-student", "dump-logits", "convert", "train-tokenizer",
+                                                      "import-logprobs", "export-logprobs"):
             given["overwrite"] = True
         if a.step.command == "train-student":
             c = a.step.config
