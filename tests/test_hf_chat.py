@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +23,7 @@ from kdcache.store import open_store  # noqa: E402
 from kdcache.stream import check_pairing  # noqa: E402
 from kdcache.teacher_check import check_teacher  # noqa: E402
 from kdcache.train import TrainConfig, train_students  # noqa: E402
-from tests.conftest import run_kdcache  # noqa: E402
+from tests.conftest import ROOT, run_kdcache  # noqa: E402
 
 SPECIAL = ["<pad>", "<unk>", "<s>", "<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>",
            "<|eot_id|>"]
@@ -354,3 +356,34 @@ def test_the_trainer_integration_distils_exactly_the_assistant_positions(chat, t
     trainer.train()
     first = next(h for h in trainer.state.log_history if "distill_loss" in h)
     assert first["distill_loss"] == pytest.approx(0.5 * 4 * kl / n + 0.5 * ce / n, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_quick_chat_pipeline_distils_students_on_answers_by_both_engines(tmp_path, monkeypatch):
+    """The shipped chat pipeline, quick profile, from copies of its files and the README its tokenizer is
+    trained on: a response-only top-k store exported and imported back, students by kdcache's loop and
+    by the Trainer with held-out perplexity on assistant tokens, and the positions a response-only store
+    keeps against every position (the README's figures for this profile)."""
+    shutil.copytree(ROOT / "pipelines", tmp_path / "pipelines")
+    shutil.copy(ROOT / "README.md", tmp_path / "README.md")
+    run_kdcache("run", "pipelines/hf_chat.yaml", "--quick", cwd=str(tmp_path))
+    root = tmp_path / "runs" / "hf_chat-quick"
+    monkeypatch.chdir(tmp_path)  # the runs record paths relative to it
+    runs = {Path(r["dir"]).parts[2]: r for r in json.loads((root / "report.json").read_text())["runs"]}
+    own, via = runs["student-kdcache"], runs["student-trainer"]
+    for r in (own, via, runs["labels-only"], runs["teacher"]):
+        assert np.isfinite(r["test_perplexity"]) and r["test_perplexity"] > 1
+    assert via["teacher"] == own["teacher"] == "logprobs:top8-axolotl"  # the re-imported store
+    assert via["test_perplexity"] == pytest.approx(own["test_perplexity"], rel=1e-3)
+    cfg = json.loads((root / "student-trainer" / "T1-a0.9-s0" / "config.json").read_text())
+    assert cfg["engine"] == "trainer" and cfg["store"].endswith("imported-top8.zarr")
+    test = json.loads((root / "student-trainer" / "T1-a0.9-s0" / "metrics.json").read_text())[-1]
+    spec = cfg["eval_dataset"]
+    assert ",split=test" in spec and "rows=" not in spec  # rows=assistant: the answers' tokens
+    assert test["eval_samples"] == int(load_dataset(spec).dataset.lengths().sum())
+    dumped, imported = open_store(str(root / "top8.zarr")), open_store(str(root / "imported-top8.zarr"))
+    assert (dumped.sequence_index()[1] == imported.sequence_index()[1]).all()
+    stored = np.diff(imported.sequence_index()[1])
+    every = load_dataset(cfg["dataset"].replace("rows=assistant", "rows=all")).dataset.lengths()
+    assert (len(stored), int(stored.sum()), int(every.sum())) == (22, 5433, 8269)
+    assert (float(np.median(stored)), float(np.median(every))) == (247.5, 384.0)

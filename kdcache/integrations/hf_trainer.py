@@ -68,7 +68,7 @@ class StoreDataset(Dataset):
         spec = with_tokenizer(spec, None, s.path)
         data = load_dataset(spec)
         check_pairing(s, data, spec)
-        self.spec, self.data = spec, data.dataset
+        self.spec, self.data, self.resolved = spec, data.dataset, data
         self.fingerprint = data.fingerprint
         self.tokenizer = getattr(self.data, "tokenizer", None)
         self.pad_id = int(getattr(self.data, "pad_id", 0))
@@ -522,7 +522,6 @@ def train_with_trainer(c: Any) -> list[dict[str, Any]]:
     import tempfile
     from pathlib import Path
 
-    from kdcache.datasets import load_dataset
     from kdcache.distributed import resolve_device
     from kdcache.integrations.hf import CausalLM, _require
     from kdcache.specs import load_model
@@ -543,8 +542,8 @@ def train_with_trainer(c: Any) -> list[dict[str, Any]]:
         raise KdcacheError(f"{student.out} already holds training results (config.json); pass --overwrite to replace "
                            f"them or choose another --out")
     device = resolve_device(c.device)
-    data = load_dataset(c.dataset, c.data_root)
     train_data = StoreDataset(store, c.dataset)
+    data = train_data.resolved
     resolved = load_model(c.student, data.input_shape, store.num_classes, c.dropout, c.input_dropout,
                           seed=student.seed)
     model = resolved.module.model
@@ -577,6 +576,7 @@ def train_with_trainer(c: Any) -> list[dict[str, Any]]:
             optimizers=(optimizer, schedule), callbacks=[EpochMetrics()], store=store, temperature=student.temperature,
             alpha=student.alpha, ensemble=c.ensemble, members=c.members, loss=student.loss,
             allow_interpolation=c.allow_interpolation)
+        trainer.remove_callback(transformers.PrinterCallback)  # the epochs' table is printed at the end
         trainer.train()
     student.history = epochs.history
     module = CausalLM(model.to("cpu"))
