@@ -357,7 +357,8 @@ def cache_rm_cmd(keys: tuple[str, ...], older_than: float | None) -> None:
               help="Text as hf-text: reads it: a .txt/.jsonl/.parquet file, a glob of them, "
                    "or a save_to_disk directory.")
 @click.option("--vocab", type=click.IntRange(300), default=8192, show_default=True, help="Tokens, specials included.")
-@click.option("--field", default="text", show_default=True, help="The text field of JSON/Parquet records.")
+@click.option("--field", default="text", show_default=True,
+              help="The text field of JSON/Parquet records (a field of chat messages: their contents).")
 @click.option("--out", required=True, help="Directory to write the tokenizer to (save_pretrained).")
 @click.option("--overwrite", is_flag=True, help="Replace a tokenizer already at --out.")
 @_friendly

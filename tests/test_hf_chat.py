@@ -385,5 +385,5 @@ def test_quick_chat_pipeline_distils_students_on_answers_by_both_engines(tmp_pat
     assert (dumped.sequence_index()[1] == imported.sequence_index()[1]).all()
     stored = np.diff(imported.sequence_index()[1])
     every = load_dataset(cfg["dataset"].replace("rows=assistant", "rows=all")).dataset.lengths()
-    assert (len(stored), int(stored.sum()), int(every.sum())) == (22, 5433, 8269)
-    assert (float(np.median(stored)), float(np.median(every))) == (247.5, 384.0)
+    assert (len(stored), int(stored.sum()), int(every.sum())) == (22, 6039, 8176)
+    assert (float(np.median(stored)), float(np.median(every))) == (274.5, 384.0)

@@ -283,11 +283,15 @@ def _records(path: str, split: str, spec: str, single_split: bool = False) -> An
 
 def train_tokenizer(corpus: str, vocab: int, out: Path, field: str = "text") -> Any:
     """A byte-level BPE tokenizer of ``vocab`` tokens trained on the corpus (``hf-text:`` paths and
-    formats), with ``<pad>``, ``<unk>`` and ``<eos>``; saved to ``out`` with ``save_pretrained``."""
+    formats; a ``field`` holding chat messages gives their contents), with ``<pad>``, ``<unk>`` and
+    ``<eos>``; saved to ``out`` with ``save_pretrained``."""
     transformers = _require()
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     spec = f"hf-text:{corpus}"
     texts = corpus_texts(corpus, field, spec)
+    if texts and isinstance(texts[0], list):  # a chat corpus's messages: their contents
+        texts = [m["content"] for t in texts for m in t or []
+                 if isinstance(m, dict) and isinstance(m.get("content"), str)]
     if not any(t.strip() for t in texts):
         raise SpecError(f"train-tokenizer: {corpus} has no text in field {field!r}")
     special = ["<pad>", "<unk>", "<eos>"]
