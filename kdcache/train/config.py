@@ -71,6 +71,7 @@ class TrainConfig:
     overwrite: bool = False
     progress: bool | None = None
     fail_on_divergence: bool = False         # any diverged student fails the command, not only all of them
+    lora: str | None = None                   # hf:PATH students: r=8,alpha=16,targets=q_proj+v_proj[,dropout=D]
 
     def resolved(self) -> "TrainConfig":
         """A copy with list defaults filled in and combinations checked."""
@@ -139,6 +140,12 @@ class TrainConfig:
             raise ConfigError("--epochs and --batch-size must be at least 1")
         if c.stack_group is not None and c.stack_group < 1:
             raise ConfigError(f"--stack-group {c.stack_group}: give at least 1")
+        if c.lora is not None:
+            from kdcache.integrations.lora import LoraSpec
+            LoraSpec.parse(c.lora)
+            if not c.student.startswith("hf:") or c.student.split(",")[0] == "hf:llama":
+                raise ConfigError(f"--lora with --student {c.student!r}: LoRA adapts a pretrained causal LM; give "
+                                  f"--student hf:PATH (a directory written by save_pretrained, or a hub name)")
         if c.checkpoint_every < 0:
             raise ConfigError(f"--checkpoint-every {c.checkpoint_every}: give 0 (epoch ends only) or a step count")
         return c
@@ -155,6 +162,8 @@ class TrainConfig:
             d.pop(k)
         if d["losses"] == ["kd"]:
             d.pop("losses")  # the identity of runs checkpointed before --loss existed
+        if d["lora"] is None:
+            d.pop("lora")  # nor --lora
         return d
 
 
