@@ -27,7 +27,7 @@ def lm(tmp_path_factory):
     d = tmp_path_factory.mktemp("lora")
     texts = [p.strip() for p in (ROOT / "README.md").read_text().split("\n\n") if len(p.strip()) > 20]
     corpus = d / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:40]))
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:12]))
     teacher = str(_save_model(d / "teacher", texts, 300))
     student = str(_save_model(d / "student", texts, 300, seed=1))  # the same tokenizer, other weights
     data = f"hf-text:{corpus},seq=16,tokenizer={teacher}"
@@ -45,7 +45,8 @@ def _args(lm, out, *extra):
 
 def test_a_lora_student_trains_only_its_adapter_and_saves_adapter_and_merged_model(lm, tmp_path):
     out = tmp_path / "run"
-    p = run_kdcache(*_args(lm, out, "--epochs", "2", "--seed", "0,1", "--eval-dataset", lm["data"]))
+    p = invoke_kdcache(*_args(lm, out, "--epochs", "2", "--seed", "0,1", "--eval-dataset", lm["data"]))
+    assert p.returncode == 0, p.stderr
     assert "training 2 students one by one (--lora: a stack would train the frozen base weights too" in p.stderr
     run = out / "T2-a0.9-s0"
     metrics = json.loads((run / "metrics.json").read_text())
@@ -78,14 +79,14 @@ def test_a_lora_student_trains_only_its_adapter_and_saves_adapter_and_merged_mod
     other = load_file(out / "T2-a0.9-s1" / "adapter" / "adapter_model.safetensors")
     assert any(not torch.equal(adapter[k], other[k]) for k in adapter)  # each seed its own adapter
     assert "eval_perplexity" in metrics[-1] and json.loads((run / "config.json").read_text())["lora"] == LORA
-    ev = run_kdcache("evaluate", str(run), "--dataset", lm["data"], "--json", str(tmp_path / "eval.json"))
+    ev = invoke_kdcache("evaluate", str(run), "--dataset", lm["data"], "--json", str(tmp_path / "eval.json"))
     assert ev.returncode == 0 and json.loads((tmp_path / "eval.json").read_text())
 
 
 def test_a_killed_lora_run_resumes_to_the_adapter_of_an_uninterrupted_one(lm, tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "killed"
-    args = ["--epochs", "4", "--batch-size", "2", "--checkpoint-every", "3", "--device", "cpu", "--no-progress"]
-    run_kdcache(*_args(lm, ref, *args))
+    args = ["--epochs", "2", "--batch-size", "4", "--checkpoint-every", "2", "--device", "cpu", "--no-progress"]
+    assert invoke_kdcache(*_args(lm, ref, *args)).returncode == 0
     env = {**os.environ, "PYTHONPATH": str(ROOT), "KDCACHE_DATA": DATA_ROOT}
     resume = out / "resume"
     kill_when([sys.executable, "-m", "kdcache", *_args(lm, out, *args)], env,
@@ -94,8 +95,8 @@ def test_a_killed_lora_run_resumes_to_the_adapter_of_an_uninterrupted_one(lm, tm
     ckpt = next(resume.glob("ckpt-*/state.json")).parent
     saved = load_file(ckpt / "students.safetensors")  # the adapter and its Adam state: no base weights
     assert saved and all("lora_" in k for k in saved)
-    p = run_kdcache(*_args(lm, out, *args))
-    assert "resuming" in p.stderr
+    p = invoke_kdcache(*_args(lm, out, *args))
+    assert p.returncode == 0 and "resuming" in p.stderr, p.stderr
     a = load_file(ref / "adapter" / "adapter_model.safetensors")
     b = load_file(out / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -10,6 +10,7 @@ adapter trained (``train-student --lora``).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,8 +105,10 @@ def apply_lora(module: nn.Module, spec: LoraSpec, student: str, seed: int) -> nn
     targets: Any = "all-linear" if spec.targets == ("all-linear",) else list(spec.targets)
     config = peft.LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
                              bias="none", task_type="CAUSAL_LM")
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         torch.manual_seed(seed)  # each student's adapter its own draw, the same on every run and rank
+        # peft reads a property newer transformers deprecate: a warning no user can act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         try:
             module.model = peft.get_peft_model(base, config)
         except ValueError as e:
