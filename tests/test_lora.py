@@ -81,6 +81,19 @@ def test_a_lora_student_trains_only_its_adapter_and_saves_adapter_and_merged_mod
     assert "eval_perplexity" in metrics[-1] and json.loads((run / "config.json").read_text())["lora"] == LORA
     ev = invoke_kdcache("evaluate", str(run), "--dataset", lm["data"], "--json", str(tmp_path / "eval.json"))
     assert ev.returncode == 0 and json.loads((tmp_path / "eval.json").read_text())
+    rep = invoke_kdcache("report", str(out), "--out", str(tmp_path / "report.md"))
+    assert rep.returncode == 0 and "T2-a0.9-s1" in (tmp_path / "report.md").read_text(), rep.stderr
+
+
+def test_all_linear_adapts_every_linear_layer_but_the_head(lm):
+    from kdcache.integrations.lora import LoraSpec, apply_lora
+    student = f"hf:{lm['student']}"
+    module = apply_lora(load_model(student).module, LoraSpec.parse("r=2,targets=all-linear"), student, seed=0)
+    adapted = {n.rsplit(".", 1)[-1] for n, m in module.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert LoraSpec.parse("r=8,targets=q_proj") == LoraSpec(8, 8.0, ("q_proj",), 0.0)  # alpha defaults to r
 
 
 def test_a_killed_lora_run_resumes_to_the_adapter_of_an_uninterrupted_one(lm, tmp_path):
