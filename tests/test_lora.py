@@ -43,6 +43,7 @@ def _args(lm, out, *extra):
             "--out", str(out), *extra]
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # peft's own, in from_pretrained
 def test_a_lora_student_trains_only_its_adapter_and_saves_adapter_and_merged_model(lm, tmp_path):
     out = tmp_path / "run"
     p = invoke_kdcache(*_args(lm, out, "--epochs", "2", "--seed", "0,1", "--eval-dataset", lm["data"]))
