@@ -21,7 +21,7 @@ from torch import nn
 from kdcache.errors import ConfigError
 
 ADAPTER_DIR = "adapter"
-USAGE = "e.g. --lora r=8,alpha=16,targets=q_proj+v_proj (or targets=all-linear), optionally dropout=0.05"
+USAGE = "e.g. {param:lora} r=8,alpha=16,targets=q_proj+v_proj (or targets=all-linear), optionally dropout=0.05"
 
 
 @dataclass(frozen=True)
@@ -42,31 +42,31 @@ class LoraSpec:
         for part in text.split(","):
             k, eq, v = part.partition("=")
             if not eq or not k.strip() or not v.strip():
-                raise ConfigError(f"--lora {text!r}: cannot read {part!r}; give key=value pairs, {USAGE}")
+                raise ConfigError(f"{{param:lora}} {text!r}: cannot read {part!r}; give key=value pairs, {USAGE}")
             kv[k.strip()] = v.strip()
         unknown = sorted(set(kv) - {"r", "alpha", "targets", "dropout"})
         if unknown:
-            raise ConfigError(f"--lora {text!r}: unknown keys {', '.join(unknown)}; known: r, alpha, targets, "
+            raise ConfigError(f"{{param:lora}} {text!r}: unknown keys {', '.join(unknown)}; known: r, alpha, targets, "
                               f"dropout ({USAGE})")
         if "r" not in kv or "targets" not in kv:
-            raise ConfigError(f"--lora {text!r}: give r= and targets=, {USAGE}")
+            raise ConfigError(f"{{param:lora}} {text!r}: give r= and targets=, {USAGE}")
         try:
             r = int(kv["r"])
             alpha = float(kv.get("alpha", r))
             dropout = float(kv.get("dropout", 0))
         except ValueError:
-            raise ConfigError(f"--lora {text!r}: r is an integer, alpha and dropout numbers, {USAGE}") from None
+            raise ConfigError(f"{{param:lora}} {text!r}: r is an integer, alpha and dropout numbers, {USAGE}") from None
         if r < 1:
-            raise ConfigError(f"--lora {text!r}: r={r}; the rank must be at least 1")
+            raise ConfigError(f"{{param:lora}} {text!r}: r={r}; the rank must be at least 1")
         if not alpha > 0:
-            raise ConfigError(f"--lora {text!r}: alpha={alpha:g}; it must be positive (the scale is alpha/r)")
+            raise ConfigError(f"{{param:lora}} {text!r}: alpha={alpha:g}; it must be positive (the scale is alpha/r)")
         if not 0 <= dropout < 1:
-            raise ConfigError(f"--lora {text!r}: dropout={dropout:g}; give a value in [0, 1)")
+            raise ConfigError(f"{{param:lora}} {text!r}: dropout={dropout:g}; give a value in [0, 1)")
         targets = tuple(t.strip() for t in kv["targets"].split("+"))
         if not all(targets) or len(set(targets)) != len(targets):
-            raise ConfigError(f"--lora {text!r}: targets are distinct module names joined by +, {USAGE}")
+            raise ConfigError(f"{{param:lora}} {text!r}: targets are distinct module names joined by +, {USAGE}")
         if "all-linear" in targets and len(targets) > 1:
-            raise ConfigError(f"--lora {text!r}: targets=all-linear stands alone (it is every linear layer)")
+            raise ConfigError(f"{{param:lora}} {text!r}: targets=all-linear stands alone (it is every linear layer)")
         return cls(r, alpha, targets, dropout)
 
 
@@ -88,19 +88,19 @@ def apply_lora(module: nn.Module, spec: LoraSpec, student: str, seed: int) -> nn
     the student starts as its base) the only trainable parameters. Returns ``module``, changed in place."""
     from kdcache.integrations.hf import CausalLM
     if not isinstance(module, CausalLM) or module.placed:
-        raise ConfigError(f"--lora with --student {student!r}: LoRA adapts a pretrained transformers causal LM "
-                          f"loaded on one device (hf:PATH, without device_map)")
+        raise ConfigError(f"{{param:lora}} with {{param:student}} {student!r}: LoRA adapts a pretrained transformers "
+                          f"causal LM loaded on one device (hf:PATH, without device_map)")
     try:
         import peft
     except ImportError:
-        raise ConfigError("--lora needs peft: pip install 'kdcache[hf]'") from None
+        raise ConfigError("{param:lora} needs peft: pip install 'kdcache[hf]'") from None
     base = module.model
     if spec.targets != ("all-linear",):
         layers = [n for n, m in base.named_modules()
                   if n and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")]
         missing = [t for t in spec.targets if not any(_matches(n, t) for n in layers)]
         if missing:
-            raise ConfigError(f"--lora targets {'+'.join(missing)}: {student} has no such linear layers; its "
+            raise ConfigError(f"{{param:lora}} targets {'+'.join(missing)}: {student} has no such linear layers; its "
                               f"linear layers are {', '.join(linear_names(base))} (or give targets=all-linear)")
     targets: Any = "all-linear" if spec.targets == ("all-linear",) else list(spec.targets)
     config = peft.LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
@@ -112,7 +112,8 @@ def apply_lora(module: nn.Module, spec: LoraSpec, student: str, seed: int) -> nn
         try:
             module.model = peft.get_peft_model(base, config)
         except ValueError as e:
-            raise ConfigError(f"--lora on {student}: peft refuses it ({str(e).strip().splitlines()[0]})") from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"{{param:lora}} on {student}: peft refuses it ({first})") from None
     return module
 
 

@@ -342,8 +342,8 @@ def claim_out_dir(c: TrainConfig, out: Path, students: list[Student], ckpts: Che
     if all(s.out == out for s in students) and (out / "summary.json").exists():  # not a sweep directory
         existing.append(out / "summary.json")
     if existing:
-        raise KdcacheError(f"{out} already holds training results ({existing[0].name}); pass --overwrite "
-                           f"to replace them or choose another --out")
+        raise KdcacheError(f"{out} already holds training results ({existing[0].name}); pass {{param:overwrite}} "
+                           f"to replace them or choose another {{param:out}}")
 
 
 def build_units(c: TrainConfig, students: list[Student], src: TrainingData, device: torch.device,

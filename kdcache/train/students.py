@@ -238,7 +238,7 @@ class SeparateStudent:
             if set(missing) != self.frozen or unexpected:
                 raise KdcacheError(f"the checkpoint of {name} does not fit its student (missing "
                                    f"{sorted(set(missing) - self.frozen)[:3]}, unexpected {unexpected[:3]}); pass "
-                                   f"--overwrite to start afresh")
+                                   f"{{param:overwrite}} to start afresh")
         self.optimizer.state.clear()
         for pname, p in self.plain.named_parameters():
             pre = f"{name}/optim/{pname}/"
