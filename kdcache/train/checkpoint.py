@@ -2,8 +2,8 @@
 steps), read back when the same command runs again.
 
 ``OUT/resume/ckpt-<epoch>-<step>/`` (the epoch it is in, the steps of it done) holds
-``students.safetensors`` (every student's weights and
-optimizer state, under canonical names), ``rank-<r>.safetensors`` (each process's RNG states,
+``students.safetensors`` (every student's trainable weights, buffers and optimizer state, under
+canonical names; a LoRA student's frozen base is not saved), ``rank-<r>.safetensors`` (each process's RNG states,
 data position and the epoch's running sums) and ``state.json``, written last: the command's
 identity, epoch, step, metrics so far and the sha256 of every file. A directory without a valid
 ``state.json`` is not a checkpoint. The two newest checkpoints are kept, so that a damaged newest

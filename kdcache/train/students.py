@@ -3,7 +3,8 @@
 Every unit of training (one student here, a stack of students in :mod:`kdcache.train.stacked`) is a
 :class:`TrainingUnit`, the only thing the loop knows of it. Checkpoint state is written per student under
 canonical names (``RUN/model/PARAM``, ``RUN/optim/PARAM/KEY``), so a student checkpointed in a stack
-resumes alone and the other way round.
+resumes alone and the other way round. Frozen parameters (a LoRA student's base) take no optimizer step
+and are left out: the student rebuilt from its spec has them already.
 """
 from __future__ import annotations
 
