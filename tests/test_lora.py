@@ -97,6 +97,7 @@ def test_all_linear_adapts_every_linear_layer_but_the_head(lm):
     assert LoraSpec.parse("r=8,targets=q_proj") == LoraSpec(8, 8.0, ("q_proj",), 0.0)  # alpha defaults to r
 
 
+@pytest.mark.slow
 def test_a_killed_lora_run_resumes_to_the_adapter_of_an_uninterrupted_one(lm, tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "killed"
     args = ["--epochs", "2", "--batch-size", "4", "--checkpoint-every", "2", "--device", "cpu", "--no-progress"]
