@@ -281,9 +281,10 @@ def _number(text: str, spec: str, kind: type) -> Any:
     try:
         v = kind(text)
     except ValueError:
-        raise SpecError(f"--augment {spec!r}: {text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        what = "an integer" if kind is int else "a number"
+        raise SpecError(f"{{param:augment}} {spec!r}: {text!r} is not {what}") from None
     if v < 0:
-        raise SpecError(f"--augment {spec!r}: {text!r} must not be negative")
+        raise SpecError(f"{{param:augment}} {spec!r}: {text!r} must not be negative")
     return v
 
 
@@ -298,19 +299,21 @@ def _one(part: str, spec: str) -> Any:
         return Crop(_number(arg, spec, int))
     if name == "flip":
         if arg:
-            raise SpecError(f"--augment {spec!r}: flip takes no argument")
+            raise SpecError(f"{{param:augment}} {spec!r}: flip takes no argument")
         return Flip()
     if name == "resized-crop":
         vals = [_number(v, spec, float) for v in arg.split(",")] if arg else []
         if len(vals) not in (1, 2, 4):
-            raise SpecError(f"--augment {spec!r}: use resized-crop:SCALE_MIN[,SCALE_MAX[,RATIO_MIN,RATIO_MAX]]")
+            raise SpecError(f"{{param:augment}} {spec!r}: use resized-crop:SCALE_MIN[,SCALE_MAX[,RATIO_MIN,RATIO_MAX]]")
         aug = ResizedCrop(*vals)
         if not (0 < aug.scale_min <= aug.scale_max <= 1 and 0 < aug.ratio_min <= aug.ratio_max):
-            raise SpecError(f"--augment {spec!r}: need 0 < SCALE_MIN <= SCALE_MAX <= 1 and 0 < RATIO_MIN <= RATIO_MAX")
+            raise SpecError(f"{{param:augment}} {spec!r}: need 0 < SCALE_MIN <= SCALE_MAX <= 1 and 0 < RATIO_MIN <= "
+                            f"RATIO_MAX")
         return aug
     if arg and "." in name or arg and name.isidentifier() and importlib.util.find_spec(name) is not None:
         return _user(name, arg, spec)
-    raise SpecError(f"--augment {spec!r}: unknown augmentation {part!r}; use {', '.join(BUILTINS)}, a composition "
+    raise SpecError(f"{{param:augment}} {spec!r}: unknown augmentation {part!r}; use {', '.join(BUILTINS)}, a "
+                    f"composition "
                     f"such as jitter:2+flip, or package.module:callable")
 
 
@@ -318,11 +321,11 @@ def _user(module: str, attr: str, spec: str) -> Any:
     try:
         fn = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
-        raise SpecError(f"--augment {spec!r}: cannot import {module}:{attr} ({e})") from None
+        raise SpecError(f"{{param:augment}} {spec!r}: cannot import {module}:{attr} ({e})") from None
     aug = fn() if callable(fn) and not hasattr(fn, "apply") else fn
     missing = [a for a in ("columns", "sample", "apply") if not hasattr(aug, a)]
     if missing:
-        raise SpecError(f"--augment {spec!r}: {module}:{attr} gives an object without {', '.join(missing)}; an "
+        raise SpecError(f"{{param:augment}} {spec!r}: {module}:{attr} gives an object without {', '.join(missing)}; an "
                         f"augmentation has columns, sample(generator, n, item_shape) and apply(x, params)")
     return aug
 
@@ -332,7 +335,8 @@ def parse_augment(spec: str) -> Augmentation:
     composition ``jitter:2+flip``, or ``package.module:callable``."""
     parts = [p for p in spec.split("+")]
     if not spec or any(not p for p in parts):
-        raise SpecError(f"--augment {spec!r}: give one augmentation or several joined by '+', e.g. jitter:2+flip")
+        raise SpecError(f"{{param:augment}} {spec!r}: give one augmentation or several joined by '+', e.g. "
+                        f"jitter:2+flip")
     if len(parts) == 1:
         return _one(parts[0], spec)
     return Compose(tuple(_one(p, spec) for p in parts), tuple(p.partition(":")[0] for p in parts))

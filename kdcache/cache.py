@@ -49,7 +49,7 @@ def cache_dir() -> Path:
     explicit = os.environ.get("KDCACHE_CACHE")
     if explicit and "://" in explicit:
         raise KdcacheError(f"KDCACHE_CACHE={explicit}: a cache in object storage is not supported yet (its locks are "
-                           f"file locks); use a local or network-mounted directory, or pass --out with the URL")
+                           f"file locks); use a local or network-mounted directory, or pass {{param:out}} with the URL")
     if explicit:
         return Path(explicit).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -80,7 +80,7 @@ def _stores(root: Path) -> Path:
         probe.unlink()
     except OSError as e:
         raise KdcacheError(f"the store cache {str(root)!r} is not writable ({e.strerror or e}); set KDCACHE_CACHE to "
-                           f"a directory you can write, or pass --out") from None
+                           f"a directory you can write, or pass {{param:out}}") from None
     return d
 
 
@@ -350,9 +350,9 @@ def lookup(teachers: list[str], dataset_spec: str, data_root: str | None = None,
         over = f"{dataset_spec}" + (f" (--subset {subset})" if subset else "")
         raise KdcacheError(f"no cached store of {', '.join(teachers)} over {over}; make it with "
                            f"`kdcache dump-logits {teacher_args} --dataset {dataset_spec}"
-                           f"{f' --subset {subset}' if subset else ''}`")
+                           f"{f' {{param:subset}} {subset}' if subset else ''}`")
     if len(found) > 1:
         which = ", ".join(f"{e.key[:12]} ({e.layout}, {e.dtype}{', views' if e.views else ''})" for e in found)
         raise KdcacheError(f"{len(found)} cached stores of {', '.join(teachers)} over {dataset_spec}: {which}; "
-                           f"pass one with --store PATH (`kdcache cache list` shows the paths)")
+                           f"pass one with {{param:store}} PATH (`kdcache cache list` shows the paths)")
     return found[0].path

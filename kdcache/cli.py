@@ -220,6 +220,10 @@ def dump_logits_cmd(**kw: Any) -> None:
                    "ReLU units of small students.")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
 @click.option("--input-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
+@click.option("--lora", default=None,
+              help="hf:PATH students: train a LoRA adapter (peft) on the frozen pretrained model, e.g. "
+                   "r=8,alpha=16,targets=q_proj+v_proj[,dropout=0.05] (targets=all-linear: every linear layer). "
+                   "The run holds adapter/ and the merged model in hf/.")
 @click.option("--jitter", type=click.IntRange(0), default=0, show_default=True,
               help="Shift images by up to N pixels (training without a teacher only).")
 @click.option("--augment", default=None,
@@ -277,6 +281,8 @@ def train_student_cmd(**kw: Any) -> None:
         --eval-dataset mnist:test --out runs/teacher
     kdcache train-student --dataset mnist:train --store teacher.zarr --student mlp:800,800 \\
         --temperature 1,2,5,10,20 --eval-dataset mnist:test --out runs/distilled
+    kdcache train-student --dataset hf-text:corpus.jsonl --store lm.zarr --student hf:models/small \\
+        --lora r=8,alpha=16,targets=q_proj+v_proj --optimizer adam --lr 1e-4 --out runs/lora
     """
     from kdcache.commands import run_train_student, words
     from kdcache.train import TrainConfig

@@ -32,7 +32,7 @@ def convert_store(src: str, dst: str, dtype: str | None = None, fmt: str | None 
     target = create_store(dst, manifest, fmt, overwrite=overwrite,
                           sequence_index=source.sequence_index() if m.per_token else None)
     if target.written_chunks().any():
-        raise StoreError(f"{dst} holds a partial conversion; pass --overwrite to start again")
+        raise StoreError(f"{dst} holds a partial conversion; pass {{param:overwrite}} to start again")
     tm = target.manifest
     encode = tm.store_layout if tm.layout != m.layout else None
     raw = m.store_layout  # keeps every logit when encode is set: its targets are the raw logits

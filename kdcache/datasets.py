@@ -186,7 +186,7 @@ def load_mnist(split: str, data_root: str | os.PathLike | None = None, download:
         if not found or found[0] is None:
             raise SpecError(
                 f"MNIST not found under {str(root)!r}: put mnist.npz (keys x_train, y_train, x_test, y_test) or "
-                f"the four IDX files (e.g. {name}.gz) there, or pass --data-root / set KDCACHE_DATA")
+                f"the four IDX files (e.g. {name}.gz) there, or pass {{param:data_root}} / set KDCACHE_DATA")
         paths.append(found[0])
     return ArrayDataset(_read_idx(paths[0]), _read_idx(paths[1]))
 

@@ -51,7 +51,8 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     if name == "cuda":
         name = f"cuda:{local_rank}"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise KdcacheError(f"--device {name} asked for, but torch sees no CUDA device; use --device cpu or auto")
+        raise KdcacheError(f"{{param:device}} {name} asked for, but torch sees no CUDA device; use {{param:device}} "
+                           f"cpu or auto")
     return torch.device(name)
 
 
@@ -66,5 +67,5 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
         return contextlib.nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     if dtype is None:
-        raise KdcacheError(f"--amp {amp!r}: use one of {', '.join(AMP_MODES)}")
+        raise KdcacheError(f"{{param:amp}} {amp!r}: use one of {', '.join(AMP_MODES)}")
     return torch.autocast(device_type=device.type, dtype=dtype)

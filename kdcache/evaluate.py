@@ -64,9 +64,9 @@ def parse_class_bias(items: list[str], num_classes: int) -> tuple[dict[int, floa
             else:
                 fixed[cls] = float(b)
         except ValueError:
-            raise ConfigError(f"--class-bias {item!r}: expected CLASS=BIAS or CLASS=auto, e.g. 3=3.5") from None
+            raise ConfigError(f"{{param:class_bias}} {item!r}: expected CLASS=BIAS or CLASS=auto, e.g. 3=3.5") from None
         if not 0 <= cls < num_classes:
-            raise ConfigError(f"--class-bias {item!r}: class {cls} is outside 0..{num_classes - 1}")
+            raise ConfigError(f"{{param:class_bias}} {item!r}: class {cls} is outside 0..{num_classes - 1}")
     return fixed, auto
 
 
@@ -113,8 +113,8 @@ def evaluate(c: EvalConfig) -> dict[str, Any]:
         raise ConfigError(f"dataset {c.dataset!r} does not say how many classes it has")
     fixed, auto = parse_class_bias(c.class_bias, data.num_classes)
     if auto and not c.tune_dataset:
-        raise ConfigError("--class-bias C=auto chooses the bias on held-out data: give --tune-dataset (and "
-                          "--tune-subset), labelled rows the student did not train on")
+        raise ConfigError("{param:class_bias} C=auto chooses the bias on held-out data: give {param:tune_dataset} (and "
+                          "{param:tune_subset}), labelled rows the student did not train on")
     bias = torch.zeros(data.num_classes)
     for cls, b in fixed.items():
         bias[cls] = b

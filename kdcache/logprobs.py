@@ -488,10 +488,11 @@ def export_logprobs(store: str, to: str, preset: str = "llamakd", *, fmt: str = 
     if not m.per_token or m.layout != "topk":
         raise StoreError(f"{store} is a {m.layout} store with a row per "
                          f"{'position' if m.per_token else 'sample'}; logprob datasets come from per-token top-k "
-                         f"stores (kdcache convert --layout topk --k K --temperatures 1 makes one from a dense store)")
+                         f"stores (kdcache convert {{param:layout}} topk {{param:k}} K {{param:temperatures}} 1 "
+                         f"makes one from a dense store)")
     if 1.0 not in p["temperatures"]:
         raise StoreError(f"{store}: its grid {p['temperatures']} lacks T=1, where logprobs are taken; re-dump or "
-                         f"convert with 1 in --temperatures")
+                         f"convert with 1 in {{param:temperatures}}")
     if member is None and m.num_members > 1:
         raise ConfigError(f"{store} holds {m.num_members} members; choose one with {{param:member}}")
     member = member or 0

@@ -102,7 +102,7 @@ def _variables(path: str, data: dict[str, Any], profile: str | None, overrides: 
             variables[k] = v
     for k, v in (overrides or {}).items():
         if k not in variables:
-            raise ConfigError(f"{path}: --set {k}=...: the file declares no variable {k!r}; it has "
+            raise ConfigError(f"{path}: {{param:set}} {k}=...: the file declares no variable {k!r}; it has "
                               f"{', '.join(variables) or 'none'}")
         try:
             parsed = yaml.safe_load(v)

@@ -35,7 +35,7 @@ def collect_runs(dirs: list[str]) -> list[dict[str, Any]]:
         found = [d] if (d / "metrics.json").exists() else sorted(p.parent for p in d.glob("*/metrics.json"))
         if not found:
             raise KdcacheError(f"{d} holds no kdcache run (no metrics.json in it or its sub-directories); "
-                               f"pass the --out directory of train-student")
+                               f"pass the {{param:out}} directory of train-student")
         for r in found:
             config = json.loads((r / "config.json").read_text())
             metrics = json.loads((r / "metrics.json").read_text())
@@ -69,7 +69,7 @@ def parse_roles(items: list[str]) -> dict[str, list[str]]:
     for item in items:
         role, eq, path = item.partition("=")
         if not eq or role not in ROLES:
-            raise ConfigError(f"--role {item!r}: expected ROLE=DIR with ROLE one of {', '.join(ROLES)}")
+            raise ConfigError(f"{{param:role}} {item!r}: expected ROLE=DIR with ROLE one of {', '.join(ROLES)}")
         roles.setdefault(role, []).append(path)
     return roles
 
@@ -141,7 +141,7 @@ def markdown(runs: list[dict[str, Any]], roles: dict[str, list[str]] | None = No
     lines += seed_summary(runs)
     if paper:
         if paper not in PAPERS:
-            raise KdcacheError(f"--paper {paper!r} is unknown; known: {', '.join(PAPERS)}")
+            raise KdcacheError(f"{{param:paper}} {paper!r} is unknown; known: {', '.join(PAPERS)}")
         ref = PAPERS[paper]
         lines += ["", f"Side by side with {ref['title']}:", "",
                   "| model | paper | kdcache, best setting (mean ± std over seeds) | kdcache, every setting |",
@@ -246,7 +246,7 @@ def evaluation_table(paths: list[str]) -> list[str]:
         try:
             evals.append(json.loads(Path(path).read_text()))
         except (OSError, ValueError) as e:
-            raise KdcacheError(f"--evaluation {path}: cannot be read as kdcache evaluate JSON ({e})") from None
+            raise KdcacheError(f"{{param:evaluation}} {path}: cannot be read as kdcache evaluate JSON ({e})") from None
     focus = sorted({int(c) for e in evals for c in e.get("class_bias", {})}
                    | {int(t["class"]) for e in evals for t in e.get("tuned", [])})
     head = "| model | dataset | class bias | test errors | accuracy |" + "".join(f" errors on {c} |" for c in focus)

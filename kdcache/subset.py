@@ -36,16 +36,17 @@ def resolve_subset(spec: str | None, dataset: Any) -> tuple[np.ndarray, str | No
         for other, _ in parts[1:]:
             idx = idx[np.isin(idx, other)]
         if len(idx) == 0:
-            raise SpecError(f"--subset {spec!r} selects no rows of a dataset of {n}")
+            raise SpecError(f"{{param:subset}} {spec!r} selects no rows of a dataset of {n}")
         return idx, "+".join(str(d) for _, d in parts)
     if spec.startswith("exclude-classes:"):
         try:
             classes = sorted({int(c) for c in spec.split(":", 1)[1].split(",") if c.strip()})
         except ValueError:
-            raise SpecError(f"--subset {spec!r}: classes must be integers, e.g. exclude-classes:3") from None
+            raise SpecError(f"{{param:subset}} {spec!r}: classes must be integers, e.g. exclude-classes:3") from None
         from kdcache.text import is_sequence_dataset
         if is_sequence_dataset(dataset):
-            raise SpecError(f"--subset {spec!r}: a sequence dataset has a label per position, not per item; select "
+            raise SpecError(f"{{param:subset}} {spec!r}: a sequence dataset has a label per position, not per item; "
+                            f"select "
                             f"sequences by range or index file")
         labels = dataset_labels(dataset)
         idx = np.flatnonzero(~np.isin(labels, classes)).astype(np.int64)
@@ -53,28 +54,29 @@ def resolve_subset(spec: str | None, dataset: Any) -> tuple[np.ndarray, str | No
     elif spec.endswith((".npy", ".txt")):
         path = Path(spec)
         if not path.exists():
-            raise SpecError(f"--subset index file {spec!r} does not exist")
+            raise SpecError(f"{{param:subset}} index file {spec!r} does not exist")
         idx = (np.load(path, allow_pickle=False) if path.suffix == ".npy"
                else np.loadtxt(path, dtype=np.int64, ndmin=1))
         idx = np.asarray(idx, dtype=np.int64).ravel()
         import hashlib
         desc = f"indices:{path.name}:sha256={hashlib.sha256(idx.tobytes()).hexdigest()[:16]}"
         if len(np.unique(idx)) != len(idx):
-            raise SpecError(f"--subset index file {spec!r} repeats indices; each row may appear once")
+            raise SpecError(f"{{param:subset}} index file {spec!r} repeats indices; each row may appear once")
     elif ":" in spec:
         a, _, b = spec.partition(":")
         try:
             start, stop = int(a or 0), int(b or n)
         except ValueError:
-            raise SpecError(f"--subset {spec!r}: expected START:STOP, exclude-classes:C or an index file") from None
+            raise SpecError(f"{{param:subset}} {spec!r}: expected START:STOP, exclude-classes:C or an index "
+                            f"file") from None
         stop = min(stop, n)
         idx = np.arange(start, stop, dtype=np.int64)
         desc = f"range:{start}:{stop}"
     else:
-        raise SpecError(f"--subset {spec!r}: expected START:STOP, exclude-classes:C[,C...] "
+        raise SpecError(f"{{param:subset}} {spec!r}: expected START:STOP, exclude-classes:C[,C...] "
                         f"or an index file (.npy/.txt)")
     if len(idx) == 0:
-        raise SpecError(f"--subset {spec!r} selects no rows of a dataset of {n}")
+        raise SpecError(f"{{param:subset}} {spec!r} selects no rows of a dataset of {n}")
     if idx.min() < 0 or idx.max() >= n:
-        raise SpecError(f"--subset {spec!r} has indices outside 0:{n}")
+        raise SpecError(f"{{param:subset}} {spec!r} has indices outside 0:{n}")
     return idx, desc

@@ -53,7 +53,8 @@ def check_teacher(path: str, teachers: list[str], rows: int = 256, seed: int = 0
     store = open_store(path, allow_partial=True)
     m = store.manifest
     if len(teachers) != m.num_members:
-        raise KdcacheError(f"{path} holds {m.num_members} ensemble member(s), {len(teachers)} --teacher given; give "
+        raise KdcacheError(f"{path} holds {m.num_members} ensemble member(s), {len(teachers)} {{param:teacher}} "
+                           f"given; give "
                            f"one per member, in order ({', '.join(mm['spec'] for mm in m.members)})")
     data = load_dataset(recorded_spec(m.dataset["spec"], path), data_root)
     check_pairing(store, data)

@@ -103,21 +103,21 @@ def make_views(spec: str, count: int, seed: int, item_shape: tuple[int, ...], da
     the augmentation must accept the items, draw ``[n, len(columns)]`` parameters and (on ``probe``,
     a batch of items) give inputs of the items' shape."""
     if count < 1:
-        raise SpecError(f"--views {count}: give at least 1 view per sample")
+        raise SpecError(f"{{param:views}} {count}: give at least 1 view per sample")
     aug = parse_augment(spec)
     try:
         check_shape(aug, item_shape)
     except ValueError as e:
-        raise SpecError(f"--augment {spec!r} cannot augment dataset {dataset_spec!r}: {e}") from None
+        raise SpecError(f"{{param:augment}} {spec!r} cannot augment dataset {dataset_spec!r}: {e}") from None
     params = draw_params(aug, seed, np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64), tuple(item_shape))
     if probe is not None:
         try:
             out = aug.apply(probe[:1], params)
         except Exception as e:
-            raise SpecError(f"--augment {spec!r} fails on dataset {dataset_spec!r} ({type(e).__name__}: "
+            raise SpecError(f"{{param:augment}} {spec!r} fails on dataset {dataset_spec!r} ({type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(probe[:1].shape):
-            raise SpecError(f"--augment {spec!r}: apply must return inputs of the items' shape "
+            raise SpecError(f"{{param:augment}} {spec!r}: apply must return inputs of the items' shape "
                             f"{tuple(probe.shape[1:])}, got {tuple(getattr(out, 'shape', ()))[1:]}")
     return Views(count, spec, list(aug.columns), seed, list(item_shape))
 

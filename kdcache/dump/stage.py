@@ -43,7 +43,7 @@ def prepare(cfg: DumpConfig, device: torch.device, members: list[ResolvedModel] 
     for a sequence dataset (a store with a row per position), the sequence index; items of length 0
     have no rows and are left out."""
     if not cfg.teachers:
-        raise SpecError("give at least one --teacher")
+        raise SpecError("give at least one {param:teacher}")
     dataset = load_dataset(cfg.dataset, cfg.data_root)
     rows, subset_desc = resolve_subset(cfg.subset, dataset.dataset)
     input_shape = dataset.input_shape
@@ -57,11 +57,12 @@ def prepare(cfg: DumpConfig, device: torch.device, members: list[ResolvedModel] 
     layout = cfg.make_layout(num_classes)
     index, sequences, num_rows, views = None, None, len(rows), None
     if cfg.views is not None and not cfg.augment:
-        raise SpecError("--views needs --augment: the views of a sample differ by their augmentation")
+        raise SpecError("{param:views} needs {param:augment}: the views of a sample differ by their augmentation")
     if cfg.augment:
         if is_sequence_dataset(dataset.dataset):
-            raise SpecError(f"--augment with dataset {cfg.dataset!r}: a store with a row per token position cannot "
-                            f"hold augmented views; dump without --augment")
+            raise SpecError(f"{{param:augment}} with dataset {cfg.dataset!r}: a store with a row per token position "
+                            f"cannot "
+                            f"hold augmented views; dump without {{param:augment}}")
         probe = get_batch(dataset.dataset, rows[:1])[0]
         views = make_views(cfg.augment, 1 if cfg.views is None else cfg.views, cfg.seed, input_shape, cfg.dataset,
                            probe)

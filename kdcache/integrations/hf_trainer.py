@@ -457,15 +457,17 @@ def _refusal(c: Any) -> str | None:
     from kdcache.integrations.hf import is_hf_spec
     combos = (len(c.losses) * len(c.temperatures) * len(c.alphas) * len(c.seeds) * len(c.lrs))
     why = [
-        (not c.store, "it distils from a per-token store: give --store (a store-less run trains with the default "
-                      "engine)"),
+        (not c.store, "it distils from a per-token store: give {param:store} (a store-less run trains with the "
+                      "default engine)"),
         (not is_hf_spec(c.student), f"it trains hf: students (transformers models), not {c.student!r}"),
-        (combos > 1, f"it trains one student, this sweep has {combos}: give one --temperature, --alpha, --seed, "
-                     f"--lr and --loss (the default engine trains a sweep in one pass)"),
-        (c.max_norm is not None, "it has no --max-norm"),
-        (c.amp != "off", "it has no --amp (give TrainingArguments(bf16=True) in your own Trainer script)"),
+        (combos > 1, f"it trains one student, this sweep has {combos}: give one {{param:temperature}}, "
+                     f"{{param:alpha}}, {{param:seed}}, {{param:lr}} and {{param:loss}} (the default engine trains a "
+                     f"sweep in one pass)"),
+        (c.lora is not None, "it has no {param:lora} (give DistillationTrainer a PEFT model in your own script)"),
+        (c.max_norm is not None, "it has no {param:max_norm}"),
+        (c.amp != "off", "it has no {param:amp} (give TrainingArguments(bf16=True) in your own Trainer script)"),
         (c.checkpoint_every > 0, "it writes no checkpoints during the run (killed, it starts again)"),
-        (c.remote_cache is not None, "it has no --remote-cache"),
+        (c.remote_cache is not None, "it has no {param:remote_cache}"),
         (int(os.environ.get("WORLD_SIZE", "1")) > 1, "it runs in one process (under torchrun, use "
                                                      "DistillationTrainer in your own script)"),
     ]
@@ -535,12 +537,12 @@ def train_with_trainer(c: Any) -> list[dict[str, Any]]:
     transformers = _require()
     why = _refusal(c)
     if why:
-        raise ConfigError(f"--engine trainer: {why}")
+        raise ConfigError(f"{{param:engine}} trainer: {why}")
     store = _open(c.store)
     student = plan_students(c, Path(c.out))[0]
     if (student.out / "config.json").exists() and not c.overwrite:
-        raise KdcacheError(f"{student.out} already holds training results (config.json); pass --overwrite to replace "
-                           f"them or choose another --out")
+        raise KdcacheError(f"{student.out} already holds training results (config.json); pass {{param:overwrite}} to "
+                           f"replace them or choose another {{param:out}}")
     device = resolve_device(c.device)
     train_data = StoreDataset(store, c.dataset)
     data = train_data.resolved

@@ -183,7 +183,7 @@ class SparseTargets:
             return self
         if members is None or len(members) != 1 or not 0 <= members[0] < m:
             raise KdcacheError(f"a {self.layout.name} store keeps each of its {m} members' own sparse logits; "
-                               f"ensemble reductions need dense logits: pick one member with --members i "
+                               f"ensemble reductions need dense logits: pick one member with {{param:members}} i "
                                f"(0..{m - 1}), or distil from a dense store")
         i = members[0]
         return self._map(lambda t: t[:, i:i + 1])
@@ -197,11 +197,12 @@ class SparseTargets:
                 return self.log_normalizers[..., j]
         if not self.allow_interpolation:
             raise KdcacheError(f"temperature {temperature:g} is not in the store's grid {list(grid)}, so its tail "
-                               f"mass is not exact; use a grid temperature, re-dump with --temperatures including it, "
-                               f"or allow interpolation (--allow-interpolation)")
+                               f"mass is not exact; use a grid temperature, re-dump with {{param:temperatures}} "
+                               f"including it, "
+                               f"or allow interpolation ({{param:allow_interpolation}})")
         if not grid[0] < temperature < grid[-1]:
             raise KdcacheError(f"temperature {temperature:g} is outside the store's grid {grid[0]:g}..{grid[-1]:g}; "
-                               f"interpolation does not extrapolate: re-dump with a wider --temperatures")
+                               f"interpolation does not extrapolate: re-dump with a wider {{param:temperatures}}")
         j = next(i for i, t in enumerate(grid) if t > temperature)
         b0, b1, b = 1 / grid[j - 1], 1 / grid[j], 1 / temperature
         w = (b - b1) / (b0 - b1)

@@ -47,7 +47,7 @@ def _format_of(path: str, fmt: str | None) -> str:
     if "://" in p:
         return "zarr"
     raise StoreError(f"cannot tell the format of store {str(path)!r} from its name; "
-                     f"end it in .zarr, .h5 or .hdf5, or pass --format zarr|hdf5")
+                     f"end it in .zarr, .h5 or .hdf5, or pass {{param:format}} zarr|hdf5")
 
 
 @dataclass
@@ -113,7 +113,7 @@ class LogitStore:
                 from None
         if raw is None:
             raise StoreError(f"{self.path}: no {('kdcache')!r} manifest attribute; this is not a kdcache store "
-                             f"(or its creation was interrupted: re-dump with --overwrite)")
+                             f"(or its creation was interrupted: re-dump with {{param:overwrite}})")
         if (digest is not None and isinstance(raw, dict) and raw.get("format_version") == FORMAT_VERSION
                 and digest != manifest_digest(raw)):  # another version is refused as such by from_dict
             raise StoreError(f"{self.path}: the manifest does not match its sha256 ({MANIFEST_DIGEST_KEY}); the store "
@@ -255,7 +255,7 @@ class LogitStore:
                 if self._forget_verified():
                     raise StoreError(f"{self.path}: chunk {c} (rows {a}:{b}) does not match its stored sha256; the "
                                      f"store is damaged: it is a cached store, so the same `kdcache dump-logits` "
-                                     f"(without --out) recomputes its damaged chunks")
+                                     f"(without {{param:out}}) recomputes its damaged chunks")
                 raise StoreError(f"{self.path}: chunk {c} (rows {a}:{b}) does not match its stored sha256; the store "
                                  f"is damaged: `kdcache verify {self.path}` lists every bad chunk; re-dump it, or "
                                  f"`kdcache convert` what is good")
@@ -379,7 +379,7 @@ class LogitStore:
             shown = ", ".join(str(i) for i in ids[:10]) + (" ..." if len(ids) > 10 else "")
             raise StoreError(f"non-finite teacher logits (NaN/inf, or too large for {m.dtype}) for "
                              f"{len(ids)} sample(s), sample ids {shown}; check the teacher and its inputs"
-                             + ("" if m.dtype == "float32" else ", or dump with --dtype float32"))
+                             + ("" if m.dtype == "float32" else ", or dump with {param:dtype} float32"))
         ids = m.store_layout.bad_id_rows(data)
         if ids is not None and ids[1].any():
             raise StoreError(f"{self.path}: {ids[0]} outside 0..{m.num_classes - 1} for sample ids "
@@ -636,15 +636,15 @@ def create_store(path: str | os.PathLike, manifest: Manifest, fmt: str | None = 
                 existing = None
             else:
                 raise StoreError(f"{path} exists and is not a readable kdcache store ({e}); "
-                                 f"move it away or choose another --out") from None
+                                 f"move it away or choose another {{param:out}}") from None
         if existing is not None:
             if overwrite:
                 existing.close()
                 cls.remove(path)
             elif existing.manifest.complete:
                 existing.close()
-                raise StoreError(f"{path} already holds a complete store; pass --overwrite to replace it "
-                                 f"or choose another --out")
+                raise StoreError(f"{path} already holds a complete store; pass {{param:overwrite}} to replace it "
+                                 f"or choose another {{param:out}}")
             else:
                 ours, theirs = manifest.identity(), existing.manifest.identity()
                 diff = [k for k in ours if ours[k] != theirs[k]]
@@ -652,7 +652,7 @@ def create_store(path: str | os.PathLike, manifest: Manifest, fmt: str | None = 
                     existing.close()
                     raise StoreError(
                         f"{path} holds an incomplete store of something else (differs in {', '.join(diff)}); "
-                        f"pass --overwrite to start it again or choose another --out")
+                        f"pass {{param:overwrite}} to start it again or choose another {{param:out}}")
                 return existing
     m = manifest
     try:

@@ -32,7 +32,7 @@ def storage_options() -> dict[str, Any]:
         options = json.loads(raw)
     except json.JSONDecodeError:
         raise StoreError(f"${ENV} is not JSON ({raw[:60]!r}); set it as '{{\"endpoint_url\": \"...\"}}' or use "
-                         f"--storage-option KEY=VALUE") from None
+                         f"{{param:storage_option}} KEY=VALUE") from None
     if not isinstance(options, dict):
         raise StoreError(f"${ENV} must be a JSON object of storage options")
     return options
@@ -91,7 +91,7 @@ def _seconds(raw: Any, name: str) -> float:
         value = float("nan")
     if not value > 0 or value == float("inf"):
         raise StoreError(f"{name}={raw!r}: a timeout is a number of seconds above 0, e.g. "
-                         f"--storage-option {name.lower().replace('kdcache_s3_', '')}=10")
+                         f"{{param:storage_option}} {name.lower().replace('kdcache_s3_', '')}=10")
     return value
 
 

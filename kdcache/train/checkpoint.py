@@ -2,8 +2,8 @@
 steps), read back when the same command runs again.
 
 ``OUT/resume/ckpt-<epoch>-<step>/`` (the epoch it is in, the steps of it done) holds
-``students.safetensors`` (every student's weights and
-optimizer state, under canonical names), ``rank-<r>.safetensors`` (each process's RNG states,
+``students.safetensors`` (every student's trainable weights, buffers and optimizer state, under
+canonical names; a LoRA student's frozen base is not saved), ``rank-<r>.safetensors`` (each process's RNG states,
 data position and the epoch's running sums) and ``state.json``, written last: the command's
 identity, epoch, step, metrics so far and the sha256 of every file. A directory without a valid
 ``state.json`` is not a checkpoint. The two newest checkpoints are kept, so that a damaged newest
@@ -95,18 +95,21 @@ class Checkpoints:
             raise ValueError("state.json is not a kdcache checkpoint")
         if state["kdcache_checkpoint"] != CHECKPOINT_FORMAT:
             raise KdcacheError(f"{d} is a checkpoint of format {state['kdcache_checkpoint']} (another kdcache "
-                               f"release); this one reads format {CHECKPOINT_FORMAT}: pass --overwrite to start "
+                               f"release); this one reads format {CHECKPOINT_FORMAT}: pass {{param:overwrite}} to "
+                               f"start "
                                f"afresh, or resume with the release that wrote it")
         if state["identity"] != self.identity:
             diff = sorted(k for k in set(state["identity"]) | set(self.identity)
                           if state["identity"].get(k) != self.identity.get(k))
             raise KdcacheError(f"{self.root.parent} holds a checkpoint of another train-student command (it differs "
-                               f"in {', '.join(diff)}); rerun that command to resume it, pass --overwrite to start "
-                               f"afresh, or choose another --out")
+                               f"in {', '.join(diff)}); rerun that command to resume it, pass {{param:overwrite}} "
+                               f"to start "
+                               f"afresh, or choose another {{param:out}}")
         if state["world_size"] != self.info.world_size:
             raise KdcacheError(f"{d} was written by {state['world_size']} process(es), this run has "
-                               f"{self.info.world_size}; resume with as many (torchrun --nproc-per-node), or pass "
-                               f"--overwrite to start afresh")
+                               f"{self.info.world_size}; resume with as many (torchrun {{param:nproc_per_node}}), "
+                               f"or pass "
+                               f"{{param:overwrite}} to start afresh")
         for name, digest in state["files"].items():
             f = d / name
             if not f.exists():

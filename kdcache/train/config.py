@@ -72,79 +72,97 @@ class TrainConfig:
     overwrite: bool = False
     progress: bool | None = None
     fail_on_divergence: bool = False         # any diverged student fails the command, not only all of them
+    lora: str | None = None                   # hf:PATH students: r=8,alpha=16,targets=q_proj+v_proj[,dropout=D]
     engine: str = "kdcache"                   # the loop that trains: kdcache's, or transformers.Trainer (ENGINES)
 
     def resolved(self) -> "TrainConfig":
         """A copy with list defaults filled in and combinations checked."""
         c = TrainConfig(**asdict(self))
         if c.store and c.teachers:
-            raise ConfigError("--store and --teacher: distil from cached logits (--store) or from a teacher run on "
-                              "every batch (--teacher), not both")
+            raise ConfigError("{param:store} and {param:teacher}: distil from cached logits ({param:store}) or from "
+                              "a teacher run on "
+                              "every batch ({param:teacher}), not both")
         if c.store and (c.augment or c.views):
-            raise ConfigError("--augment with --store: the store decides the augmentation; dump it with "
-                              "--augment SPEC --views V and its views are replayed")
+            raise ConfigError("{param:augment} with {param:store}: the store decides the augmentation; dump it with "
+                              "{param:augment} SPEC {param:views} V and its views are replayed")
         if c.jitter and c.augment:
-            raise ConfigError("--jitter and --augment: give the shift as part of --augment (jitter:N)")
+            raise ConfigError("{param:jitter} and {param:augment}: give the shift as part of {param:augment} "
+                              "(jitter:N)")
         if c.views is not None and not c.augment:
-            raise ConfigError("--views needs --augment")
+            raise ConfigError("{param:views} needs {param:augment}")
         if c.augment:
             c.views = c.epochs if c.views is None else c.views
             if c.views < 1:
-                raise ConfigError(f"--views {c.views}: give at least 1")
+                raise ConfigError(f"{{param:views}} {c.views}: give at least 1")
         if not c.distills:
             if c.alphas and any(a > 0 for a in c.alphas):
-                raise ConfigError("--alpha above 0 needs --store (or an online --teacher): the soft targets come "
+                raise ConfigError("{param:alpha} above 0 needs {param:store} (or an online {param:teacher}): the "
+                                  "soft targets come "
                                   "from a teacher")
             if c.temperatures:
-                raise ConfigError("--temperature needs --store (or an online --teacher): without one, training is "
+                raise ConfigError("{param:temperature} needs {param:store} (or an online {param:teacher}): without "
+                                  "one, training is "
                                   "plain supervised")
             c.alphas, c.temperatures = [0.0], [1.0]
         c.temperatures = c.temperatures or [DEFAULT_TEMPERATURE]
         c.alphas = c.alphas if c.alphas is not None else [DEFAULT_ALPHA]
         if not c.losses:
-            raise ConfigError("--loss needs at least one value")
+            raise ConfigError("{param:loss} needs at least one value")
         for name in c.losses:
             if name not in LOSSES:
-                raise ConfigError(f"--loss {name!r} is unknown; use one of {', '.join(LOSSES)} (or a list of them)")
+                raise ConfigError(f"{{param:loss}} {name!r} is unknown; use one of {', '.join(LOSSES)} (or a list "
+                                  f"of them)")
         if "logit-mse" in c.losses and not c.distills:
-            raise ConfigError("--loss logit-mse needs --store (or an online --teacher): it matches the teacher's "
+            raise ConfigError("{param:loss} logit-mse needs {param:store} (or an online {param:teacher}): it "
+                              "matches the teacher's "
                               "logits")
         if not c.lrs or not c.seeds:
-            raise ConfigError("--lr and --seed need at least one value")
+            raise ConfigError("{param:lr} and {param:seed} need at least one value")
         for t in c.temperatures:
             if t <= 0:
-                raise ConfigError(f"--temperature {t}: temperatures must be positive")
+                raise ConfigError(f"{{param:temperature}} {t}: temperatures must be positive")
         for a in c.alphas:
             if not 0 <= a <= 1:
-                raise ConfigError(f"--alpha {a}: alpha must be between 0 and 1")
+                raise ConfigError(f"{{param:alpha}} {a}: alpha must be between 0 and 1")
         for lr in c.lrs:
             if not lr > 0:
-                raise ConfigError(f"--lr {lr}: learning rates must be positive")
+                raise ConfigError(f"{{param:lr}} {lr}: learning rates must be positive")
         if c.ensemble not in ENSEMBLE_REDUCTIONS:
-            raise ConfigError(f"--ensemble {c.ensemble!r}: use one of {', '.join(ENSEMBLE_REDUCTIONS)}")
+            raise ConfigError(f"{{param:ensemble}} {c.ensemble!r}: use one of {', '.join(ENSEMBLE_REDUCTIONS)}")
         if c.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"--optimizer {c.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+            raise ConfigError(f"{{param:optimizer}} {c.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
         if c.schedule not in SCHEDULES:
-            raise ConfigError(f"--schedule {c.schedule!r}: use one of {', '.join(SCHEDULES)}")
+            raise ConfigError(f"{{param:schedule}} {c.schedule!r}: use one of {', '.join(SCHEDULES)}")
         if not 0 <= c.warmup <= c.epochs:
-            raise ConfigError(f"--warmup {c.warmup:g}: give a number of epochs between 0 and --epochs ({c.epochs})")
+            raise ConfigError(f"{{param:warmup}} {c.warmup:g}: give a number of epochs between 0 and "
+                              f"{{param:epochs}} ({c.epochs})")
         if c.engine not in ENGINES:
-            raise ConfigError(f"--engine {c.engine!r}: use one of {', '.join(ENGINES)}")
+            raise ConfigError(f"{{param:engine}} {c.engine!r}: use one of {', '.join(ENGINES)}")
         if c.amp not in AMP_MODES:
-            raise ConfigError(f"--amp {c.amp!r}: use one of {', '.join(AMP_MODES)}")
+            raise ConfigError(f"{{param:amp}} {c.amp!r}: use one of {', '.join(AMP_MODES)}")
         if c.distills and c.jitter:
-            raise ConfigError("--jitter when distilling: the teacher's logits must be for the view the student "
-                              "sees; dump a store with --augment jitter:N --views V (its views are replayed), "
-                              "or give --augment jitter:N with an online --teacher")
+            raise ConfigError("{param:jitter} when distilling: the teacher's logits must be for the view the student "
+                              "sees; dump a store with {param:augment} jitter:N {param:views} V (its views are "
+                              "replayed), "
+                              "or give {param:augment} jitter:N with an online {param:teacher}")
         if c.store and c.subset:
-            raise ConfigError("--subset with --store: the store already defines the transfer set; dump a store "
-                              "with --subset instead")
+            raise ConfigError("{param:subset} with {param:store}: the store already defines the transfer set; dump "
+                              "a store "
+                              "with {param:subset} instead")
         if c.epochs < 1 or c.batch_size < 1:
-            raise ConfigError("--epochs and --batch-size must be at least 1")
+            raise ConfigError("{param:epochs} and {param:batch_size} must be at least 1")
         if c.stack_group is not None and c.stack_group < 1:
-            raise ConfigError(f"--stack-group {c.stack_group}: give at least 1")
+            raise ConfigError(f"{{param:stack_group}} {c.stack_group}: give at least 1")
+        if c.lora is not None:
+            from kdcache.integrations.lora import LoraSpec
+            LoraSpec.parse(c.lora)
+            if not c.student.startswith("hf:") or c.student.split(",")[0] == "hf:llama":
+                raise ConfigError(f"{{param:lora}} with {{param:student}} {c.student!r}: LoRA adapts a pretrained "
+                                  f"causal LM; give {{param:student}} hf:PATH (a directory written by save_pretrained, "
+                                  f"or a hub name)")
         if c.checkpoint_every < 0:
-            raise ConfigError(f"--checkpoint-every {c.checkpoint_every}: give 0 (epoch ends only) or a step count")
+            raise ConfigError(f"{{param:checkpoint_every}} {c.checkpoint_every}: give 0 (epoch ends only) or a step "
+                              f"count")
         return c
 
     @property
@@ -159,6 +177,8 @@ class TrainConfig:
             d.pop(k)
         if d["losses"] == ["kd"]:
             d.pop("losses")  # the identity of runs checkpointed before --loss existed
+        if d["lora"] is None:
+            d.pop("lora")  # nor --lora
         if d["engine"] == "kdcache":
             d.pop("engine")  # nor --engine
         return d

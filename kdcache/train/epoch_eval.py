@@ -28,7 +28,7 @@ class Evaluator:
         self.teacher_pred = None
         if cfg.eval_store:
             if self.data is None:
-                raise ConfigError("--eval-store needs --eval-dataset, the data it was dumped from")
+                raise ConfigError("{param:eval_store} needs {param:eval_dataset}, the data it was dumped from")
             store = open_store(cfg.eval_store)
             check_pairing(store, self.data, cfg.eval_dataset)
             if store.manifest.per_token:  # teacher predictions by position, in dataset order

@@ -345,8 +345,8 @@ def claim_out_dir(c: TrainConfig, out: Path, students: list[Student], ckpts: Che
     if all(s.out == out for s in students) and (out / "summary.json").exists():  # not a sweep directory
         existing.append(out / "summary.json")
     if existing:
-        raise KdcacheError(f"{out} already holds training results ({existing[0].name}); pass --overwrite "
-                           f"to replace them or choose another --out")
+        raise KdcacheError(f"{out} already holds training results ({existing[0].name}); pass {{param:overwrite}} "
+                           f"to replace them or choose another {{param:out}}")
 
 
 def build_units(c: TrainConfig, students: list[Student], src: TrainingData, device: torch.device,
@@ -354,9 +354,13 @@ def build_units(c: TrainConfig, students: list[Student], src: TrainingData, devi
     """The students as training units: stacks where they can stack (in groups that fit in memory),
     one by one where they cannot; returns (units, the architecture the checkpoints record)."""
     modules, arch = [], c.student
+    lora = None
+    if c.lora is not None:
+        from kdcache.integrations.lora import LoraSpec, apply_lora
+        lora = LoraSpec.parse(c.lora)
     for s in students:
         resolved = load_model(c.student, src.data.input_shape, src.num_classes, c.dropout, c.input_dropout, seed=s.seed)
-        modules.append(resolved.module)
+        modules.append(resolved.module if lora is None else apply_lora(resolved.module, lora, c.student, s.seed))
         arch = resolved.arch
     probe = probe_inputs(src.data)
     check_student(modules[0].to(device), src.data, src.per_token, c.student, src.num_classes, device)
@@ -366,6 +370,8 @@ def build_units(c: TrainConfig, students: list[Student], src: TrainingData, devi
         why_not = "" if len(students) < 2 else "--no-stack"
     elif info.enabled:
         why_not = "under torchrun each student trains in DistributedDataParallel"
+    elif lora is not None:
+        why_not = "--lora: a stack would train the frozen base weights too; each adapter trains on its own base"
     if why_not is None:
         per = stack_bytes(modules[0], probe, min(c.batch_size, len(src.data)), c.optimizer)
         budget, source = stack_budget(device)

@@ -24,12 +24,16 @@ def write_run(r: Student, module: nn.Module, c: TrainConfig, arch: str, input_sh
               "num_classes": num_classes, "store_identity": store_ident, "dataset_identity": data.describe()}
     for k in ("losses", "temperatures", "alphas", "seeds", "lrs", "overwrite", "progress"):
         config.pop(k)
+    tokenizer = getattr(data.dataset, "tokenizer", None)
+    if c.lora is not None:  # adapter/ for peft; the checkpoint and hf/ hold the student merged into its base
+        from kdcache.integrations.lora import save_lora
+        module = save_lora(module, r.out, tokenizer)
     save_checkpoint(module, r.out, arch, input_shape, num_classes,
                     extra={"dropout": c.dropout, "run": r.name, "soft_loss": r.loss if c.distills else None,
                            "temperature": r.temperature, "alpha": r.alpha,
                            "seed": r.seed, "lr": r.lr, "store": c.store})
     from kdcache.integrations.hf import save_pretrained
-    save_pretrained(module, r.out, getattr(data.dataset, "tokenizer", None))  # hf: students, for plain transformers
+    save_pretrained(module, r.out, tokenizer)  # hf: students, for plain transformers
     (r.out / "config.json").write_text(json.dumps(config, indent=2))
     (r.out / "metrics.json").write_text(json.dumps(r.history, indent=2))
     final = {("last_lr" if k == "lr" else k): v for k, v in r.history[-1].items()}  # lr: the configured one

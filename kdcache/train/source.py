@@ -68,7 +68,7 @@ def open_training_data(c: TrainConfig, device: torch.device | None = None) -> Tr
     views = None
     if c.augment:
         if per_token:
-            raise ConfigError(f"--augment with dataset {c.dataset!r}: sequence datasets are not augmented")
+            raise ConfigError(f"{{param:augment}} with dataset {c.dataset!r}: sequence datasets are not augmented")
         views = make_views(c.augment, c.views, c.augment_seed, data.input_shape, c.dataset, probe_inputs(data, 1))
     rows, _ = resolve_subset(c.subset, data.dataset)
     stream = DatasetStream(data, c.batch_size, indices=rows, seed=c.data_seed, return_ids=True, views=views)
@@ -76,7 +76,7 @@ def open_training_data(c: TrainConfig, device: torch.device | None = None) -> Tr
     if c.teachers:
         teacher, num_classes, ident = _online_teacher(c, data, device)
     elif data.num_classes is None:
-        raise ConfigError(f"dataset {c.dataset!r} does not say its number of classes; train with a --store")
+        raise ConfigError(f"dataset {c.dataset!r} does not say its number of classes; train with a {{param:store}}")
     else:
         num_classes = data.num_classes
     if views is not None:
@@ -144,8 +144,10 @@ def _check_sparse_settings(store: Any, c: TrainConfig) -> None:
     if layout.keeps_every_logit:
         return
     if "logit-mse" in c.losses:
-        raise ConfigError(f"--loss logit-mse matches every logit, and {c.store} is a {m.layout} store, which keeps "
-                          f"only some of them; dump a dense store (--layout dense) for it, or use --loss kd")
+        raise ConfigError(f"{{param:loss}} logit-mse matches every logit, and {c.store} is a {m.layout} store, "
+                          f"which keeps "
+                          f"only some of them; dump a dense store ({{param:layout}} dense) for it, or use "
+                          f"{{param:loss}} kd")
     layout.check_serves(c.temperatures if any(a > 0 for a in c.alphas) else [], c.members, c.allow_interpolation,
                         m.num_members)
 

@@ -3,7 +3,8 @@
 Every unit of training (one student here, a stack of students in :mod:`kdcache.train.stacked`) is a
 :class:`TrainingUnit`, the only thing the loop knows of it. Checkpoint state is written per student under
 canonical names (``RUN/model/PARAM``, ``RUN/optim/PARAM/KEY``), so a student checkpointed in a stack
-resumes alone and the other way round.
+resumes alone and the other way round. Frozen parameters (a LoRA student's base) take no optimizer step
+and are left out: the student rebuilt from its spec has them already.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from kdcache.distributed import autocast
+from kdcache.errors import KdcacheError
 from kdcache.losses import distillation_loss
 from kdcache.train.config import TrainConfig, lr_at
 
@@ -128,6 +130,12 @@ def max_norm_(weights: list[torch.Tensor], bound: float, active: torch.Tensor | 
         w.mul_(scale)
 
 
+def frozen_keys(module: nn.Module) -> set[str]:
+    """The state-dict keys of ``module``'s frozen parameters (a LoRA student's base weights)."""
+    return {k for k, v in module.state_dict(keep_vars=True).items()
+            if isinstance(v, nn.Parameter) and not v.requires_grad}
+
+
 def correct_count(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Rows whose argmax is their label (label -1 rows never count), on the device: no sync."""
     return ((logits.detach().argmax(-1) == labels) & (labels >= 0)).sum(-1)
@@ -144,8 +152,11 @@ class SeparateStudent:
         self.model = (nn.parallel.DistributedDataParallel(self.plain, device_ids=[device.index]
                                                           if device.type == "cuda" else None)
                       if ddp else self.plain)
-        self.optimizer = make_optimizer(self.model.parameters(), c, student.lr)
-        self.constrained = [self.plain.get_parameter(n) for n in linear_weights(self.plain)] if c.max_norm else []
+        # a LoRA student's frozen base takes no step and is no part of its checkpoint (it reloads from --student)
+        self.frozen = frozen_keys(self.plain)
+        self.optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad], c, student.lr)
+        self.constrained = ([p for n in linear_weights(self.plain) if (p := self.plain.get_parameter(n)).requires_grad]
+                            if c.max_norm else [])
         self.rng = initial_rng(student.seed, rank)
         self.cuda_rng: torch.Tensor | None = None
         self.stopped = False
@@ -205,7 +216,7 @@ class SeparateStudent:
 
     def state(self) -> dict[str, torch.Tensor]:
         name = self.students[0].name
-        out = {f"{name}/model/{k}": v for k, v in self.plain.state_dict().items()}
+        out = {f"{name}/model/{k}": v for k, v in self.plain.state_dict().items() if k not in self.frozen}
         for pname, p in self.plain.named_parameters():
             for k, v in self.optimizer.state.get(p, {}).items():
                 out[f"{name}/optim/{pname}/{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
@@ -220,7 +231,15 @@ class SeparateStudent:
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         name = self.students[0].name
         prefix = f"{name}/model/"
-        self.plain.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not self.frozen:
+            self.plain.load_state_dict(state)
+        else:
+            missing, unexpected = self.plain.load_state_dict(state, strict=False)
+            if set(missing) != self.frozen or unexpected:
+                raise KdcacheError(f"the checkpoint of {name} does not fit its student (missing "
+                                   f"{sorted(set(missing) - self.frozen)[:3]}, unexpected {unexpected[:3]}); pass "
+                                   f"{{param:overwrite}} to start afresh")
         self.optimizer.state.clear()
         for pname, p in self.plain.named_parameters():
             pre = f"{name}/optim/{pname}/"
