@@ -529,10 +529,9 @@ def train_with_trainer(c: Any) -> list[dict[str, Any]]:
     from kdcache.specs import load_model
     from kdcache.train.config import lr_at, warmup_scale
     from kdcache.train.epoch_eval import Evaluator
-    from kdcache.train.loop import plan_students
     from kdcache.train.results import write_run, write_summary
     from kdcache.train.source import store_identity
-    from kdcache.train.students import make_optimizer
+    from kdcache.train.students import make_optimizer, plan_students
 
     transformers = _require()
     why = _refusal(c)

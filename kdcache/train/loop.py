@@ -8,7 +8,6 @@ of students trained as one model (:class:`StackedStudents`); the loop treats the
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import sys
 import time
@@ -33,7 +32,7 @@ from kdcache.train.epoch_eval import Evaluator
 from kdcache.train.results import write_run, write_summary
 from kdcache.train.source import TrainingData, check_student, open_training_data, probe_inputs
 from kdcache.train.stacked import stack_budget, stack_bytes, try_stack
-from kdcache.train.students import SeparateStudent, Student, TrainingUnit
+from kdcache.train.students import SeparateStudent, Student, TrainingUnit, plan_students
 
 
 def log(message: str) -> None:
@@ -310,27 +309,6 @@ def finish_epoch(epoch: int, sums: EpochSums, units: list[TrainingUnit], src: Tr
 
 
 # -- set-up ---------------------------------------------------------------------------------------
-def run_name(t: float | None, a: float, s: int, lr: float, c: TrainConfig, loss: str = "kd") -> str:
-    name = (f"supervised-s{s}" if not c.distills else f"logit-mse-a{a:g}-s{s}" if loss == "logit-mse"
-            else f"T{t:g}-a{a:g}-s{s}")
-    return name + (f"-lr{lr:g}" if len(c.lrs) > 1 else "")
-
-
-def plan_students(c: TrainConfig, out: Path) -> list[Student]:
-    """One Student per combination of the sweep axes, each with its output directory; a logit-mse
-    student has no temperature, so there is one per (alpha, seed, lr)."""
-    combos = []
-    for loss in c.losses:
-        temps = [None] if loss == "logit-mse" else c.temperatures
-        combos += [(loss, *x) for x in itertools.product(temps, c.alphas, c.seeds, c.lrs)]
-    sweep = len(combos) > 1 if c.sweep_dirs is None else c.sweep_dirs
-    students = []
-    for loss, t, a, s, lr in combos:
-        name = run_name(t, a, s, lr, c, loss)
-        students.append(Student(name, t, a, s, lr, out / name if sweep else out, loss=loss))
-    return students
-
-
 def claim_out_dir(c: TrainConfig, out: Path, students: list[Student], ckpts: Checkpoints, info: DistInfo) -> None:
     """Refuse an ``--out`` that holds other results (unless --overwrite); a checkpoint of this same
     command is fine: it is resumed."""

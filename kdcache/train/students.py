@@ -9,6 +9,7 @@ and are left out: the student rebuilt from its spec has them already.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Protocol
@@ -262,3 +263,24 @@ def load_rng_tensors(unit: Any, key: str, tensors: dict[str, torch.Tensor]) -> b
     unit.rng = tensors[f"{key}/rng"]
     unit.cuda_rng = tensors.get(f"{key}/cuda_rng")
     return True
+
+
+def run_name(t: float | None, a: float, s: int, lr: float, c: TrainConfig, loss: str = "kd") -> str:
+    name = (f"supervised-s{s}" if not c.distills else f"logit-mse-a{a:g}-s{s}" if loss == "logit-mse"
+            else f"T{t:g}-a{a:g}-s{s}")
+    return name + (f"-lr{lr:g}" if len(c.lrs) > 1 else "")
+
+
+def plan_students(c: TrainConfig, out: Path) -> list[Student]:
+    """One Student per combination of the sweep axes, each with its output directory; a logit-mse
+    student has no temperature, so there is one per (alpha, seed, lr)."""
+    combos = []
+    for loss in c.losses:
+        temps = [None] if loss == "logit-mse" else c.temperatures
+        combos += [(loss, *x) for x in itertools.product(temps, c.alphas, c.seeds, c.lrs)]
+    sweep = len(combos) > 1 if c.sweep_dirs is None else c.sweep_dirs
+    students = []
+    for loss, t, a, s, lr in combos:
+        name = run_name(t, a, s, lr, c, loss)
+        students.append(Student(name, t, a, s, lr, out / name if sweep else out, loss=loss))
+    return students
