@@ -12,7 +12,7 @@ import click
 from kdcache._version import __version__
 from kdcache.bench.common import BENCH_NAMES
 from kdcache.errors import KdcacheError
-from kdcache.layouts import LAYOUTS
+from kdcache.layouts import LAYOUTS, names
 from kdcache.losses import ENSEMBLE_REDUCTIONS
 from kdcache.store.format import COMPRESSIONS, DTYPES
 from kdcache.store.logit_store import BACKENDS
@@ -44,7 +44,7 @@ class LayoutChoice(click.Choice):
 
     @property
     def choices(self) -> list[str]:
-        return list(LAYOUTS)
+        return list(names())
 
     @choices.setter
     def choices(self, value: Any) -> None:
@@ -55,7 +55,7 @@ class LayoutOption(click.Option):
     """``--layout``, its help listing the registered layouts."""
 
     def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
-        self.help = "; ".join(cls.help for cls in LAYOUTS.values()) + "."
+        self.help = "; ".join(LAYOUTS[n].help for n in names()) + "."
         return super().get_help_record(ctx)
 
 

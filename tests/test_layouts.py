@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -161,5 +162,22 @@ def test_layout_options_are_checked_by_the_layout(tmp_path):
     r = CliRunner().invoke(cli, ["dump-logits", "--teacher", TEACHER, "--dataset", DATA, "--layout", "nope",
                                  "--out", str(tmp_path / "x.zarr")])
     assert r.exit_code == 2 and "'nope' is not one of 'dense', 'topk', 'sampled'" in r.output
-    with pytest.raises(StoreError, match="layout 'nope' is not supported by this kdcache; known: dense, topk, sampled"):
+    with pytest.raises(StoreError, match="layout 'nope' is not supported by this kdcache; known: dense, topk, sampled "):
         layout_of(type("M", (), {"layout": "nope", "layout_params": {}, "num_classes": 5})())
+
+
+def test_a_layout_module_named_in_kdcache_layouts_reaches_the_command(tmp_path):
+    from tests.conftest import run_kdcache
+    (tmp_path / "mylayouts.py").write_text("from kdcache.layouts import register\n"
+                                           "from tests.test_layouts import Int8\n\nregister(Int8)\n")
+    env = {"KDCACHE_LAYOUTS": "mylayouts", "PYTHONPATH": f"{tmp_path}:{Path(__file__).resolve().parent.parent}"}
+    out = str(tmp_path / "q.zarr")
+    run_kdcache("dump-logits", "--teacher", TEACHER, "--dataset", DATA, "--layout", "int8", "--workers", "1",
+                "--out", out, env=env)
+    assert json.loads(run_kdcache("inspect", out, "--json", env=env).stdout)["layout"] == "int8"
+    p = run_kdcache("inspect", out, check=False)
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+        f"Error: {out}: layout 'int8' is not supported by this kdcache; known: dense, topk, sampled (a layout of "
+        f"your own: name the module that registers it in KDCACHE_LAYOUTS)"]
+    p = run_kdcache("inspect", out, env={"KDCACHE_LAYOUTS": "no_such_module"}, check=False)
+    assert p.returncode == 1 and "KDCACHE_LAYOUTS names module 'no_such_module', which cannot be imported" in p.stderr

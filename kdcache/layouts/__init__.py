@@ -12,12 +12,9 @@ in FORMAT.md and a case in the conformance tests (``tests/test_layouts.py``).
 """
 # isort: off
 from kdcache.layouts.base import (  # noqa: F401
-    LAYOUTS, Layout, all_array_dims, encode_rows, layout_class, layout_for, layout_of, names, register)
+    LAYOUTS, Layout, all_array_dims, encode_rows, layout_class, layout_for, layout_of, load_plugins, names, register)
 # the built-in layouts register themselves, in the order the CLI lists them
 from kdcache.layouts import dense  # noqa: E402,F401
 from kdcache.layouts import topk  # noqa: E402,F401
 from kdcache.layouts import sampled  # noqa: E402,F401
 # isort: on
-
-__all__ = ["LAYOUTS", "Layout", "all_array_dims", "encode_rows", "layout_class", "layout_for", "layout_of", "names",
-           "register"]

@@ -130,13 +130,38 @@ def register(cls: type[Layout]) -> type[Layout]:
     return cls
 
 
+_PLUGINS_LOADED = False
+
+
+def load_plugins() -> None:
+    """Import, once, the modules named in ``$KDCACHE_LAYOUTS`` (comma-separated), whose layouts register
+    themselves: how a layout of your own reaches the ``kdcache`` command and its worker processes.
+    Called when a layout name is looked up or listed, once the rest of kdcache is loaded."""
+    global _PLUGINS_LOADED
+    if _PLUGINS_LOADED:
+        return
+    _PLUGINS_LOADED = True
+    import importlib
+    import os
+    for name in filter(None, (m.strip() for m in os.environ.get("KDCACHE_LAYOUTS", "").split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise SpecError(f"KDCACHE_LAYOUTS names module {name!r}, which cannot be imported ({e}); put it on "
+                            f"PYTHONPATH or fix the variable") from None
+
+
 def names() -> tuple[str, ...]:
+    load_plugins()
     return tuple(LAYOUTS)
 
 
 def layout_class(name: str) -> type[Layout]:
     if name not in LAYOUTS:
-        raise StoreError(f"layout {name!r} is not supported by this kdcache; known: {', '.join(LAYOUTS)}")
+        load_plugins()
+    if name not in LAYOUTS:
+        raise StoreError(f"layout {name!r} is not supported by this kdcache; known: {', '.join(LAYOUTS)} (a layout "
+                         f"of your own: name the module that registers it in KDCACHE_LAYOUTS)")
     return LAYOUTS[name]
 
 
@@ -147,6 +172,7 @@ def layout_of(manifest: Any) -> Layout:
 
 def layout_for(name: str, num_classes: int, **options: Any) -> Layout:
     """The layout a dump or conversion asks for by name and options (SpecError on a bad one)."""
+    load_plugins()
     if name not in LAYOUTS:
         raise SpecError(f"layout {name!r} is unknown; use one of {', '.join(LAYOUTS)}")
     return LAYOUTS[name].from_options(num_classes, options)

@@ -243,6 +243,8 @@ class Manifest:
                              f"it was written by a newer kdcache, upgrade to read it")
         try:
             return cls(**d)
+        except StoreError as e:
+            raise StoreError(f"{where}: {e.args[0]}") from None
         except TypeError as e:
             raise StoreError(f"{where}: manifest is malformed ({e}); re-dump the store") from None
 
