@@ -30,7 +30,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from kdcache.errors import ConfigError, SpecError, StoreError
-from kdcache.layouts.topk import check_temperatures
+from kdcache.layouts.topk import TopK, check_temperatures
 
 SUM_TOLERANCE = 2e-3   # fp16 rounding of 32 logprobs stays below it; raw logits are far above
 PAD_LOGPROB = -1e9     # the value Axolotl's KD collator pads target_logprobs with
@@ -485,10 +485,10 @@ def export_logprobs(store: str, to: str, preset: str = "llamakd", *, fmt: str = 
     s = open_store(store)
     m = s.manifest
     p = m.layout_params
-    if not m.per_token or m.layout != "topk":
+    if not m.per_token or not isinstance(m.store_layout, TopK):
         raise StoreError(f"{store} is a {m.layout} store with a row per "
                          f"{'position' if m.per_token else 'sample'}; logprob datasets come from per-token top-k "
-                         f"stores (kdcache convert {{param:layout}} topk {{param:k}} K {{param:temperatures}} 1 "
+                         f"stores (`kdcache convert --layout topk --k K --temperatures 1` "
                          f"makes one from a dense store)")
     if 1.0 not in p["temperatures"]:
         raise StoreError(f"{store}: its grid {p['temperatures']} lacks T=1, where logprobs are taken; re-dump or "

@@ -242,7 +242,7 @@ def check_settings(store: LogitStore, temperature: float, alpha: float, ensemble
         raise ConfigError(f"alpha {alpha}: alpha must be between 0 and 1")
     check_loss(loss)
     m = store.manifest
-    if m.layout == "dense":
+    if m.store_layout.keeps_every_logit:  # the ensemble reduction and members are checked on a probe
         teacher_log_probs(torch.zeros(1, m.num_members, m.num_classes), 1.0, ensemble, members)
     _check_sparse_settings(store, TrainConfig(dataset="", student="", out="", store=store.path, losses=[loss],
                                               temperatures=[temperature], alphas=[alpha], members=members,
