@@ -107,7 +107,7 @@ class TestStoreConformance:
         write_all(s, *make_rows(m))
         s.mark_complete()
         s.close()
-        with pytest.raises(StoreError, match="already holds a complete store; pass --overwrite"):
+        with pytest.raises(StoreError, match="already holds a complete store; pass overwrite"):
             create_store(store_path, make_manifest())
         np.testing.assert_array_equal(open_store(store_path).read(0, 10).logits, make_rows(m)[0][:10])
         s = create_store(store_path, make_manifest(classes=3), overwrite=True)
@@ -277,5 +277,5 @@ def test_never_deletes_something_that_is_not_a_store(tmp_path):
 
 
 def test_unknown_suffix_is_refused(tmp_path):
-    with pytest.raises(StoreError, match=r"end it in \.zarr, \.h5 or \.hdf5, or pass --format"):
+    with pytest.raises(StoreError, match=r"end it in \.zarr, \.h5 or \.hdf5, or pass format"):
         create_store(str(tmp_path / "x.bin"), make_manifest())
