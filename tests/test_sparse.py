@@ -101,7 +101,7 @@ def test_sampled_estimate_converges_to_the_full_kl(T, ts):
 def test_sparse_ensemble_reduction_is_refused_but_one_member_is_served():
     z = torch.randn(8, 3, 20)
     t = topk_targets(z, 4)
-    with pytest.raises(KdcacheError, match=r"keeps each of its 3 members.* own sparse logits.*one member with members i"):
+    with pytest.raises(KdcacheError, match=r"3 members.* own sparse logits.*one member with members i"):
         distillation_loss(torch.zeros(8, 20), t, torch.zeros(8, dtype=torch.long), 2.0, 1.0)
     one = distillation_loss(torch.zeros(8, 20), t, torch.zeros(8, dtype=torch.long), 2.0, 1.0, members=[1])
     ref = distillation_loss(torch.zeros(8, 20), topk_targets(z[:, 1:2], 4), torch.zeros(8, dtype=torch.long), 2.0, 1.0)
