@@ -337,7 +337,7 @@ def _hf_teacher(work: Path, vocab: int, hidden: int, layers: int, paragraphs: in
 
     from kdcache.integrations.hf import _require, train_tokenizer
     transformers = _require()
-    root = Path(__file__).resolve().parent
+    root = Path(__file__).resolve().parent.parent  # kdcache/
     texts = [t.strip() for f in (root.parent / "README.md", root / "store" / "FORMAT.md") if f.exists()
              for t in f.read_text().split("\n\n") if len(t.strip()) > 20]
     texts = (texts * (paragraphs // max(1, len(texts)) + 1))[:paragraphs]
