@@ -78,7 +78,7 @@ def _floats(text: str, name: str) -> list[float]:
     try:
         return numbers(text, float)
     except KdcacheError as e:
-        raise click.BadParameter(str(e), param_hint=name) from None
+        raise click.BadParameter(e.render(_flag), param_hint=name) from None
 
 
 def _ints(text: str | None, name: str) -> list[int] | None:
@@ -88,7 +88,7 @@ def _ints(text: str | None, name: str) -> list[int] | None:
     try:
         return numbers(text, int)
     except KdcacheError as e:
-        raise click.BadParameter(str(e), param_hint=name) from None
+        raise click.BadParameter(e.render(_flag), param_hint=name) from None
 
 
 def storage_option(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -102,7 +102,7 @@ def storage_option(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             set_storage_options(storage_options)
         except KdcacheError as e:
-            raise click.ClickException(f"--storage-option {e}") from None  # one line, no usage text
+            raise click.ClickException(f"--storage-option {e.render(_flag)}") from None  # one line, no usage text
         return fn(*args, **kwargs)
     return wrapper
 
