@@ -340,6 +340,10 @@ def _hf_teacher(work: Path, vocab: int, hidden: int, layers: int, paragraphs: in
     root = Path(__file__).resolve().parent.parent  # kdcache/
     texts = [t.strip() for f in (root.parent / "README.md", root / "store" / "FORMAT.md") if f.exists()
              for t in f.read_text().split("\n\n") if len(t.strip()) > 20]
+    if not texts:
+        from kdcache.errors import KdcacheError
+        raise KdcacheError(f"the hf bench builds its corpus from kdcache's README.md and FORMAT.md, and found neither "
+                           f"beside {root}; run it from a source checkout")
     texts = (texts * (paragraphs // max(1, len(texts)) + 1))[:paragraphs]
     corpus = work / "hf-corpus.jsonl"
     corpus.write_text("".join(_json.dumps({"text": t}) + "\n" for t in texts))
