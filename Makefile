@@ -4,9 +4,10 @@ PY := $(VENV)/bin/python
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	# The CPU build of torch first: a bare `torch` requirement would fetch a CUDA build of several GB.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,plot,xarray,hf,s3]'
+	# torch and torchvision as a matched pair first (the vision extra's timm would otherwise pull
+	# whatever torchvision PyPI has, which does not load beside this torch).
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[test,plot,xarray,hf,s3,vision]'
 	touch $@
 
 install: $(VENV)/.installed
