@@ -83,6 +83,28 @@ def _image_shape(name: str, item_shape: Sequence[int]) -> tuple[int, int]:
     return int(item_shape[-2]), int(item_shape[-1])
 
 
+def _sizes(name: str, item_shape: Any, n: int) -> tuple[Any, Any]:
+    """``(H, W)`` of every row: one item shape for all (a tensor dataset), or an ``[n, 2]`` integer array
+    of each original image's height and width (views cut from original images), as ``[n]`` arrays."""
+    if isinstance(item_shape, np.ndarray) and item_shape.ndim == 2:
+        return item_shape[:, 0].astype(np.float64), item_shape[:, 1].astype(np.float64)
+    h, w = _image_shape(name, item_shape)
+    return np.full(n, float(h)), np.full(n, float(w))
+
+
+def _cut(img: torch.Tensor, top: int, left: int, height: int, width: int) -> torch.Tensor:
+    """``img[..., top:top + height, left:left + width]`` of an image ``[C, H, W]``, zero where the box
+    falls outside it."""
+    h, w = img.shape[-2:]
+    if top >= 0 and left >= 0 and top + height <= h and left + width <= w:
+        return img[..., top:top + height, left:left + width]
+    out = img.new_zeros((*img.shape[:-2], height, width))
+    y0, y1, x0, x1 = max(top, 0), min(top + height, h), max(left, 0), min(left + width, w)
+    if y1 > y0 and x1 > x0:
+        out[..., y0 - top:y1 - top, x0 - left:x1 - left] = img[..., y0:y1, x0:x1]
+    return out
+
+
 def _shift(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     """``out[i, ..., r, c] = x[i, ..., r + dy[i], c + dx[i]]``, zero where that falls outside the image."""
     h, w = x.shape[-2:]
@@ -121,6 +143,10 @@ class Jitter:
         p = params.long()
         return _shift(x, p[:, 0], p[:, 1])
 
+    def cut(self, img: torch.Tensor, row: Sequence[float]) -> torch.Tensor:
+        """On an original image: the window of its size shifted by ``(shift_y, shift_x)``, zero-filled."""
+        return _cut(img, int(row[0]), int(row[1]), *img.shape[-2:])
+
 
 @dataclass(frozen=True)
 class Crop:
@@ -144,6 +170,52 @@ class Crop:
         p = params.long() - self.pad
         return _shift(x, p[:, 0], p[:, 1])
 
+    def cut(self, img: torch.Tensor, row: Sequence[float]) -> torch.Tensor:
+        """On an original image: ``padded[top:top + H, left:left + W]`` of the image padded by PAD."""
+        return _cut(img, int(row[0]) - self.pad, int(row[1]) - self.pad, *img.shape[-2:])
+
+
+@dataclass(frozen=True)
+class RandomCrop:
+    """A ``size`` x ``size`` window at a random position, without padding (torchvision's RandomCrop):
+    ``out[r, c] = x[top + r, left + c]``, ``top`` in ``0..H - size``. On a tensor dataset the window is
+    resized back to the input's size (bilinear, as ``resized-crop``); an image smaller than the window
+    is refused."""
+
+    size: int
+    columns: tuple[str, ...] = ("top", "left")
+
+    def check_shape(self, item_shape: Sequence[int]) -> None:
+        h, w = _image_shape(f"random-crop:{self.size}", item_shape)
+        if min(h, w) < self.size:
+            raise ValueError(f"random-crop:{self.size} needs images of at least {self.size}x{self.size}, "
+                             f"not {h}x{w}")
+
+    def sample(self, generator: torch.Generator, n: int, item_shape: tuple[int, ...]) -> torch.Tensor:
+        return self.sample_keyed(_keys_from(generator, n), item_shape)
+
+    def sample_keyed(self, keys: np.ndarray, item_shape: Any) -> torch.Tensor:
+        """``top = floor(u[0] * (H - SIZE + 1))``, ``left = floor(u[1] * (W - SIZE + 1))``."""
+        h, w = _sizes(f"random-crop:{self.size}", item_shape, len(keys))
+        small = (h < self.size) | (w < self.size)
+        if small.any():
+            i = int(np.flatnonzero(small)[0])
+            raise ValueError(f"random-crop:{self.size} needs images of at least {self.size}x{self.size}, "
+                             f"not {int(h[i])}x{int(w[i])} (row {i})")
+        u = uniforms(keys, 2)
+        top, left = np.floor(u[:, 0] * (h - self.size + 1)), np.floor(u[:, 1] * (w - self.size + 1))
+        return torch.from_numpy(np.stack([top, left], axis=1).astype(np.float32))
+
+    def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        s = torch.full((len(params), 1), float(self.size))
+        return ResizedCrop(1.0).apply(x, torch.cat([params[:, :2], s, s], dim=1))
+
+    def cut(self, img: torch.Tensor, row: Sequence[float]) -> torch.Tensor:
+        return _cut(img, int(row[0]), int(row[1]), self.size, self.size)
+
+    def cut_sizes(self, params: torch.Tensor, sizes: np.ndarray) -> np.ndarray:
+        return np.full_like(sizes, self.size)
+
 
 @dataclass(frozen=True)
 class Flip:
@@ -166,6 +238,9 @@ class Flip:
         out = x.clone()
         out[sel] = x[sel].flip(-1)
         return out
+
+    def cut(self, img: torch.Tensor, row: Sequence[float]) -> torch.Tensor:
+        return img.flip(-1) if row[0] > 0.5 else img
 
 
 @dataclass(frozen=True)
@@ -193,21 +268,23 @@ class ResizedCrop:
         wide and ``round(sqrt(area / ratio))`` high; the first that fits is placed at
         ``top = floor(u[20] (H - height + 1))``, ``left = floor(u[21] (W - width + 1))``; if none fits,
         the centred box of the whole image clamped to the ratio range."""
-        h, w = _image_shape("resized-crop", item_shape)
-        u = uniforms(keys, 22)
         n = len(keys)
-        area = h * w * (self.scale_min + (self.scale_max - self.scale_min) * u[:, :10])
+        h, w = _sizes("resized-crop", item_shape, n)
+        u = uniforms(keys, 22)
+        area = (h * w)[:, None] * (self.scale_min + (self.scale_max - self.scale_min) * u[:, :10])
         lo, hi = math.log(self.ratio_min), math.log(self.ratio_max)
         ratio = np.exp(lo + (hi - lo) * u[:, 10:20])
         cw, ch = np.round(np.sqrt(area * ratio)), np.round(np.sqrt(area / ratio))
-        ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+        ok = (cw > 0) & (cw <= w[:, None]) & (ch > 0) & (ch <= h[:, None])
         first = ok.argmax(1)
         found = ok.any(1)
         rows = np.arange(n)
         ch, cw = ch[rows, first], cw[rows, first]
         top, left = np.floor(u[:, 20] * (h - ch + 1)), np.floor(u[:, 21] * (w - cw + 1))
-        r = min(max(w / h, self.ratio_min), self.ratio_max)  # no try fitted: torchvision's centre crop
-        fw, fh = (w, min(h, round(w / r))) if w / h > r else (min(w, round(h * r)), h)
+        r = np.minimum(np.maximum(w / h, self.ratio_min), self.ratio_max)  # no try fitted: the centred box
+        wide = w / h > r
+        fw = np.where(wide, w, np.minimum(w, np.round(h * r)))
+        fh = np.where(wide, np.minimum(h, np.round(w / r)), h)
         ch, cw = np.where(found, ch, fh), np.where(found, cw, fw)
         top, left = np.where(found, top, (h - fh) // 2), np.where(found, left, (w - fw) // 2)
         return torch.from_numpy(np.stack([top, left, ch, cw], axis=1).astype(np.float32))
@@ -225,6 +302,14 @@ class ResizedCrop:
         out = F.grid_sample(img.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
         out = out.to(x.dtype)
         return out.squeeze(1) if squeeze else out
+
+    def cut(self, img: torch.Tensor, row: Sequence[float]) -> torch.Tensor:
+        """On an original image: the box itself, ``img[top:top + height, left:left + width]`` (the
+        dataset resizes the result to its ``size``)."""
+        return _cut(img, int(row[0]), int(row[1]), int(row[2]), int(row[3]))
+
+    def cut_sizes(self, params: torch.Tensor, sizes: np.ndarray) -> np.ndarray:
+        return params[:, 2:4].numpy().astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -261,6 +346,28 @@ class Compose:
             a += k
         return x
 
+    @property
+    def cuts(self) -> bool:
+        return all(hasattr(p, "cut") for p in self.parts)
+
+    def sample_sized(self, keys: np.ndarray, sizes: np.ndarray) -> torch.Tensor:
+        """On original images: part ``i`` draws from ``derive_keys(keys, i)`` for the size the parts
+        before it leave (a box part leaves its box's size; the others keep the size)."""
+        out = []
+        for i, p in enumerate(self.parts):
+            params = p.sample_keyed(derive_keys(keys, i), sizes)
+            out.append(params)
+            sizes = p.cut_sizes(params, sizes) if hasattr(p, "cut_sizes") else sizes
+        return torch.cat(out, dim=1)
+
+    def cut(self, img: torch.Tensor, row: Sequence[float]) -> torch.Tensor:
+        a = 0
+        for p in self.parts:
+            k = len(p.columns)
+            img = p.cut(img, row[a:a + k])
+            a += k
+        return img
+
 
 def check_shape(aug: Any, item_shape: Sequence[int]) -> None:
     check = getattr(aug, "check_shape", None)
@@ -288,7 +395,8 @@ def _number(text: str, spec: str, kind: type) -> Any:
     return v
 
 
-BUILTINS = ("jitter:N", "crop:PAD", "flip", "resized-crop:SCALE_MIN[,SCALE_MAX[,RATIO_MIN,RATIO_MAX]]")
+BUILTINS = ("jitter:N", "crop:PAD", "random-crop:SIZE", "flip",
+            "resized-crop:SCALE_MIN[,SCALE_MAX[,RATIO_MIN,RATIO_MAX]]")
 
 
 def _one(part: str, spec: str) -> Any:
@@ -297,6 +405,11 @@ def _one(part: str, spec: str) -> Any:
         return Jitter(_number(arg, spec, int))
     if name == "crop":
         return Crop(_number(arg, spec, int))
+    if name == "random-crop":
+        size = _number(arg, spec, int)
+        if size < 1:
+            raise SpecError(f"{{param:augment}} {spec!r}: random-crop:SIZE needs a SIZE of at least 1")
+        return RandomCrop(size)
     if name == "flip":
         if arg:
             raise SpecError(f"{{param:augment}} {spec!r}: flip takes no argument")

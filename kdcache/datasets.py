@@ -144,8 +144,12 @@ def fingerprint(dataset: Any) -> str:
     dataset adds with ``fingerprint_extra()`` (``hf-chat:``: the rule that picks its rows).
 
     Catches another dataset, another split, another preprocessing or a re-ordering, without
-    reading every item of a large dataset.
+    reading every item of a large dataset. A dataset of image files gives its own
+    (``content_fingerprint()``: its file listing, not decoded pixels; see kdcache/vision/images.py).
     """
+    own = getattr(dataset, "content_fingerprint", None)
+    if callable(own):
+        return own()
     n = len(dataset)
     idx = np.unique(np.linspace(0, max(n - 1, 0), min(n, FINGERPRINT_ITEMS)).round().astype(np.int64))
     h = hashlib.sha256(f"kdcache-fingerprint-1;n={n}".encode())
@@ -263,6 +267,12 @@ def load_dataset(spec: str, data_root: str | os.PathLike | None = None) -> Resol
         return ResolvedDataset(ds, spec, "synthetic", None, ds.classes)
     if name == "text":
         return _load_text(spec, rest, data_root)
+    if name == "imagefolder":
+        from kdcache.vision.images import load_imagefolder
+        return load_imagefolder(spec, rest)
+    if name == "hf-image":
+        from kdcache.vision.hf_image import load_hf_image
+        return load_hf_image(spec, rest)
     if name in ("hf-text", "hf-chat"):
         if name == "hf-text":
             from kdcache.integrations.hf import HFText as kind
@@ -277,8 +287,8 @@ def load_dataset(spec: str, data_root: str | os.PathLike | None = None) -> Resol
         ds = _load_npz(path, rest or None)
         classes = int(ds.labels.max()) + 1 if ds.labels is not None and len(ds.labels) else None
         return ResolvedDataset(ds, spec, path.stem, rest or None, classes)
-    known = ("use mnist:train, mnist:test, synthetic:N, text:PATH, hf-text:PATH, hf-chat:PATH, a .npz file or "
-             "package.module:callable")
+    known = ("use mnist:train, mnist:test, synthetic:N, text:PATH, hf-text:PATH, hf-chat:PATH, imagefolder:DIR, "
+             "hf-image:PATH, a .npz file or package.module:callable")
     if rest and "." in name or (rest and name.isidentifier()):
         try:
             fn = import_callable(spec, "dataset")
@@ -320,7 +330,7 @@ def _spec_paths(spec: str) -> list[tuple[int, int]]:
     ``hf-chat:``, a ``.npz`` file, and the values of ``tokenizer=`` and ``template=``."""
     spans = []
     kind, sep, rest = spec.partition(":")
-    if kind in ("text", "hf-text", "hf-chat") and sep:
+    if kind in ("text", "hf-text", "hf-chat", "imagefolder", "hf-image") and sep:
         start = len(kind) + 1
         end = spec.find(",", start)
         spans.append((start, len(spec) if end < 0 else end))
@@ -393,6 +403,18 @@ def recorded_model_spec(spec: str, store: str | None) -> str:
     if os.path.isabs(head) or not os.path.exists(joined):
         return spec
     return ("hf:" if hf else "") + joined + sep + tail
+
+
+def completed_spec(dataset_spec: str | None, teachers: list[str] | None = None, store: str | None = None,
+                   student: str | None = None) -> Any:
+    """A dataset spec with what it leaves to its models or its store filled in: the tokenizer of an
+    ``hf-text:``/``hf-chat:`` corpus (:func:`with_tokenizer`), the preprocessing of an image dataset
+    (:func:`kdcache.vision.images.with_preprocess`). Other specs are returned as they are."""
+    spec = with_tokenizer(dataset_spec, teachers, store)
+    if spec and spec.partition(":")[0] in ("imagefolder", "hf-image"):
+        from kdcache.vision.images import with_preprocess
+        spec = with_preprocess(spec, teachers, store, student)
+    return spec
 
 
 def with_tokenizer(dataset_spec: str | None, teachers: list[str] | None = None, store: str | None = None) -> Any:

@@ -9,6 +9,7 @@ makes the fewest errors there, the smallest such value on ties.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,13 +101,15 @@ def tune_bias(model: nn.Module, bias: torch.Tensor, cls: int, dataset: Any, rows
 def evaluate(c: EvalConfig) -> dict[str, Any]:
     """Errors, accuracy, errors per class (and agreement with ``eval_store``) of ``c.model`` on
     ``c.dataset``, with the class biases applied; a dict ready for JSON."""
-    from kdcache.datasets import load_dataset
+    from kdcache.datasets import completed_spec, load_dataset
     from kdcache.distributed import resolve_device
     from kdcache.specs import load_model
     from kdcache.subset import resolve_subset
     from kdcache.train.config import TrainConfig
     from kdcache.train.epoch_eval import Evaluator
     device = resolve_device(c.device)
+    c = dataclasses.replace(c, dataset=completed_spec(c.dataset, student=c.model),  # the student's preprocessing
+                            tune_dataset=completed_spec(c.tune_dataset, student=c.model))
     data = load_dataset(c.dataset, c.data_root)
     model = load_model(c.model, data.input_shape, data.num_classes).module.to(device).eval()
     if data.num_classes is None:

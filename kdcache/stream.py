@@ -30,6 +30,10 @@ def check_pairing(store: LogitStore, dataset: Any, spec: str | None = None) -> N
             f"given ({name}) has {len(data)}; pass the dataset the store was dumped from")
     fp = dataset.fingerprint if isinstance(dataset, ResolvedDataset) else fingerprint(data)
     if fp != want["fingerprint"]:
+        changed = data.explain_change(want.get("files")) if hasattr(data, "explain_change") else None
+        if changed:
+            raise StoreError(f"store {store.path!r} was dumped from {want['spec']!r}, but {changed} since; pass the "
+                             f"files the store was dumped from, or dump a new store")
         raise StoreError(
             f"store {store.path!r} was written from {want['spec']!r} with fingerprint {want['fingerprint'][:16]} "
             f"but the dataset given ({name}) has fingerprint {fp[:16]}: different data, order or preprocessing; "
@@ -227,9 +231,12 @@ class DistillStream(IterableDataset):
 
     def _batch(self, window: Block, sel: np.ndarray) -> tuple[Any, ...]:
         sid = window.sample_ids[sel]
-        x = None if self.dataset is None else get_batch(self.dataset, sid)[0]
-        if x is not None and self.augmenter is not None:
-            x = self.augmenter.apply(x, window.data["view_params"][sel])
+        if self.dataset is None:
+            x = None
+        elif self.augmenter is not None:
+            x = self.augmenter.batch(self.dataset, sid, params=window.data["view_params"][sel])[0]
+        else:
+            x = get_batch(self.dataset, sid)[0]
         out = (x, torch.from_numpy(window.labels[sel]), self._targets(window, sel))
         return (*out, torch.from_numpy(sid)) if self.return_ids else out
 
@@ -294,10 +301,11 @@ class DatasetStream(IterableDataset):
         per_token = is_sequence_dataset(self.dataset)
         for a in range(0, stop, self.batch_size):
             ids = rows[a:a + self.batch_size]
-            x, y = get_batch(self.dataset, ids)
             if self.augmenter is not None:
                 view = epoch_view(self.seed, self.epoch, self.augmenter.views.count)
-                x = self.augmenter.apply(x, self.augmenter.draw(ids, np.full(len(ids), view)))
+                x, y, _ = self.augmenter.batch(self.dataset, ids, views=np.full(len(ids), view))
+            else:
+                x, y = get_batch(self.dataset, ids)
             out: tuple[Any, ...] = (x, y, None)
             if per_token:
                 out = (*out, row_mask(self.dataset, ids, x.shape[1]))

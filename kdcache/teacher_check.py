@@ -133,9 +133,10 @@ def _stored_and_live(store: LogitStore, sel: np.ndarray, dataset: Any, modules: 
     blocks = [store.read(int(r), int(r) + 1) for r in sel]
     data = {k: np.concatenate([b.data[k] for b in blocks]) for k in m.data_arrays}
     sample_ids = np.concatenate([b.sample_ids for b in blocks])
-    x, _ = get_batch(dataset, sample_ids)
     if augmenter is not None:
-        x = augmenter.apply(x, data["view_params"])
+        x = augmenter.batch(dataset, sample_ids, params=data["view_params"])[0]
+    else:
+        x, _ = get_batch(dataset, sample_ids)
     with torch.inference_mode():
         out = torch.stack([mod(x.to(device)) for mod in modules], dim=1)
     return data, out.float().cpu().numpy()

@@ -8,6 +8,7 @@ contiguous range, as a store without views is read. Each row keeps the parameter
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from kdcache.augment import Augmentation, _sampled, check_shape, parse_augment
+from kdcache.datasets import get_batch
 from kdcache.errors import SpecError, StoreError
 
 _MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9)
@@ -36,10 +38,17 @@ def view_keys(seed: int, sample_ids: np.ndarray, views: np.ndarray) -> np.ndarra
 
 
 def draw_params(aug: Any, seed: int, sample_ids: np.ndarray, views: np.ndarray,
-                item_shape: tuple[int, ...]) -> torch.Tensor:
+                item_shape: tuple[int, ...], sizes: np.ndarray | None = None) -> torch.Tensor:
     """``[n, P]`` float32: row ``i`` drawn from the key ``view_seed(seed, sample_ids[i], views[i])``,
     by the built-ins' ``sample_keyed`` (counter-based, all rows at once), or by ``aug.sample`` with a
-    ``torch.Generator`` seeded by the key, one row at a time (a user's augmentation)."""
+    ``torch.Generator`` seeded by the key, one row at a time (a user's augmentation).
+
+    With ``sizes`` (``[n, 2]``: each original image's height and width), a built-in draws relative to
+    each original image (views cut from the original, see :func:`cuts_originals`)."""
+    if sizes is not None and cuts_originals(aug):
+        keys = view_keys(seed, sample_ids, views)
+        sized = aug.sample_sized if hasattr(aug, "sample_sized") else aug.sample_keyed
+        return sized(keys, np.asarray(sizes, dtype=np.int64)).float()
     if hasattr(aug, "sample_keyed") and getattr(aug, "keyed", True):
         out = aug.sample_keyed(view_keys(seed, sample_ids, views), item_shape)
         if out.shape != (len(sample_ids), len(aug.columns)):
@@ -54,6 +63,12 @@ def draw_params(aug: Any, seed: int, sample_ids: np.ndarray, views: np.ndarray,
     return out
 
 
+def cuts_originals(aug: Any) -> bool:
+    """Whether ``aug`` can cut views from original images of any size (``cut(image, row)``): the
+    built-ins and their compositions can; a user's augmentation applies to the resized images."""
+    return hasattr(aug, "cut") and getattr(aug, "cuts", True)
+
+
 def epoch_view(seed: int, epoch: int, count: int) -> int:
     """The view every sample is paired with in ``epoch`` (0-based) of a run with data seed ``seed``:
     ``(seed + epoch) mod V``. With V equal to the number of epochs, every epoch sees a fresh view."""
@@ -64,13 +79,22 @@ def epoch_view(seed: int, epoch: int, count: int) -> int:
 class Views:
     """A store's views, as its manifest records them (``views``): ``count`` views per sample, the
     ``augment`` spec, its parameter ``columns``, the ``seed`` they were drawn from, and the
-    ``item_shape`` of the inputs they apply to."""
+    ``item_shape`` of the inputs they apply to (of the views, when ``originals``: the views were cut
+    from each original image, of any size, then resized to ``item_shape``)."""
 
     count: int
     augment: str
     columns: list[str]
     seed: int
     item_shape: list[int]
+    originals: bool = False
+
+    def asdict(self) -> dict[str, Any]:
+        """The manifest's field; ``originals`` is written only when true (older readers refuse it)."""
+        d = dataclasses.asdict(self)
+        if not self.originals:
+            del d["originals"]
+        return d
 
     @classmethod
     def from_manifest(cls, d: dict[str, Any], where: str) -> "Views":
@@ -98,13 +122,20 @@ class Views:
 
 
 def make_views(spec: str, count: int, seed: int, item_shape: tuple[int, ...], dataset_spec: str,
-               probe: torch.Tensor | None = None) -> Views:
+               probe: torch.Tensor | None = None, dataset: Any = None) -> Views:
     """Check an ``--augment``/``--views`` request against the dataset's items, before anything runs:
     the augmentation must accept the items, draw ``[n, len(columns)]`` parameters and (on ``probe``,
-    a batch of items) give inputs of the items' shape."""
+    a batch of items) give inputs of the items' shape.
+
+    On a dataset of image files (one with ``get_views``), a built-in augmentation cuts its views from
+    each original image (``originals``); the dataset checks them on its first item."""
     if count < 1:
         raise SpecError(f"{{param:views}} {count}: give at least 1 view per sample")
     aug = parse_augment(spec)
+    if dataset is not None and hasattr(dataset, "get_views") and cuts_originals(aug):
+        views = Views(count, spec, list(aug.columns), seed, list(item_shape), originals=True)
+        ViewAugmenter(views, dataset_spec).batch(dataset, np.zeros(1, dtype=np.int64), views=np.zeros(1, np.int64))
+        return views
     try:
         check_shape(aug, item_shape)
     except ValueError as e:
@@ -146,8 +177,22 @@ class ViewAugmenter:
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["views"], state["where"])
 
-    def draw(self, sample_ids: np.ndarray, views: np.ndarray) -> torch.Tensor:
-        return draw_params(self.aug, self.views.seed, sample_ids, views, tuple(self.views.item_shape))
+    def draw(self, sample_ids: np.ndarray, views: np.ndarray, sizes: np.ndarray | None = None) -> torch.Tensor:
+        return draw_params(self.aug, self.views.seed, sample_ids, views, tuple(self.views.item_shape), sizes)
+
+    def batch(self, dataset: Any, sample_ids: np.ndarray, params: Any = None, views: np.ndarray | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(inputs, labels, params)`` of dataset items ``sample_ids``, each augmented with its view:
+        ``params`` given (replayed from a store), or drawn for view ``views[i]`` of each item. A
+        dataset of image files cuts the views from its originals (``get_views``); any other dataset's
+        items are fetched and augmented here."""
+        if hasattr(dataset, "get_views"):
+            p = None if params is None else torch.as_tensor(np.asarray(params)).float()
+            x, y, p = dataset.get_views(np.asarray(sample_ids), self, p, views)
+            return x, y, p
+        x, y = get_batch(dataset, sample_ids)
+        p = self.draw(sample_ids, views) if params is None else params
+        return self.apply(x, p), y, torch.as_tensor(np.asarray(p) if not isinstance(p, torch.Tensor) else p)
 
     def apply(self, x: torch.Tensor, params: torch.Tensor | np.ndarray) -> torch.Tensor:
         p = torch.as_tensor(np.asarray(params) if not isinstance(params, torch.Tensor) else params)

@@ -27,11 +27,11 @@ class Batches(Dataset):
 
     def __getitem__(self, item: tuple[int, Any, np.ndarray, int]) -> tuple[Any, ...]:
         chunk, pos, indices, first = item
-        x, y = get_batch(self.dataset, indices)
-        params = None
-        if self.augmenter is not None:
-            params = self.augmenter.draw(indices, (first + np.arange(len(indices))) // self.per_view)
-            x = self.augmenter.apply(x, params)
+        if self.augmenter is None:
+            x, y = get_batch(self.dataset, indices)
+            return chunk, pos, x, y, None
+        views = (first + np.arange(len(indices))) // self.per_view
+        x, y, params = self.augmenter.batch(self.dataset, indices, views=views)
         return chunk, pos, x, y, params
 
 

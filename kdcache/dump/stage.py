@@ -65,7 +65,7 @@ def prepare(cfg: DumpConfig, device: torch.device, members: list[ResolvedModel] 
                             f"hold augmented views; dump without {{param:augment}}")
         probe = get_batch(dataset.dataset, rows[:1])[0]
         views = make_views(cfg.augment, 1 if cfg.views is None else cfg.views, cfg.seed, input_shape, cfg.dataset,
-                           probe)
+                           probe, dataset.dataset)
         num_rows = views.count * len(rows)
     if is_sequence_dataset(dataset.dataset):
         lengths = np.asarray(dataset.dataset.lengths(rows), dtype=np.int64)
@@ -88,7 +88,7 @@ def prepare(cfg: DumpConfig, device: torch.device, members: list[ResolvedModel] 
         chunk_rows=cfg.chunk_rows or 1, members=described, layout=layout.name, layout_params=layout.params(),
         dataset={**dataset.describe(), "spec": portable_spec(dataset.spec, cfg.out), "subset": subset_desc},
         compression=cfg.compression, class_names=names,
-        sequences=sequences, views=None if views is None else dataclasses.asdict(views))
+        sequences=sequences, views=None if views is None else views.asdict())
     if not cfg.chunk_rows:
         manifest.chunk_rows = default_chunk_rows(manifest.row_bytes(), num_rows)
     _warn_dense_size(manifest)
@@ -144,9 +144,8 @@ def dump_logits(cfg: DumpConfig, members: list[ResolvedModel] | None = None) -> 
     Without ``cfg.out`` (or with ``"cache"``) the store goes to the store cache under its key: a
     complete store there is reused without running the teacher, an incomplete one is resumed, and a
     second process asking for the same key waits for the first (see kdcache.cache)."""
-    if cfg.dataset.startswith(("hf-text:", "hf-chat:")):
-        from kdcache.datasets import with_tokenizer
-        cfg = dataclasses.replace(cfg, dataset=with_tokenizer(cfg.dataset, cfg.teachers))
+    from kdcache.datasets import completed_spec  # the teacher's tokenizer or preprocessing by default
+    cfg = dataclasses.replace(cfg, dataset=completed_spec(cfg.dataset, cfg.teachers))
     if cfg.out in (None, "cache"):
         return _dump_to_cache(cfg)
     t0 = time.perf_counter()
@@ -181,7 +180,8 @@ def dump_logits(cfg: DumpConfig, members: list[ResolvedModel] | None = None) -> 
         writer.start()
         sampler = (ChunkBatches(rows, mine, manifest.chunk_rows, cfg.batch_size) if index is None
                    else SequenceChunkBatches(index, mine, unit_rows, cfg.batch_size))
-        augmenter = None if manifest.views is None else ViewAugmenter(Views(**manifest.views), cfg.out)
+        augmenter = (None if manifest.views is None
+                     else ViewAugmenter(Views.from_manifest(manifest.views, cfg.out), cfg.out))
         loader = DataLoader(Batches(dataset.dataset, augmenter, manifest.samples_per_view), sampler=sampler,
                             batch_size=None, num_workers=cfg.workers,
                             pin_memory=device.type == "cuda", persistent_workers=False,

@@ -121,10 +121,12 @@ class Manifest:
                 raise StoreError(f"sequences {q!r}: give count (1..num_samples), max_length and lengths_sha256")
         if self.views is not None:
             v = self.views
-            if (not isinstance(v, dict) or set(v) != {"count", "augment", "columns", "seed", "item_shape"}
+            known = {"count", "augment", "columns", "seed", "item_shape"}
+            if (not isinstance(v, dict) or set(v) - {"originals"} != known
                     or not isinstance(v["count"], int) or v["count"] < 1 or self.num_samples % v["count"]
                     or not v["columns"]):
-                raise StoreError(f"views {v!r}: give count (dividing num_samples), augment, columns, seed, item_shape")
+                raise StoreError(f"views {v!r}: give count (dividing num_samples), augment, columns, seed, item_shape "
+                                 f"(and originals: true for views cut from original images)")
             if self.sequences is not None:
                 raise StoreError("a store has a row per token position or augmented views, not both")
         if self.class_names is not None and len(self.class_names) != self.num_classes:

@@ -47,10 +47,9 @@ def train_students(cfg: TrainConfig) -> list[dict[str, Any]]:
     settings and final metrics).
     """
     c = cfg.resolved()
-    if any(s and s.startswith(("hf-text:", "hf-chat:")) for s in (c.dataset, c.eval_dataset)):
-        from kdcache.datasets import with_tokenizer  # the teacher's (or the store's) tokenizer by default
-        c.dataset = with_tokenizer(c.dataset, c.teachers, c.store)
-        c.eval_dataset = with_tokenizer(c.eval_dataset, c.teachers, c.store)
+    from kdcache.datasets import completed_spec  # the store's (or the teacher's) tokenizer or preprocessing
+    c.dataset = completed_spec(c.dataset, c.teachers, c.store, c.student)
+    c.eval_dataset = completed_spec(c.eval_dataset, c.teachers, c.store, c.student)
     if c.engine == "trainer":
         from kdcache.integrations.hf_trainer import train_with_trainer
         return train_with_trainer(c)

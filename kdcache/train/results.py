@@ -31,7 +31,8 @@ def write_run(r: Student, module: nn.Module, c: TrainConfig, arch: str, input_sh
     save_checkpoint(module, r.out, arch, input_shape, num_classes,
                     extra={"dropout": c.dropout, "run": r.name, "soft_loss": r.loss if c.distills else None,
                            "temperature": r.temperature, "alpha": r.alpha,
-                           "seed": r.seed, "lr": r.lr, "store": c.store})
+                           "seed": r.seed, "lr": r.lr, "store": c.store,
+                           "preprocess": data.describe().get("preprocess")})
     from kdcache.integrations.hf import save_pretrained
     save_pretrained(module, r.out, tokenizer)  # hf: students, for plain transformers
     (r.out / "config.json").write_text(json.dumps(config, indent=2))

@@ -2,7 +2,6 @@
 epoch must cover; with the checks that refuse, before training, what cannot be trained."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -69,7 +68,8 @@ def open_training_data(c: TrainConfig, device: torch.device | None = None) -> Tr
     if c.augment:
         if per_token:
             raise ConfigError(f"{{param:augment}} with dataset {c.dataset!r}: sequence datasets are not augmented")
-        views = make_views(c.augment, c.views, c.augment_seed, data.input_shape, c.dataset, probe_inputs(data, 1))
+        views = make_views(c.augment, c.views, c.augment_seed, data.input_shape, c.dataset, probe_inputs(data, 1),
+                           data.dataset)
     rows, _ = resolve_subset(c.subset, data.dataset)
     stream = DatasetStream(data, c.batch_size, indices=rows, seed=c.data_seed, return_ids=True, views=views)
     teacher, ident = None, None
@@ -80,7 +80,7 @@ def open_training_data(c: TrainConfig, device: torch.device | None = None) -> Tr
     else:
         num_classes = data.num_classes
     if views is not None:
-        ident = {**(ident or {}), "views": dataclasses.asdict(views)}
+        ident = {**(ident or {}), "views": views.asdict()}
     return TrainingData(data, stream, num_classes, per_token, _id_sums([rows]), ident, teacher)
 
 
