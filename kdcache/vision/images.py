@@ -125,7 +125,8 @@ class ImageDataset(Dataset):
             raise StoreError(f"image {self.source.where(i)!r} no longer exists; the dataset changed since it was "
                              f"listed") from None
         except (OSError, ValueError, SyntaxError) as e:
-            raise BadImage(f"image {self.source.where(i)!r} cannot be decoded ({e}); replace or remove the file") from None
+            raise BadImage(f"image {self.source.where(i)!r} cannot be decoded ({e}); replace or remove the "
+                           f"file") from None
         return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
 
     def _converted(self, mode: str, i: int) -> None:
