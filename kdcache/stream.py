@@ -23,17 +23,18 @@ def check_pairing(store: LogitStore, dataset: Any, spec: str | None = None) -> N
     want = store.manifest.dataset
     name = spec or getattr(dataset, "spec", None) or type(dataset).__name__
     data = dataset.dataset if isinstance(dataset, ResolvedDataset) else dataset
+    fp = dataset.fingerprint if isinstance(dataset, ResolvedDataset) else fingerprint(data)
+    if fp != want["fingerprint"]:  # a dataset of files says which file changed
+        changed = data.explain_change(want.get("files")) if hasattr(data, "explain_change") else None
+        if changed:
+            raise StoreError(f"store {store.path!r} was dumped from {want['spec']!r}, but {changed} since; pass the "
+                             f"files the store was dumped from, or dump a new store")
     if len(data) != want["length"]:
         raise StoreError(
             f"store {store.path!r} was written from {want['length']} "
             f"{'sequences' if store.manifest.per_token else 'samples'} of {want['spec']!r} but the dataset "
             f"given ({name}) has {len(data)}; pass the dataset the store was dumped from")
-    fp = dataset.fingerprint if isinstance(dataset, ResolvedDataset) else fingerprint(data)
     if fp != want["fingerprint"]:
-        changed = data.explain_change(want.get("files")) if hasattr(data, "explain_change") else None
-        if changed:
-            raise StoreError(f"store {store.path!r} was dumped from {want['spec']!r}, but {changed} since; pass the "
-                             f"files the store was dumped from, or dump a new store")
         raise StoreError(
             f"store {store.path!r} was written from {want['spec']!r} with fingerprint {want['fingerprint'][:16]} "
             f"but the dataset given ({name}) has fingerprint {fp[:16]}: different data, order or preprocessing; "

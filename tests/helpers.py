@@ -223,3 +223,33 @@ class Overflowing(nn.Module):
 
 def overflowing_student() -> nn.Module:
     return Overflowing()
+
+
+class RGBTeacher(nn.Module):
+    """A seeded small conv net on ``[B, 3, H, W]`` images of any size (global pooling); with ``record``
+    it keeps every input batch in SEEN_INPUTS."""
+
+    def __init__(self, record: bool = False, seed: int = 0, classes: int = 10) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.head = nn.Linear(8, classes)
+        self.record = record
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.record:
+            SEEN_INPUTS.append(x.detach().clone())
+        return self.head(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def rgb_teacher() -> nn.Module:
+    return RGBTeacher()
+
+
+def recording_rgb_teacher() -> nn.Module:
+    return RGBTeacher(record=True)
+
+
+def rgb_teacher_5() -> nn.Module:
+    return RGBTeacher(classes=5)

@@ -78,8 +78,16 @@ class ImageFolderSource:
     def __len__(self) -> int:
         return len(self.names)
 
+    @property
+    def header(self) -> str:
+        return f"labelled={int(self.labelled)}"
+
     def read(self, i: int) -> bytes:
         return (self.root / self.names[i]).read_bytes()
+
+    def entry(self, i: int) -> bytes:
+        """``relative path NUL size NUL label LF``, UTF-8."""
+        return f"{self.names[i]}\0{int(self.sizes[i])}\0{int(self.labels[i])}\n".encode()
 
     def where(self, i: int) -> str:
         return str(self.root / self.names[i])
@@ -130,9 +138,10 @@ class ImageDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
 
     def _converted(self, mode: str, i: int) -> None:
-        if self.spec not in _CONVERTED:
-            _CONVERTED.add(self.spec)
-            print(f"note: {self.spec.split(',')[0]}: images that are not RGB (first: {self.source.where(i)}, "
+        where = self.spec.split(",")[0]
+        if where not in _CONVERTED:
+            _CONVERTED.add(where)
+            print(f"note: {where}: images that are not RGB (first: {self.source.where(i)}, "
                   f"mode {mode}) are converted to RGB", file=sys.stderr)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
@@ -177,9 +186,6 @@ class ImageDataset(Dataset):
         return self.preprocess.normalize(torch.stack(out)), y, params
 
     # -- identity -----------------------------------------------------------------------------------
-    def _entry(self, i: int) -> bytes:
-        return f"{self.source.names[i]}\0{int(self.source.sizes[i])}\0{int(self.source.labels[i])}\n".encode()
-
     def _sampled(self) -> np.ndarray:
         n = len(self)
         return np.unique(np.linspace(0, max(n - 1, 0), min(n, SAMPLED_FILES)).round().astype(np.int64))
@@ -188,12 +194,12 @@ class ImageDataset(Dataset):
         """(listing sha256, group size, group digests, sampled files' digests)."""
         n = len(self)
         group = max(1, math.ceil(n / MAX_GROUPS))
-        whole = hashlib.sha256(f"kdcache-images-1;n={n}".encode())
+        whole = hashlib.sha256(f"kdcache-images-1;n={n};{self.source.header}".encode())
         groups = []
         for a in range(0, n, group):
             g = hashlib.sha256()
             for i in range(a, min(a + group, n)):
-                e = self._entry(i)
+                e = self.source.entry(i)
                 whole.update(e)
                 g.update(e)
             groups.append(g.hexdigest()[:16])

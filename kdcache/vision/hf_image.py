@@ -1,0 +1,146 @@
+"""``hf-image:PATH``: an image classification set read through ``datasets``: Parquet or Arrow files
+with an Image column, a ``save_to_disk`` directory, a folder for its ``imagefolder`` builder, or
+WebDataset tar shards (local or at a URL), the usual way large image sets are stored.
+
+Images are read undecoded (``Image(decode=False)``: the file's bytes, or its path) and decoded by
+:class:`kdcache.vision.images.ImageDataset`, like an ``imagefolder:`` dataset's files.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdcache.errors import SpecError
+from kdcache.spec_syntax import parse_kv
+from kdcache.vision import require
+from kdcache.vision.preprocess import KEYS, Preprocess
+
+BUILDERS = ("parquet", "arrow", "disk", "imagefolder", "webdataset")
+
+
+class HFImageSource:
+    """The rows of a ``datasets.Dataset``: ``read(i)`` gives row ``i``'s image bytes; ``labels`` the label
+    column (-1 without one); ``classes`` a ClassLabel's names. Identified by the ``datasets`` fingerprint
+    of what was loaded (its files, or the saved state) and each row's label."""
+
+    def __init__(self, ds: Any, image: str, label: str | None, where: str) -> None:
+        datasets = require("datasets", "hf-image datasets")
+        self.ds = ds.cast_column(image, datasets.Image(decode=False))
+        self.image, self.where_base = image, where
+        self.header = f"datasets:{ds._fingerprint}"
+        feature = ds.features.get(label) if label else None
+        self.classes = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+        if label:
+            self.labels = np.asarray(ds.with_format("numpy")[label], dtype=np.int64)
+        else:
+            self.labels = np.full(len(ds), -1, dtype=np.int64)
+        if self.classes is None and label and len(self.labels):
+            self.classes = [str(c) for c in range(int(self.labels.max()) + 1)]
+        self.names = [f"row {i}" for i in range(len(ds))]
+        self.sizes = np.zeros(len(ds), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def read(self, i: int) -> bytes:
+        item = self.ds[int(i)][self.image]
+        if item.get("bytes"):
+            return item["bytes"]
+        if item.get("path"):
+            with open(item["path"], "rb") as f:
+                return f.read()
+        raise SpecError(f"{self.where(i)} has no image (neither bytes nor a path); remove the row")
+
+    def where(self, i: int) -> str:
+        item = self.ds[int(i)][self.image]
+        return item.get("path") or f"{self.where_base} row {int(i)}"
+
+    def entry(self, i: int) -> bytes:
+        return f"{int(i)}\0{int(self.labels[i])}\n".encode()
+
+
+def _builder(path: str) -> tuple[str, Any]:
+    """Which way ``path`` is read and its data files."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists() or (p / "state.json").exists():
+            return "disk", path
+        tars = sorted(glob.glob(os.path.join(path, "*.tar")))
+        if tars:
+            return "webdataset", tars
+        parquet = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
+        if parquet:
+            return "parquet", parquet
+        return "imagefolder", path
+    if path.endswith(".tar") or ".tar" in path and "://" in path:
+        return "webdataset", sorted(glob.glob(path)) or [path]
+    if path.endswith(".parquet") or "*" in path and path.endswith(".parquet"):
+        return "parquet", sorted(glob.glob(path)) or [path]
+    if path.endswith(".arrow"):
+        return "arrow", sorted(glob.glob(path)) or [path]
+    raise SpecError(f"hf-image dataset {path!r}: not a directory, .parquet, .arrow or .tar file(s) (or they do not "
+                    f"exist); give builder= one of {', '.join(BUILDERS)}")
+
+
+def open_hf_image(path: str, split: str, builder: str | None) -> tuple[Any, str]:
+    """The ``datasets.Dataset`` of ``path`` (one split) and the way it was read."""
+    datasets = require("datasets", "hf-image datasets")
+    kind, files = (builder, path) if builder else _builder(path)
+    if kind not in BUILDERS:
+        raise SpecError(f"hf-image builder={kind!r}; use one of {', '.join(BUILDERS)}")
+    try:
+        if kind == "disk":
+            ds = datasets.load_from_disk(path)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise SpecError(f"hf-image dataset {path!r} has splits {', '.join(ds)}, not {split!r}; give split=")
+                ds = ds[split]
+        elif kind == "imagefolder":
+            ds = datasets.load_dataset("imagefolder", data_dir=path, split=split)
+        else:
+            ds = datasets.load_dataset(kind, data_files=files, split="train" if kind != "imagefolder" else split)
+    except SpecError:
+        raise
+    except (FileNotFoundError, ValueError) as e:
+        raise SpecError(f"hf-image dataset {path!r} cannot be read as {kind} ({str(e).splitlines()[0]})") from None
+    return ds, kind
+
+
+def load_hf_image(spec: str, rest: str) -> Any:
+    """``hf-image:PATH[,image=COL][,label=COL|none][,split=S][,builder=B][,size=..,mean=..]``."""
+    from kdcache.datasets import ResolvedDataset
+    from kdcache.vision.images import ImageDataset
+    kv = parse_kv(rest, ("path",))
+    path = kv.pop("path", "")
+    if not path:
+        raise SpecError(f"dataset spec {spec!r}: give the data, e.g. hf-image:images.parquet,image=image,label=label")
+    split, builder = kv.pop("split", "train"), kv.pop("builder", None)
+    image, label = kv.pop("image", None), kv.pop("label", None)
+    pre = Preprocess.from_kv(kv, spec)
+    if kv:
+        raise SpecError(f"dataset spec {spec!r}: unknown keys {sorted(kv)}; known: image, label, split, builder, "
+                        f"{', '.join(KEYS)}")
+    require("PIL.Image", f"dataset {spec!r}")
+    require("torchvision", f"dataset {spec!r}")
+    ds, kind = open_hf_image(path, split, builder)
+    datasets = require("datasets", "hf-image datasets")
+    images = [k for k, f in ds.features.items() if isinstance(f, datasets.Image)]
+    image = image or ("image" if "image" in images else images[0] if images else None)
+    if image not in ds.features:
+        raise SpecError(f"hf-image dataset {path!r} has no image column {image!r}; its columns are "
+                        f"{', '.join(ds.column_names)}: give image=COLUMN")
+    if label is None:
+        classes = [k for k, f in ds.features.items() if isinstance(f, datasets.ClassLabel)]
+        label = "label" if "label" in ds.features else classes[0] if classes else ("cls" if "cls" in ds.features
+                                                                                    else None)
+    elif label == "none":
+        label = None
+    elif label not in ds.features:
+        raise SpecError(f"hf-image dataset {path!r} has no label column {label!r}; its columns are "
+                        f"{', '.join(ds.column_names)}: give label=COLUMN or label=none")
+    data = ImageDataset(HFImageSource(ds, image, label, path), pre, spec)
+    return ResolvedDataset(data, spec, "hf-image", split, data.num_classes, data.class_names)
