@@ -130,7 +130,8 @@ def cli() -> None:
                    "a train-student checkpoint, or a TorchScript file (deprecated in PyTorch; prefer the others).")
 @click.option("--dataset", required=True,
               help="Dataset spec: mnist:train, synthetic:N, text:PATH, hf-text:PATH[,seq=N,tokenizer=DIR], "
-                   "hf-chat:PATH[,rows=assistant|all,template=FILE], FILE.npz, pkg.mod:fn.")
+                   "hf-chat:PATH[,rows=assistant|all,template=FILE], imagefolder:DIR[,size=S], "
+                   "hf-image:PATH[,image=COL,label=COL], FILE.npz, pkg.mod:fn.")
 @click.option("--out", default=None,
               help="Store path: DIR.zarr, FILE.h5, or an fsspec URL [default: the store cache, keyed by teacher "
                    "and data; a store already there is reused].")
@@ -155,10 +156,13 @@ def cli() -> None:
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the sampled layout's draws and of the views' augmentation parameters.")
 @click.option("--augment", default=None,
-              help="Store augmented views: jitter:N, crop:PAD, flip, resized-crop:SCALE_MIN[,...], a composition "
-                   "such as jitter:2+flip, or package.module:callable.")
+              help="Store augmented views: jitter:N, crop:PAD, random-crop:SIZE, flip, resized-crop:SCALE_MIN[,...], "
+                   "a composition such as resized-crop:0.08+flip, or package.module:callable. On image files the "
+                   "views are cut from each original image.")
 @click.option("--views", type=int, default=None, help="Views per sample with --augment [default: 1].")
 @click.option("--overwrite", is_flag=True, help="Replace a complete store at --out.")
+@click.option("--skip-bad-images", is_flag=True,
+              help="Image datasets: skip files that cannot be decoded (listed in the manifest) instead of stopping.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
 @data_root_option
 @storage_option

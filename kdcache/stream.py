@@ -12,6 +12,7 @@ from kdcache.background import read_ahead
 from kdcache.datasets import ResolvedDataset, fingerprint, get_batch
 from kdcache.errors import StoreError
 from kdcache.store import Block, LogitStore, open_store
+from kdcache.store.format import SKIPPED_LABEL
 from kdcache.text import is_sequence_dataset, row_mask
 from kdcache.views import ViewAugmenter, Views, epoch_view
 
@@ -176,6 +177,8 @@ class DistillStream(IterableDataset):
             if carry is not None:
                 reads.insert(0, carry)
             window = _concat(reads)
+            if self.store.manifest.skipped:  # rows whose inputs could not be read are never trained on
+                window = window.rows(np.flatnonzero(np.asarray(window.labels) != SKIPPED_LABEL))
             order = rng.permutation(len(window)) if self.shuffle else np.arange(len(window))
             full = len(order) // self.batch_size * self.batch_size
             for a in range(0, full, self.batch_size):

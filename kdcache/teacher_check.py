@@ -114,6 +114,9 @@ def _pick_rows(store: LogitStore, rows: int, seed: int) -> np.ndarray:
         return chosen  # sequence numbers
     candidates = (np.concatenate([np.arange(*m.chunk_range(int(c))) for c in written]) if len(written)
                   else np.zeros(0, int))
+    if m.skipped:  # rows whose inputs could not be read have nothing to compare
+        ids = np.concatenate([store.read_index(*m.chunk_range(int(c)))[0] for c in written])
+        candidates = candidates[~np.isin(ids, m.skipped)]
     return np.sort(rng.choice(candidates, size=min(rows, len(candidates)), replace=False))
 
 

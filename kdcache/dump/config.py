@@ -33,6 +33,7 @@ class DumpConfig:
     augment: str | None = None                # views: the augmentation spec, e.g. jitter:2+flip
     views: int | None = None                  # views: augmented views per sample (default 1 with augment)
     encode_on_device: bool | None = None      # topk: top-k and normalisers where the teacher ran [default: on a GPU]
+    skip_bad_images: bool = False             # image datasets: unreadable files are skipped, not fatal
     progress: bool | None = None  # None: a bar when stderr is a terminal
     layout_extra: dict[str, Any] = field(default_factory=dict)  # options of layouts registered by others
 
@@ -56,6 +57,7 @@ class DumpSummary:
     cache_key: str | None = None
     reused: bool = False
     repaired_chunks: list[int] = field(default_factory=list)  # damaged chunks of a cached store, recomputed
+    skipped: list[int] = field(default_factory=list)  # sample ids whose images could not be read
 
     def lines(self) -> list[str]:
         if self.reused:
@@ -72,5 +74,8 @@ class DumpSummary:
             resumed = (f", {self.resumed_chunks} chunks of the cached store kept, damaged chunks "
                        f"{_ranges(self.repaired_chunks)} recomputed")
         key = f", cache key {self.cache_key[:12]}" if self.cache_key else ""
+        if self.skipped:
+            shown = ", ".join(map(str, self.skipped[:10])) + (" ..." if len(self.skipped) > 10 else "")
+            acc += f"; {len(self.skipped)} unreadable images skipped (sample ids {shown}; in the manifest)"
         return [f"wrote {self.rows_written} of {self.rows} rows to {self.path} in {self.seconds:.1f}s "
                 f"({rate:,.0f} rows/s, {self.bytes_on_disk / 1e6:.1f} MB on disk{resumed}{key}){acc}"]

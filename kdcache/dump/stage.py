@@ -28,7 +28,7 @@ from kdcache.errors import KdcacheError, SpecError, StoreError
 from kdcache.progress import progress_bar
 from kdcache.specs import ResolvedModel, load_model, num_classes_of
 from kdcache.store import LogitStore, Manifest, create_store, default_chunk_rows, detect_format, open_store
-from kdcache.store.format import INDEX_CHUNK_FACTOR, sequence_lengths_digest
+from kdcache.store.format import INDEX_CHUNK_FACTOR, SKIPPED_LABEL, sequence_lengths_digest
 from kdcache.store.logit_store import _ranges
 from kdcache.subset import resolve_subset
 from kdcache.text import is_sequence_dataset, row_mask
@@ -45,6 +45,11 @@ def prepare(cfg: DumpConfig, device: torch.device, members: list[ResolvedModel] 
     if not cfg.teachers:
         raise SpecError("give at least one {param:teacher}")
     dataset = load_dataset(cfg.dataset, cfg.data_root)
+    if cfg.skip_bad_images:
+        if not hasattr(dataset.dataset, "skip_bad"):
+            raise SpecError(f"{{param:skip_bad_images}} applies to datasets of image files (imagefolder:, hf-image:), "
+                            f"not {cfg.dataset!r}")
+        dataset.dataset.skip_bad = True
     rows, subset_desc = resolve_subset(cfg.subset, dataset.dataset)
     input_shape = dataset.input_shape
     if members is None:
@@ -223,9 +228,13 @@ def dump_logits(cfg: DumpConfig, members: list[ResolvedModel] | None = None) -> 
         if part:
             store.close()  # HDF5 locks open files: rank 0 can merge this part only once it is closed
         info.barrier()
+        skipped: list[int] = []
         if info.is_main:
             if fmt == "hdf5" and info.enabled:
                 _merge_hdf5_parts(store, cfg.out, info.world_size)
+            if cfg.skip_bad_images:
+                skipped = skipped_ids(store)
+                store.manifest.skipped = skipped or None
             store.mark_complete()
         if info.is_main and resumed:  # the summary covers the whole store, not only what this run wrote
             count_kept(store, written, writer)
@@ -235,7 +244,7 @@ def dump_logits(cfg: DumpConfig, members: list[ResolvedModel] | None = None) -> 
         nbytes = store.nbytes_on_disk() if info.is_main else 0
         store.close()
         return DumpSummary(cfg.out, manifest.num_samples, rows_written, time.perf_counter() - t0, nbytes,
-                           accuracy[:-1], accuracy[-1], resumed)
+                           accuracy[:-1], accuracy[-1], resumed, skipped=skipped)
     finally:
         shutdown(info)
 
@@ -311,6 +320,15 @@ def _token_rows(modules: list[torch.nn.Module], x: torch.Tensor, y: torch.Tensor
     z = out.index_select(0, keep.to(device, non_blocking=True)).float()
     labels = y.reshape(-1)[keep] if y.ndim == 2 else y.repeat_interleave(torch.from_numpy(lengths))[lo:hi]
     return z, labels, max(a, base) - a
+
+
+def skipped_ids(store: LogitStore) -> list[int]:
+    """The sample ids of rows labelled SKIPPED_LABEL (inputs that could not be read), read block by block."""
+    found: set[int] = set()
+    for a in range(0, store.manifest.num_samples, 1 << 20):
+        ids, labels = store.read_index(a, min(a + (1 << 20), store.manifest.num_samples))
+        found.update(ids[labels == SKIPPED_LABEL].tolist())
+    return sorted(found)
 
 
 def _merge_hdf5_parts(store: LogitStore, out: str, world_size: int) -> None:

@@ -44,7 +44,8 @@ IDENTITY_FIELDS = (
 )
 # Fields a reader fills in when a manifest lacks them, and a writer leaves out at their default, so
 # that a store without them reads the same in releases that predate them.
-OPTIONAL_FIELDS = {"sequences": None, "views": None}
+OPTIONAL_FIELDS = {"sequences": None, "views": None, "skipped": None}
+SKIPPED_LABEL = -2  # the label of a row whose input could not be read (dump-logits --skip-bad-images)
 
 
 def default_chunk_rows(row_bytes: int, num_samples: int | None = None) -> int:
@@ -80,7 +81,10 @@ class Manifest:
     lengths in store order); ``num_samples`` then counts rows, that is positions, and padding has none.
     ``views``: null for a store of unaugmented inputs. For a store of augmented views: ``count`` (V),
     ``augment`` (the spec), ``columns`` (names of the parameters in ``view_params``), ``seed`` and
-    ``item_shape``; ``num_samples`` then counts rows, V per sample, view-major (see kdcache.views).
+    ``item_shape``; ``num_samples`` then counts rows, V per sample, view-major (see kdcache.views);
+    ``originals: true`` when the views were cut from original images of any size.
+    ``skipped``: absent, or the sample ids whose input could not be read (``--skip-bad-images``):
+    their rows hold label -2 and are never trained on.
     """
 
     num_samples: int
@@ -96,6 +100,7 @@ class Manifest:
     layout_params: dict[str, Any] = field(default_factory=dict)
     sequences: dict[str, Any] | None = None
     views: dict[str, Any] | None = None
+    skipped: list[int] | None = None
     format_version: int = FORMAT_VERSION
     kdcache_version: str = field(default_factory=_version)
     created_at: str = field(default_factory=_now)
@@ -119,6 +124,9 @@ class Manifest:
             q = self.sequences
             if set(q) != {"count", "max_length", "lengths_sha256"} or not 1 <= q["count"] <= self.num_samples:
                 raise StoreError(f"sequences {q!r}: give count (1..num_samples), max_length and lengths_sha256")
+        if self.skipped is not None and (not isinstance(self.skipped, list)
+                                         or not all(isinstance(i, int) and i >= 0 for i in self.skipped)):
+            raise StoreError("skipped: give the sample ids whose inputs could not be read, as a list of integers")
         if self.views is not None:
             v = self.views
             known = {"count", "augment", "columns", "seed", "item_shape"}

@@ -204,6 +204,10 @@ class LogitStore:
                              f"damaged: `kdcache verify {self.path}` lists every bad chunk; re-dump it, or "
                              f"`kdcache convert` what is good") from None
 
+    def read_index(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(sample_ids, labels)`` of rows ``start:stop``, without the logit arrays (unchecked)."""
+        return self._read("sample_ids", start, stop), self._read("labels", start, stop)
+
     def read(self, start: int, stop: int, *, check: bool = True) -> Block:
         """Rows ``start:stop`` in one call per array. Read large blocks: each call has a fixed cost.
 

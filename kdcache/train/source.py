@@ -61,7 +61,9 @@ def open_training_data(c: TrainConfig, device: torch.device | None = None) -> Tr
             expected = _id_sums([store.sequence_index()[0]])
         else:  # an epoch reads every sample once (one view of each, in a store with views)
             n = store.manifest.samples_per_view
-            expected = _id_sums(store.read(a, min(a + (1 << 20), n)).sample_ids for a in range(0, n, 1 << 20))
+            skipped = np.asarray(store.manifest.skipped or [], dtype=np.int64)  # never trained on
+            blocks = (store.read_index(a, min(a + (1 << 20), n))[0] for a in range(0, n, 1 << 20))
+            expected = _id_sums(ids[~np.isin(ids, skipped)] for ids in blocks)
         store_ident = store_identity(c.store)
         return TrainingData(data, stream, num_classes, per_token, expected, store_ident)
     views = None

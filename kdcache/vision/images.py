@@ -113,11 +113,30 @@ class ImageDataset(Dataset):
 
     def __init__(self, source: Any, preprocess: Preprocess, spec: str) -> None:
         self.source, self.preprocess, self.spec = source, preprocess, spec
+        self.skip_bad = False  # dump-logits --skip-bad-images: an unreadable file becomes a skipped row
         self.class_names = list(source.classes) if source.classes else None
         self.num_classes = len(self.class_names) if self.class_names else None
 
     def __len__(self) -> int:
         return len(self.source)
+
+    def _originals(self, idx: np.ndarray) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The decoded images of ``idx`` and their labels; with ``skip_bad``, an unreadable file is a black
+        ``size`` x ``size`` image labelled SKIPPED_LABEL (its row is stored, listed in the manifest's
+        ``skipped`` and never trained on)."""
+        from kdcache.store.format import SKIPPED_LABEL
+        y = torch.from_numpy(self.source.labels[idx].copy())
+        out = []
+        for j, i in enumerate(idx.tolist()):
+            try:
+                out.append(self.original(i))
+            except BadImage as e:
+                if not self.skip_bad:
+                    raise
+                print(f"skipping: {e}", file=sys.stderr)
+                out.append(torch.zeros(3, self.preprocess.size, self.preprocess.size, dtype=torch.uint8))
+                y[j] = SKIPPED_LABEL
+        return out, y
 
     def original(self, i: int) -> torch.Tensor:
         """Item ``i``'s decoded image, uint8 ``[3, H, W]`` (grayscale and RGBA converted to RGB)."""
@@ -149,9 +168,8 @@ class ImageDataset(Dataset):
         return x[0], int(y[0])
 
     def get_batch(self, indices: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = np.asarray(indices, dtype=np.int64)
-        imgs = [self.preprocess.resize_eval(self.original(int(i))) for i in idx]
-        return self.preprocess.normalize(torch.stack(imgs)), torch.from_numpy(self.source.labels[idx])
+        originals, y = self._originals(np.asarray(indices, dtype=np.int64))
+        return self.preprocess.normalize(torch.stack([self.preprocess.resize_eval(im) for im in originals])), y
 
     def get_views(self, indices: np.ndarray, augmenter: Any, params: torch.Tensor | None,
                   views: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -160,9 +178,8 @@ class ImageDataset(Dataset):
         user's augmentation applies to the evaluation view, in [0, 1], before normalisation."""
         from kdcache.views import cuts_originals
         idx = np.asarray(indices, dtype=np.int64)
-        originals = [self.original(int(i)) for i in idx]
+        originals, y = self._originals(idx)
         aug = augmenter.aug
-        y = torch.from_numpy(self.source.labels[idx])
         if not cuts_originals(aug):
             x = self.preprocess.to_unit(torch.stack([self.preprocess.resize_eval(im) for im in originals]))
             if params is None:
