@@ -66,6 +66,11 @@ def inspect_store(path: str, fmt: str | None = None, allow_partial: bool = True)
     return info
 
 
+def _preprocess(p: dict[str, Any]) -> str:
+    return (f"size {p['size']}, {p['interpolation']}, crop_pct {p['crop_pct']}, mean {'/'.join(map(str, p['mean']))}, "
+            f"std {'/'.join(map(str, p['std']))}")
+
+
 def _row_kind(dataset: dict[str, Any]) -> str:
     """What a per-token store's rows are: every position, or (hf-chat rows=assistant) some of them."""
     chat = dataset.get("chat")
@@ -82,7 +87,14 @@ def format_inspect(info: dict[str, Any]) -> str:
         *([f"  layout      {info['layout']} {json.dumps(info['layout_params'])}"] if info["layout_params"] else []),
         *([f"  views       {info['views']['count']} per sample ({info['shape'][0] // info['views']['count']} samples), "
            f"augment {info['views']['augment']}, seed {info['views']['seed']}, parameters "
-           f"{', '.join(info['views']['columns'])}"] if info.get("views") else []),
+           f"{', '.join(info['views']['columns'])}"
+           + (", cut from the original images" if info['views'].get("originals") else "")]
+          if info.get("views") else []),
+        *([f"  skipped     {len(info['skipped'])} unreadable inputs (sample ids "
+           f"{', '.join(map(str, info['skipped'][:10]))}{' ...' if len(info['skipped']) > 10 else ''}), "
+           f"never trained on"] if info.get("skipped") else []),
+        *([f"  images      {info['dataset']['files']['count']} files, preprocessing "
+           f"{_preprocess(info['dataset']['preprocess'])}"] if info["dataset"].get("preprocess") else []),
         *([f"  sequences   {info['sequences']['count']} (a row per {_row_kind(info['dataset'])}, up to "
            f"{info['sequences']['max_length']} each, padding not stored)"] if info.get("sequences") else []),
         *([f"  chat        rows={chat['rows']}, rule {chat['rule']}, template sha256 {chat['template_sha256'][:16]}; "

@@ -241,3 +241,33 @@ def test_hf_image_reads_parquet_saved_and_webdataset_as_the_files(folder, tmp_pa
     r = invoke_kdcache("dump-logits", "--teacher", TEACHER, "--dataset", f"hf-image:{tmp_path / 'saved'},image=pix",
                        "--out", str(tmp_path / "x.zarr"))
     assert r.returncode == 1 and "no image column 'pix'" in r.stderr
+
+
+def test_skip_bad_images_lists_them_and_training_never_sees_them(folder, tmp_path):
+    d = _copy(folder, tmp_path)
+    bad = [sorted((d / "3").glob("*.png"))[1], sorted((d / "8").glob("*.jpg"))[0]]
+    for b in bad:
+        b.write_bytes(b.read_bytes()[:150])
+    spec = f"imagefolder:{d},size=16"
+    out = str(tmp_path / "skip.zarr")
+    r = run_kdcache("dump-logits", "--teacher", TEACHER, "--dataset", spec, "--out", out, "--augment",
+                    "resized-crop:0.3", "--views", "2", "--skip-bad-images")
+    names = load_dataset(spec).dataset.source.names
+    want = sorted(names.index(f"{b.parent.name}/{b.name}") for b in bad)
+    s = open_store(out)
+    assert s.manifest.skipped == want and "2 unreadable images skipped" in r.stdout
+    assert r.stderr.count("skipping: image") == 4  # each bad file, once per view
+    ids, labels = s.read_index(0, 120)
+    assert set(ids[labels == -2]) == set(want) and (labels[~np.isin(ids, want)] >= 0).all()
+    assert check_teacher(out, [TEACHER], rows=120).ok  # the skipped rows are not compared
+    stream = DistillStream(s, load_dataset(completed_spec(spec, store=out)), 16, seed=0, return_ids=True)
+    seen = np.concatenate([sid.numpy() for *_, sid in stream])
+    assert len(seen) == 58 and not np.isin(seen, want).any()
+    run = tmp_path / "student"
+    run_kdcache("train-student", "--dataset", f"imagefolder:{d}", "--store", out, "--student", "mlp:8",
+                "--epochs", "2", "--out", str(run))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [m["samples_seen"] for m in metrics] == [58, 58] and all(m["coverage_ok"] for m in metrics)
+    r = invoke_kdcache("dump-logits", "--teacher", "tests.helpers:image_teacher", "--dataset", "mnist:test",
+                       "--subset", "0:10", "--out", str(tmp_path / "m.zarr"), "--skip-bad-images")
+    assert r.returncode == 1 and "applies to datasets of image files" in r.stderr
