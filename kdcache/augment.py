@@ -369,6 +369,12 @@ class Compose:
         return img
 
 
+def cuts_originals(aug: Any) -> bool:
+    """Whether ``aug`` can cut views from original images of any size (``cut(image, row)``): the
+    built-ins and their compositions can; a user's augmentation applies to the resized images."""
+    return hasattr(aug, "cut") and getattr(aug, "cuts", True)
+
+
 def check_shape(aug: Any, item_shape: Sequence[int]) -> None:
     check = getattr(aug, "check_shape", None)
     if check is not None:

@@ -267,12 +267,13 @@ def load_dataset(spec: str, data_root: str | os.PathLike | None = None) -> Resol
         return ResolvedDataset(ds, spec, "synthetic", None, ds.classes)
     if name == "text":
         return _load_text(spec, rest, data_root)
-    if name == "imagefolder":
-        from kdcache.vision.images import load_imagefolder
-        return load_imagefolder(spec, rest)
-    if name == "hf-image":
-        from kdcache.vision.hf_image import load_hf_image
-        return load_hf_image(spec, rest)
+    if name in ("imagefolder", "hf-image"):
+        if name == "imagefolder":
+            from kdcache.vision.images import load_imagefolder as load
+        else:
+            from kdcache.vision.hf_image import load_hf_image as load
+        ds = load(spec, rest)
+        return ResolvedDataset(ds, spec, name, ds.split, ds.num_classes, ds.class_names)
     if name in ("hf-text", "hf-chat"):
         if name == "hf-text":
             from kdcache.integrations.hf import HFText as kind
@@ -403,18 +404,6 @@ def recorded_model_spec(spec: str, store: str | None) -> str:
     if os.path.isabs(head) or not os.path.exists(joined):
         return spec
     return ("hf:" if hf else "") + joined + sep + tail
-
-
-def completed_spec(dataset_spec: str | None, teachers: list[str] | None = None, store: str | None = None,
-                   student: str | None = None) -> Any:
-    """A dataset spec with what it leaves to its models or its store filled in: the tokenizer of an
-    ``hf-text:``/``hf-chat:`` corpus (:func:`with_tokenizer`), the preprocessing of an image dataset
-    (:func:`kdcache.vision.images.with_preprocess`). Other specs are returned as they are."""
-    spec = with_tokenizer(dataset_spec, teachers, store)
-    if spec and spec.partition(":")[0] in ("imagefolder", "hf-image"):
-        from kdcache.vision.images import with_preprocess
-        spec = with_preprocess(spec, teachers, store, student)
-    return spec
 
 
 def with_tokenizer(dataset_spec: str | None, teachers: list[str] | None = None, store: str | None = None) -> Any:

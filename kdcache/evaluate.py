@@ -101,7 +101,8 @@ def tune_bias(model: nn.Module, bias: torch.Tensor, cls: int, dataset: Any, rows
 def evaluate(c: EvalConfig) -> dict[str, Any]:
     """Errors, accuracy, errors per class (and agreement with ``eval_store``) of ``c.model`` on
     ``c.dataset``, with the class biases applied; a dict ready for JSON."""
-    from kdcache.datasets import completed_spec, load_dataset
+    from kdcache.datasets import load_dataset
+    from kdcache.defaults import completed_spec
     from kdcache.distributed import resolve_device
     from kdcache.specs import load_model
     from kdcache.subset import resolve_subset

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdcache.augment import Augmentation, _sampled, check_shape, parse_augment
+from kdcache.augment import Augmentation, _sampled, check_shape, cuts_originals, parse_augment
 from kdcache.datasets import get_batch
 from kdcache.errors import SpecError, StoreError
 
@@ -61,12 +61,6 @@ def draw_params(aug: Any, seed: int, sample_ids: np.ndarray, views: np.ndarray,
         g.manual_seed(view_seed(seed, sid, v))
         out[i] = _sampled(aug, g, 1, item_shape)[0]
     return out
-
-
-def cuts_originals(aug: Any) -> bool:
-    """Whether ``aug`` can cut views from original images of any size (``cut(image, row)``): the
-    built-ins and their compositions can; a user's augmentation applies to the resized images."""
-    return hasattr(aug, "cut") and getattr(aug, "cuts", True)
 
 
 def epoch_view(seed: int, epoch: int, count: int) -> int:

@@ -203,3 +203,52 @@ def test_token_windows_and_every_identity_hash_recompute_from_the_document(tmp_p
         zz = z.reshape(-1, z.shape[-1]).numpy()
         want_values = np.where(want_ids >= 0, np.take_along_axis(zz, np.maximum(want_ids, 0), 1), 0)
         np.testing.assert_array_equal(values[a:b].reshape(-1, p["samples"]), want_values)
+
+
+def test_image_fingerprint_listing_and_a_view_recompute_from_the_document(tmp_path):
+    """From FORMAT.md alone, with os, hashlib, numpy and Pillow: an image folder's listing, groups, sampled
+    digests and fingerprint, and a view cut from an original image (the box), as the manifest says."""
+    pytest.importorskip("torchvision")
+    import hashlib
+    import math
+    import os
+
+    from PIL import Image
+
+    from kdcache.dump import DumpConfig, dump_logits
+    from kdcache.vision.synth import render_digits
+    from tests.conftest import DATA_ROOT
+    root = render_digits(tmp_path / "digits", 3, "test", 20, 60, seed=1, data_root=DATA_ROOT)
+    out = str(tmp_path / "s.zarr")
+    dump_logits(DumpConfig(teachers=["tests.helpers:rgb_teacher"], dataset=f"imagefolder:{root},size=12", out=out,
+                           augment="resized-crop:0.3+flip", views=2, dtype="float32", progress=False))
+    zarr = pytest.importorskip("zarr")
+    g = zarr.open_group(out, mode="r")
+    m = g.attrs["kdcache"]
+    exts = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+    entries, paths = [], []
+    for label, cls in enumerate(sorted(e.name for e in os.scandir(root) if e.is_dir())):
+        files = []
+        for dirpath, _, names in os.walk(root / cls):
+            files += [os.path.relpath(os.path.join(dirpath, f), root / cls) for f in names if f.lower().endswith(exts)]
+        for f in sorted(files):
+            p = root / cls / f
+            paths.append(p)
+            entries.append(f"{cls}/{f}\0{p.stat().st_size}\0{label}\n".encode())
+    n = len(entries)
+    listing = hashlib.sha256(f"kdcache-images-1;n={n};labelled=1".encode() + b"".join(entries)).hexdigest()
+    group = math.ceil(n / 4096)
+    groups = [hashlib.sha256(b"".join(entries[a:a + group])).hexdigest()[:16] for a in range(0, n, group)]
+    picks = np.unique(np.linspace(0, n - 1, min(n, 256)).round().astype(np.int64))
+    sampled = [hashlib.sha256(paths[i].read_bytes()).hexdigest()[:16] for i in picks]
+    files = m["dataset"]["files"]
+    assert (files["listing_sha256"], files["group_size"], files["groups"], files["sampled"]) == (
+        listing, group, groups, sampled)
+    fp = hashlib.sha256(f"kdcache-images-1;{listing};{','.join(sampled)}".encode()).hexdigest()
+    assert m["dataset"]["fingerprint"] == fp and m["views"]["originals"] is True
+    ids, params = g["sample_ids"][:], g["view_params"][:]
+    for r in range(0, len(ids), 7):  # each box lies in its original image; the flip flag is 0 or 1
+        with Image.open(paths[ids[r]]) as im:
+            w, h = im.size
+        top, left, bh, bw, flip = params[r]
+        assert 0 <= top and top + bh <= h and 0 <= left and left + bw <= w and flip in (0.0, 1.0)

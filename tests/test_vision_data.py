@@ -14,7 +14,8 @@ import torch
 pytest.importorskip("torchvision")
 pytest.importorskip("PIL")
 
-from kdcache.datasets import completed_spec, load_dataset, recorded_spec  # noqa: E402
+from kdcache.datasets import load_dataset, recorded_spec  # noqa: E402
+from kdcache.defaults import completed_spec  # noqa: E402
 from kdcache.dump import DumpConfig, dump_logits  # noqa: E402
 from kdcache.errors import KdcacheError  # noqa: E402
 from kdcache.store import open_store  # noqa: E402

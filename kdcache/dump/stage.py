@@ -149,7 +149,7 @@ def dump_logits(cfg: DumpConfig, members: list[ResolvedModel] | None = None) -> 
     Without ``cfg.out`` (or with ``"cache"``) the store goes to the store cache under its key: a
     complete store there is reused without running the teacher, an incomplete one is resumed, and a
     second process asking for the same key waits for the first (see kdcache.cache)."""
-    from kdcache.datasets import completed_spec  # the teacher's tokenizer or preprocessing by default
+    from kdcache.defaults import completed_spec  # the teacher's tokenizer or preprocessing by default
     cfg = dataclasses.replace(cfg, dataset=completed_spec(cfg.dataset, cfg.teachers))
     if cfg.out in (None, "cache"):
         return _dump_to_cache(cfg)

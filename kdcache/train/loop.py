@@ -47,7 +47,7 @@ def train_students(cfg: TrainConfig) -> list[dict[str, Any]]:
     settings and final metrics).
     """
     c = cfg.resolved()
-    from kdcache.datasets import completed_spec  # the store's (or the teacher's) tokenizer or preprocessing
+    from kdcache.defaults import completed_spec  # the store's (or the teacher's) tokenizer or preprocessing
     c.dataset = completed_spec(c.dataset, c.teachers, c.store, c.student)
     c.eval_dataset = completed_spec(c.eval_dataset, c.teachers, c.store, c.student)
     if c.engine == "trainer":

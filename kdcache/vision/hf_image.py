@@ -112,7 +112,6 @@ def open_hf_image(path: str, split: str, builder: str | None) -> tuple[Any, str]
 
 def load_hf_image(spec: str, rest: str) -> Any:
     """``hf-image:PATH[,image=COL][,label=COL|none][,split=S][,builder=B][,size=..,mean=..]``."""
-    from kdcache.datasets import ResolvedDataset
     from kdcache.vision.images import ImageDataset
     kv = parse_kv(rest, ("path",))
     path = kv.pop("path", "")
@@ -142,5 +141,4 @@ def load_hf_image(spec: str, rest: str) -> Any:
     elif label not in ds.features:
         raise SpecError(f"hf-image dataset {path!r} has no label column {label!r}; its columns are "
                         f"{', '.join(ds.column_names)}: give label=COLUMN or label=none")
-    data = ImageDataset(HFImageSource(ds, image, label, path), pre, spec)
-    return ResolvedDataset(data, spec, "hf-image", split, data.num_classes, data.class_names)
+    return ImageDataset(HFImageSource(ds, image, label, path), pre, spec, split)

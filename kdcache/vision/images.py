@@ -24,10 +24,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from kdcache.augment import cuts_originals
 from kdcache.errors import SpecError, StoreError
 from kdcache.spec_syntax import parse_kv
 from kdcache.vision import require
-from kdcache.vision.preprocess import KEYS, Preprocess, from_model_config
+from kdcache.vision.preprocess import KEYS, Preprocess
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 SAMPLED_FILES = 256
@@ -111,8 +112,8 @@ class ImageDataset(Dataset):
     with ``preprocess``. ``get_batch`` gives the evaluation view; ``get_views`` views cut from the
     originals."""
 
-    def __init__(self, source: Any, preprocess: Preprocess, spec: str) -> None:
-        self.source, self.preprocess, self.spec = source, preprocess, spec
+    def __init__(self, source: Any, preprocess: Preprocess, spec: str, split: str | None = None) -> None:
+        self.source, self.preprocess, self.spec, self.split = source, preprocess, spec, split
         self.skip_bad = False  # dump-logits --skip-bad-images: an unreadable file becomes a skipped row
         self.class_names = list(source.classes) if source.classes else None
         self.num_classes = len(self.class_names) if self.class_names else None
@@ -176,7 +177,6 @@ class ImageDataset(Dataset):
         """Items ``indices``, each as one view: a built-in augmentation's box is cut from the decoded
         original (``params`` drawn here for ``views`` when not given), then resized to ``size``; a
         user's augmentation applies to the evaluation view, in [0, 1], before normalisation."""
-        from kdcache.views import cuts_originals
         idx = np.asarray(indices, dtype=np.int64)
         originals, y = self._originals(idx)
         aug = augmenter.aug
@@ -262,9 +262,8 @@ class ImageDataset(Dataset):
 
 
 # -- specs --------------------------------------------------------------------------------------------
-def load_imagefolder(spec: str, rest: str) -> Any:
+def load_imagefolder(spec: str, rest: str) -> ImageDataset:
     """``imagefolder:DIR[,labels=none][,size=S,mean=..,std=..,interpolation=..,crop_pct=..]``."""
-    from kdcache.datasets import ResolvedDataset
     kv = parse_kv(rest, ("path",))
     path = kv.pop("path", "")
     if not path:
@@ -278,70 +277,4 @@ def load_imagefolder(spec: str, rest: str) -> Any:
         raise SpecError(f"dataset spec {spec!r}: unknown keys {sorted(kv)}; known: labels, {', '.join(KEYS)}")
     require("PIL.Image", f"dataset {spec!r}")
     require("torchvision", f"dataset {spec!r}")
-    ds = ImageDataset(ImageFolderSource(path, labels == "folders"), pre, spec)
-    return ResolvedDataset(ds, spec, "imagefolder", None, ds.num_classes, ds.class_names)
-
-
-IMAGE_KINDS = ("imagefolder", "hf-image")
-
-
-def with_preprocess(dataset_spec: str | None, teachers: list[str] | None = None, store: str | None = None,
-                    student: str | None = None) -> str | None:
-    """An image dataset spec with every preprocessing key: the ones given, the rest from the first teacher
-    that says (timm's ``pretrained_cfg``, a transformers image processor), else from the store's recorded
-    spec, else from ``student``, else the defaults. Other specs are returned as they are."""
-    if not dataset_spec or dataset_spec.partition(":")[0] not in IMAGE_KINDS:
-        return dataset_spec
-    given = {k for k in KEYS if f",{k}=" in dataset_spec}
-    if given == set(KEYS):
-        return dataset_spec
-    base = _recorded_preprocess(store) if store else None
-    if base is not None:
-        differs = {k for k in given if getattr(Preprocess.from_kv(_kv(dataset_spec), dataset_spec, base), k)
-                   != getattr(base, k)}
-        if differs:
-            print(f"warning: dataset {dataset_spec!r} sets {', '.join(sorted(differs))} other than the teacher saw in "
-                  f"store {store!r}; the student sees differently preprocessed images", file=sys.stderr)
-    if base is None:
-        for spec in [*(teachers or []), *([student] if student else [])]:
-            cfg = _model_preprocess(spec)
-            if cfg is not None:
-                base = from_model_config(cfg)
-                break
-    base = base or Preprocess()
-    kind, _, rest = dataset_spec.partition(":")
-    kv = parse_kv(rest, ("path",))
-    mine = Preprocess.from_kv({k: v for k, v in kv.items() if k in KEYS}, dataset_spec, base)
-    others = ",".join(f"{k}={v}" for k, v in kv.items() if k not in KEYS and k != "path")
-    return f"{kind}:{kv.get('path', '')}{',' + others if others else ''},{mine.spec_keys()}"
-
-
-def _kv(spec: str) -> dict[str, str]:
-    return {k: v for k, v in parse_kv(spec.partition(":")[2], ("path",)).items() if k in KEYS}
-
-
-def _model_preprocess(spec: str) -> dict[str, Any] | None:
-    """The preprocessing a model says it takes: a kdcache checkpoint's (what its student was trained on),
-    else the model library's own."""
-    path = Path(spec)
-    path = path / "model.safetensors" if path.is_dir() else path
-    if path.suffix == ".safetensors" and path.exists():
-        from kdcache.specs import read_checkpoint_meta
-        return read_checkpoint_meta(path).get("preprocess")
-    try:
-        from kdcache.vision.models import model_preprocess
-    except ImportError:
-        return None
-    return model_preprocess(spec)
-
-
-def _recorded_preprocess(store: str) -> Preprocess | None:
-    from kdcache.store import open_store
-    s = open_store(store)
-    try:
-        rec = s.manifest.dataset.get("preprocess")
-    finally:
-        s.close()
-    if not rec:
-        return None
-    return Preprocess(**{**rec, "mean": tuple(rec["mean"]), "std": tuple(rec["std"])})
+    return ImageDataset(ImageFolderSource(path, labels == "folders"), pre, spec)
