@@ -230,7 +230,10 @@ def num_classes_of(members: list[ResolvedModel], dataset: ResolvedDataset, devic
         bad = next(i for i, c in enumerate(counts) if c != first)
         raise SpecError(f"ensemble members disagree on the number of classes: teacher {members[bad].spec!r} "
                         f"(member {bad}) gives {counts[bad]}, teacher {members[0].spec!r} gives {first}")
-    if dataset.num_classes is not None and counts[0] < dataset.num_classes:
+    exact = hasattr(dataset.dataset, "preprocess")  # an image classification set: its classes are the folders
+    if dataset.num_classes is not None and (counts[0] < dataset.num_classes
+                                            or exact and counts[0] != dataset.num_classes):
         raise SpecError(f"teacher {members[0].spec!r} gives {counts[0]} classes but dataset {dataset.spec!r} "
-                        f"has {dataset.num_classes}")
+                        f"has {dataset.num_classes}; give the model num_classes={dataset.num_classes} (or a "
+                        f"checkpoint trained on these classes)")
     return counts[0]
