@@ -253,3 +253,18 @@ def recording_rgb_teacher() -> nn.Module:
 
 def rgb_teacher_5() -> nn.Module:
     return RGBTeacher(classes=5)
+
+
+def v2_color_jitter():
+    """A torchvision v2 transform as a recorded augmentation (kdcache.vision.transforms)."""
+    from torchvision.transforms import v2
+
+    from kdcache.vision.transforms import recorded
+    return recorded(v2.ColorJitter(0.4, 0.4, 0.4, 0.1))
+
+
+def v2_flip():
+    from torchvision.transforms import v2
+
+    from kdcache.vision.transforms import recorded
+    return recorded(v2.RandomHorizontalFlip())

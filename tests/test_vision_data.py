@@ -272,3 +272,32 @@ def test_skip_bad_images_lists_them_and_training_never_sees_them(folder, tmp_pat
     r = invoke_kdcache("dump-logits", "--teacher", "tests.helpers:image_teacher", "--dataset", "mnist:test",
                        "--subset", "0:10", "--out", str(tmp_path / "m.zarr"), "--skip-bad-images")
     assert r.returncode == 1 and "applies to datasets of image files" in r.stderr
+
+
+def test_a_torchvision_v2_transform_records_its_drawn_parameters(folder, tmp_path):
+    from torchvision.transforms import v2
+
+    from kdcache.vision.transforms import recorded
+    jitter = recorded(v2.ColorJitter(0.4, 0.4, 0.4, 0.1))
+    assert jitter.columns == ("fn_idx.0", "fn_idx.1", "fn_idx.2", "fn_idx.3", "brightness_factor",
+                              "contrast_factor", "saturation_factor", "hue_factor")
+    g = torch.Generator().manual_seed(3)
+    p = jitter.sample(g, 4, (3, 8, 8))
+    x = torch.rand(4, 3, 8, 8)
+    order = [int(v) for v in p[1, :4]]
+    want = v2.ColorJitter(0.4, 0.4, 0.4, 0.1).transform(x[1], {
+        "fn_idx": torch.tensor(order), "brightness_factor": float(p[1, 4]), "contrast_factor": float(p[1, 5]),
+        "saturation_factor": float(p[1, 6]), "hue_factor": float(p[1, 7])})
+    assert torch.equal(jitter.apply(x, p)[1], want) and sorted(order) == [0, 1, 2, 3]
+    flip = recorded(v2.RandomHorizontalFlip())
+    fp = flip.sample(torch.Generator().manual_seed(0), 64, (3, 8, 8))
+    assert flip.columns == ("applied",) and 10 < fp.sum() < 54
+    out = flip.apply(x[:1].expand(64, -1, -1, -1), fp)
+    assert all(torch.equal(o, x[0].flip(-1) if a else x[0]) for o, a in zip(out, fp[:, 0]))
+    store = str(tmp_path / "v2.zarr")
+    dump_logits(DumpConfig(teachers=[TEACHER], dataset=f"imagefolder:{folder},size=16", out=store,
+                           augment="tests.helpers:v2_color_jitter", views=2, dtype="float32", progress=False))
+    m = open_store(store).manifest
+    assert m.views["columns"] == list(jitter.columns) and not m.views.get("originals")
+    found = check_teacher(store, [TEACHER], rows=60)
+    assert found.ok and found.max_abs_diff < 1e-5
