@@ -55,7 +55,7 @@ def _build_arch(arch: str, input_shape: tuple[int, ...] | None, num_classes: int
         return build_model(arch, num_classes)
     if kind in ("timm", "torchvision"):
         from kdcache.vision.models import build
-        return build(arch, num_classes)
+        return build(arch, num_classes, dropout)
     if kind == "mlp":
         if input_shape is None or num_classes is None:
             raise SpecError(f"model spec {arch!r} takes its input and output sizes from the dataset, "
@@ -100,7 +100,8 @@ def _build_lstm(arch: str, rest: str, num_classes: int | None, dropout: float) -
 def load_model(spec: str, input_shape: tuple[int, ...] | None = None, num_classes: int | None = None,
                dropout: float = 0.0, input_dropout: float = 0.0, seed: int = 0) -> ResolvedModel:
     """Build (fresh, initialised from ``seed``) or load (checkpoint, TorchScript) the model a spec names."""
-    path = Path(spec)
+    from kdcache.vision.models import arch_of, is_vision_spec
+    path = Path("" if is_vision_spec(spec) else spec)  # timm:NAME,checkpoint=a.pth names no file of kdcache's
     if path.is_dir() and (path / CHECKPOINT_NAME).exists():
         path = path / CHECKPOINT_NAME
     if path.suffix == ".safetensors":
@@ -120,7 +121,6 @@ def load_model(spec: str, input_shape: tuple[int, ...] | None = None, num_classe
         torch.manual_seed(seed)  # a fresh built-in model is the same model on every run and rank
         module = _build_arch(spec, input_shape, num_classes, dropout, input_dropout)
     name = Path(spec[3:].split(",")[0]).name if spec.startswith("hf:") else spec
-    from kdcache.vision.models import arch_of
     return ResolvedModel(module, spec, arch_of(spec), name)
 
 

@@ -92,10 +92,14 @@ def arch_of(spec: str) -> str:
     return ",".join([f"{family}:{name}", *(f"{k}={v}" for k, v in kv.items())])
 
 
-def build(spec: str, num_classes: int | None) -> nn.Module:
+def build(spec: str, num_classes: int | None, dropout: float = 0.0) -> nn.Module:
     """The module a ``timm:`` or ``torchvision:`` spec names, fresh (seeded by the caller) or with the
-    weights of ``checkpoint=``; its classes are ``num_classes=`` or else the dataset's (``num_classes``)."""
+    weights of ``checkpoint=``; its classes are ``num_classes=`` or else the dataset's (``num_classes``).
+    ``dropout`` (kdcache's own models' option) is refused: the spec's own options set a library model's."""
     family, name, kv = parse_spec(spec)
+    if dropout:
+        raise SpecError(f"{{param:dropout}} is for kdcache's mlp: and lstm: models; give {family} models their own "
+                        f"option, e.g. {family}:{name},drop_rate={dropout:g} (timm)")
     lib = _require(family, spec)
     checkpoint = kv.pop("checkpoint", None)
     kwargs = {k: parse_value(v) for k, v in kv.items()}
@@ -281,9 +285,12 @@ def model_preprocess(module_or_spec: nn.Module | str) -> dict[str, Any] | None:
     cfg = getattr(module_or_spec, "pretrained_cfg", None)
     if not isinstance(cfg, dict) or "input_size" not in cfg:
         return None
-    from timm.data import resolve_data_config
-    d = resolve_data_config({}, pretrained_cfg=cfg, model=module_or_spec)
-    return {"size": int(d["input_size"][-1]), "mean": [float(v) for v in d["mean"]],
+    from timm.data import resolve_model_data_config
+    from timm.models._hub import get_model_input_config
+    d = resolve_model_data_config(module_or_spec)
+    # the size the model is built for (img_size=64 on a ViT), as timm's own export records it
+    size = (get_model_input_config(module_or_spec).get("input_size") or d["input_size"])[-1]
+    return {"size": int(size), "mean": [float(v) for v in d["mean"]],
             "std": [float(v) for v in d["std"]], "interpolation": str(d["interpolation"]),
             "crop_pct": float(d["crop_pct"])}
 
