@@ -201,6 +201,7 @@ def test_a_timm_student_reloads_with_plain_timm(images, store, tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["architecture"] == "test_resnet" and config["model_args"]["drop_rate"] == 0.1
     assert config["student"] == "timm:test_resnet,drop_rate=0.1" and config["num_classes"] == CLASSES
+    assert model_preprocess(str(run)) == model_preprocess("timm:test_resnet")  # the run's is its model's
     plain = timm.create_model(f"local-dir:{run}", pretrained=True).eval()
     # (the overlay's num_classes too: else timm drops a head of other than the pretrained_cfg's classes)
     overlay = timm.create_model("test_resnet", pretrained=True, num_classes=CLASSES, pretrained_cfg_overlay=dict(
@@ -231,6 +232,9 @@ def test_an_hf_image_student_reloads_with_plain_transformers(images, store, vit_
     x = torch.from_numpy(np.load(images)["x"][:8]).float() / 255
     with torch.no_grad():
         torch.testing.assert_close(plain(pixel_values=x).logits, load_model(str(run)).module.eval()(x))
+    # its image processor goes with it, so the run's preprocessing is the model's
+    assert list(transformers.AutoImageProcessor.from_pretrained(run / "hf").image_mean) == [0.4, 0.45, 0.5]
+    assert model_preprocess(str(run)) == model_preprocess(f"hf:{vit_dir}")
     # kdcache's checkpoint written from a module that is not wrapped keeps its keys as they are
     save_checkpoint(plain, tmp_path / "c", "x:y", (3, 32, 32), CLASSES)
     assert set(load_file(str(tmp_path / "c" / "model.safetensors"))) == set(plain.state_dict())

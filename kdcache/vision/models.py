@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -258,9 +259,15 @@ def save_library_files(module: nn.Module, out: Path, arch: str) -> dict[str, Any
     library's keys): a transformers classifier is saved with ``save_pretrained`` to ``out/hf``; a timm
     model returns the keys of timm's hub ``config.json`` (``architecture``, ``num_classes``,
     ``pretrained_cfg``, ``model_args``) for the run's ``config.json``, so that
-    ``timm.create_model("local-dir:" + out)`` loads the run directory. Others: nothing."""
+    ``timm.create_model("local-dir:" + out)`` loads the run directory. Others: nothing.
+
+    A transformers classifier's ``preprocessor_config.json`` (where its source directory has one) is
+    copied to ``out/hf`` too."""
     if isinstance(module, HFImageClassifier):
         module.model.save_pretrained(out / "hf", safe_serialization=True)
+        processor = Path(module.source or "") / "preprocessor_config.json"
+        if module.source and processor.is_file():  # the image processor it came with, for AutoImageProcessor
+            shutil.copyfile(processor, out / "hf" / processor.name)
         return {}
     if not arch.startswith("timm:") or not hasattr(module, "pretrained_cfg"):
         return {}
