@@ -274,3 +274,27 @@ def test_stochastic_depth_cannot_stack_and_says_why(images, store, tmp_path, cap
     err = capfd.readouterr().err
     assert ("cannot be stacked (it draws random numbers in training other than F.dropout (e.g. stochastic depth)"
             in err) and "training them one by one" in err
+
+
+def test_the_weights_sha256_of_library_models_is_formats_recipe(vit_dir):
+    """FORMAT.md's weights sha256 recomputed with hashlib: timm's keys as they are (BatchNorm's scalar
+    ``num_batches_tracked`` included), an hf image classifier's under ``model.``."""
+    import hashlib
+
+    def recipe(state: dict[str, torch.Tensor]) -> str:
+        h = hashlib.sha256()
+        for k in sorted(state):
+            t = state[k].contiguous()
+            h.update(f"{k};{t.dtype};{tuple(t.shape)};".encode())
+            h.update(t.numpy().tobytes())
+        return h.hexdigest()
+    r = load_model("timm:test_resnet", num_classes=CLASSES)
+    state = timm.create_model("test_resnet", num_classes=CLASSES).state_dict()
+    assert any(v.ndim == 0 for v in state.values())
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        state = timm.create_model("test_resnet", num_classes=CLASSES).state_dict()
+    assert r.describe()["sha256"] == recipe(state)
+    plain = transformers.AutoModelForImageClassification.from_pretrained(vit_dir).state_dict()
+    got = load_model(f"hf:{vit_dir}", num_classes=CLASSES).describe()["sha256"]
+    assert got == recipe({f"model.{k}": v for k, v in plain.items()})
