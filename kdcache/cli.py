@@ -126,7 +126,8 @@ def cli() -> None:
 
 @cli.command("dump-logits")
 @click.option("--teacher", "teachers", multiple=True, required=True,
-              help="Model spec; repeat for an ensemble: mlp:1200,1200, hf:DIR (a transformers causal LM), pkg.mod:fn, "
+              help="Model spec; repeat for an ensemble: mlp:1200,1200, timm:NAME[,checkpoint=F], torchvision:NAME, "
+                   "hf:DIR (a transformers causal LM or image classifier), pkg.mod:fn, "
                    "a train-student checkpoint, or a TorchScript file (deprecated in PyTorch; prefer the others).")
 @click.option("--dataset", required=True,
               help="Dataset spec: mnist:train, synthetic:N, text:PATH, hf-text:PATH[,seq=N,tokenizer=DIR], "
@@ -191,7 +192,8 @@ def dump_logits_cmd(**kw: Any) -> None:
 
 @cli.command("train-student")
 @click.option("--dataset", required=True, help="Training dataset spec (the one the store was dumped from).")
-@click.option("--student", required=True, help="Model spec: mlp:800,800, pkg.mod:fn, or a checkpoint to start from.")
+@click.option("--student", required=True, help="Model spec: mlp:800,800, timm:NAME[,key=value], torchvision:NAME, "
+                                                 "hf:DIR, pkg.mod:fn, or a checkpoint to start from.")
 @click.option("--store", default=None,
               help="Logit store of the teacher, or `auto` with --teacher: the cached store of that teacher over "
                    "--dataset. Without it, plain supervised training.")

@@ -43,7 +43,7 @@ def weights_sha256(module: nn.Module) -> str:
     for k, v in sorted(module.state_dict().items()):
         t = v.detach().cpu().contiguous()
         h.update(f"{k};{t.dtype};{tuple(t.shape)};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d too (BatchNorm)
     return h.hexdigest()
 
 
@@ -53,6 +53,9 @@ def _build_arch(arch: str, input_shape: tuple[int, ...] | None, num_classes: int
     if kind == "hf":
         from kdcache.integrations.hf import build_model
         return build_model(arch, num_classes)
+    if kind in ("timm", "torchvision"):
+        from kdcache.vision.models import build
+        return build(arch, num_classes, dropout)
     if kind == "mlp":
         if input_shape is None or num_classes is None:
             raise SpecError(f"model spec {arch!r} takes its input and output sizes from the dataset, "
@@ -71,7 +74,8 @@ def _build_arch(arch: str, input_shape: tuple[int, ...] | None, num_classes: int
         if not isinstance(model, nn.Module):
             raise SpecError(f"model spec {arch!r} returned {type(model).__name__}, not a torch.nn.Module")
         return model
-    raise SpecError(f"unknown model spec {arch!r}; use mlp:H1,H2,..., lstm:EMBED,HIDDEN, hf:PATH, "
+    raise SpecError(f"unknown model spec {arch!r}; use mlp:H1,H2,..., lstm:EMBED,HIDDEN, hf:PATH, timm:NAME, "
+                    f"torchvision:NAME, "
                     f"package.module:callable, "
                     f"a kdcache checkpoint ({CHECKPOINT_NAME} or its run directory) or a TorchScript file")
 
@@ -96,7 +100,8 @@ def _build_lstm(arch: str, rest: str, num_classes: int | None, dropout: float) -
 def load_model(spec: str, input_shape: tuple[int, ...] | None = None, num_classes: int | None = None,
                dropout: float = 0.0, input_dropout: float = 0.0, seed: int = 0) -> ResolvedModel:
     """Build (fresh, initialised from ``seed``) or load (checkpoint, TorchScript) the model a spec names."""
-    path = Path(spec)
+    from kdcache.vision.models import arch_of, is_vision_spec
+    path = Path("" if is_vision_spec(spec) else spec)  # timm:NAME,checkpoint=a.pth names no file of kdcache's
     if path.is_dir() and (path / CHECKPOINT_NAME).exists():
         path = path / CHECKPOINT_NAME
     if path.suffix == ".safetensors":
@@ -116,7 +121,7 @@ def load_model(spec: str, input_shape: tuple[int, ...] | None = None, num_classe
         torch.manual_seed(seed)  # a fresh built-in model is the same model on every run and rank
         module = _build_arch(spec, input_shape, num_classes, dropout, input_dropout)
     name = Path(spec[3:].split(",")[0]).name if spec.startswith("hf:") else spec
-    return ResolvedModel(module, spec, spec, name)
+    return ResolvedModel(module, spec, arch_of(spec), name)
 
 
 class _Exported(nn.Module):
@@ -172,7 +177,9 @@ def save_checkpoint(module: nn.Module, path: str | os.PathLike, arch: str, input
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"arch": arch, "input_shape": list(input_shape), "num_classes": num_classes,
             "kdcache_version": __version__, **(extra or {})}
-    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    from kdcache.vision.models import library_module
+    # the library's own keys (a transformers model without kdcache's wrapper): plain timm / transformers read it
+    state = {k: v.detach().cpu().contiguous() for k, v in library_module(module).state_dict().items()}
     tmp = path.with_suffix(".tmp")
     save_file(state, str(tmp), metadata={CHECKPOINT_KEY: json.dumps(meta)})
     tmp.replace(path)
@@ -199,8 +206,9 @@ def load_checkpoint(path: str | os.PathLike, spec: str | None = None) -> Resolve
     meta = read_checkpoint_meta(path)
     module = _build_arch(meta["arch"], tuple(meta["input_shape"]), meta["num_classes"], meta.get("dropout", 0.0))
     state = load_file(str(path))
+    from kdcache.vision.models import library_module
     try:
-        module.load_state_dict(state)
+        library_module(module).load_state_dict(state)
     except RuntimeError as e:
         raise SpecError(f"{path}: weights do not fit architecture {meta['arch']!r} "
                         f"({str(e).splitlines()[0]})") from None

@@ -136,10 +136,21 @@ def slow_mlp() -> nn.Module:
 
 
 def dropout_convnet() -> nn.Module:
-    """small_convnet with dropout: vmap would draw every student's masks from one generator, so a sweep
-    of it trains one by one."""
+    """small_convnet with dropout: a stack draws each student's masks from the student's own generator."""
     return nn.Sequential(nn.Unflatten(1, (1, 16)), nn.Conv1d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
                          nn.Dropout(0.3), nn.Linear(64, 5))
+
+
+class _GaussianNoise(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0.1 * torch.randn_like(x) if self.training else x
+
+
+def noisy_convnet() -> nn.Module:
+    """small_convnet with Gaussian noise in training: vmap would draw every student's noise from one
+    generator, so a sweep of it trains one by one."""
+    return nn.Sequential(nn.Unflatten(1, (1, 16)), nn.Conv1d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         _GaussianNoise(), nn.Linear(64, 5))
 
 
 def small_convnet() -> nn.Module:

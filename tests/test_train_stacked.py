@@ -97,11 +97,30 @@ def test_stacked_students_with_dropout_are_each_the_student_alone(tmp_path, stor
     assert not torch.equal(_weights(other[0]["dir"])["net.2.weight"], alone["T2-a0.9-s0"]["net.2.weight"])
 
 
-def test_a_module_that_draws_dropout_inside_vmap_trains_one_by_one(tmp_path, store, capfd):
+def test_a_vmap_stack_draws_each_students_dropout_from_its_own_generator(tmp_path, store, capfd):
+    """nn.Dropout inside a module stacked through vmap: each student's masks come from its own generator,
+    so each student of the stack is the student alone."""
     kw = dict(student="tests.helpers:dropout_convnet", lrs=[0.05], temperatures=[2.0, 8.0], seeds=[0])
     swept = _sweep(tmp_path, store, "sweep", **kw)
     err = capfd.readouterr().err
-    assert "cannot be stacked (it draws random numbers in training (dropout)" in err and "one by one" in err
+    assert ("2 students of tests.helpers:dropout_convnet train as one stacked model (torch.func vmap, each "
+            "student's dropout masks drawn from its own generator)") in err
+    for r in swept:
+        alone = _sweep(tmp_path, store, f"alone-{r['run']}", **{**kw, "temperatures": [r["temperature"]]})
+        wa, wb = _weights(r["dir"]), _weights(alone[0]["dir"])
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=2e-6)
+    nodrop = _sweep(tmp_path, store, "nodrop", **{**kw, "student": "tests.helpers:small_convnet",
+                                                   "temperatures": [2.0]})
+    assert not torch.allclose(_weights(nodrop[0]["dir"])["1.weight"], _weights(swept[0]["dir"])["1.weight"])
+
+
+def test_a_module_that_draws_other_random_numbers_trains_one_by_one(tmp_path, store, capfd):
+    kw = dict(student="tests.helpers:noisy_convnet", lrs=[0.05], temperatures=[2.0, 8.0], seeds=[0])
+    swept = _sweep(tmp_path, store, "sweep", **kw)
+    err = capfd.readouterr().err
+    assert "cannot be stacked (it draws random numbers in training other than F.dropout" in err
+    assert "one by one" in err
     for r in swept:
         alone = _sweep(tmp_path, store, f"alone-{r['run']}", **{**kw, "temperatures": [r["temperature"]]})
         wa, wb = _weights(r["dir"]), _weights(alone[0]["dir"])

@@ -3,7 +3,7 @@ text corpora read with ``datasets`` and tokenized with the teacher's tokenizer (
 
 ``transformers``, ``tokenizers`` and ``datasets`` are the optional extra ``pip install 'kdcache[hf]'``.
 
-Model specs:
+Model specs (a local directory holding an image classifier is one of :mod:`kdcache.vision.models`'s):
 
 - ``hf:PATH_OR_NAME[,dtype=bf16|fp16|fp32][,device_map=auto]``: ``AutoModelForCausalLM.from_pretrained``
   (a local directory, or a hub name where the machine reaches the hub); the module maps input ids
@@ -96,6 +96,10 @@ def build_model(spec: str, num_classes: int | None) -> nn.Module:
     head, kv = _kv(spec[3:], spec)
     if head == "llama":
         return CausalLM(_from_config(transformers, spec, kv, num_classes))
+    image = _image_config(transformers, head)
+    if image is not None:
+        from kdcache.vision.models import build_hf_image
+        return build_hf_image(transformers, spec, head, kv, image, num_classes)
     dtype = kv.pop("dtype", "fp32")
     device_map = kv.pop("device_map", None)
     if kv or dtype not in DTYPES:
@@ -123,6 +127,19 @@ def build_model(spec: str, num_classes: int | None) -> nn.Module:
     except Exception as e:
         raise SpecError(f"model spec {spec!r}: cannot be loaded ({_first(e)})") from None
     return CausalLM(model, placed=device_map is not None)
+
+
+def _image_config(transformers: Any, path: str) -> Any:
+    """The config of a local image classifier (``AutoModelForImageClassification``: ViT, ResNet, ConvNeXt...)
+    at ``path``, or None for anything else (a causal LM, a hub name)."""
+    if not (Path(path) / "config.json").is_file():
+        return None
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except Exception:
+        return None  # reported by the causal-LM path, which reads the same config
+    from kdcache.vision.models import is_image_classifier
+    return config if is_image_classifier(transformers, config) else None
 
 
 def _from_config(transformers: Any, spec: str, kv: dict[str, str], num_classes: int | None) -> nn.Module:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from kdcache.losses import distillation_losses
 from kdcache.models import MLP
@@ -136,17 +137,51 @@ class _StudentRng:
         self.cuda_rng: torch.Tensor | None = None
 
 
-def _deterministic_in_training(module: nn.Module, probe_x: torch.Tensor, device: torch.device) -> bool:
-    """Whether ``module`` in training mode gives the same output for two different RNG states (no dropout
-    or other draws inside it): vmap would draw for all students from one generator."""
+class _DropoutMasks(TorchFunctionMode):
+    """``F.dropout`` (what ``nn.Dropout`` and timm's ``drop_rate`` call) in a stacked forward: each call in
+    training multiplies by the next of ``masks``, each student's drawn beforehand from its own generator
+    (vmap would draw every student's from one). While ``calls`` is a list, dropout is the identity and
+    each call's ``(p, shape, dtype)`` is noted there instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.masks: list[torch.Tensor] = []
+        self.calls: list[tuple[float, tuple[int, ...], torch.dtype]] | None = None
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is not F.dropout:
+            return func(*args, **kwargs)
+        named = dict(zip(("input", "p", "training", "inplace"), args), **kwargs)
+        x, p, training = named["input"], float(named.get("p", 0.5)), bool(named.get("training", True))
+        if not training or p == 0:
+            return x
+        if self.calls is not None:
+            self.calls.append((p, tuple(x.shape), x.dtype))
+            return x
+        return x * self.masks.pop(0)
+
+
+def _training_draws(module: nn.Module, probe_x: torch.Tensor, device: torch.device) -> tuple[bool, bool]:
+    """(whether ``module`` in training mode draws nothing once its ``F.dropout`` calls are set aside, whether
+    it calls ``F.dropout`` at all). Draws other than ``F.dropout`` (stochastic depth, noise) cannot stack:
+    vmap would draw for all students from one generator. A draw shows as a generator that moved, or as
+    outputs that differ under two seeds."""
     m = copy.deepcopy(module).train()
-    outs = []
-    with torch.no_grad():
+    outs, moved = [], False
+    mode = _DropoutMasks()
+    mode.calls = []
+    cuda = device.type == "cuda"
+    with torch.no_grad(), mode:
         for seed in (1, 2):
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with torch.random.fork_rng(devices=[device] if cuda else []):
                 torch.manual_seed(seed)
+                before = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None)
                 outs.append(m(probe_x.to(device)))
-    return all(torch.equal(a, b) for a, b in zip(_tensors(outs[0]), _tensors(outs[1])))
+                moved |= not torch.equal(before[0], torch.get_rng_state())
+                moved |= cuda and not torch.equal(before[1], torch.cuda.get_rng_state(device))
+    same = all(torch.equal(a, b) for a, b in zip(_tensors(outs[0]), _tensors(outs[1])))
+    return same and not moved, bool(mode.calls)
 
 
 def _tensors(out: Any) -> list[torch.Tensor]:
@@ -163,7 +198,7 @@ class StackedStudents:
     """Several students of one architecture as one model ``[students, ...]``: one forward, one backward."""
 
     def __init__(self, students: list[Student], modules: list[nn.Module], c: TrainConfig, device: torch.device,
-                 rank: int = 0) -> None:
+                 rank: int = 0, dropout: bool = False) -> None:
         from torch.func import stack_module_state
         self.students, self.c, self.device = students, c, device
         self.scratch = copy.deepcopy(modules[0]).to(device)  # holds one student's weights for eval and saving
@@ -179,6 +214,7 @@ class StackedStudents:
         # each student draws its dropout masks from its own generator, in the order it would alone, so
         # that its result does not depend on the stack it is in
         self.rngs = [_StudentRng(s.seed, rank) for s in students]
+        self.probing = False  # a probe forward (try_stack): dropout masks of ones, no student's generator moves
         plan = _mlp_plan(modules[0])
         if plan is not None:
             fwd = _mlp_forward(*plan)
@@ -187,11 +223,18 @@ class StackedStudents:
         else:
             from torch.func import functional_call, vmap
             base = copy.deepcopy(modules[0]).to("meta")
-            call = vmap(lambda p, b, x: functional_call(base, (p, b), (x,)), in_dims=(0, 0, None),
-                        randomness="different")
             self._base = base
-            self._forward = lambda x: call(self.params, self.buffers, x)
-            self.how = "torch.func vmap"
+            self._dropout = _DropoutMasks() if dropout else None
+            self._dropout_calls: dict[tuple, list] = {}
+
+            def one(p: dict, b: dict, masks: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+                if self._dropout is not None:
+                    self._dropout.masks = list(masks)
+                return functional_call(base, (p, b), (x,))
+            call = vmap(one, in_dims=(0, 0, 0, None), randomness="different")
+            self._forward = self._vmap_forward(call)
+            self.how = "torch.func vmap" + (", each student's dropout masks drawn from its own generator"
+                                            if dropout else "")
         self.optimizer = StackedOptimizer(c.optimizer, self.params, [s.lr for s in students], c.momentum,
                                           c.weight_decay)
         self.constrained = [self.params[n] for n in linear_weights(modules[0])] if c.max_norm else []
@@ -201,10 +244,46 @@ class StackedStudents:
         self.active = torch.ones(len(students), dtype=torch.bool, device=device)
         self.all_active = True
 
+    def _vmap_forward(self, call: Callable[..., torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if self._dropout is None or not self.training:
+                return call(self.params, self.buffers, [], x)
+            masks = self._dropout_masks(x)
+            with self._dropout:
+                return call(self.params, self.buffers, masks, x)
+        return forward
+
+    def _dropout_masks(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``[students, *shape]`` multipliers for each ``F.dropout`` call of a training forward on ``x``,
+        student j's drawn from its own generator in the order it draws them alone (``F.dropout`` of
+        ones). The calls are found once per input shape by a forward on the meta device."""
+        key = (tuple(x.shape), x.dtype, torch.is_autocast_enabled(self.device.type))
+        calls = self._dropout_calls.get(key)
+        if calls is None:
+            from torch.func import functional_call
+            meta = lambda d: {k: v[0].detach().to("meta") for k, v in d.items()}  # noqa: E731
+            self._dropout.calls = calls = []
+            try:
+                with torch.no_grad(), self._dropout:
+                    functional_call(self._base, (meta(self.params), meta(self.buffers)), (x.to("meta"),))
+            finally:
+                self._dropout.calls = None
+            self._dropout_calls[key] = calls
+        if self.probing:
+            return [torch.ones(len(self.rngs), *shape, dtype=dtype, device=self.device) for _, shape, dtype in calls]
+        per_student = []
+        for r in self.rngs:
+            with own_rng(r, self.device):
+                per_student.append([F.dropout(torch.ones(shape, dtype=dtype, device=self.device), p, True)
+                                    for p, shape, dtype in calls])
+        return [torch.stack(m) for m in zip(*per_student)] if calls else []
+
     def _noise(self, p: float, rows: int, width: int, dtype: torch.dtype) -> torch.Tensor:
         """``[students, rows, width]`` dropout multipliers (0 or ``1 / (1 - p)``), student j's drawn from its
         own generator exactly as ``F.dropout`` draws them for a student alone."""
         ones = torch.ones(rows, width, dtype=dtype, device=self.device)
+        if self.probing:
+            return ones.expand(len(self.rngs), rows, width)
         masks = []
         for r in self.rngs:
             with own_rng(r, self.device):
@@ -304,16 +383,27 @@ class StackedStudents:
 
 def try_stack(students: list[Student], modules: list[nn.Module], c: TrainConfig, device: torch.device,
               probe_x: torch.Tensor, rank: int = 0) -> tuple[StackedStudents | None, str]:
-    """A stack of these students, or None and the reason they cannot stack (from a probe forward and
-    backward on two rows, in eval mode so that nothing is drawn or updated)."""
-    if _mlp_plan(modules[0]) is None and not _deterministic_in_training(modules[0], probe_x, device):
-        return None, ("it draws random numbers in training (dropout): under vmap its students would share one "
-                      "generator, so each would depend on the others")
+    """A stack of these students, or None and the reason they cannot stack (from probe forwards and
+    backwards on two rows: in eval mode, then in training mode with the buffers put back and dropout
+    masks of ones, so that nothing is drawn or updated)."""
+    dropout = False
+    if _mlp_plan(modules[0]) is None:
+        repeatable, dropout = _training_draws(modules[0], probe_x, device)
+        if not repeatable:
+            return None, ("it draws random numbers in training other than F.dropout (e.g. stochastic depth): under "
+                          "vmap its students would share one generator, so each would depend on the others")
     try:
-        stack = StackedStudents(students, modules, c, device, rank)
-        stack.train(False)
-        out = stack.forward(probe_x.to(device))
-        torch.autograd.grad(out.float().sum(), list(stack.params.values()))
+        stack = StackedStudents(students, modules, c, device, rank, dropout)
+        for training in (False, True):
+            saved = {k: v.clone() for k, v in stack.buffers.items()}  # BatchNorm's statistics move in training
+            stack.train(training)
+            stack.probing = True
+            out = stack.forward(probe_x.to(device))
+            torch.autograd.grad(out.float().sum(), list(stack.params.values()))
+            with torch.no_grad():
+                for k, v in saved.items():
+                    stack.buffers[k].copy_(v)
+        stack.probing = False
         stack.train(True)
     except Exception as e:  # any failure to batch the module: it trains one by one instead
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
