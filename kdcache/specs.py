@@ -16,14 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdcache.checkpoint_header import CHECKPOINT_KEY, CHECKPOINT_NAME, read_checkpoint_meta
 from kdcache.datasets import ResolvedDataset, get_batch
 from kdcache.errors import SpecError
 from kdcache.models import MLP, LSTMTagger
 from kdcache.spec_syntax import import_callable, parse_kv
 from kdcache.text import is_sequence_dataset
-
-CHECKPOINT_NAME = "model.safetensors"
-CHECKPOINT_KEY = "kdcache"
 
 
 @dataclass
@@ -184,21 +182,6 @@ def save_checkpoint(module: nn.Module, path: str | os.PathLike, arch: str, input
     save_file(state, str(tmp), metadata={CHECKPOINT_KEY: json.dumps(meta)})
     tmp.replace(path)
     return path
-
-
-def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except FileNotFoundError:
-        raise SpecError(f"checkpoint {str(path)!r} does not exist") from None
-    except Exception as e:
-        raise SpecError(f"{path} is not a readable safetensors file ({e})") from None
-    if CHECKPOINT_KEY not in meta:
-        raise SpecError(f"{path} has no kdcache header; it was not written by kdcache train-student, "
-                        f"so its architecture is unknown: load it from your own package.module:callable")
-    return json.loads(meta[CHECKPOINT_KEY])
 
 
 def load_checkpoint(path: str | os.PathLike, spec: str | None = None) -> ResolvedModel:

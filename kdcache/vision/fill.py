@@ -3,7 +3,6 @@ left out is taken from the store's record (train-student: the teacher's input), 
 teachers' own configuration, else from a student's checkpoint, else the defaults."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -54,11 +53,11 @@ def _model_preprocess(spec: str) -> dict[str, Any] | None:
     else the model library's own."""
     path = Path(spec)
     path = path / "model.safetensors" if path.is_dir() else path
-    if path.suffix == ".safetensors" and path.exists():  # the header train-student writes (kdcache.specs)
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        return json.loads(meta["kdcache"]).get("preprocess") if "kdcache" in meta else None
+    if path.suffix == ".safetensors" and path.exists():  # what a student was trained on, if train-student wrote it
+        from kdcache.checkpoint_header import read_checkpoint_meta
+        recorded = read_checkpoint_meta(path).get("preprocess")
+        if recorded:
+            return recorded
     try:
         from kdcache.vision.models import model_preprocess
     except ImportError:

@@ -314,7 +314,7 @@ def _spec_preprocess(spec: str) -> dict[str, Any] | None:
     if path.is_dir() and (path / "model.safetensors").exists():
         path = path / "model.safetensors"
     if path.suffix == ".safetensors" and path.exists():  # a kdcache checkpoint: its architecture's
-        from kdcache.specs import read_checkpoint_meta
+        from kdcache.checkpoint_header import read_checkpoint_meta
         arch = read_checkpoint_meta(path)["arch"]
         hf_dir = path.parent / "hf" / "preprocessor_config.json"
         if arch.startswith("hf:") and hf_dir.exists():
