@@ -301,3 +301,14 @@ def test_a_torchvision_v2_transform_records_its_drawn_parameters(folder, tmp_pat
     assert m.views["columns"] == list(jitter.columns) and not m.views.get("originals")
     found = check_teacher(store, [TEACHER], rows=60)
     assert found.ok and found.max_abs_diff < 1e-5
+
+
+def test_hf_image_data_copied_elsewhere_is_the_same_data(folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    _hf_inputs(folder, tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(tmp_path / "imgs.parquet", tmp_path / "elsewhere" / "imgs.parquet")
+    shutil.copytree(tmp_path / "saved", tmp_path / "elsewhere" / "saved")
+    for name in ("imgs.parquet", "saved"):
+        a = load_dataset(f"hf-image:{tmp_path / name},size=16").fingerprint
+        assert a == load_dataset(f"hf-image:{tmp_path / 'elsewhere' / name},size=16").fingerprint, name

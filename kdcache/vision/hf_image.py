@@ -8,6 +8,7 @@ Images are read undecoded (``Image(decode=False)``: the file's bytes, or its pat
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -24,14 +25,14 @@ BUILDERS = ("parquet", "arrow", "disk", "imagefolder", "webdataset")
 
 class HFImageSource:
     """The rows of a ``datasets.Dataset``: ``read(i)`` gives row ``i``'s image bytes; ``labels`` the label
-    column (-1 without one); ``classes`` a ClassLabel's names. Identified by the ``datasets`` fingerprint
-    of what was loaded (its files, or the saved state) and each row's label."""
+    column (-1 without one); ``classes`` a ClassLabel's names. Identified by what was loaded
+    (:func:`_header`) and each row's label."""
 
-    def __init__(self, ds: Any, image: str, label: str | None, where: str) -> None:
+    def __init__(self, ds: Any, image: str, label: str | None, where: str, header: str) -> None:
         datasets = require("datasets", "hf-image datasets")
         self.ds = ds.cast_column(image, datasets.Image(decode=False))
         self.image, self.where_base = image, where
-        self.header = f"datasets:{ds._fingerprint}"
+        self.header = header
         feature = ds.features.get(label) if label else None
         self.classes = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
         if label:
@@ -86,8 +87,21 @@ def _builder(path: str) -> tuple[str, Any]:
                     f"exist); give builder= one of {', '.join(BUILDERS)}")
 
 
-def open_hf_image(path: str, split: str, builder: str | None) -> tuple[Any, str]:
-    """The ``datasets.Dataset`` of ``path`` (one split) and the way it was read."""
+def _header(ds: Any, kind: str, files: Any) -> str:
+    """What identifies the data wherever it is copied to: the data files' names and sizes (a URL as
+    given), a ``save_to_disk`` directory's own fingerprint, or an image folder's listing."""
+    if kind == "disk":
+        return f"disk:{ds._fingerprint}"
+    if kind == "imagefolder":
+        from kdcache.vision.images import _images_under
+        listing = hashlib.sha256("".join(f"{p}\0{n}\n" for p, n in _images_under(Path(files))).encode())
+        return f"imagefolder:{listing.hexdigest()}"
+    names = [files] if isinstance(files, str) else list(files)
+    return kind + ":" + ";".join(f if "://" in f else f"{os.path.basename(f)}:{os.path.getsize(f)}" for f in names)
+
+
+def open_hf_image(path: str, split: str, builder: str | None) -> tuple[Any, str, str]:
+    """The ``datasets.Dataset`` of ``path`` (one split), the way it was read and its identity header."""
     datasets = require("datasets", "hf-image datasets")
     kind, files = (builder, path) if builder else _builder(path)
     if kind not in BUILDERS:
@@ -107,7 +121,7 @@ def open_hf_image(path: str, split: str, builder: str | None) -> tuple[Any, str]
         raise
     except (FileNotFoundError, ValueError) as e:
         raise SpecError(f"hf-image dataset {path!r} cannot be read as {kind} ({str(e).splitlines()[0]})") from None
-    return ds, kind
+    return ds, kind, _header(ds, kind, files)
 
 
 def load_hf_image(spec: str, rest: str) -> Any:
@@ -125,7 +139,7 @@ def load_hf_image(spec: str, rest: str) -> Any:
                         f"{', '.join(KEYS)}")
     require("PIL.Image", f"dataset {spec!r}")
     require("torchvision", f"dataset {spec!r}")
-    ds, kind = open_hf_image(path, split, builder)
+    ds, kind, header = open_hf_image(path, split, builder)
     datasets = require("datasets", "hf-image datasets")
     images = [k for k, f in ds.features.items() if isinstance(f, datasets.Image)]
     image = image or ("image" if "image" in images else images[0] if images else None)
@@ -141,4 +155,4 @@ def load_hf_image(spec: str, rest: str) -> Any:
     elif label not in ds.features:
         raise SpecError(f"hf-image dataset {path!r} has no label column {label!r}; its columns are "
                         f"{', '.join(ds.column_names)}: give label=COLUMN or label=none")
-    return ImageDataset(HFImageSource(ds, image, label, path), pre, spec, split)
+    return ImageDataset(HFImageSource(ds, image, label, path, header), pre, spec, split)
