@@ -192,6 +192,10 @@ def _train(images, store, out, student, **kw):
     return train_students(TrainConfig(**{**base, **kw}))
 
 
+def _weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_model(str(run_dir)).module.state_dict()
+
+
 def test_a_timm_student_reloads_with_plain_timm(images, store, tmp_path):
     _train(images, store, tmp_path / "run", "timm:test_resnet,drop_rate=0.1", epochs=1)
     run = tmp_path / "run"
@@ -221,9 +225,15 @@ def test_a_timm_student_reloads_with_plain_timm(images, store, tmp_path):
     assert got["errors_by_class"] == [int(wrong[y == c].sum()) for c in range(CLASSES)]
 
 
-def test_an_hf_image_student_reloads_with_plain_transformers(images, store, vit_dir, tmp_path):
-    _train(images, store, tmp_path / "run", f"hf:{vit_dir}", epochs=1)
-    run = tmp_path / "run"
+def test_an_hf_image_student_reloads_with_plain_transformers(images, store, vit_dir, tmp_path, capfd):
+    """Two ViT students stacked (each the student alone), each run reloading with transformers alone."""
+    _train(images, store, tmp_path / "sweep", f"hf:{vit_dir}", epochs=1, seeds=[0, 1], lrs=[0.01])
+    assert f"2 students of hf:{vit_dir} train as one stacked model (torch.func vmap)" in capfd.readouterr().err
+    _train(images, store, tmp_path / "alone", f"hf:{vit_dir}", epochs=1, seeds=[1], lrs=[0.01])
+    alone = _weights(tmp_path / "alone")
+    for k, v in _weights(tmp_path / "sweep" / "T4-a0.9-s1").items():
+        torch.testing.assert_close(v, alone[k], rtol=1e-4, atol=1e-5)
+    run = tmp_path / "sweep" / "T4-a0.9-s0"
     from safetensors.torch import load_file
     plain = transformers.AutoModelForImageClassification.from_pretrained(run / "hf").eval()
     assert set(load_file(str(run / "model.safetensors"))) == set(plain.state_dict())
@@ -238,10 +248,6 @@ def test_an_hf_image_student_reloads_with_plain_transformers(images, store, vit_
     # kdcache's checkpoint written from a module that is not wrapped keeps its keys as they are
     save_checkpoint(plain, tmp_path / "c", "x:y", (3, 32, 32), CLASSES)
     assert set(load_file(str(tmp_path / "c" / "model.safetensors"))) == set(plain.state_dict())
-
-
-def _weights(run_dir) -> dict[str, torch.Tensor]:
-    return load_model(str(run_dir)).module.state_dict()
 
 
 @pytest.mark.parametrize("drop_rate", [0.0, 0.3])

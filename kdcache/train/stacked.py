@@ -297,7 +297,8 @@ class StackedStudents:
     def train(self, mode: bool = True) -> None:
         self.training = mode
         if hasattr(self, "_base"):
-            self._base.train(mode)
+            for m in self._base.modules():  # the flag alone: transformers' train() would set up kernels,
+                m.training = mode            # which refuses the meta device the base lives on
 
     def set_epoch_lr(self, epoch: int, scale: float = 1.0) -> None:
         self.optimizer.set_lrs([scale * lr_at(s.lr, epoch, self.c.epochs, self.c.schedule) for s in self.students])
