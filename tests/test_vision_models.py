@@ -212,10 +212,13 @@ def test_a_timm_student_reloads_with_plain_timm(images, store, tmp_path):
         file=str(run / "model.safetensors"), num_classes=CLASSES)).eval()
     ours = load_model(str(run)).module.eval()
     x = torch.from_numpy(np.load(images)["x"][:16]).float() / 255
+    # the run directory is a checkpoint= of the spec too (a student as the next teacher)
+    again = load_model(f"timm:test_resnet,checkpoint={run}", num_classes=CLASSES).module.eval()
     with torch.no_grad():
         logits = ours(x)
         torch.testing.assert_close(plain(x), logits)
         torch.testing.assert_close(overlay(x), logits)
+        torch.testing.assert_close(again(x), logits)
         everything = plain(torch.from_numpy(np.load(images)["x"]).float() / 255)
     # kdcache evaluate on the run directory makes exactly the errors plain timm's logits make
     y = np.load(images)["y"]
