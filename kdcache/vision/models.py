@@ -200,17 +200,10 @@ class HFImageClassifier(nn.Module):
         return self.model(pixel_values=x).logits.float()
 
 
-def is_image_classifier(transformers: Any, config: Any) -> bool:
-    """Whether a transformers config names an image classifier (its ``architectures``, else its type)."""
-    archs = list(getattr(config, "architectures", None) or [])
-    if archs:
-        return any(a.endswith("ForImageClassification") for a in archs)
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
-    )
-    kind = getattr(config, "model_type", None)
-    return kind in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES and kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+def is_image_classifier(config: Any) -> bool:
+    """Whether a transformers config names an image classifier: its ``architectures`` (what
+    ``save_pretrained`` of a model records) end in ``ForImageClassification``."""
+    return any(a.endswith("ForImageClassification") for a in getattr(config, "architectures", None) or [])
 
 
 def build_hf_image(transformers: Any, spec: str, path: str, kv: dict[str, str], config: Any,
