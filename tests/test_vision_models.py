@@ -119,8 +119,12 @@ def test_a_model_of_another_number_of_classes_is_refused_naming_both(tmp_path, i
     with pytest.raises(SpecError, match=r"has a head of 1000 classes but the model is built with 5"):
         load_model(f"timm:test_resnet,checkpoint={tmp_path / 'in1k.pth'}", num_classes=CLASSES)
     # an unlabelled transfer set (no number of classes) takes the checkpoint's head as it is
-    r = load_model(f"timm:test_resnet,num_classes=1000,checkpoint={tmp_path / 'in1k.pth'}")
-    assert r.module.eval()(_x()).shape == (2, 1000)
+    torch.save(timm.create_model("test_resnet", num_classes=7).state_dict(), tmp_path / "seven.pth")
+    r = load_model(f"timm:test_resnet,checkpoint={tmp_path / 'seven.pth'}")
+    assert r.module.eval()(_x()).shape == (2, 7)
+    with pytest.raises(SpecError, match=r"does not fit this model \(missing \[\], unexpected "
+                                        r"\['layer3.0.conv3.weight'.*\]\); give the "):
+        load_model(f"timm:resnet10t,checkpoint={tmp_path / 'seven.pth'}")
     # the command line: one line, nothing written
     p = run_kdcache("dump-logits", "--dataset", images, "--teacher", "timm:test_resnet,num_classes=10",
                     "--out", str(tmp_path / "t.zarr"), check=False)
