@@ -119,8 +119,12 @@ def test_a_model_of_another_number_of_classes_is_refused_naming_both(tmp_path, i
     with pytest.raises(SpecError, match=r"has a head of 1000 classes but the model is built with 5"):
         load_model(f"timm:test_resnet,checkpoint={tmp_path / 'in1k.pth'}", num_classes=CLASSES)
     # an unlabelled transfer set (no number of classes) takes the checkpoint's head as it is
-    r = load_model(f"timm:test_resnet,num_classes=1000,checkpoint={tmp_path / 'in1k.pth'}")
-    assert r.module.eval()(_x()).shape == (2, 1000)
+    torch.save(timm.create_model("test_resnet", num_classes=7).state_dict(), tmp_path / "seven.pth")
+    r = load_model(f"timm:test_resnet,checkpoint={tmp_path / 'seven.pth'}")
+    assert r.module.eval()(_x()).shape == (2, 7)
+    with pytest.raises(SpecError, match=r"does not fit this model \(missing \[\], unexpected "
+                                        r"\['layer3.0.conv3.weight'.*\]\); give the "):
+        load_model(f"timm:resnet10t,checkpoint={tmp_path / 'seven.pth'}")
     # the command line: one line, nothing written
     p = run_kdcache("dump-logits", "--dataset", images, "--teacher", "timm:test_resnet,num_classes=10",
                     "--out", str(tmp_path / "t.zarr"), check=False)
@@ -192,6 +196,10 @@ def _train(images, store, out, student, **kw):
     return train_students(TrainConfig(**{**base, **kw}))
 
 
+def _weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_model(str(run_dir)).module.state_dict()
+
+
 def test_a_timm_student_reloads_with_plain_timm(images, store, tmp_path):
     _train(images, store, tmp_path / "run", "timm:test_resnet,drop_rate=0.1", epochs=1)
     run = tmp_path / "run"
@@ -208,10 +216,13 @@ def test_a_timm_student_reloads_with_plain_timm(images, store, tmp_path):
         file=str(run / "model.safetensors"), num_classes=CLASSES)).eval()
     ours = load_model(str(run)).module.eval()
     x = torch.from_numpy(np.load(images)["x"][:16]).float() / 255
+    # the run directory is a checkpoint= of the spec too (a student as the next teacher)
+    again = load_model(f"timm:test_resnet,checkpoint={run}", num_classes=CLASSES).module.eval()
     with torch.no_grad():
         logits = ours(x)
         torch.testing.assert_close(plain(x), logits)
         torch.testing.assert_close(overlay(x), logits)
+        torch.testing.assert_close(again(x), logits)
         everything = plain(torch.from_numpy(np.load(images)["x"]).float() / 255)
     # kdcache evaluate on the run directory makes exactly the errors plain timm's logits make
     y = np.load(images)["y"]
@@ -221,9 +232,15 @@ def test_a_timm_student_reloads_with_plain_timm(images, store, tmp_path):
     assert got["errors_by_class"] == [int(wrong[y == c].sum()) for c in range(CLASSES)]
 
 
-def test_an_hf_image_student_reloads_with_plain_transformers(images, store, vit_dir, tmp_path):
-    _train(images, store, tmp_path / "run", f"hf:{vit_dir}", epochs=1)
-    run = tmp_path / "run"
+def test_an_hf_image_student_reloads_with_plain_transformers(images, store, vit_dir, tmp_path, capfd):
+    """Two ViT students stacked (each the student alone), each run reloading with transformers alone."""
+    _train(images, store, tmp_path / "sweep", f"hf:{vit_dir}", epochs=1, seeds=[0, 1], lrs=[0.01])
+    assert f"2 students of hf:{vit_dir} train as one stacked model (torch.func vmap)" in capfd.readouterr().err
+    _train(images, store, tmp_path / "alone", f"hf:{vit_dir}", epochs=1, seeds=[1], lrs=[0.01])
+    alone = _weights(tmp_path / "alone")
+    for k, v in _weights(tmp_path / "sweep" / "T4-a0.9-s1").items():
+        torch.testing.assert_close(v, alone[k], rtol=1e-4, atol=1e-5)
+    run = tmp_path / "sweep" / "T4-a0.9-s0"
     from safetensors.torch import load_file
     plain = transformers.AutoModelForImageClassification.from_pretrained(run / "hf").eval()
     assert set(load_file(str(run / "model.safetensors"))) == set(plain.state_dict())
@@ -238,10 +255,6 @@ def test_an_hf_image_student_reloads_with_plain_transformers(images, store, vit_
     # kdcache's checkpoint written from a module that is not wrapped keeps its keys as they are
     save_checkpoint(plain, tmp_path / "c", "x:y", (3, 32, 32), CLASSES)
     assert set(load_file(str(tmp_path / "c" / "model.safetensors"))) == set(plain.state_dict())
-
-
-def _weights(run_dir) -> dict[str, torch.Tensor]:
-    return load_model(str(run_dir)).module.state_dict()
 
 
 @pytest.mark.parametrize("drop_rate", [0.0, 0.3])

@@ -139,7 +139,7 @@ def _image_config(transformers: Any, path: str) -> Any:
     except Exception:
         return None  # reported by the causal-LM path, which reads the same config
     from kdcache.vision.models import is_image_classifier
-    return config if is_image_classifier(transformers, config) else None
+    return config if is_image_classifier(config) else None
 
 
 def _from_config(transformers: Any, spec: str, kv: dict[str, str], num_classes: int | None) -> nn.Module:

@@ -3,8 +3,11 @@ dimension, one batched forward and backward, per-student learning rates, tempera
 
 kdcache's own MLP runs as batched matrix products (the first layer, whose input every student
 shares, as one matrix product for the whole stack); any other module through ``torch.func``
-(``functional_call`` under ``vmap``). A module that ``vmap`` cannot run is trained one by one
-instead (:func:`try_stack` says why). The optimizers are ``torch.optim.SGD`` and ``Adam``
+(``functional_call`` under ``vmap``), its buffers stacked too (BatchNorm's running statistics are
+each student's own, updated in place under ``vmap``) and its ``F.dropout`` calls given masks drawn
+from each student's own generator (:class:`_DropoutMasks`). A module that ``vmap`` cannot run, or
+that draws other random numbers in training, is trained one by one instead (:func:`try_stack` says
+why). The optimizers are ``torch.optim.SGD`` and ``Adam``
 written over the stacked tensors, step for step the same arithmetic, so a stacked student ends
 where it would have ended alone (a test holds them to float tolerance).
 """
@@ -297,7 +300,8 @@ class StackedStudents:
     def train(self, mode: bool = True) -> None:
         self.training = mode
         if hasattr(self, "_base"):
-            self._base.train(mode)
+            for m in self._base.modules():  # the flag alone: transformers' train() would set up kernels,
+                m.training = mode            # which refuses the meta device the base lives on
 
     def set_epoch_lr(self, epoch: int, scale: float = 1.0) -> None:
         self.optimizer.set_lrs([scale * lr_at(s.lr, epoch, self.c.epochs, self.c.schedule) for s in self.students])

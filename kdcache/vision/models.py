@@ -99,8 +99,9 @@ def build(spec: str, num_classes: int | None, dropout: float = 0.0) -> nn.Module
     ``dropout`` (kdcache's own models' option) is refused: the spec's own options set a library model's."""
     family, name, kv = parse_spec(spec)
     if dropout:
-        raise SpecError(f"{{param:dropout}} is for kdcache's mlp: and lstm: models; give {family} models their own "
-                        f"option, e.g. {family}:{name},drop_rate={dropout:g} (timm)")
+        option = "drop_rate" if family == "timm" else "dropout"  # torchvision's ViT, EfficientNet, ...
+        raise SpecError(f"{{param:dropout}} is for kdcache's mlp: and lstm: models; give the {family} model its own "
+                        f"option, e.g. {family}:{name},{option}={dropout:g}")
     lib = _require(family, spec)
     checkpoint = kv.pop("checkpoint", None)
     kwargs = {k: parse_value(v) for k, v in kv.items()}
@@ -120,19 +121,37 @@ def build(spec: str, num_classes: int | None, dropout: float = 0.0) -> nn.Module
         close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
         hint = f"; closest: {', '.join(close)}" if close else f"; list them with {family}.list_models()"
         raise SpecError(f"model spec {spec!r}: {family} has no model {name!r}{hint}")
-    if classes is not None:
-        kwargs["num_classes"] = classes
+    state = read_state_dict(checkpoint, spec) if checkpoint is not None else None
+    module = _create(lib, family, name, spec, kwargs, classes)
+    if state is not None:
+        theirs = _head_classes(module, state)
+        if classes is None and theirs is not None:  # no number of classes given: the checkpoint's head
+            classes = theirs
+            module = _create(lib, family, name, spec, kwargs, classes)
+        load_weights(module, state, f"{spec!r}: checkpoint {checkpoint}", classes, theirs)
+    return module
+
+
+def _create(lib: Any, family: str, name: str, spec: str, kwargs: dict[str, Any], classes: int | None) -> nn.Module:
+    args = {**kwargs, **({"num_classes": classes} if classes is not None else {})}
     try:
         if family == "timm":
-            module = lib.create_model(name, pretrained=False, **kwargs)
-        else:
-            module = lib.models.get_model(name, weights=None, **kwargs)
+            return lib.create_model(name, pretrained=False, **args)
+        return lib.models.get_model(name, weights=None, **args)
     except TypeError as e:
         raise SpecError(f"model spec {spec!r}: {family} model {name} does not take these options "
                         f"({str(e).splitlines()[0]})") from None
-    if checkpoint is not None:
-        load_weights(module, checkpoint, spec, classes)
-    return module
+
+
+def _head_classes(module: nn.Module, state: dict[str, torch.Tensor]) -> int | None:
+    """The number of classes of ``state``'s head where only the head's shape differs from ``module``'s
+    (the tensors whose shapes differ do so in their first dimension only, all to one size), else None."""
+    own = module.state_dict()
+    resized = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if not resized or any(state[k].shape[1:] != own[k].shape[1:] for k in resized):
+        return None
+    sizes = {state[k].shape[0] for k in resized}
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def _names(lib: Any, family: str) -> list[str]:
@@ -164,26 +183,27 @@ def read_state_dict(path: str, spec: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_weights(module: nn.Module, path: str, spec: str, num_classes: int | None) -> None:
-    """Load ``path`` into ``module``; a head of another number of classes is named in one line."""
-    state = read_state_dict(path, spec)
+def load_weights(module: nn.Module, state: dict[str, torch.Tensor], what: str, classes: int | None,
+                 theirs: int | None) -> None:
+    """Load ``state`` into ``module``; a head of another number of classes (``theirs``) is named in one line.
+    ``what`` names the spec and the file for the messages."""
+    if theirs is not None and classes is not None and theirs != classes:
+        raise SpecError(f"model spec {what} has a head of {theirs} classes but the model is built with "
+                        f"{classes} (the dataset's or num_classes=); give a checkpoint trained on these {classes} "
+                        f"classes, or a dataset of {theirs} classes")
     own = module.state_dict()
-    resized = [k for k in state if k in own and state[k].shape != own[k].shape]
-    if resized and num_classes is not None and all(own[k].shape[:1] == (num_classes,) for k in resized):
-        theirs = state[resized[0]].shape[0]
-        raise SpecError(f"model spec {spec!r}: checkpoint {path} has a head of {theirs} classes but the model "
-                        f"is built with {num_classes} (the dataset's or num_classes=); give a checkpoint trained on "
-                        f"these {num_classes} classes, or a dataset of {theirs} classes")
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
         missing = [k for k in own if k not in state][:3]
         unexpected = [k for k in state if k not in own][:3]
+        resized = [k for k in state if k in own and state[k].shape != own[k].shape][:3]
         detail = (f"missing {missing}, unexpected {unexpected}" if missing or unexpected
-                  else f"shapes differ at {resized[:3]}")
-        raise SpecError(f"model spec {spec!r}: checkpoint {path} does not fit this model ({detail}; "
-                        f"{str(e).splitlines()[0][:120]}); give the model name and options it was trained with"
-                        ) from None
+                  else f"shapes differ at {resized}")
+        if not (missing or unexpected or resized):
+            detail = str(e).strip().splitlines()[-1].strip()[:200]
+        raise SpecError(f"model spec {what} does not fit this model ({detail}); give the model name and options "
+                        f"it was trained with") from None
 
 
 class HFImageClassifier(nn.Module):
@@ -200,17 +220,10 @@ class HFImageClassifier(nn.Module):
         return self.model(pixel_values=x).logits.float()
 
 
-def is_image_classifier(transformers: Any, config: Any) -> bool:
-    """Whether a transformers config names an image classifier (its ``architectures``, else its type)."""
-    archs = list(getattr(config, "architectures", None) or [])
-    if archs:
-        return any(a.endswith("ForImageClassification") for a in archs)
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
-    )
-    kind = getattr(config, "model_type", None)
-    return kind in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES and kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+def is_image_classifier(config: Any) -> bool:
+    """Whether a transformers config names an image classifier: its ``architectures`` (what
+    ``save_pretrained`` of a model records) end in ``ForImageClassification``."""
+    return any(a.endswith("ForImageClassification") for a in getattr(config, "architectures", None) or [])
 
 
 def build_hf_image(transformers: Any, spec: str, path: str, kv: dict[str, str], config: Any,
