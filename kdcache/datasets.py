@@ -374,7 +374,20 @@ def portable_model_spec(spec: str, store: str | None) -> str:
     if spec.startswith("hf:"):
         head, sep, tail = spec[3:].partition(",")
         return f"hf:{rel(head)}{sep}{tail}" if os.path.exists(head) else spec
+    if spec.startswith(("timm:", "torchvision:")):
+        return _rewrite_checkpoint(spec, lambda p: rel(p) if os.path.exists(p) else p)
     return rel(spec) if os.path.exists(spec) else spec
+
+
+def _rewrite_checkpoint(spec: str, fn: Any) -> str:
+    """A ``timm:``/``torchvision:`` spec with the value of ``checkpoint=`` passed through ``fn``."""
+    at = spec.find(",checkpoint=")
+    if at < 0:
+        return spec
+    start = at + len(",checkpoint=")
+    end = spec.find(",", start)
+    end = len(spec) if end < 0 else end
+    return spec[:start] + fn(spec[start:end]) + spec[end:]
 
 
 def recorded_spec(spec: str, store: str | None) -> str:
@@ -398,6 +411,11 @@ def recorded_model_spec(spec: str, store: str | None) -> str:
     if not store or "://" in store:
         return spec
     base = os.path.dirname(os.path.abspath(store))
+    if spec.startswith(("timm:", "torchvision:")):
+        def join(p: str) -> str:
+            joined = os.path.normpath(os.path.join(base, p))
+            return joined if not os.path.isabs(p) and os.path.exists(joined) else p
+        return _rewrite_checkpoint(spec, join)
     hf = spec.startswith("hf:")
     head, sep, tail = (spec[3:] if hf else spec).partition(",") if hf else (spec, "", "")
     joined = os.path.normpath(os.path.join(base, head))

@@ -311,3 +311,16 @@ def test_the_weights_sha256_of_library_models_is_formats_recipe(vit_dir):
     plain = transformers.AutoModelForImageClassification.from_pretrained(vit_dir).state_dict()
     got = load_model(f"hf:{vit_dir}", num_classes=CLASSES).describe()["sha256"]
     assert got == recipe({f"model.{k}": v for k, v in plain.items()})
+
+
+def test_a_checkpoint_path_in_a_timm_spec_is_recorded_relative_to_the_store(tmp_path):
+    from kdcache.datasets import portable_model_spec, recorded_model_spec
+    (tmp_path / "models").mkdir()
+    ckpt = tmp_path / "models" / "t.safetensors"
+    ckpt.write_bytes(b"x")
+    store = str(tmp_path / "stores" / "s.zarr")
+    spec = f"timm:resnet10t,checkpoint={ckpt},drop_rate=0.1"
+    recorded = portable_model_spec(spec, store)
+    assert recorded == "timm:resnet10t,checkpoint=../models/t.safetensors,drop_rate=0.1"
+    assert recorded_model_spec(recorded, store) == spec
+    assert portable_model_spec("timm:resnet10t", store) == "timm:resnet10t"
