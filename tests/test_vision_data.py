@@ -312,3 +312,13 @@ def test_hf_image_data_copied_elsewhere_is_the_same_data(folder, tmp_path, monke
     for name in ("imgs.parquet", "saved"):
         a = load_dataset(f"hf-image:{tmp_path / name},size=16").fingerprint
         assert a == load_dataset(f"hf-image:{tmp_path / 'elsewhere' / name},size=16").fingerprint, name
+
+
+def test_preprocessing_left_out_comes_from_the_teacher(folder):
+    pytest.importorskip("timm")
+    spec = completed_spec(f"imagefolder:{folder}", ["timm:test_resnet"])
+    assert spec.endswith(",size=160,mean=0.5/0.5/0.5,std=0.5/0.5/0.5,interpolation=bilinear,crop_pct=0.95")
+    given = completed_spec(f"imagefolder:{folder},size=32,crop_pct=1.0", ["timm:test_resnet"])
+    assert ",size=32," in given and given.endswith("crop_pct=1.0") and "mean=0.5/0.5/0.5" in given
+    assert completed_spec(f"imagefolder:{folder}", ["mlp:8"]).endswith(
+        "size=224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,interpolation=bilinear,crop_pct=0.875")
