@@ -62,8 +62,12 @@ class StackedOptimizer:
 
     @torch.no_grad()
     def step(self, grads: list[torch.Tensor], active: torch.Tensor | None) -> None:
+        """One step of every student. The updates are applied in place, with no temporary the size of
+        the stack: on the CPU each such tensor costs fresh pages every step once it outgrows the
+        allocator's heap (see :func:`cpu_stack_group`)."""
         for (name, p), g in zip(self.params.items(), grads):
             st = self.state[name]
+            keep = None if active is None else active.view(-1, *[1] * (p.ndim - 1))
             if self.kind == "sgd":
                 d = g if self.weight_decay == 0 else g.add(p, alpha=self.weight_decay)
                 if self.momentum != 0:
@@ -73,24 +77,24 @@ class StackedOptimizer:
                     else:
                         buf.mul_(self.momentum).add_(d)
                     d = buf
-                update = d * self._lr(p)
-            else:
-                b1, b2 = ADAM_BETAS
-                if self.weight_decay != 0:
-                    g = g.add(p, alpha=self.weight_decay)
-                if not st:
-                    st["step"] = torch.tensor(0.0)
-                    st["exp_avg"] = torch.zeros_like(p)
-                    st["exp_avg_sq"] = torch.zeros_like(p)
-                st["step"] += 1
-                n = float(st["step"])
-                st["exp_avg"].lerp_(g, 1 - b1)
-                st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
-                denom = (st["exp_avg_sq"].sqrt() / math.sqrt(1 - b2 ** n)).add_(ADAM_EPS)
-                update = st["exp_avg"] / denom * (self._lr(p) / (1 - b1 ** n))
-            if active is not None:
-                update = torch.where(active.view(-1, *[1] * (p.ndim - 1)), update, torch.zeros_like(update))
-            p.sub_(update)
+                # p - lr * d rounded once, as torch.optim.SGD's p.add_(d, alpha=-lr) rounds it
+                p.addcmul_(d if keep is None else torch.where(keep, d, 0.0), self._lr(p), value=-1)
+                continue
+            b1, b2 = ADAM_BETAS
+            if self.weight_decay != 0:
+                g = g.add(p, alpha=self.weight_decay)
+            if not st:
+                st["step"] = torch.tensor(0.0)
+                st["exp_avg"] = torch.zeros_like(p)
+                st["exp_avg_sq"] = torch.zeros_like(p)
+            st["step"] += 1
+            n = float(st["step"])
+            st["exp_avg"].lerp_(g, 1 - b1)
+            st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+            update = st["exp_avg_sq"].sqrt().div_(math.sqrt(1 - b2 ** n)).add_(ADAM_EPS)
+            torch.div(st["exp_avg"], update, out=update)
+            update.mul_(self._lr(p) / (1 - b1 ** n))
+            p.sub_(update if keep is None else torch.where(keep, update, 0.0))
 
 
 def _mlp_plan(module: nn.Module) -> tuple[list[str], float, float] | None:
@@ -325,12 +329,39 @@ def stack_bytes(module: nn.Module, probe_x: torch.Tensor, batch_size: int, optim
     """Bytes one more student adds to a stack: weights, gradients and optimizer state, plus the
     activations of a batch (module outputs of a probe forward, scaled to the batch, kept for backward)."""
     params = sum(p.numel() * p.element_size() for p in module.parameters())
-    acts = 0
+    acts = sum(_output_bytes(module, probe_x)) * batch_size // max(1, len(probe_x))
+    return params * (3 if optimizer == "sgd" else 4) + 2 * acts
+
+
+CPU_STACK_TENSOR_BYTES = 32 * 2 ** 20
+
+
+def cpu_stack_group(module: nn.Module, probe_x: torch.Tensor, batch_size: int, device: torch.device) -> int | None:
+    """On the CPU, the most students a stack may hold before a tensor that one student keeps under
+    ``CPU_STACK_TENSOR_BYTES`` (32 MiB) goes over it when stacked (None on a GPU: no limit).
+
+    Each step makes new tensors the size of the stack (gradients, activations). glibc's malloc hands
+    out blocks over 32 MiB (the ceiling of its mmap threshold) as fresh mappings and unmaps them when
+    freed, so every step would fault in and zero each such tensor again, page by page: a stack of 16
+    students 784-800-800-10 took 39,600 page faults a step and cost 1.5x a stack of 12 per student.
+    Below the limit a stack reuses the heap's memory. Tensors over the limit for one student cost the
+    same per student at any stack size."""
+    if device.type != "cpu":
+        return None
+    sizes = [p.numel() * p.element_size() for p in module.parameters()]
+    sizes += [b * batch_size // max(1, len(probe_x)) for b in _output_bytes(module, probe_x)]
+    under = [b for b in sizes if b <= CPU_STACK_TENSOR_BYTES]
+    return max(1, CPU_STACK_TENSOR_BYTES // max(under)) if under else None
+
+
+def _output_bytes(module: nn.Module, probe_x: torch.Tensor) -> list[int]:
+    """Bytes of each leaf module's output in a forward of ``probe_x`` (eval mode, no gradients; empty if
+    the forward fails)."""
+    sizes: list[int] = []
 
     def hook(_m: nn.Module, _i: Any, out: Any) -> None:
-        nonlocal acts
         if isinstance(out, torch.Tensor):
-            acts += out.numel() * out.element_size()
+            sizes.append(out.numel() * out.element_size())
     handles = [m.register_forward_hook(hook) for m in module.modules() if not list(m.children())]
     was = module.training
     try:
@@ -338,12 +369,12 @@ def stack_bytes(module: nn.Module, probe_x: torch.Tensor, batch_size: int, optim
             module.eval()
             module(probe_x)
     except Exception:
-        acts = 0
+        sizes = []
     finally:
         module.train(was)
         for h in handles:
             h.remove()
-    return params * (3 if optimizer == "sgd" else 4) + 2 * acts * batch_size // max(1, len(probe_x))
+    return sizes
 
 
 def stack_budget(device: torch.device) -> tuple[int, str]:
