@@ -241,15 +241,13 @@ def test_the_stacked_sgd_step_rounds_as_torch_optim_sgd_alone():
         assert torch.equal(stacked["w"][j], alone[j].detach())
 
 
-def test_cpu_stacks_hold_what_keeps_each_stacked_tensor_under_32_mib():
-    mlp = load_model("mlp:800,800", (28, 28), 10).module
-    probe = torch.zeros(2, 28, 28)
+def test_cpu_stacks_hold_what_keeps_each_stacked_weight_under_32_mib():
     cpu = torch.device("cpu")
-    assert cpu_stack_group(mlp, probe, 128, cpu) == 13  # its largest tensor: 800 x 800 fp32 weights, 2.56 MB
-    assert cpu_stack_group(mlp, probe, 8192, cpu) == 1  # activations [8192, 800], 26.2 MB: one fits
-    # activations over 32 MiB for one student cost the same per student in any stack: the weights decide
-    assert cpu_stack_group(mlp, probe, 16384, cpu) == 13
-    assert cpu_stack_group(mlp, probe, 128, torch.device("cuda")) is None
+    assert cpu_stack_group(load_model("mlp:800,800", (28, 28), 10).module, cpu) == 13  # 800 x 800 fp32, 2.56 MB
+    assert cpu_stack_group(load_model("mlp:30,30", (28, 28), 10).module, cpu) == 356  # 30 x 784, 94 kB
+    # a weight over 32 MiB for one student costs the same per student in any stack: the others decide
+    assert cpu_stack_group(load_model("mlp:12000,400", (28, 28), 10).module, cpu) == 1  # 400 x 12000, 19.2 MB
+    assert cpu_stack_group(load_model("mlp:800,800", (28, 28), 10).module, torch.device("cuda")) is None
 
 
 @pytest.fixture(scope="module")

@@ -351,11 +351,10 @@ def build_units(c: TrainConfig, students: list[Student], src: TrainingData, devi
     elif lora is not None:
         why_not = "--lora: a stack would train the frozen base weights too; each adapter trains on its own base"
     if why_not is None:
-        batch = min(c.batch_size, len(src.data))
-        per = stack_bytes(modules[0], probe, batch, c.optimizer)
+        per = stack_bytes(modules[0], probe, min(c.batch_size, len(src.data)), c.optimizer)
         budget, source = stack_budget(device)
         fit = max(1, int(budget // max(per, 1)))
-        cpu = None if c.stack_group else cpu_stack_group(modules[0], probe, batch, device)
+        cpu = None if c.stack_group else cpu_stack_group(modules[0], device)
         size = min(fit, c.stack_group or cpu or len(students))
         if size < len(students):
             groups = _contiguous(len(students), math.ceil(len(students) / size))

@@ -329,39 +329,12 @@ def stack_bytes(module: nn.Module, probe_x: torch.Tensor, batch_size: int, optim
     """Bytes one more student adds to a stack: weights, gradients and optimizer state, plus the
     activations of a batch (module outputs of a probe forward, scaled to the batch, kept for backward)."""
     params = sum(p.numel() * p.element_size() for p in module.parameters())
-    acts = sum(_output_bytes(module, probe_x)) * batch_size // max(1, len(probe_x))
-    return params * (3 if optimizer == "sgd" else 4) + 2 * acts
-
-
-CPU_STACK_TENSOR_BYTES = 32 * 2 ** 20
-
-
-def cpu_stack_group(module: nn.Module, probe_x: torch.Tensor, batch_size: int, device: torch.device) -> int | None:
-    """On the CPU, the most students a stack may hold before a tensor that one student keeps under
-    ``CPU_STACK_TENSOR_BYTES`` (32 MiB) goes over it when stacked (None on a GPU: no limit).
-
-    Each step makes new tensors the size of the stack (gradients, activations). glibc's malloc hands
-    out blocks over 32 MiB (the ceiling of its mmap threshold) as fresh mappings and unmaps them when
-    freed, so every step would fault in and zero each such tensor again, page by page: a stack of 16
-    students 784-800-800-10 took 39,600 page faults a step and cost 1.5x a stack of 12 per student.
-    Below the limit a stack reuses the heap's memory. Tensors over the limit for one student cost the
-    same per student at any stack size."""
-    if device.type != "cpu":
-        return None
-    sizes = [p.numel() * p.element_size() for p in module.parameters()]
-    sizes += [b * batch_size // max(1, len(probe_x)) for b in _output_bytes(module, probe_x)]
-    under = [b for b in sizes if b <= CPU_STACK_TENSOR_BYTES]
-    return max(1, CPU_STACK_TENSOR_BYTES // max(under)) if under else None
-
-
-def _output_bytes(module: nn.Module, probe_x: torch.Tensor) -> list[int]:
-    """Bytes of each leaf module's output in a forward of ``probe_x`` (eval mode, no gradients; empty if
-    the forward fails)."""
-    sizes: list[int] = []
+    acts = 0
 
     def hook(_m: nn.Module, _i: Any, out: Any) -> None:
+        nonlocal acts
         if isinstance(out, torch.Tensor):
-            sizes.append(out.numel() * out.element_size())
+            acts += out.numel() * out.element_size()
     handles = [m.register_forward_hook(hook) for m in module.modules() if not list(m.children())]
     was = module.training
     try:
@@ -369,12 +342,32 @@ def _output_bytes(module: nn.Module, probe_x: torch.Tensor) -> list[int]:
             module.eval()
             module(probe_x)
     except Exception:
-        sizes = []
+        acts = 0
     finally:
         module.train(was)
         for h in handles:
             h.remove()
-    return sizes
+    return params * (3 if optimizer == "sgd" else 4) + 2 * acts * batch_size // max(1, len(probe_x))
+
+
+CPU_STACK_TENSOR_BYTES = 32 * 2 ** 20
+
+
+def cpu_stack_group(module: nn.Module, device: torch.device) -> int | None:
+    """On the CPU, the most students a stack may hold before a weight tensor that one student keeps under
+    ``CPU_STACK_TENSOR_BYTES`` (32 MiB) goes over it when stacked (None on a GPU: no limit).
+
+    Each step makes a new gradient the size of each stacked weight. glibc's malloc hands out blocks
+    over 32 MiB (the ceiling of its mmap threshold) as fresh mappings and unmaps them when freed, so
+    every step would fault in and zero each such gradient again, page by page: a stack of 16 students
+    784-800-800-10 took 39,600 page faults a step. Below the limit a stack reuses the heap's memory.
+    Activations are not counted: each element of one costs a layer's worth of arithmetic, far more
+    than its share of the faults; a weight's gradient costs a few operations per row of the batch."""
+    if device.type != "cpu":
+        return None
+    under = [p.numel() * p.element_size() for p in module.parameters()]
+    under = [b for b in under if b <= CPU_STACK_TENSOR_BYTES]
+    return max(1, CPU_STACK_TENSOR_BYTES // max(under)) if under else None
 
 
 def stack_budget(device: torch.device) -> tuple[int, str]:
