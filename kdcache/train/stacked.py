@@ -79,22 +79,22 @@ class StackedOptimizer:
                     d = buf
                 # p - lr * d rounded once, as torch.optim.SGD's p.add_(d, alpha=-lr) rounds it
                 p.addcmul_(d if keep is None else torch.where(keep, d, 0.0), self._lr(p), value=-1)
-                continue
-            b1, b2 = ADAM_BETAS
-            if self.weight_decay != 0:
-                g = g.add(p, alpha=self.weight_decay)
-            if not st:
-                st["step"] = torch.tensor(0.0)
-                st["exp_avg"] = torch.zeros_like(p)
-                st["exp_avg_sq"] = torch.zeros_like(p)
-            st["step"] += 1
-            n = float(st["step"])
-            st["exp_avg"].lerp_(g, 1 - b1)
-            st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
-            update = st["exp_avg_sq"].sqrt().div_(math.sqrt(1 - b2 ** n)).add_(ADAM_EPS)
-            torch.div(st["exp_avg"], update, out=update)
-            update.mul_(self._lr(p) / (1 - b1 ** n))
-            p.sub_(update if keep is None else torch.where(keep, update, 0.0))
+            else:
+                b1, b2 = ADAM_BETAS
+                if self.weight_decay != 0:
+                    g = g.add(p, alpha=self.weight_decay)
+                if not st:
+                    st["step"] = torch.tensor(0.0)
+                    st["exp_avg"] = torch.zeros_like(p)
+                    st["exp_avg_sq"] = torch.zeros_like(p)
+                st["step"] += 1
+                n = float(st["step"])
+                st["exp_avg"].lerp_(g, 1 - b1)
+                st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+                update = st["exp_avg_sq"].sqrt().div_(math.sqrt(1 - b2 ** n)).add_(ADAM_EPS)
+                torch.div(st["exp_avg"], update, out=update)
+                update.mul_(self._lr(p) / (1 - b1 ** n))
+                p.sub_(update if keep is None else torch.where(keep, update, 0.0))
 
 
 def _mlp_plan(module: nn.Module) -> tuple[list[str], float, float] | None:
@@ -365,8 +365,8 @@ def cpu_stack_group(module: nn.Module, device: torch.device) -> int | None:
     than its share of the faults; a weight's gradient costs a few operations per row of the batch."""
     if device.type != "cpu":
         return None
-    under = [p.numel() * p.element_size() for p in module.parameters()]
-    under = [b for b in under if b <= CPU_STACK_TENSOR_BYTES]
+    sizes = [p.numel() * p.element_size() for p in module.parameters()]
+    under = [b for b in sizes if b <= CPU_STACK_TENSOR_BYTES]
     return max(1, CPU_STACK_TENSOR_BYTES // max(under)) if under else None
 
 
