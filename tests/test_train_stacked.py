@@ -15,7 +15,7 @@ from kdcache.specs import load_model
 from kdcache.train import TrainConfig, train_students
 from kdcache.train.stacked import StackedOptimizer, cpu_stack_group
 from tests.conftest import run_kdcache
-from tests.helpers import SYNTH
+from tests.helpers import SYNTH, small_convnet
 
 
 @pytest.fixture(scope="module")
@@ -248,6 +248,7 @@ def test_cpu_stacks_hold_what_keeps_each_stacked_weight_under_32_mib():
     # a weight over 32 MiB for one student costs the same per student in any stack: the others decide
     assert cpu_stack_group(load_model("mlp:12000,400", (28, 28), 10).module, cpu) == 1  # 400 x 12000, 19.2 MB
     assert cpu_stack_group(load_model("mlp:800,800", (28, 28), 10).module, torch.device("cuda")) is None
+    assert cpu_stack_group(small_convnet(), cpu) is None  # other modules are not cut
 
 
 @pytest.fixture(scope="module")

@@ -354,16 +354,17 @@ CPU_STACK_TENSOR_BYTES = 32 * 2 ** 20
 
 
 def cpu_stack_group(module: nn.Module, device: torch.device) -> int | None:
-    """On the CPU, the most students a stack may hold before a weight tensor that one student keeps under
-    ``CPU_STACK_TENSOR_BYTES`` (32 MiB) goes over it when stacked (None on a GPU: no limit).
+    """On the CPU, the most students of kdcache's MLP a stack may hold before a weight that one student
+    keeps under ``CPU_STACK_TENSOR_BYTES`` (32 MiB) goes over it when stacked (None: no limit).
 
     Each step makes a new gradient the size of each stacked weight. glibc's malloc hands out blocks
     over 32 MiB (the ceiling of its mmap threshold) as fresh mappings and unmaps them when freed, so
     every step would fault in and zero each such gradient again, page by page: a stack of 16 students
-    784-800-800-10 took 39,600 page faults a step. Below the limit a stack reuses the heap's memory.
-    Activations are not counted: each element of one costs a layer's worth of arithmetic, far more
-    than its share of the faults; a weight's gradient costs a few operations per row of the batch."""
-    if device.type != "cpu":
+    784-800-800-10 took 39,600 page faults a step, a third of its time. A linear layer's weight
+    gradient costs two operations per element per row of the batch, so the faults weigh as much as
+    the arithmetic; activations, and the weights of a convolution (shared by every position of an
+    image), cost far more arithmetic per byte, and other modules are not cut (not measured)."""
+    if device.type != "cpu" or _mlp_plan(module) is None:
         return None
     sizes = [p.numel() * p.element_size() for p in module.parameters()]
     under = [b for b in sizes if b <= CPU_STACK_TENSOR_BYTES]
