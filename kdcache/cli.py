@@ -251,7 +251,8 @@ def dump_logits_cmd(**kw: Any) -> None:
 @click.option("--stack/--no-stack", default=True, show_default=True,
               help="Train the students of a sweep as one stacked model (one forward and backward for all).")
 @click.option("--stack-group", type=click.IntRange(1), default=None,
-              help="At most N students per stack [default: as many as half the free memory holds].")
+              help="N students per stack, within what half the free memory holds [default: as many as it "
+                   "holds; on the CPU, mlp: stacks whose weights stay under 32 MiB each].")
 @click.option("--amp", type=click.Choice(["off", "bf16"]), default="off", show_default=True,
               help="bf16: the students' forward and backward under autocast.")
 @click.option("--checkpoint-every", type=click.IntRange(0), default=0, show_default=True,

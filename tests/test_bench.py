@@ -20,6 +20,7 @@ def test_quick_bench_reports_every_figure(tmp_path):
     assert len(r["dump"]["memory"]["peak_rss_MiB"]) == 2
     assert r["train"]["ratio"] > 0 and [row["students"] for row in r["sweep"]] == [10, 4]
     assert [row["K"] for row in r["online"]["by_K"]] == [1, 4, 16]
+    assert all(row["cached_s_per_student"] > 0 for row in r["online"]["by_K"])
     assert {row["dtype"] for row in r["storage"]} == {"float16", "float32"}
     assert [row["layout"] for row in r["hf"]["rows"]] == ["dense", "topk k=20"]
     assert all(row["ratio"] > 0 and row["bytes_per_token"] > 0 for row in r["hf"]["rows"])

@@ -13,8 +13,9 @@ from kdcache.losses import distillation_loss, distillation_losses
 from kdcache.sparse import targets_from_arrays, topk_rows
 from kdcache.specs import load_model
 from kdcache.train import TrainConfig, train_students
+from kdcache.train.stacked import StackedOptimizer, cpu_stack_group
 from tests.conftest import run_kdcache
-from tests.helpers import SYNTH
+from tests.helpers import SYNTH, small_convnet
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +236,62 @@ def test_logit_matching_refusals_are_one_line(tmp_path, store):
                         (["--loss", "logit-mse"], "--loss logit-mse needs --store (or an online --teacher)")):
         p = run_kdcache(*base, *extra, check=False)
         assert p.returncode == 1 and said in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_the_stacked_sgd_step_rounds_as_torch_optim_sgd_alone():
+    """Each student's step in a stack is torch.optim.SGD's (momentum, its own learning rate) bit for bit,
+    and a stopped student is left exactly as it was."""
+    g = torch.Generator().manual_seed(0)
+    lrs = [0.05, 0.2, 0.013]
+    w = torch.randn(3, 40, 33, generator=g)
+    stacked = {"w": w.clone()}
+    opt = StackedOptimizer("sgd", stacked, lrs, 0.9, 0.0)
+    alone = [torch.nn.Parameter(w[j].clone()) for j in range(3)]
+    opts = [torch.optim.SGD([p], lr=lr, momentum=0.9) for p, lr in zip(alone, lrs)]
+    for step in range(4):
+        grad = torch.randn(3, 40, 33, generator=g)
+        active = None if step < 2 else torch.tensor([True, False, True])
+        opt.step([grad], active)
+        for j in range(3):
+            if active is None or active[j]:
+                alone[j].grad = grad[j].clone()
+                opts[j].step()
+    for j in range(3):
+        assert torch.equal(stacked["w"][j], alone[j].detach())
+
+
+def test_cpu_stacks_hold_what_keeps_each_stacked_weight_under_32_mib():
+    cpu = torch.device("cpu")
+    assert cpu_stack_group(load_model("mlp:800,800", (28, 28), 10).module, cpu) == 13  # 800 x 800 fp32, 2.56 MB
+    assert cpu_stack_group(load_model("mlp:30,30", (28, 28), 10).module, cpu) == 356  # 30 x 784, 94 kB
+    # a weight over 32 MiB for one student costs the same per student in any stack: the others decide
+    assert cpu_stack_group(load_model("mlp:12000,400", (28, 28), 10).module, cpu) == 1  # 400 x 12000, 19.2 MB
+    assert cpu_stack_group(load_model("mlp:800,800", (28, 28), 10).module, torch.device("cuda")) is None
+    assert cpu_stack_group(small_convnet(), cpu) is None  # other modules are not cut
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("small") / "t.zarr")
+    dump_logits(DumpConfig(teachers=["tests.helpers:slow_teacher"], dataset=SYNTH, out=path, subset="0:128",
+                           progress=False))
+    return path
+
+
+@pytest.mark.slow
+def test_a_cpu_stack_is_cut_where_its_tensors_would_outgrow_the_heap(tmp_path, small_store, capfd):
+    """16 students 800-800 (13 fit under 32 MiB) train as 2 stacks of 8 and end where one stack of 16
+    (--stack-group 16) ends."""
+    kw = dict(student="mlp:800,800", temperatures=[1.0, 2.0, 4.0, 8.0], seeds=[0, 1], lrs=[0.05, 0.1], epochs=1)
+    auto = _sweep(tmp_path, small_store, "auto", **kw)
+    err = capfd.readouterr().err
+    assert ("training the 16 students in 2 stacks of at most 13 (on the CPU a larger stack makes tensors over "
+            "32 MiB, which cost fresh memory pages every step; --stack-group sets the size)") in err
+    assert err.count("8 students of mlp:800,800 train as one stacked model") == 2
+    one = _sweep(tmp_path, small_store, "one", stack_group=16, **kw)
+    assert "16 students of mlp:800,800 train as one stacked model" in capfd.readouterr().err
+    assert [r["run"] for r in auto] == [r["run"] for r in one] and len(auto) == 16
+    for a, b in zip(auto, one):
+        wa, wb = _weights(a["dir"]), _weights(b["dir"])
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=2e-6)

@@ -248,7 +248,7 @@ def bench_online(p: Profile, work: Path, device: str) -> dict[str, Any]:
                                    subset=f"0:{p.mnist_rows}", device=device, progress=False))
             _train(work, device, p, path, temps_all[:k], f"cached-{k}")
         tc, to = interleave(cached, lambda: _online(k, p, device), 1 if k > 4 else max(1, p.reps - 1))
-        rows.append({"K": k, "cached_s": tc, "online_s": to, "ratio": tc / to})
+        rows.append({"K": k, "cached_s": tc, "online_s": to, "ratio": tc / to, "cached_s_per_student": tc / k})
     # per-student costs from the two smallest K, and the K from which caching wins
     (k1, c1, o1), (k2, c2, o2) = [(r["K"], r["cached_s"], r["online_s"]) for r in rows[:2]]
     cached_per, online_per = (c2 - c1) / (k2 - k1), (o2 - o1) / (k2 - k1)
@@ -256,7 +256,8 @@ def bench_online(p: Profile, work: Path, device: str) -> dict[str, Any]:
     breakeven = None if online_per <= cached_per else max(1, int(np.ceil(fixed / (online_per - cached_per))))
     if 16 not in [r["K"] for r in rows]:
         rows.append({"K": 16, "cached_s": fixed + 16 * cached_per, "online_s": 16 * online_per,
-                     "ratio": (fixed + 16 * cached_per) / (16 * online_per), "extrapolated": True})
+                     "ratio": (fixed + 16 * cached_per) / (16 * online_per),
+                     "cached_s_per_student": fixed / 16 + cached_per, "extrapolated": True})
     return {"teacher": "mlp:1200,1200 (784-1200-1200-10)", "student": "mlp:800,800 (784-800-800-10)",
             "rows": p.mnist_rows, "epochs": p.epochs, "by_K": rows, "caching_wins_from_K": breakeven}
 
@@ -645,7 +646,7 @@ def _show(name: str, r: Any, echo: Callable[[str], None]) -> None:
     elif name == "online":
         echo(_table(f"cached (one dump + K students from the store) against online distillation "
                     f"(teacher {r['teacher']}, student {r['student']}, {r['rows']} rows, {r['epochs']} epoch)",
-                    r["by_K"], ["K", "cached_s", "online_s", "ratio", "extrapolated"]))
+                    r["by_K"], ["K", "cached_s", "online_s", "ratio", "cached_s_per_student", "extrapolated"]))
         echo(f"  caching wins from K = {r['caching_wins_from_K']}\n")
     elif name == "views":
         echo(_table(f"augmented views ({r['augment']}, {r['views']} views of {r['dump_rows']} rows, teacher "

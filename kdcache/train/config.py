@@ -63,7 +63,8 @@ class TrainConfig:
     remote_cache_size: str = "10GB"           # its bound
     sweep_dirs: bool | None = None            # a sub-directory per run; default: when there are several
     stack: bool = True                        # students of one architecture train as one stacked model
-    stack_group: int | None = None            # at most this many students per stack; default: what memory allows
+    stack_group: int | None = None            # students per stack (within memory); default: what memory allows,
+                                              # on the CPU cut under 32 MiB a stacked weight (mlp: students)
     amp: str = "off"                          # bf16: students' forward and backward under autocast
     checkpoint_every: int = 0                 # also checkpoint every N steps (0: at epoch ends only)
     device: str = "auto"

@@ -31,7 +31,7 @@ from kdcache.train.config import TrainConfig, warmup_scale
 from kdcache.train.epoch_eval import Evaluator
 from kdcache.train.results import write_run, write_summary
 from kdcache.train.source import TrainingData, check_student, open_training_data, probe_inputs
-from kdcache.train.stacked import stack_budget, stack_bytes, try_stack
+from kdcache.train.stacked import CPU_STACK_TENSOR_BYTES, cpu_stack_group, stack_budget, stack_bytes, try_stack
 from kdcache.train.students import SeparateStudent, Student, TrainingUnit, plan_students
 
 
@@ -353,12 +353,15 @@ def build_units(c: TrainConfig, students: list[Student], src: TrainingData, devi
         per = stack_bytes(modules[0], probe, min(c.batch_size, len(src.data)), c.optimizer)
         budget, source = stack_budget(device)
         fit = max(1, int(budget // max(per, 1)))
-        size = min(fit, c.stack_group or len(students))
+        cpu = None if c.stack_group else cpu_stack_group(modules[0], device)
+        size = min(fit, c.stack_group or cpu or len(students))
         if size < len(students):
             groups = _contiguous(len(students), math.ceil(len(students) / size))
             why = (f"--stack-group {c.stack_group}" if size == c.stack_group else
                    f"a stack of {len(students)} needs about {format_size(per * len(students))}, more than "
-                   f"{source} ({format_size(budget)})")
+                   f"{source} ({format_size(budget)})" if size == fit else
+                   f"on the CPU a larger stack makes tensors over {CPU_STACK_TENSOR_BYTES // 2 ** 20} MiB, which "
+                   f"cost fresh memory pages every step; --stack-group sets the size")
             if info.is_main:
                 log(f"note: training the {len(students)} students in {len(groups)} stacks of at most {size} ({why})")
     units: list[TrainingUnit] = []

@@ -66,8 +66,12 @@ class StackedOptimizer:
 
     @torch.no_grad()
     def step(self, grads: list[torch.Tensor], active: torch.Tensor | None) -> None:
+        """One step of every student. The updates are applied in place, with no temporary the size of
+        the stack: on the CPU each such tensor costs fresh pages every step once it outgrows the
+        allocator's heap (see :func:`cpu_stack_group`)."""
         for (name, p), g in zip(self.params.items(), grads):
             st = self.state[name]
+            keep = None if active is None else active.view(-1, *[1] * (p.ndim - 1))
             if self.kind == "sgd":
                 d = g if self.weight_decay == 0 else g.add(p, alpha=self.weight_decay)
                 if self.momentum != 0:
@@ -77,7 +81,8 @@ class StackedOptimizer:
                     else:
                         buf.mul_(self.momentum).add_(d)
                     d = buf
-                update = d * self._lr(p)
+                # p - lr * d rounded once, as torch.optim.SGD's p.add_(d, alpha=-lr) rounds it
+                p.addcmul_(d if keep is None else torch.where(keep, d, 0.0), self._lr(p), value=-1)
             else:
                 b1, b2 = ADAM_BETAS
                 if self.weight_decay != 0:
@@ -90,11 +95,10 @@ class StackedOptimizer:
                 n = float(st["step"])
                 st["exp_avg"].lerp_(g, 1 - b1)
                 st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
-                denom = (st["exp_avg_sq"].sqrt() / math.sqrt(1 - b2 ** n)).add_(ADAM_EPS)
-                update = st["exp_avg"] / denom * (self._lr(p) / (1 - b1 ** n))
-            if active is not None:
-                update = torch.where(active.view(-1, *[1] * (p.ndim - 1)), update, torch.zeros_like(update))
-            p.sub_(update)
+                update = st["exp_avg_sq"].sqrt().div_(math.sqrt(1 - b2 ** n)).add_(ADAM_EPS)
+                torch.div(st["exp_avg"], update, out=update)
+                update.mul_(self._lr(p) / (1 - b1 ** n))
+                p.sub_(update if keep is None else torch.where(keep, update, 0.0))
 
 
 def _mlp_plan(module: nn.Module) -> tuple[list[str], float, float] | None:
@@ -438,6 +442,27 @@ def stack_bytes(module: nn.Module, probe_x: torch.Tensor, batch_size: int, optim
         for h in handles:
             h.remove()
     return params * (3 if optimizer == "sgd" else 4) + 2 * acts * batch_size // max(1, len(probe_x))
+
+
+CPU_STACK_TENSOR_BYTES = 32 * 2 ** 20
+
+
+def cpu_stack_group(module: nn.Module, device: torch.device) -> int | None:
+    """On the CPU, the most students of kdcache's MLP a stack may hold before a weight that one student
+    keeps under ``CPU_STACK_TENSOR_BYTES`` (32 MiB) goes over it when stacked (None: no limit).
+
+    Each step makes a new gradient the size of each stacked weight. glibc's malloc hands out blocks
+    over 32 MiB (the ceiling of its mmap threshold) as fresh mappings and unmaps them when freed, so
+    every step would fault in and zero each such gradient again, page by page: a stack of 16 students
+    784-800-800-10 took 39,600 page faults a step, a third of its time. A linear layer's weight
+    gradient costs two operations per element per row of the batch, so the faults weigh as much as
+    the arithmetic; activations, and the weights of a convolution (shared by every position of an
+    image), cost far more arithmetic per byte, and other modules are not cut (not measured)."""
+    if device.type != "cpu" or _mlp_plan(module) is None:
+        return None
+    sizes = [p.numel() * p.element_size() for p in module.parameters()]
+    under = [b for b in sizes if b <= CPU_STACK_TENSOR_BYTES]
+    return max(1, CPU_STACK_TENSOR_BYTES // max(under)) if under else None
 
 
 def stack_budget(device: torch.device) -> tuple[int, str]:
