@@ -43,7 +43,7 @@ def weights_sha256(module: nn.Module) -> str:
     for k, v in sorted(module.state_dict().items()):
         t = v.detach().cpu().contiguous()
         h.update(f"{k};{t.dtype};{tuple(t.shape)};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d too (BatchNorm)
     return h.hexdigest()
 
 
