@@ -304,7 +304,7 @@ def run_render_digits(c: RenderDigitsConfig, echo: Echo = print) -> None:
     from kdcache.vision.synth import render_digits
     target = Path(c.out)
     if target.exists() and not c.overwrite:
-        raise KdcacheError(f"{c.out} exists; give {{param:overwrite}} to replace it, or another {{param:out}}")
+        raise KdcacheError(f"{c.out} exists; give {{param:overwrite}} to replace it, or another folder")
     if c.min_side > c.max_side:
         raise ConfigError(f"{{param:min_side}} {c.min_side} is above {{param:max_side}} {c.max_side}; give "
                           f"min-side <= max-side")
