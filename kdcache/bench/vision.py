@@ -46,7 +46,7 @@ class VisionProfile:
     batch_size: int = 64
 
 
-QUICK = VisionProfile(per_class=8, size=32, teacher="resnet18", student="mlp:64", epochs=1, ks=(1, 4), reps=1)
+QUICK = VisionProfile(per_class=4, size=32, teacher="resnet18", student="mlp:64", epochs=1, ks=(1, 4), reps=1)
 FULL = VisionProfile(per_class=30, size=32, teacher="resnet50", student="mlp:256", epochs=2, ks=(1, 4, 16), reps=2)
 TEACHERS = {"teacher": FULL.teacher, "quick_teacher": QUICK.teacher}
 
