@@ -122,6 +122,9 @@ def bench_vision(p: VisionProfile, work: Path, device: str, data_root: str | Non
 
 @dataclass
 class _Ctx:
+    """What every part of the section shares: the profile, where it writes, the device, the image dataset
+    (a spec with every preprocessing key) and the teacher's spec."""
+
     p: VisionProfile
     work: Path
     device: str
