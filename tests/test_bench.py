@@ -53,7 +53,7 @@ def test_quick_vision_bench_reports_every_figure(tmp_path):
     assert v["decode"]["decode_resize_images_per_s"] > 0 and v["decode"]["decode_cut_resize_images_per_s"] > 0
     assert set(v["costs"]) == {"decode_resize_ms", "decode_cut_resize_ms", "teacher_forward_ms", "student_step_ms"}
     assert [row["dump"] for row in v["dump"]] == ["plain", "1 views (resized-crop:0.35+flip)"]
-    assert all(row["ratio"] > 0 and row["goal"] == 1.05 for row in v["dump"])
+    assert all(row["ratio"] > 0 and row["goal"] == 1.05 and row["setup_s"] > 0 for row in v["dump"])
     assert [row["K"] for row in v["by_K"]] == [1, 4, 16] and v["by_K"][-1]["extrapolated"] is True
     assert [row["goal"] for row in v["by_K"]] == [None, 0.5, 0.2]
     assert all(row["cached_s"] > 0 and row["online_s"] > 0 and row["online_stacked_s"] > 0 for row in v["by_K"])
