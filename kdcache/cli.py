@@ -388,6 +388,34 @@ def train_tokenizer_cmd(corpus: str, vocab: int, field: str, out: str, overwrite
                         echo=click.echo)
 
 
+@cli.command("render-digits")
+@click.argument("out")
+@click.option("--per-class", type=click.IntRange(1), default=100, show_default=True, help="Images of each digit.")
+@click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
+              help="The MNIST split the digits are taken from (the first --per-class of each digit).")
+@click.option("--min-side", type=click.IntRange(8), default=40, show_default=True, help="Smallest canvas side, px.")
+@click.option("--max-side", type=click.IntRange(8), default=160, show_default=True, help="Largest canvas side, px.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds sizes, places, colours and noise.")
+@data_root_option
+@click.option("--overwrite", is_flag=True, help="Replace a folder already at OUT.")
+@_friendly
+def render_digits_cmd(out: str, per_class: int, split: str, min_side: int, max_side: int, seed: int,
+                      data_root: str | None, overwrite: bool) -> None:
+    """Write an image folder of MNIST digits pasted at random sizes and positions on canvases of random
+    sizes (PNG and JPEG; some grayscale, some RGBA), one sub-directory per digit: real image files of
+    varied sizes for imagefolder: datasets, from what is on disk.
+
+    \b
+    kdcache render-digits runs/digits/train --per-class 100 --split train
+    kdcache render-digits runs/digits/test --per-class 20 --split test
+    kdcache train-student --dataset imagefolder:runs/digits/train,size=32 --student timm:resnet10t ...
+    """
+    from kdcache.commands import RenderDigitsConfig, run_render_digits
+    run_render_digits(RenderDigitsConfig(out=out, per_class=per_class, split=split, min_side=min_side,
+                                         max_side=max_side, seed=seed, data_root=data_root, overwrite=overwrite),
+                      echo=click.echo)
+
+
 @cli.command("evaluate")
 @click.argument("model")
 @click.option("--dataset", required=True, help="Dataset spec to evaluate on, e.g. mnist:test.")

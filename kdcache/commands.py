@@ -27,7 +27,7 @@ if typing.TYPE_CHECKING:
 Echo = Callable[[str], None]
 
 STEP_COMMANDS = ("train-student", "dump-logits", "report", "convert", "inspect", "verify", "train-tokenizer",
-                 "evaluate", "import-logprobs", "export-logprobs")
+                 "evaluate", "import-logprobs", "export-logprobs", "render-digits")
 CLICK_NAMES = {"format": "fmt"}  # fields whose click parameter has another name (pipeline stamps use it)
 NUMBER_TEXT = re.compile(r"[-+0-9.eE,]+")
 
@@ -100,6 +100,22 @@ class TokenizerConfig:
     vocab: int = 8192
     field: str = "text"
     out: str
+    overwrite: bool = False
+
+
+@dataclass(kw_only=True)
+class RenderDigitsConfig:
+    """``kdcache render-digits``: an image folder (ImageFolder layout) of MNIST digits pasted at random
+    sizes and positions on canvases of random sizes, as PNG and JPEG files
+    (:func:`kdcache.vision.synth.render_digits`)."""
+
+    out: str
+    per_class: int = 100
+    split: str = "train"
+    min_side: int = 40
+    max_side: int = 160
+    seed: int = 0
+    data_root: str | None = None
     overwrite: bool = False
 
 
@@ -276,6 +292,30 @@ def run_train_tokenizer(c: TokenizerConfig, echo: Echo = print) -> None:
             shutil.rmtree(target)
         (Path(tmp) / "tokenizer").rename(target)
     echo(f"wrote a tokenizer of {len(tok)} tokens to {c.out}")
+
+
+def run_render_digits(c: RenderDigitsConfig, echo: Echo = print) -> None:
+    """``render-digits``: rendered into a temporary directory beside ``c.out``, then moved there, so that
+    a failure leaves what was at ``c.out`` as it was."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from kdcache.vision.synth import render_digits
+    target = Path(c.out)
+    if target.exists() and not c.overwrite:
+        raise KdcacheError(f"{c.out} exists; give {{param:overwrite}} to replace it, or another folder")
+    if c.min_side > c.max_side:
+        raise ConfigError(f"{{param:min_side}} {c.min_side} is above {{param:max_side}} {c.max_side}; give "
+                          f"min-side <= max-side")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
+        render_digits(Path(tmp) / "images", c.per_class, c.split, c.min_side, c.max_side, c.seed, c.data_root)
+        if target.exists():
+            shutil.rmtree(target)
+        (Path(tmp) / "images").rename(target)
+    echo(f"wrote {10 * c.per_class} images ({c.per_class} per digit, MNIST {c.split}, sides {c.min_side}-"
+         f"{c.max_side} px) to {c.out}")
 
 
 def run_import_logprobs(c: ImportLogprobsConfig, echo: Echo = print) -> None:
@@ -580,5 +620,8 @@ def commands() -> dict[str, Command]:
                    ranges={"offset": Range(0), "k": Range(1), "chunk_rows": Range(1)}),
         Command.of("export-logprobs", ExportLogprobsConfig, run_export_logprobs, arguments=("store",), remote=False,
                    choices={"preset": tuple(PRESETS), "format": FORMATS}, ranges={"member": Range(0)}),
+        Command.of("render-digits", RenderDigitsConfig, run_render_digits, arguments=("out",), remote=False,
+                   choices={"split": ("train", "test")},
+                   ranges={"per_class": Range(1), "min_side": Range(8), "max_side": Range(8)}),
     ]
     return {c.name: c for c in found}

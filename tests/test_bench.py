@@ -38,3 +38,28 @@ def test_quick_bench_reports_every_figure(tmp_path):
                   "cached (one dump", "augmented views (jitter:2", "storage: bytes per sample",
                   "transformers.Trainer step"):
         assert title in p.stdout
+
+
+@pytest.mark.slow
+def test_quick_vision_bench_reports_every_figure(tmp_path):
+    """``bench --only vision --quick``: every figure of the section, and the FLOPs it states counted right."""
+    from kdcache.bench import run_bench
+    printed: list[str] = []
+    r = run_bench(quick=True, only=["vision"], reps=1, echo=printed.append, json_path=str(tmp_path / "b.json"))
+    v = json.loads((tmp_path / "b.json").read_text())["vision"]
+    assert v == json.loads(json.dumps(r["vision"]))
+    assert v["images"] == 40 and v["size"] == 32 and v["augment"] == "resized-crop:0.35+flip"
+    assert v["student_flops_per_image"] == 2 * (3 * 32 * 32 * 64 + 64 * 10)  # mlp:64: two matmuls
+    assert v["teacher_flops_per_image"] > 10 * v["student_flops_per_image"]
+    assert v["decode"]["decode_resize_images_per_s"] > 0 and v["decode"]["decode_cut_resize_images_per_s"] > 0
+    assert set(v["costs"]) == {"decode_resize_ms", "decode_cut_resize_ms", "teacher_forward_ms", "student_step_ms"}
+    assert [row["dump"] for row in v["dump"]] == ["plain", "1 views (resized-crop:0.35+flip)"]
+    assert all(row["ratio"] > 0 and row["goal"] == 1.05 and row["setup_s"] > 0 for row in v["dump"])
+    assert [row["K"] for row in v["by_K"]] == [1, 4, 16] and v["by_K"][-1]["extrapolated"] is True
+    assert [row["goal"] for row in v["by_K"]] == [None, 0.5, 0.2]
+    assert all(row["cached_s"] > 0 and row["online_s"] > 0 and row["online_stacked_s"] > 0 for row in v["by_K"])
+    assert v["store_ram"]["ratio"] > 0 and v["store_ram"]["K"] == 4
+    text = "\n".join(printed)
+    for title in ("decode + resize alone", "dump-logits against decode + bare teacher inference",
+                  "cached (one dump of 1 views + K students", "training from the store against training from"):
+        assert title in text

@@ -7,7 +7,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-BENCH_NAMES = ("store_read", "dump", "train", "sweep", "online", "views", "hf", "s3", "storage", "sparse")
+BENCH_NAMES = ("store_read", "dump", "train", "sweep", "online", "views", "hf", "s3", "storage", "sparse",
+               "vision")
 
 
 @dataclass

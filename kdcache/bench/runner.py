@@ -616,6 +616,12 @@ def _measure(name: str, p: Profile, work: Path, device: str, teacher: str | None
     if name == "s3":
         from kdcache.bench.remote import bench_s3
         return bench_s3(p, work, device)
+    if name == "vision":
+        from kdcache.bench.vision import FULL as VISION_FULL
+        from kdcache.bench.vision import QUICK as VISION_QUICK
+        from kdcache.bench.vision import bench_vision
+        vp = VISION_QUICK if p.quick else VISION_FULL
+        return bench_vision(dataclasses.replace(vp, reps=min(vp.reps, p.reps)), work, device)
     if name == "sparse":
         r = bench_sparse(p, work, device, teacher)
         r["stores"] = [store_fidelity(s) for s in logit_stores]
@@ -681,6 +687,9 @@ def _show(name: str, r: Any, echo: Callable[[str], None]) -> None:
         for f in r["stores"]:
             echo(_table(f"sparse top-k ({f['teacher']} on {f['dataset']}, {f['classes']} classes, first "
                         f"{f['rows']} {'positions' if f['per_token'] else 'rows'} of {f['store']})", f["table"], kl))
+    elif name == "vision":
+        from kdcache.bench.vision import show
+        show(r, echo, _table)
     elif name == "storage":
         echo(_table("storage: bytes per sample on real MNIST teacher logits (10 classes, 1 member)", r,
                     ["backend", "dtype", "compression", "bytes_per_sample", "reference_C_x_M_x_2"]))
