@@ -1,5 +1,6 @@
 """What ``kdcache bench`` and its remote benchmarks share, without importing torch: the benchmark
-names (the CLI lists them), the profiles, and the interleaved timer."""
+names (the CLI lists them), the profiles, the interleaved timer, and the bare teacher loop a dump is
+measured against (torch imported when it is built)."""
 from __future__ import annotations
 
 import statistics
@@ -48,3 +49,24 @@ def interleave_all(fns: list[Callable[[], Any]], reps: int, warmup: bool = True)
             f()
             ts.append(time.perf_counter() - t)
     return [statistics.median(ts) for ts in times]
+
+
+def bare_pass(cfg: Any, device: str) -> Callable[[], None]:
+    """A bare teacher-inference loop over the batches ``dump_logits(cfg)`` runs (unaugmented inputs)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from kdcache.distributed import autocast, resolve_device
+    from kdcache.dump import Batches, ChunkBatches, prepare
+    dev = resolve_device(device)
+    dataset, members, manifest, rows, _ = prepare(cfg, dev)
+    modules = [m.module for m in members]
+
+    def bare() -> None:
+        sampler = ChunkBatches(rows, list(range(manifest.num_chunks)), manifest.chunk_rows, cfg.batch_size)
+        loader = DataLoader(Batches(dataset.dataset), sampler=sampler, batch_size=None, pin_memory=dev.type == "cuda")
+        with torch.inference_mode(), autocast(dev, cfg.amp):
+            for _, _, x, _, _ in loader:
+                z = torch.stack([mod(x.to(dev, non_blocking=True)) for mod in modules], 1).float().cpu()
+        del z
+    return bare

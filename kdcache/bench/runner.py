@@ -21,7 +21,7 @@ import torch
 
 from kdcache._version import __version__
 from kdcache.bench.common import BENCH_NAMES as BENCHES
-from kdcache.bench.common import FULL, QUICK, Profile, interleave, interleave_all
+from kdcache.bench.common import FULL, QUICK, Profile, bare_pass, interleave, interleave_all
 from kdcache.losses import teacher_log_probs
 
 
@@ -88,26 +88,6 @@ def bench_store_read(p: Profile, work: Path) -> list[dict[str, Any]]:
 
 
 # -- 2. dump -------------------------------------------------------------------------------------
-def bare_pass(cfg: Any, device: str) -> Callable[[], None]:
-    """A bare teacher-inference loop over the batches ``dump_logits(cfg)`` runs (unaugmented inputs)."""
-    from torch.utils.data import DataLoader
-
-    from kdcache.distributed import autocast, resolve_device
-    from kdcache.dump import Batches, ChunkBatches, prepare
-    dev = resolve_device(device)
-    dataset, members, manifest, rows, _ = prepare(cfg, dev)
-    modules = [m.module for m in members]
-
-    def bare() -> None:
-        sampler = ChunkBatches(rows, list(range(manifest.num_chunks)), manifest.chunk_rows, cfg.batch_size)
-        loader = DataLoader(Batches(dataset.dataset), sampler=sampler, batch_size=None, pin_memory=dev.type == "cuda")
-        with torch.inference_mode(), autocast(dev, cfg.amp):
-            for _, _, x, _, _ in loader:
-                z = torch.stack([mod(x.to(dev, non_blocking=True)) for mod in modules], 1).float().cpu()
-        del z
-    return bare
-
-
 def bench_dump(p: Profile, work: Path, device: str) -> list[dict[str, Any]]:
     from kdcache.dump import DumpConfig, dump_logits
     out = []

@@ -211,7 +211,7 @@ def bench_vision_dump(ctx: _Ctx) -> list[dict[str, Any]]:
     plain dump against one bare pass, the dump of V views against V bare passes; and the dump's set-up
     alone (``prepare``: list and fingerprint the folder, build the teacher, hash its weights, probe it),
     a fixed cost that the bare loop, built once, does not pay."""
-    from kdcache.bench.runner import bare_pass
+    from kdcache.bench.common import bare_pass
     from kdcache.distributed import resolve_device
     from kdcache.dump import dump_logits, prepare
     rows = []
