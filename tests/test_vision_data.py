@@ -322,3 +322,20 @@ def test_preprocessing_left_out_comes_from_the_teacher(folder):
     assert ",size=32," in given and given.endswith("crop_pct=1.0") and "mean=0.5/0.5/0.5" in given
     assert completed_spec(f"imagefolder:{folder}", ["mlp:8"]).endswith(
         "size=224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,interpolation=bilinear,crop_pct=0.875")
+
+
+def test_a_dump_stopped_by_a_bad_file_resumes_with_its_chunks_kept(folder, tmp_path):
+    d = _copy(folder, tmp_path)
+    names = load_dataset(f"imagefolder:{d},size=16").dataset.source.names
+    victim = d / names[45]  # in the last chunks: the ones before it are written when the dump stops
+    victim.write_bytes(victim.read_bytes()[:120])
+    out = str(tmp_path / "r.zarr")
+    cmd = ("dump-logits", "--teacher", TEACHER, "--dataset", f"imagefolder:{d},size=16", "--out", out,
+           "--augment", "resized-crop:0.3", "--views", "2", "--chunk-rows", "8", "--batch-size", "8")
+    r = run_kdcache(*cmd, check=False)
+    assert r.returncode == 1 and str(victim) in r.stderr
+    kept = int(open_store(out, allow_partial=True).written_chunks().sum())
+    assert kept >= 5
+    r = run_kdcache(*cmd, "--skip-bad-images")
+    assert f"{kept} chunks kept from an earlier run" in r.stdout and "1 unreadable image skipped" in r.stdout
+    assert open_store(out).manifest.skipped == [45]

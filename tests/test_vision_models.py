@@ -324,3 +324,13 @@ def test_a_checkpoint_path_in_a_timm_spec_is_recorded_relative_to_the_store(tmp_
     assert recorded == "timm:resnet10t,checkpoint=../models/t.safetensors,drop_rate=0.1"
     assert recorded_model_spec(recorded, store) == spec
     assert portable_model_spec("timm:resnet10t", store) == "timm:resnet10t"
+
+
+def test_a_last_batch_of_one_row_for_batchnorm_is_one_line(tmp_path):
+    from tests.conftest import run_kdcache
+    x = np.random.default_rng(0).integers(0, 255, (9, 3, 16, 16), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(9) % 3)
+    r = run_kdcache("train-student", "--dataset", str(tmp_path / "d.npz"), "--student", "timm:test_resnet",
+                    "--batch-size", "4", "--epochs", "1", "--out", str(tmp_path / "r"), check=False)
+    assert r.returncode == 1 and "a batch of 1 row cannot train a student with BatchNorm" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

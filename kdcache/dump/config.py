@@ -76,6 +76,7 @@ class DumpSummary:
         key = f", cache key {self.cache_key[:12]}" if self.cache_key else ""
         if self.skipped:
             shown = ", ".join(map(str, self.skipped[:10])) + (" ..." if len(self.skipped) > 10 else "")
-            acc += f"; {len(self.skipped)} unreadable images skipped (sample ids {shown}; in the manifest)"
+            n = len(self.skipped)
+            acc += f"; {n} unreadable image{'s' if n > 1 else ''} skipped (sample ids {shown}; in the manifest)"
         return [f"wrote {self.rows_written} of {self.rows} rows to {self.path} in {self.seconds:.1f}s "
                 f"({rate:,.0f} rows/s, {self.bytes_on_disk / 1e6:.1f} MB on disk{resumed}{key}){acc}"]

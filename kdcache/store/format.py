@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -230,7 +231,7 @@ class Manifest:
         if isinstance(data.get("tokenizer"), dict):
             data["tokenizer"] = {k: v for k, v in data["tokenizer"].items() if k != "name"}
         out["dataset"] = data
-        return out
+        return json.loads(json.dumps(out))  # as the manifest holds it: a fresh manifest equals one read back
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> "Manifest":

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 import kdcache.train.divergence as divergence
 from kdcache.augment import jitter
 from kdcache.distributed import DistInfo, init_distributed, resolve_device, shutdown
-from kdcache.errors import KdcacheError
+from kdcache.errors import ConfigError, KdcacheError
 from kdcache.progress import progress_bar
 from kdcache.sizes import format_size
 from kdcache.specs import load_model
@@ -37,6 +37,18 @@ from kdcache.train.students import SeparateStudent, Student, TrainingUnit, plan_
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def _train_step_of(units: Any, batch: Any, sums: Any, c: TrainConfig) -> None:
+    """One step; a batch of one row that a student's BatchNorm cannot train on is one line, not a traceback."""
+    try:
+        train_step(units, batch, sums)
+    except ValueError as e:
+        if "Expected more than 1 value per channel" not in str(e):
+            raise
+        raise ConfigError(f"a batch of {len(batch.y)} row cannot train a student with BatchNorm (the epoch's last "
+                          f"batch: its rows leave one over at {{param:batch_size}} {c.batch_size}); choose a batch "
+                          f"size that does not divide the rows with one left over") from None
 
 
 def train_students(cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -190,7 +202,7 @@ def _train(c: TrainConfig, device: torch.device, info: DistInfo) -> list[dict[st
                 if warmup_steps and done <= warmup_steps:
                     for u in units:
                         u.set_epoch_lr(epoch, warmup_scale(done, warmup_steps))
-                train_step(units, batch, sums)
+                _train_step_of(units, batch, sums, c)
                 step += 1
                 bar.update(1)
                 if students[0].initial_loss is None and epoch == 0 and step == 1 and safe_steps >= 1:

@@ -69,7 +69,8 @@ class Preprocess:
                             f"{', '.join(INTERPOLATIONS)}")
 
     def asdict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """As a manifest holds it (JSON: lists, not tuples)."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
 
     def spec_keys(self) -> str:
         """The keys as a spec writes them: ``size=224,mean=a/b/c,std=a/b/c,interpolation=..,crop_pct=..``."""
