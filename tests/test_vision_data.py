@@ -339,3 +339,18 @@ def test_a_dump_stopped_by_a_bad_file_resumes_with_its_chunks_kept(folder, tmp_p
     r = run_kdcache(*cmd, "--skip-bad-images")
     assert f"{kept} chunks kept from an earlier run" in r.stdout and "1 unreadable image skipped" in r.stdout
     assert open_store(out).manifest.skipped == [45]
+
+
+def test_a_timm_student_reloaded_with_timm_says_the_preprocessing_it_was_trained_with(folder, tmp_path):
+    timm = pytest.importorskip("timm")
+    spec = f"imagefolder:{folder},size=16,mean=0.5/0.5/0.5,std=0.25/0.25/0.25"
+    out = str(tmp_path / "s.zarr")
+    dump_logits(DumpConfig(teachers=[TEACHER], dataset=spec, out=out, progress=False))
+    run = tmp_path / "r"
+    run_kdcache("train-student", "--dataset", f"imagefolder:{folder}", "--store", out, "--student",
+                "timm:test_resnet", "--epochs", "1", "--batch-size", "16", "--out", str(run))
+    plain = timm.create_model(f"local-dir:{run}", pretrained=True)
+    cfg = timm.data.resolve_data_config(model=plain)
+    assert tuple(cfg["input_size"]) == (3, 16, 16) and tuple(cfg["mean"]) == (0.5, 0.5, 0.5)
+    assert tuple(cfg["std"]) == (0.25, 0.25, 0.25)
+    assert cfg["crop_pct"] == 0.875

@@ -37,7 +37,7 @@ def write_run(r: Student, module: nn.Module, c: TrainConfig, arch: str, input_sh
     save_pretrained(module, r.out, tokenizer)  # hf: students, for plain transformers
     from kdcache.vision.models import save_library_files
     # timm's hub keys join kdcache's (timm reads the run directory); an image classifier gets hf/
-    config = {**save_library_files(module, r.out, arch), **config}
+    config = {**save_library_files(module, r.out, arch, data.describe().get("preprocess")), **config}
     (r.out / "config.json").write_text(json.dumps(config, indent=2))
     (r.out / "metrics.json").write_text(json.dumps(r.history, indent=2))
     final = {("last_lr" if k == "lr" else k): v for k, v in r.history[-1].items()}  # lr: the configured one

@@ -267,7 +267,8 @@ def load_library_state(module: nn.Module, state: dict[str, torch.Tensor]) -> Non
     library_module(module).load_state_dict(state)
 
 
-def save_library_files(module: nn.Module, out: Path, arch: str) -> dict[str, Any]:
+def save_library_files(module: nn.Module, out: Path, arch: str, preprocess: dict[str, Any] | None = None
+                       ) -> dict[str, Any]:
     """What plain timm / transformers need beside ``out/model.safetensors`` (written by kdcache with the
     library's keys): a transformers classifier is saved with ``save_pretrained`` to ``out/hf``; a timm
     model returns the keys of timm's hub ``config.json`` (``architecture``, ``num_classes``,
@@ -275,7 +276,8 @@ def save_library_files(module: nn.Module, out: Path, arch: str) -> dict[str, Any
     ``timm.create_model("local-dir:" + out)`` loads the run directory. Others: nothing.
 
     A transformers classifier's ``preprocessor_config.json`` (where its source directory has one) is
-    copied to ``out/hf`` too."""
+    copied to ``out/hf`` too. A timm model's ``pretrained_cfg`` says the ``preprocess`` it was trained
+    with (input size, interpolation, mean, std, crop_pct), not its architecture's defaults."""
     if isinstance(module, HFImageClassifier):
         module.model.save_pretrained(out / "hf", safe_serialization=True)
         processor = Path(module.source or "") / "preprocessor_config.json"
@@ -289,7 +291,13 @@ def save_library_files(module: nn.Module, out: Path, arch: str) -> dict[str, Any
     args = {k: parse_value(v) for k, v in kv.items() if k not in ("checkpoint", "num_classes")}
     with tempfile.TemporaryDirectory() as d:
         save_config_for_hf(module, str(Path(d) / "config.json"), model_args=args or None)
-        return json.loads((Path(d) / "config.json").read_text())
+        hub = json.loads((Path(d) / "config.json").read_text())
+    if preprocess:
+        s = int(preprocess["size"])
+        hub["pretrained_cfg"] = {**hub.get("pretrained_cfg", {}), "input_size": [3, s, s],
+                                 "interpolation": preprocess["interpolation"], "mean": list(preprocess["mean"]),
+                                 "std": list(preprocess["std"]), "crop_pct": preprocess["crop_pct"]}
+    return hub
 
 
 def model_preprocess(module_or_spec: nn.Module | str) -> dict[str, Any] | None:
