@@ -93,6 +93,8 @@ def format_inspect(info: dict[str, Any]) -> str:
         *([f"  skipped     {len(info['skipped'])} unreadable inputs (sample ids "
            f"{', '.join(map(str, info['skipped'][:10]))}{' ...' if len(info['skipped']) > 10 else ''}), "
            f"never trained on"] if info.get("skipped") else []),
+        *([f"  classes     {', '.join(info['class_names'][:20])}{' ...' if len(info['class_names']) > 20 else ''} "
+           f"({len(info['class_names'])})"] if info.get("class_names") else []),
         *([f"  images      {info['dataset']['files']['count']} files, preprocessing "
            f"{_preprocess(info['dataset']['preprocess'])}"] if info["dataset"].get("preprocess") else []),
         *([f"  sequences   {info['sequences']['count']} (a row per {_row_kind(info['dataset'])}, up to "
