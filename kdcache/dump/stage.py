@@ -160,15 +160,7 @@ def dump_logits(cfg: DumpConfig, members: list[ResolvedModel] | None = None) -> 
     try:
         dataset, members, manifest, rows, index = prepare(cfg, device, members)
         path = _rank_path(cfg.out, fmt, info)
-        seq_arrays = None if index is None else (index.ids, index.offsets)
-        if fmt == "zarr":
-            if info.is_main:
-                store = create_store(path, manifest, fmt, overwrite=cfg.overwrite, sequence_index=seq_arrays)
-            info.barrier()
-            if not info.is_main:
-                store = LogitStore(path, fmt, allow_partial=True, writable=True)
-        else:
-            store = create_store(path, manifest, fmt, overwrite=cfg.overwrite, sequence_index=seq_arrays)
+        store = _open_for_writing(path, fmt, manifest, index, cfg.overwrite, info)
         written = store.written_chunks()
         # The unit of work: a chunk, or for a per-token store a group of chunks holding about a batch of
         # sequences (so a batch is not cut to the few sequences of one small chunk). Ranks own groups of
@@ -247,6 +239,19 @@ def dump_logits(cfg: DumpConfig, members: list[ResolvedModel] | None = None) -> 
                            accuracy[:-1], accuracy[-1], resumed, skipped=skipped)
     finally:
         shutdown(info)
+
+
+def _open_for_writing(path: str, fmt: str, manifest: Manifest, index: SequenceIndex | None, overwrite: bool,
+                      info: DistInfo) -> LogitStore:
+    """This rank's store: created (or reopened to resume) by rank 0 for Zarr, whose ranks share it; an
+    HDF5 rank creates its own file (see :func:`_rank_path`)."""
+    seq_arrays = None if index is None else (index.ids, index.offsets)
+    if fmt != "zarr":
+        return create_store(path, manifest, fmt, overwrite=overwrite, sequence_index=seq_arrays)
+    if info.is_main:
+        store = create_store(path, manifest, fmt, overwrite=overwrite, sequence_index=seq_arrays)
+    info.barrier()
+    return store if info.is_main else LogitStore(path, fmt, allow_partial=True, writable=True)
 
 
 def _dump_to_cache(cfg: DumpConfig) -> DumpSummary:
