@@ -25,8 +25,8 @@ def with_preprocess(dataset_spec: str | None, teachers: list[str] | None = None,
         return dataset_spec
     base = _recorded_preprocess(store) if store else None
     if base is not None:
-        differs = {k for k in given if getattr(Preprocess.from_kv(_kv(dataset_spec), dataset_spec, base), k)
-                   != getattr(base, k)}
+        asked = Preprocess.from_kv(_kv(dataset_spec), dataset_spec, base)
+        differs = {k for k in given if getattr(asked, k) != getattr(base, k)}
         if differs:
             print(f"warning: dataset {dataset_spec!r} sets {', '.join(sorted(differs))} other than the teacher saw in "
                   f"store {store!r}; the student sees differently preprocessed images", file=sys.stderr)
