@@ -67,6 +67,9 @@ class HFImageSource:
 def _builder(path: str) -> tuple[str, Any]:
     """Which way ``path`` is read and its data files."""
     p = Path(path)
+    if "://" not in path and not glob.glob(path):
+        raise SpecError(f"hf-image dataset {path!r} does not exist; give a Parquet/Arrow file, a save_to_disk or "
+                        f"image directory, or .tar shards")
     if p.is_dir():
         if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists() or (p / "state.json").exists():
             return "disk", path
