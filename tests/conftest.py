@@ -38,6 +38,10 @@ def run_kdcache(*args: str, env: dict | None = None, check: bool = True, timeout
 
 
 TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kdcache"]
+# torchrun gives each process one thread (OMP_NUM_THREADS=1) unless the variable is set, and a CPU
+# matmul's summation order can follow the thread count (torch 2.14 does for the tiny Llama), so a
+# single-process reference for a torchrun store runs with the same threads per process.
+TORCHRUN_THREADS = {"OMP_NUM_THREADS": "1"}
 
 
 def counted_batches(counter: Path) -> int:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kdcache.store import open_store
-from tests.conftest import DATA_ROOT, ROOT, TORCHRUN_2, counted_batches, kill_when, run_kdcache
+from tests.conftest import DATA_ROOT, ROOT, TORCHRUN_2, TORCHRUN_THREADS, counted_batches, kill_when, run_kdcache
 from tests.helpers import SYNTH
 
 SLOW = "tests.helpers:slow_teacher"
@@ -70,7 +70,7 @@ def test_torchrun_two_ranks_equals_single_process(tmp_path, suffix):
     args = ["dump-logits", "--teacher", SLOW, "--teacher", "tests.helpers:other_teacher", "--dataset", SYNTH,
             "--chunk-rows", "50", "--batch-size", "32", "--device", "cpu"]
     single = str(tmp_path / f"single{suffix}")
-    run_kdcache(*args, "--out", single)
+    run_kdcache(*args, "--out", single, env=TORCHRUN_THREADS)
     multi = str(tmp_path / f"multi{suffix}")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "KDCACHE_DATA": DATA_ROOT}
     torchrun = TORCHRUN_2

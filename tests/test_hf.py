@@ -17,7 +17,7 @@ from kdcache.datasets import load_dataset  # noqa: E402
 from kdcache.errors import SpecError  # noqa: E402
 from kdcache.specs import load_model  # noqa: E402
 from kdcache.store import open_store  # noqa: E402
-from tests.conftest import DATA_ROOT, ROOT, TORCHRUN_2, kill_when, run_kdcache  # noqa: E402
+from tests.conftest import DATA_ROOT, ROOT, TORCHRUN_2, TORCHRUN_THREADS, kill_when, run_kdcache  # noqa: E402
 
 
 def _save_model(directory, texts, vocab, seed=0, context=64):
@@ -153,7 +153,7 @@ def test_torchrun_two_ranks_write_the_same_hf_store(hf, tmp_path):
     args = ["dump-logits", "--teacher", f"hf:{hf['teacher']}", "--dataset", _data(hf), "--layout", "topk", "--k", "4",
             "--chunk-rows", "64", "--batch-size", "8", "--device", "cpu"]
     single, multi = str(tmp_path / "one.zarr"), str(tmp_path / "two.zarr")
-    run_kdcache(*args, "--out", single)
+    run_kdcache(*args, "--out", single, env=TORCHRUN_THREADS)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "KDCACHE_DATA": DATA_ROOT}
     torchrun = TORCHRUN_2
     p = subprocess.run([*torchrun, *args, "--out", multi], env=env, capture_output=True, text=True, timeout=300)

@@ -16,7 +16,7 @@ from kdcache import DistillStream
 from kdcache.datasets import load_dataset
 from kdcache.store import open_store
 from kdcache.text import TextSequences
-from tests.conftest import DATA_ROOT, ROOT, TORCHRUN_2, counted_batches, kill_when, run_kdcache
+from tests.conftest import DATA_ROOT, ROOT, TORCHRUN_2, TORCHRUN_THREADS, counted_batches, kill_when, run_kdcache
 from tests.helpers import TOKEN_VOCAB, TokenTeacher, write_corpus
 
 TEACHER = "tests.helpers:token_teacher"
@@ -207,7 +207,7 @@ def test_torchrun_two_ranks_write_the_same_token_store(corpus, tmp_path):
     args = ["dump-logits", "--teacher", TEACHER, "--dataset", corpus, "--chunk-rows", "50", "--batch-size", "4",
             "--device", "cpu", "--layout", "topk", "--k", "5"]
     single, multi = str(tmp_path / "single.h5"), str(tmp_path / "multi.h5")
-    run_kdcache(*args, "--out", single)
+    run_kdcache(*args, "--out", single, env=TORCHRUN_THREADS)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "KDCACHE_DATA": DATA_ROOT}
     torchrun = TORCHRUN_2
     p = subprocess.run([*torchrun, *args, "--out", multi], env=env, capture_output=True, text=True, timeout=300)

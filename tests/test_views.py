@@ -17,7 +17,7 @@ from kdcache.stream import DatasetStream, DistillStream
 from kdcache.teacher_check import check_teacher
 from kdcache.views import Views, draw_params, epoch_view
 from tests import helpers
-from tests.conftest import TORCHRUN_2, invoke_kdcache, run_kdcache
+from tests.conftest import TORCHRUN_2, TORCHRUN_THREADS, invoke_kdcache, run_kdcache
 
 TEACHER = "tests.helpers:image_teacher"
 RECORDING = "tests.helpers:recording_image_teacher"
@@ -242,8 +242,8 @@ def test_killed_and_multi_process_view_dumps_equal_one_uninterrupted_dump(tmp_pa
             "jitter:2+flip", "--views", "2", "--seed", "3", "--chunk-rows", "100", "--batch-size", "32",
             "--device", "cpu"]
     ref = str(tmp_path / "ref.zarr")
-    run_kdcache(*args, "--out", ref)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "KDCACHE_DATA": DATA_ROOT}
+    run_kdcache(*args, "--out", ref, env=TORCHRUN_THREADS)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "KDCACHE_DATA": DATA_ROOT, **TORCHRUN_THREADS}
 
     killed = str(tmp_path / "killed.zarr")
     counter = tmp_path / "batches"
@@ -257,7 +257,7 @@ def test_killed_and_multi_process_view_dumps_equal_one_uninterrupted_dump(tmp_pa
     proc.wait()
     done = int(open_store(killed, allow_partial=True).written_chunks().sum())
     assert 0 < done < 20
-    assert f"{done} chunks kept" in run_kdcache(*args, "--out", killed).stdout
+    assert f"{done} chunks kept" in run_kdcache(*args, "--out", killed, env=TORCHRUN_THREADS).stdout
     assert_same_store(ref, killed)
 
     multi = str(tmp_path / "multi.zarr")
