@@ -137,85 +137,103 @@ def load_pipeline(path: str, profile: str | None = None, overrides: dict[str, st
     if not isinstance(steps_raw, list) or not steps_raw:
         raise err(("steps",), "expected a non-empty list of steps")
     steps: list[Step] = []
-    seen: set[str] = set()
     for i, raw in enumerate(steps_raw):
-        if not isinstance(raw, dict):
-            raise err(("steps", i), "expected a mapping with name, command and with")
-        for k in raw:
-            if k not in STEP_KEYS:
-                raise err(("steps", i, k), f"unknown key; expected one of {', '.join(sorted(STEP_KEYS))}")
-        name = raw.get("name")
-        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
-            raise err(("steps", i, "name"), "expected a name of letters, digits, - and _")
-        if name in seen:
-            raise err(("steps", i, "name"), f"step {name!r} is defined twice")
-        command = raw.get("command")
-        if command not in COMMANDS:
-            raise err(("steps", i, "command"), f"{command!r} is not a step command; use one of {', '.join(COMMANDS)}")
-        spec = commands()[command]
-        opts_raw = raw.get("with") or {}
-        if not isinstance(opts_raw, dict):
-            raise err(("steps", i, "with"), "expected a mapping of option names to values")
-        needs: list[str] = []
-
-        def resolve(value: Any, keys: tuple) -> Any:
-            if isinstance(value, list):
-                return [resolve(v, keys) for v in value]
-            if not isinstance(value, str):
-                return value
-            whole = REF.fullmatch(value)
-            def sub(m: re.Match) -> Any:
-                kind, ref, attr = m.groups()
-                if kind == "vars":
-                    if ref not in variables:
-                        raise err(keys, f"refers to ${{vars.{ref}}}, which vars does not declare")
-                    return variables[ref]
-                if ref not in seen:
-                    later = any(isinstance(s, dict) and s.get("name") == ref for s in steps_raw)
-                    raise err(keys, f"refers to step {ref!r}, which is " + ("defined later; steps may only use "
-                              "earlier steps" if later else "not defined"))
-                if ref not in needs:
-                    needs.append(ref)
-                target = next(s for s in steps if s.name == ref)
-                key = target.spec.field_of(attr or "out")
-                if key not in target.options:
-                    raise err(keys, f"refers to ${{steps.{ref}.{attr or 'out'}}}, but step {ref!r} has no option "
-                              f"{attr or 'out'!r}")
-                return target.options[key]
-            if whole:
-                return sub(whole)
-            return REF.sub(lambda m: str(sub(m)), value)
-
-        options: dict[str, Any] = {}
-        for k, v in opts_raw.items():
-            keys = ("steps", i, "with", k)
-            key = spec.field_of(k)
-            if key is None:
-                known = sorted(o.flag.lstrip("-") for o in spec.options.values())
-                raise err(keys, f"{command} has no option {k!r}; known: {', '.join(known)}")
-            v = resolve(v, keys)
-            if v is None:  # null: the command's default (unsets an option a YAML merge brought in)
-                continue
-            try:
-                options[key] = spec.options[key].check(v)
-            except ConfigError as e:
-                raise err(keys, str(e)) from None
-        for o in spec.options.values():
-            if o.required and options.get(o.name) in (None, []):
-                raise err(("steps", i, "with"), f"{command} needs {o.flag}")
-        use = resolve(raw.get("use"), ("steps", i, "use"))
-        if use not in (None, ""):
-            out_key = next((k for k in ("out", "dst") if k in options), None)
-            if not isinstance(use, str) or out_key is None:
-                raise err(("steps", i, "use"), "expected the path of an existing output (a run directory or a "
-                          "store) standing in for a step that has out")
-            options[out_key] = use
-        steps.append(Step(name, command, options, lines.get(("steps", i), 1), needs, use or None))
-        seen.add(name)
+        steps.append(_parse_step(i, raw, _StepContext(steps, steps_raw, variables, err), lines.get(("steps", i), 1)))
     state = Path(data.get("state_dir") or Path("runs") / ".pipeline" / data["pipeline"])
     if profile:
         state = state / profile
     return Pipeline(str(path), data["pipeline"], steps, state)
+
+
+@dataclass
+class _StepContext:
+    """What a step's parsing sees: the steps parsed before it, every raw step (to tell "defined later"
+    from "not defined"), the variables and the file's error maker."""
+
+    steps: list[Step]
+    steps_raw: list[Any]
+    variables: dict[str, Any]
+    err: Callable[[tuple, str], ConfigError]
+
+    def resolve(self, value: Any, keys: tuple, needs: list[str]) -> Any:
+        """``value`` with every ``${vars.NAME}`` and ``${steps.NAME[.option]}`` replaced (a whole-string
+        reference keeps the referred value's type); earlier steps referred to are added to ``needs``."""
+        if isinstance(value, list):
+            return [self.resolve(v, keys, needs) for v in value]
+        if not isinstance(value, str):
+            return value
+        whole = REF.fullmatch(value)
+        if whole:
+            return self._referred(whole, keys, needs)
+        return REF.sub(lambda m: str(self._referred(m, keys, needs)), value)
+
+    def _referred(self, m: re.Match, keys: tuple, needs: list[str]) -> Any:
+        kind, ref, attr = m.groups()
+        err = self.err
+        if kind == "vars":
+            if ref not in self.variables:
+                raise err(keys, f"refers to ${{vars.{ref}}}, which vars does not declare")
+            return self.variables[ref]
+        target = next((s for s in self.steps if s.name == ref), None)
+        if target is None:
+            later = any(isinstance(s, dict) and s.get("name") == ref for s in self.steps_raw)
+            raise err(keys, f"refers to step {ref!r}, which is " + ("defined later; steps may only use "
+                      "earlier steps" if later else "not defined"))
+        if ref not in needs:
+            needs.append(ref)
+        key = target.spec.field_of(attr or "out")
+        if key not in target.options:
+            raise err(keys, f"refers to ${{steps.{ref}.{attr or 'out'}}}, but step {ref!r} has no option "
+                      f"{attr or 'out'!r}")
+        return target.options[key]
+
+
+def _parse_step(i: int, raw: Any, ctx: _StepContext, line: int) -> Step:
+    """Step ``i`` of the file, its options checked by its command's spec and its references resolved."""
+    err = ctx.err
+    if not isinstance(raw, dict):
+        raise err(("steps", i), "expected a mapping with name, command and with")
+    for k in raw:
+        if k not in STEP_KEYS:
+            raise err(("steps", i, k), f"unknown key; expected one of {', '.join(sorted(STEP_KEYS))}")
+    name = raw.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise err(("steps", i, "name"), "expected a name of letters, digits, - and _")
+    if any(s.name == name for s in ctx.steps):
+        raise err(("steps", i, "name"), f"step {name!r} is defined twice")
+    command = raw.get("command")
+    if command not in COMMANDS:
+        raise err(("steps", i, "command"), f"{command!r} is not a step command; use one of {', '.join(COMMANDS)}")
+    spec = commands()[command]
+    opts_raw = raw.get("with") or {}
+    if not isinstance(opts_raw, dict):
+        raise err(("steps", i, "with"), "expected a mapping of option names to values")
+    needs: list[str] = []
+    options: dict[str, Any] = {}
+    for k, v in opts_raw.items():
+        keys = ("steps", i, "with", k)
+        key = spec.field_of(k)
+        if key is None:
+            known = sorted(o.flag.lstrip("-") for o in spec.options.values())
+            raise err(keys, f"{command} has no option {k!r}; known: {', '.join(known)}")
+        v = ctx.resolve(v, keys, needs)
+        if v is None:  # null: the command's default (unsets an option a YAML merge brought in)
+            continue
+        try:
+            options[key] = spec.options[key].check(v)
+        except ConfigError as e:
+            raise err(keys, str(e)) from None
+    for o in spec.options.values():
+        if o.required and options.get(o.name) in (None, []):
+            raise err(("steps", i, "with"), f"{command} needs {o.flag}")
+    use = ctx.resolve(raw.get("use"), ("steps", i, "use"), needs)
+    if use not in (None, ""):
+        out_key = next((k for k in ("out", "dst") if k in options), None)
+        if not isinstance(use, str) or out_key is None:
+            raise err(("steps", i, "use"), "expected the path of an existing output (a run directory or a "
+                      "store) standing in for a step that has out")
+        options[out_key] = use
+    return Step(name, command, options, line, needs, use or None)
 
 
 def argv(step: Step) -> list[str]:
