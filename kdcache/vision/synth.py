@@ -17,7 +17,8 @@ def render_digits(out: str | os.PathLike, per_class: int, split: str = "train", 
                   max_side: int = 160, seed: int = 0, data_root: str | None = None) -> Path:
     """Write ``per_class`` images of each digit under ``out/<digit>/``: the digit (MNIST ``split``,
     first images of each class) scaled to 40-90% of a canvas of ``min_side..max_side`` per side, at a
-    random place, on a tinted noisy background, with a random colour. A third of the files are JPEG,
+    random place inside the canvas's centred square (what a centre crop of the shorter side keeps, as a
+    photograph keeps its subject near the middle), on a tinted noisy background, with a random colour. A third of the files are JPEG,
     one in ten grayscale PNG, one in ten RGBA PNG, the rest RGB PNG. Deterministic in ``seed``."""
     pil = require("PIL.Image", "render_digits")
     from kdcache.datasets import load_mnist
@@ -38,7 +39,9 @@ def render_digits(out: str | os.PathLike, per_class: int, split: str = "train", 
             side = int(min(h, w) * g.uniform(0.4, 0.9))
             digit_img = np.asarray(pil.fromarray(mnist.inputs[i].numpy()).resize((side, side), pil.BILINEAR),
                                    dtype=np.float64) / 255.0
-            top, left = int(g.integers(0, h - side + 1)), int(g.integers(0, w - side + 1))
+            square = min(h, w)
+            top = (h - square) // 2 + int(g.integers(0, square - side + 1))
+            left = (w - square) // 2 + int(g.integers(0, square - side + 1))
             colour = g.uniform(150, 255, 3)
             region = canvas[top:top + side, left:left + side]
             ink = digit_img[..., None]
