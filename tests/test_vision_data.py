@@ -17,7 +17,7 @@ pytest.importorskip("PIL")
 from kdcache.datasets import load_dataset, recorded_spec  # noqa: E402
 from kdcache.defaults import completed_spec  # noqa: E402
 from kdcache.dump import DumpConfig, dump_logits  # noqa: E402
-from kdcache.errors import KdcacheError  # noqa: E402
+from kdcache.errors import KdcacheError, SpecError  # noqa: E402
 from kdcache.store import open_store  # noqa: E402
 from kdcache.stream import DistillStream, check_pairing  # noqa: E402
 from kdcache.teacher_check import check_teacher  # noqa: E402
@@ -242,6 +242,37 @@ def test_hf_image_reads_parquet_saved_and_webdataset_as_the_files(folder, tmp_pa
     r = invoke_kdcache("dump-logits", "--teacher", TEACHER, "--dataset", f"hf-image:{tmp_path / 'saved'},image=pix",
                        "--out", str(tmp_path / "x.zarr"))
     assert r.returncode == 1 and "no image column 'pix'" in r.stderr
+
+
+def test_webdataset_shards_at_a_url_read_as_the_local_shard(folder, tmp_path, monkeypatch):
+    """A tar shard served over HTTP on loopback (a real server, as a bucket's public URL or a CDN would
+    serve it) gives the images of the same shard read from disk; a URL nobody answers is one line."""
+    import functools
+    import http.server
+    import threading
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    files, labels = _hf_inputs(folder, tmp_path)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(tmp_path / "wds"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/shard-000.tar"
+        remote = load_dataset(f"hf-image:{url},image=png,label=cls,size=16")
+        local = load_dataset(f"hf-image:{tmp_path / 'wds' / 'shard-000.tar'},image=png,label=cls,size=16")
+        x, y = remote.dataset.get_batch(np.arange(20))
+        want, want_y = local.dataset.get_batch(np.arange(20))
+        assert torch.equal(x, want) and y.tolist() == want_y.tolist() == labels
+        assert remote.dataset.source.header == f"webdataset:{url}"  # the URL as given identifies the data
+        with pytest.raises(SpecError, match="cannot be read as webdataset .Unable to find"):  # the server's 404
+            load_dataset(f"hf-image:{url.replace('shard-000', 'shard-001')},image=png,label=cls,size=16")
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_skip_bad_images_lists_them_and_training_never_sees_them(folder, tmp_path):
