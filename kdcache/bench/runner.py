@@ -262,8 +262,9 @@ def bench_views(p: Profile, work: Path, device: str) -> dict[str, Any]:
     viewed = DumpConfig(**{**plain.__dict__, "out": str(work / "views.zarr"), "augment": VIEWS_AUGMENT,
                            "views": views})
 
-    # the dump's fixed costs need a full pass to be measured against (as in bench_dump)
-    big = DumpConfig(**{**plain.__dict__, "subset": f"0:{p.dump_rows}", "out": str(work / "views-big.zarr")})
+    # the dump's fixed costs need a full pass to be measured against (as in bench_dump; quick: its rows)
+    dump_rows = p.mnist_rows if p.quick else p.dump_rows
+    big = DumpConfig(**{**plain.__dict__, "subset": f"0:{dump_rows}", "out": str(work / "views-big.zarr")})
     big_views = DumpConfig(**{**big.__dict__, "augment": VIEWS_AUGMENT, "views": views})
     bare = bare_pass(big, device)
 
@@ -304,7 +305,7 @@ def bench_views(p: Profile, work: Path, device: str) -> dict[str, Any]:
         tc, to, tr = interleave_all([cached, online, reuse], 1 if p.quick else p.reps - 1)
         by_k.append({"K": k, "cached_views_s": tc, "online_s": to, "ratio": tc / to, "store_reused_s": tr,
                      "reused_ratio": tr / to})
-    return {"teacher": teacher, "augment": VIEWS_AUGMENT, "rows": rows, "dump_rows": p.dump_rows, "views": views,
+    return {"teacher": teacher, "augment": VIEWS_AUGMENT, "rows": rows, "dump_rows": dump_rows, "views": views,
             "epochs": epochs,
             "dump_views_s": t_views, "bare_passes_s": t_plain, "dump_per_view_over_bare_pass": t_views / t_plain,
             "sizes": sizes, "by_K": by_k}

@@ -18,8 +18,9 @@ def render_digits(out: str | os.PathLike, per_class: int, split: str = "train", 
     """Write ``per_class`` images of each digit under ``out/<digit>/``: the digit (MNIST ``split``,
     first images of each class) scaled to 40-90% of a canvas of ``min_side..max_side`` per side, at a
     random place inside the canvas's centred square (what a centre crop of the shorter side keeps, as a
-    photograph keeps its subject near the middle), on a tinted noisy background, with a random colour. A third of the files are JPEG,
-    one in ten grayscale PNG, one in ten RGBA PNG, the rest RGB PNG. Deterministic in ``seed``."""
+    photograph keeps its subject near the middle), on a tinted noisy background, with a random colour.
+    A third of the files are JPEG, one in ten grayscale PNG, one in ten RGBA PNG, the rest RGB PNG.
+    Deterministic in ``seed``."""
     pil = require("PIL.Image", "render_digits")
     from kdcache.datasets import load_mnist
     if per_class < 1 or not 8 <= min_side <= max_side:
