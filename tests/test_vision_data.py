@@ -242,11 +242,14 @@ def test_hf_image_reads_parquet_saved_and_webdataset_as_the_files(folder, tmp_pa
     r = invoke_kdcache("dump-logits", "--teacher", TEACHER, "--dataset", f"hf-image:{tmp_path / 'saved'},image=pix",
                        "--out", str(tmp_path / "x.zarr"))
     assert r.returncode == 1 and "no image column 'pix'" in r.stderr
+    with pytest.raises(SpecError, match="names 10 classes in its label feature, not classes=5; drop classes="):
+        load_dataset(f"hf-image:{tmp_path / 'imgs.parquet'},classes=5")
 
 
-def test_webdataset_shards_at_a_url_read_as_the_local_shard(folder, tmp_path, monkeypatch):
+def test_webdataset_shards_at_a_url_read_as_the_local_shard(folder, tmp_path, monkeypatch, capsys):
     """A tar shard served over HTTP on loopback (a real server, as a bucket's public URL or a CDN would
-    serve it) gives the images of the same shard read from disk; a URL nobody answers is one line."""
+    serve it) gives the images of the same shard read from disk; a URL the server has no file for is
+    one line. Labels without class names: the count from the largest label, said, or ``classes=N``."""
     import functools
     import http.server
     import threading
@@ -268,6 +271,12 @@ def test_webdataset_shards_at_a_url_read_as_the_local_shard(folder, tmp_path, mo
         want, want_y = local.dataset.get_batch(np.arange(20))
         assert torch.equal(x, want) and y.tolist() == want_y.tolist() == labels
         assert remote.dataset.source.header == f"webdataset:{url}"  # the URL as given identifies the data
+        top = max(labels)
+        assert top < 9 and remote.num_classes == top + 1  # the shard holds no row of the last classes
+        assert f"{top + 1} taken from its largest label ({top}); give classes=N" in capsys.readouterr().err
+        assert load_dataset(f"hf-image:{url},image=png,label=cls,classes=10,size=16").num_classes == 10
+        with pytest.raises(SpecError, match=f"has label {top}, outside classes=2; give classes={top + 1} or more"):
+            load_dataset(f"hf-image:{url},image=png,label=cls,classes=2,size=16")
         with pytest.raises(SpecError, match="cannot be read as webdataset .Unable to find"):  # the server's 404
             load_dataset(f"hf-image:{url.replace('shard-000', 'shard-001')},image=png,label=cls,size=16")
     finally:

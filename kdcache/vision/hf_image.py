@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,8 @@ class HFImageSource:
     column (-1 without one); ``classes`` a ClassLabel's names. Identified by what was loaded
     (:func:`_header`) and each row's label."""
 
-    def __init__(self, ds: Any, image: str, label: str | None, where: str, header: str) -> None:
+    def __init__(self, ds: Any, image: str, label: str | None, where: str, header: str,
+                 num_classes: int | None = None) -> None:
         datasets = require("datasets", "hf-image datasets")
         self.ds = ds.cast_column(image, datasets.Image(decode=False))
         self.image, self.where_base = image, where
@@ -39,8 +41,8 @@ class HFImageSource:
             self.labels = np.asarray(ds.with_format("numpy")[label], dtype=np.int64)
         else:
             self.labels = np.full(len(ds), -1, dtype=np.int64)
-        if self.classes is None and label and len(self.labels):
-            self.classes = [str(c) for c in range(int(self.labels.max()) + 1)]
+        if label and len(self.labels):
+            self.classes = _classes(self.classes, self.labels, num_classes, where)
         self.names = [f"row {i}" for i in range(len(ds))]
         self.sizes = np.zeros(len(ds), dtype=np.int64)
 
@@ -62,6 +64,30 @@ class HFImageSource:
 
     def entry(self, i: int) -> bytes:
         return f"{int(i)}\0{int(self.labels[i])}\n".encode()
+
+
+def _classes(names: list[str] | None, labels: np.ndarray, given: int | None, where: str) -> list[str]:
+    """The class names: a ClassLabel's, else ``0 .. classes-1`` for ``classes=N``, else taken from the
+    largest label (said once, since a class no row carries would be left out)."""
+    top = int(labels.max())
+    if given is not None:
+        if names is not None and len(names) != given:
+            raise SpecError(f"hf-image dataset {where!r} names {len(names)} classes in its label feature, not "
+                            f"classes={given}; drop classes=")
+        if top >= given:
+            raise SpecError(f"hf-image dataset {where!r} has label {top}, outside classes={given}; give "
+                            f"classes={top + 1} or more")
+        return names or [str(c) for c in range(given)]
+    if names is not None:
+        return names
+    if where not in _NOTED:
+        _NOTED.add(where)
+        print(f"note: hf-image dataset {where!r} names no classes: {top + 1} taken from its largest label ({top}); "
+              f"give classes=N if it has more", file=sys.stderr)
+    return [str(c) for c in range(top + 1)]
+
+
+_NOTED: set[str] = set()
 
 
 def _builder(path: str) -> tuple[str, Any]:
@@ -128,7 +154,7 @@ def open_hf_image(path: str, split: str, builder: str | None) -> tuple[Any, str,
 
 
 def load_hf_image(spec: str, rest: str) -> Any:
-    """``hf-image:PATH[,image=COL][,label=COL|none][,split=S][,builder=B][,size=..,mean=..]``."""
+    """``hf-image:PATH[,image=COL][,label=COL|none][,split=S][,builder=B][,classes=N][,size=..,mean=..]``."""
     from kdcache.vision.images import ImageDataset
     kv = parse_kv(rest, ("path",))
     path = kv.pop("path", "")
@@ -136,10 +162,13 @@ def load_hf_image(spec: str, rest: str) -> Any:
         raise SpecError(f"dataset spec {spec!r}: give the data, e.g. hf-image:images.parquet,image=image,label=label")
     split, builder = kv.pop("split", "train"), kv.pop("builder", None)
     image, label = kv.pop("image", None), kv.pop("label", None)
+    num_classes = kv.pop("classes", None)
+    if num_classes is not None and (not num_classes.isdigit() or int(num_classes) < 1):
+        raise SpecError(f"dataset spec {spec!r}: classes={num_classes!r}; give the number of classes, e.g. classes=10")
     pre = Preprocess.from_kv(kv, spec)
     if kv:
         raise SpecError(f"dataset spec {spec!r}: unknown keys {sorted(kv)}; known: image, label, split, builder, "
-                        f"{', '.join(KEYS)}")
+                        f"classes, {', '.join(KEYS)}")
     require("PIL.Image", f"dataset {spec!r}")
     require("torchvision", f"dataset {spec!r}")
     ds, kind, header = open_hf_image(path, split, builder)
@@ -158,4 +187,5 @@ def load_hf_image(spec: str, rest: str) -> Any:
     elif label not in ds.features:
         raise SpecError(f"hf-image dataset {path!r} has no label column {label!r}; its columns are "
                         f"{', '.join(ds.column_names)}: give label=COLUMN or label=none")
-    return ImageDataset(HFImageSource(ds, image, label, path, header), pre, spec, split)
+    given = None if num_classes is None else int(num_classes)
+    return ImageDataset(HFImageSource(ds, image, label, path, header, given), pre, spec, split)
