@@ -132,7 +132,8 @@ def test_damaged_checkpoints_other_commands_and_other_formats(store, tmp_path):
     out = tmp_path / "killed"
     kill_at(_kdcache(*_distil(store, out)), tmp_path / "count", 30)
     ckpts = sorted((out / "resume").glob("ckpt-*"))
-    assert len(ckpts) == 2 and all((c / "state.json").exists() for c in ckpts)
+    # two kept; three when the kill fell between writing a checkpoint and pruning the oldest
+    assert len(ckpts) in (2, 3) and all((c / "state.json").exists() for c in ckpts)
     # another command on the same --out: one line, nothing touched
     p = run_kdcache(*_distil(store, out, "--epochs", "4"), check=False)
     lines = p.stderr.strip().splitlines()
@@ -151,7 +152,7 @@ def test_damaged_checkpoints_other_commands_and_other_formats(store, tmp_path):
     blob.write_bytes(bytes(data))
     p = run_kdcache(*_distil(store, out))
     assert f"checkpoint {ckpts[-1]} is damaged (students.safetensors does not match its sha256" in p.stderr
-    assert f"resuming {out} from {ckpts[0].name}" in p.stderr
+    assert f"resuming {out} from {ckpts[-2].name}" in p.stderr
     run_kdcache(*_distil(store, tmp_path / "ref"))
     _same(tmp_path / "ref", out, ["T2-a0.9-s0", "T4-a0.9-s1"])
     # --overwrite starts afresh with another command
